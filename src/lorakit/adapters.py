@@ -1,0 +1,201 @@
+"""Adapters on disk, in the HF PEFT format: `adapter_config.json` + `adapter_model.safetensors`.
+
+Keys are `base_model.model.<module path>.lora_A.weight` (r, in) and `.lora_B.weight` (out, r); fully trained
+modules (a new classification head) are saved under their own parameter names. PEFT loads what we write and we
+load what PEFT writes. Weights are read with safetensors only: never pickle.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from .inject import _closest, active_adapter, adapters, add_lora, name_matches, set_adapter
+from .lora import LoRAConfig, LoRAError, LoRALinear, is_lora_target_type
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+
+
+def task_type(model: nn.Module) -> str | None:
+    """PEFT's task_type for a transformers model class, or None for a custom module."""
+    cls = type(model).__name__
+    if cls.endswith("ForSequenceClassification"):
+        return "SEQ_CLS"
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        return "SEQ_2_SEQ_LM"
+    if cls.endswith("ForCausalLM") or cls.endswith("LMHeadModel"):
+        return "CAUSAL_LM"
+    if cls.endswith("ForTokenClassification"):
+        return "TOKEN_CLS"
+    return None
+
+
+def _config_targets(model: nn.Module, modules: list[str]) -> list[str]:
+    """Short names (q_proj, ...) when they select exactly `modules` under PEFT's suffix rule, else full paths."""
+    short = sorted({m.rsplit(".", 1)[-1] for m in modules})
+    hit = {n for n, _ in model.named_modules() if n and any(name_matches(n, s) for s in short)}
+    return short if hit == set(modules) else list(modules)
+
+
+def adapter_state_dict(model: nn.Module, adapter: str | None = None) -> dict[str, torch.Tensor]:
+    """The tensors PEFT would save for `adapter` (default: the active one), keyed in PEFT's format."""
+    name = adapter or active_adapter(model)
+    if name is None or name not in adapters(model):
+        raise LoRAError(f"no adapter {name!r} on this model; add_lora() or load_adapter() first")
+    info = adapters(model)[name]
+    state = {}
+    for path in info.modules:
+        layer = model.get_submodule(path)
+        state[f"{PREFIX}{path}.lora_A.weight"] = layer.lora_A[name].detach()
+        state[f"{PREFIX}{path}.lora_B.weight"] = layer.lora_B[name].detach()
+    for path in info.trainable:
+        for pname, p in model.get_submodule(path).named_parameters():
+            state[f"{PREFIX}{path}.{pname}"] = p.detach()
+    return {k: v.to("cpu").contiguous() for k, v in state.items()}
+
+
+def save_adapter(model: nn.Module, path: str | os.PathLike, base_model_name_or_path: str | None = None,
+                 adapter: str | None = None) -> Path:
+    """Write the adapter (default: the active one) as a PEFT adapter directory; returns the directory."""
+    name = adapter or active_adapter(model)
+    state = adapter_state_dict(model, name)
+    info = adapters(model)[name]
+    cfg = info.config
+    layers = [model.get_submodule(p) for p in info.modules]
+    if base_model_name_or_path is None:
+        base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+    config = {
+        "peft_type": "LORA",
+        "task_type": task_type(model),
+        "r": cfg.r,
+        "lora_alpha": cfg.alpha,
+        "lora_dropout": cfg.dropout,
+        "target_modules": _config_targets(model, info.modules),
+        "fan_in_fan_out": any(layer.fan_in_fan_out for layer in layers),
+        "use_rslora": cfg.rslora,
+        "modules_to_save": list(info.trainable) or None,
+        "bias": "none",
+        "base_model_name_or_path": base_model_name_or_path,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "use_dora": False,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+    }
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(state, out / WEIGHTS_NAME, metadata={"format": "pt"})
+    (out / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+    return out
+
+
+def read_adapter_config(path: str | os.PathLike) -> dict:
+    """The adapter_config.json of an adapter directory, with errors that say what is wrong."""
+    d = Path(path)
+    if not (d / CONFIG_NAME).is_file():
+        raise LoRAError(f"{d}: not an adapter directory (no {CONFIG_NAME})")
+    try:
+        cfg = json.loads((d / CONFIG_NAME).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LoRAError(f"{d / CONFIG_NAME}: not valid JSON ({e})") from None
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise LoRAError(f"{d}: peft_type is {cfg.get('peft_type')!r}; lorakit loads LORA adapters only")
+    if cfg.get("use_dora"):
+        raise LoRAError(f"{d}: DoRA adapters (use_dora=true) are not supported")
+    if cfg.get("bias", "none") != "none":
+        raise LoRAError(f"{d}: bias={cfg['bias']!r} is not supported; lorakit adapters train no biases")
+    return cfg
+
+
+def _read_tensors(d: Path) -> dict[str, torch.Tensor]:
+    f = d / WEIGHTS_NAME
+    if not f.is_file():
+        extra = " (a pickled adapter_model.bin is there: lorakit never loads pickle; re-save it with safetensors)" \
+            if (d / "adapter_model.bin").exists() else ""
+        raise LoRAError(f"{d}: no {WEIGHTS_NAME}{extra}")
+    with safe_open(str(f), framework="pt") as fh:
+        return {k: fh.get_tensor(k) for k in fh.keys()}
+
+
+def _pattern_value(path: str, pattern: dict, default):
+    """PEFT's rank_pattern/alpha_pattern lookup: the first key the module path ends with."""
+    for key, value in (pattern or {}).items():
+        if name_matches(path, key) or path == key:
+            return value
+    return default
+
+
+def load_adapter(model: nn.Module, path: str | os.PathLike, adapter: str = "default") -> nn.Module:
+    """Add the adapter saved at `path` (by lorakit or by PEFT) to `model` under `adapter`, and make it active."""
+    d = Path(path)
+    cfg = read_adapter_config(d)
+    tensors = _read_tensors(d)
+    lora: dict[str, dict[str, torch.Tensor]] = {}
+    full: dict[str, torch.Tensor] = {}
+    for key, t in tensors.items():
+        k = key[len(PREFIX):] if key.startswith(PREFIX) else key
+        for part in ("lora_A", "lora_B"):
+            if k.endswith(f".{part}.weight"):
+                lora.setdefault(k[: -len(f".{part}.weight")], {})[part] = t
+                break
+        else:
+            if "lora_" in k:
+                raise LoRAError(f"{d}: tensor {key!r} is of a LoRA kind lorakit does not support")
+            full[k] = t
+    all_names = [n for n, _ in model.named_modules() if n]
+    order = {n: i for i, n in enumerate(all_names)}
+    lora = dict(sorted(lora.items(), key=lambda kv: order.get(kv[0], len(order))))  # errors name the first in model order
+    for mpath, pair in lora.items():
+        if mpath not in order:
+            raise LoRAError(f"{d}: adapter module {mpath!r} is not in this model; closest: {_closest(mpath, all_names)}")
+        if set(pair) != {"lora_A", "lora_B"}:
+            raise LoRAError(f"{d}: module {mpath!r} has only {sorted(pair)}")
+        layer = model.get_submodule(mpath)
+        if not (is_lora_target_type(layer) or isinstance(layer, LoRALinear)):
+            raise LoRAError(f"{d}: module {mpath!r} is a {type(layer).__name__}, not a linear layer")
+        probe = layer if isinstance(layer, LoRALinear) else LoRALinear(layer)
+        A, B = pair["lora_A"], pair["lora_B"]
+        if A.ndim != 2 or B.ndim != 2 or A.shape[1] != probe.in_features or B.shape[0] != probe.out_features \
+                or A.shape[0] != B.shape[1]:
+            raise LoRAError(f"{d}: adapter does not fit the model at {mpath!r}: lora_A {tuple(A.shape)}, "
+                            f"lora_B {tuple(B.shape)}, but the model's layer is in={probe.in_features}, "
+                            f"out={probe.out_features} (lora_A must be (r, {probe.in_features}), "
+                            f"lora_B ({probe.out_features}, r))")
+    trainable = sorted({k.rpartition(".")[0] for k in full})
+    for k, t in full.items():
+        try:
+            p = model.get_parameter(k)
+        except AttributeError:
+            raise LoRAError(f"{d}: saved module parameter {k!r} is not in this model; "
+                            f"closest: {_closest(k.rpartition('.')[0], all_names)}") from None
+        if p.shape != t.shape:
+            raise LoRAError(f"{d}: adapter does not fit the model at {k!r}: {tuple(t.shape)} in the adapter, "
+                            f"{tuple(p.shape)} in the model")
+    if not lora:
+        raise LoRAError(f"{d}: {WEIGHTS_NAME} holds no lora_A/lora_B tensors")
+    r, alpha = int(cfg.get("r", 8)), float(cfg.get("lora_alpha", 8))
+    config = LoRAConfig(r=r, alpha=alpha, dropout=float(cfg.get("lora_dropout") or 0.0), targets=list(lora),
+                        trainable=tuple(trainable), rslora=bool(cfg.get("use_rslora", False)))
+    add_lora(model, config, adapter, targets=list(lora))
+    for mpath, pair in lora.items():
+        layer = model.get_submodule(mpath)
+        r_mod = pair["lora_A"].shape[0]
+        a_mod = float(_pattern_value(mpath, cfg.get("alpha_pattern"), alpha))
+        if r_mod != r or a_mod != alpha:
+            layer.remove(adapter)
+            layer.add(adapter, r_mod, a_mod, config.dropout, config.rslora)
+        with torch.no_grad():
+            layer.lora_A[adapter].copy_(pair["lora_A"])
+            layer.lora_B[adapter].copy_(pair["lora_B"])
+    with torch.no_grad():
+        for k, t in full.items():
+            model.get_parameter(k).copy_(t)
+    set_adapter(model, adapter)
+    return model

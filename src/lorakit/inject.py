@@ -1,0 +1,291 @@
+"""Putting LoRA into a model: choose target modules by name, swap in LoRALinear, freeze the rest, report.
+
+The registry of adapters lives on the root module as `model.lorakit_adapters` ({name: AdapterInfo}), so any
+nn.Module works: a HF model, a custom wrapper around one, or a model written from scratch.
+"""
+from __future__ import annotations
+
+import contextlib
+import difflib
+import re
+from dataclasses import dataclass, field
+from typing import Iterator
+
+from torch import nn
+
+from .lora import LoRAConfig, LoRAError, LoRALinear, is_lora_target_type
+
+HEAD_NAMES = ("lm_head", "out_head", "classifier", "score")
+REGISTRY = "lorakit_adapters"
+
+
+@dataclass
+class AdapterInfo:
+    """What add_lora did for one adapter: its config, the modules it wrapped, the modules it trains in full."""
+
+    config: LoRAConfig
+    modules: list[str]
+    trainable: list[str]
+
+
+def name_matches(qualified: str, name: str) -> bool:
+    """PEFT's rule: a name matches a module whose qualified name equals it or ends with '.name'."""
+    return qualified == name or qualified.endswith("." + name)
+
+
+def _matches_any(qualified: str, spec: str | tuple[str, ...]) -> bool:
+    if isinstance(spec, str):  # a single string is a regex over the whole qualified name
+        return re.fullmatch(spec, qualified) is not None
+    return any(name_matches(qualified, n) for n in spec)
+
+
+def vocab_size(model: nn.Module) -> int | None:
+    """The vocabulary size from the model's config, or from its input embedding; None if it has neither."""
+    v = getattr(getattr(model, "config", None), "vocab_size", None)
+    if v:
+        return int(v)
+    get_emb = getattr(model, "get_input_embeddings", None)
+    emb = get_emb() if callable(get_emb) else None
+    if isinstance(emb, nn.Embedding):
+        return emb.num_embeddings
+    sizes = [m.num_embeddings for m in model.modules() if isinstance(m, nn.Embedding)]
+    return max(sizes) if sizes else None
+
+
+def _out_features(m: nn.Module) -> int:
+    return m.out_features if hasattr(m, "out_features") else m.weight.shape[-1]  # Conv1D: (in, out)
+
+
+def _is_head(qualified: str, module: nn.Module, vocab: int | None) -> bool:
+    return qualified.split(".")[-1] in HEAD_NAMES or (vocab is not None and _out_features(module) == vocab)
+
+
+def _closest(wanted: str, names: list[str]) -> str:
+    pool = sorted(set(names) | {n.split(".")[-1] for n in names})
+    close = difflib.get_close_matches(wanted.split(".")[-1], pool, n=5, cutoff=0.4)
+    return ", ".join(close) if close else ", ".join(pool[:8])
+
+
+def resolve_targets(model: nn.Module, config: LoRAConfig) -> list[str]:
+    """Qualified names of the modules `config` puts LoRA on, in model order; errors name what went wrong."""
+    all_names = [n for n, _ in model.named_modules() if n]
+    trainable = set(resolve_modules(model, config.trainable)) if config.trainable else set()
+    vocab = vocab_size(model)
+    chosen = []
+    for name, m in model.named_modules():
+        if not name or name in trainable or any(name.startswith(t + ".") for t in trainable):
+            continue
+        if config.exclude and _matches_any(name, config.exclude):
+            continue
+        linear = is_lora_target_type(m) or isinstance(m, LoRALinear)
+        if config.targets == "all-linear":
+            if linear and not _is_head(name, m, vocab):
+                chosen.append(name)
+        elif _matches_any(name, config.targets):
+            if not linear:
+                raise LoRAError(f"target {name!r} is a {type(m).__name__}; LoRA wraps nn.Linear and Conv1D only")
+            chosen.append(name)
+    if isinstance(config.targets, tuple):
+        for t in config.targets:
+            if not any(name_matches(n, t) for n in chosen):
+                raise LoRAError(f"target {t!r} matches no module; closest names: {_closest(t, all_names)}")
+    if not chosen:
+        hint = _closest(config.targets, all_names) if isinstance(config.targets, str) else ""
+        raise LoRAError(f"targets {config.targets!r} select no linear layer" + (f"; closest names: {hint}" if hint else ""))
+    return chosen
+
+
+def resolve_modules(model: nn.Module, names: tuple[str, ...]) -> list[str]:
+    """Qualified names matching each of `names` (exact or '.name' suffix); an unmatched name is an error."""
+    all_names = [n for n, _ in model.named_modules() if n]
+    found = []
+    for want in names:
+        hits = [n for n in all_names if name_matches(n, want)]
+        if not hits:
+            raise LoRAError(f"trainable module {want!r} not found; closest names: {_closest(want, all_names)}")
+        found += [h for h in hits if h not in found]
+    return found
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
+    for name, m in model.named_modules():
+        if isinstance(m, LoRALinear):
+            yield name, m
+
+
+def adapters(model: nn.Module) -> dict[str, AdapterInfo]:
+    """The adapters on `model` by name (empty if none)."""
+    return model.__dict__.setdefault(REGISTRY, {})
+
+
+def active_adapter(model: nn.Module) -> str | None:
+    return model.__dict__.get("lorakit_active")
+
+
+def _info(model: nn.Module, name: str) -> AdapterInfo:
+    reg = adapters(model)
+    if name not in reg:
+        raise LoRAError(f"no adapter named {name!r}; this model has: {sorted(reg) or 'none'}")
+    return reg[name]
+
+
+def add_lora(model: nn.Module, config: LoRAConfig, adapter: str = "default", targets: list[str] | None = None) -> nn.Module:
+    """Wrap each targeted layer with LoRA adapter `adapter`, make it the active one, and freeze all else.
+
+    `targets` (qualified names) overrides config.targets; load_adapter uses it to rebuild a saved adapter exactly.
+    """
+    reg = adapters(model)
+    if adapter in reg:
+        raise LoRAError(f"adapter {adapter!r} already exists; pick a new name or delete_adapter() it first")
+    names = targets if targets is not None else resolve_targets(model, config)
+    trainable = resolve_modules(model, config.trainable) if config.trainable else []
+    for name in names:
+        layer = model.get_submodule(name)
+        if not isinstance(layer, LoRALinear):
+            layer = LoRALinear(layer)
+            _set_submodule(model, name, layer)
+        layer.add(adapter, config.r, config.alpha, config.dropout, config.rslora)
+    reg[adapter] = AdapterInfo(config, list(names), trainable)
+    set_adapter(model, adapter)
+    return model
+
+
+def set_adapter(model: nn.Module, name: str) -> None:
+    """Make adapter `name` the one used in forward and the one trained; everything else is frozen."""
+    info = _info(model, name)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for _, layer in lora_layers(model):
+        layer.active = name if name in layer.lora_A else None
+        if layer.merged is not None and layer.merged != layer.active:
+            layer.unmerge()
+        if name in layer.lora_A:
+            layer.lora_A[name].requires_grad_(True)
+            layer.lora_B[name].requires_grad_(True)
+    for t in info.trainable:
+        model.get_submodule(t).requires_grad_(True)
+    model.__dict__["lorakit_active"] = name
+
+
+@contextlib.contextmanager
+def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block the model computes its base output; merged adapters are taken out and put back."""
+    layers = [layer for _, layer in lora_layers(model)]
+    remerge = [layer for layer in layers if layer.merged is not None]
+    for layer in remerge:
+        layer.unmerge()
+    for layer in layers:
+        layer.disabled = True
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.disabled = False
+        for layer in remerge:
+            layer.merge()
+
+
+def delete_adapter(model: nn.Module, name: str) -> None:
+    """Remove adapter `name` from every layer; layers with no adapter left become their original modules."""
+    _info(model, name)
+    for lname, layer in list(lora_layers(model)):
+        if name in layer.lora_A:
+            layer.remove(name)
+            if not layer.lora_A:
+                _set_submodule(model, lname, layer.unwrap())
+    del adapters(model)[name]
+    if active_adapter(model) == name:
+        model.__dict__["lorakit_active"] = None
+        for p in model.parameters():
+            p.requires_grad_(False)
+
+
+def merge(model: nn.Module) -> None:
+    """Fold the active adapter into the base weights in place (undo with unmerge)."""
+    for _, layer in lora_layers(model):
+        layer.merge()
+
+
+def unmerge(model: nn.Module) -> None:
+    for _, layer in lora_layers(model):
+        layer.unmerge()
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Merge the active adapter and put the original layer classes back: a plain model with no LoRA left."""
+    for name, layer in list(lora_layers(model)):
+        layer.merge()
+        _set_submodule(model, name, layer.unwrap())
+    model.__dict__.pop(REGISTRY, None)
+    model.__dict__.pop("lorakit_active", None)
+    return model
+
+
+@dataclass
+class ParameterReport:
+    """Trainable versus total parameters, with a row per adapted or fully trained module."""
+
+    trainable: int
+    total: int
+    rows: list[dict] = field(default_factory=list)
+
+    @property
+    def fraction(self) -> float:
+        return self.trainable / self.total if self.total else 0.0
+
+    def __str__(self) -> str:
+        return f"trainable {self.trainable:,} / {self.total:,} ({100 * self.fraction:.2f}%)"
+
+    def table(self, group: bool = True) -> str:
+        """The per-module table; with group=True, modules that differ only in a layer index share one line."""
+        rows = self.rows
+        if group:
+            merged: dict[tuple, dict] = {}
+            for row in rows:
+                key = (re.sub(r"\.\d+\.", ".*.", row["module"]), row["kind"], row["shape"], row["r"])
+                g = merged.setdefault(key, {**row, "module": key[0], "count": 0, "trainable": 0, "total": 0})
+                g["count"] += 1
+                g["trainable"] += row["trainable"]
+                g["total"] += row["total"]
+            rows = list(merged.values())
+        head = f"{'module':<48} {'n':>4} {'kind':<18} {'shape':>12} {'r':>3} {'trainable':>12} {'total':>13}"
+        lines = [head, "-" * len(head)]
+        for row in rows:
+            lines.append(f"{row['module']:<48} {row.get('count', 1):>4} {row['kind']:<18} {row['shape']:>12} "
+                         f"{row['r'] or '':>3} {row['trainable']:>12,} {row['total']:>13,}")
+        lines.append("-" * len(head))
+        lines.append(str(self))
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        return {"trainable": self.trainable, "total": self.total, "fraction": self.fraction, "modules": self.rows}
+
+
+def parameter_report(model: nn.Module) -> ParameterReport:
+    """Count trainable and total parameters (shared weights once) and list what is trained, module by module."""
+    unique = {id(p): p for p in model.parameters()}.values()
+    trainable = sum(p.numel() for p in unique if p.requires_grad)
+    total = sum(p.numel() for p in unique)
+    rows = []
+    for name, layer in lora_layers(model):
+        if layer.active is None:
+            continue
+        A, B = layer.lora_A[layer.active], layer.lora_B[layer.active]
+        n = A.numel() + B.numel()
+        rows.append({"module": name, "kind": f"LoRA({'Conv1D' if layer.fan_in_fan_out else 'Linear'})",
+                     "shape": f"{layer.in_features}x{layer.out_features}", "r": A.shape[0],
+                     "trainable": n if A.requires_grad else 0, "total": n + layer.weight.numel()
+                     + (layer.bias.numel() if layer.bias is not None else 0)})
+    active = active_adapter(model)
+    for t in (adapters(model)[active].trainable if active else []):
+        m = model.get_submodule(t)
+        n = sum(p.numel() for p in m.parameters())
+        shape = "x".join(str(d) for d in m.weight.shape) if isinstance(getattr(m, "weight", None), nn.Parameter) else ""
+        rows.append({"module": t, "kind": f"full({type(m).__name__})", "shape": shape, "r": 0,
+                     "trainable": sum(p.numel() for p in m.parameters() if p.requires_grad), "total": n})
+    return ParameterReport(trainable, total, rows)

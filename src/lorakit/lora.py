@@ -1,0 +1,172 @@
+"""The LoRA layer and its math: a frozen base linear plus named low-rank branches.
+
+    y = base(x) + B · A · dropout(x) · scaling,     scaling = alpha / r   (or alpha / sqrt(r) with rsLoRA)
+
+A has shape (r, in) and is Kaiming-uniform; B has shape (out, r) and starts at zero, so the adapted model equals
+the base model until the first optimizer step. The layer keeps the base module's own `weight` and `bias` Parameter
+objects (frozen), so the base part of a state dict keeps its key names.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+try:  # GPT-2 style linear with a transposed (in, out) weight; optional so a plain-torch model needs no transformers
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover - transformers is a dependency, this guards odd installs only
+    Conv1D = None
+
+
+class LoRAError(ValueError):
+    """A user mistake in LoRA configuration or use; the message says what to do."""
+
+
+@dataclass
+class LoRAConfig:
+    """What to adapt and how: rank, scale, dropout, which modules get LoRA and which are trained in full."""
+
+    r: int = 8
+    alpha: float = 16
+    dropout: float = 0.0
+    targets: str | Sequence[str] = "all-linear"
+    exclude: Sequence[str] = ()
+    trainable: Sequence[str] = ()
+    rslora: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
+            raise LoRAError(f"r must be a positive integer, got {self.r!r}")
+        if not self.alpha > 0:
+            raise LoRAError(f"alpha must be > 0, got {self.alpha!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise LoRAError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if not isinstance(self.targets, str):
+            self.targets = tuple(self.targets)
+            if not self.targets:
+                raise LoRAError("targets is empty: use 'all-linear', a list of module names, or a regex string")
+        self.exclude = (self.exclude,) if isinstance(self.exclude, str) else tuple(self.exclude)
+        self.trainable = (self.trainable,) if isinstance(self.trainable, str) else tuple(self.trainable)
+
+    @property
+    def scaling(self) -> float:
+        """The factor on B·A·x: alpha/r, or alpha/sqrt(r) for rank-stabilised LoRA."""
+        return lora_scaling(self.r, self.alpha, self.rslora)
+
+    def to_dict(self) -> dict:
+        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v) for f in fields(self)}
+
+
+def lora_scaling(r: int, alpha: float, rslora: bool) -> float:
+    """alpha/r (LoRA paper) or alpha/sqrt(r) (rsLoRA, Kalajdzievski 2023)."""
+    return alpha / math.sqrt(r) if rslora else alpha / r
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    return Conv1D is not None and isinstance(module, Conv1D)
+
+
+def is_lora_target_type(module: nn.Module) -> bool:
+    """Layers LoRA can wrap: nn.Linear (and subclasses) and transformers' GPT-2 Conv1D."""
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+class LoRALinear(nn.Module):
+    """A base linear (nn.Linear or Conv1D) with any number of named LoRA branches, one active at a time."""
+
+    def __init__(self, base: nn.Module) -> None:
+        super().__init__()
+        if not is_lora_target_type(base):
+            raise LoRAError(f"LoRA wraps nn.Linear or Conv1D, not {type(base).__name__}")
+        self.fan_in_fan_out = is_conv1d(base)  # Conv1D stores its weight as (in, out)
+        self.weight = base.weight
+        self.bias = base.bias
+        in_f, out_f = self.weight.shape if self.fan_in_fan_out else self.weight.shape[::-1]
+        self.in_features, self.out_features = in_f, out_f
+        self.lora_A = nn.ParameterDict()
+        self.lora_B = nn.ParameterDict()
+        self.scaling: dict[str, float] = {}
+        self.dropout: dict[str, float] = {}
+        self.active: str | None = None
+        self.merged: str | None = None
+        self.disabled = False
+        # The original module, kept out of the module tree, so merge_and_unload can hand back the original class.
+        object.__setattr__(self, "_base_module", base)
+
+    def add(self, name: str, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False) -> None:
+        """Add adapter `name`: A Kaiming-uniform (as nn.Linear inits its weight), B zero."""
+        if name in self.lora_A:
+            raise LoRAError(f"adapter {name!r} already exists on this layer")
+        dev, dt = self.weight.device, self._lora_dtype()
+        A = torch.empty(r, self.in_features, device=dev, dtype=dt)
+        nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+        self.lora_A[name] = nn.Parameter(A)
+        self.lora_B[name] = nn.Parameter(torch.zeros(self.out_features, r, device=dev, dtype=dt))
+        self.scaling[name] = lora_scaling(r, alpha, rslora)
+        self.dropout[name] = dropout
+
+    def _lora_dtype(self) -> torch.dtype:
+        # Adapters stay in full precision even when the base is half precision or quantised.
+        dt = self.weight.dtype
+        return dt if dt.is_floating_point and dt.itemsize >= 4 else torch.float32
+
+    def remove(self, name: str) -> None:
+        if self.merged == name:
+            self.unmerge()
+        del self.lora_A[name], self.lora_B[name], self.scaling[name], self.dropout[name]
+        if self.active == name:
+            self.active = None
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """scaling · B · A, laid out like this layer's base weight."""
+        delta = (self.lora_B[name] @ self.lora_A[name]) * self.scaling[name]
+        return delta.t() if self.fan_in_fan_out else delta
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the active adapter into the base weight, so inference costs what the base costs."""
+        if self.active is None or self.merged == self.active:
+            return
+        if self.merged is not None:
+            self.unmerge()
+        self.weight.data += self.delta_weight(self.active).to(self.weight.dtype)
+        self.merged = self.active
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.merged is not None:
+            self.weight.data -= self.delta_weight(self.merged).to(self.weight.dtype)
+            self.merged = None
+
+    def base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight.t() if self.fan_in_fan_out else self.weight
+        return F.linear(x, w, self.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base_forward(x)
+        name = self.active
+        if self.disabled or name is None or name == self.merged:
+            return out
+        A, B = self.lora_A[name], self.lora_B[name]
+        p = self.dropout[name] if self.training else 0.0
+        xa = x if x.dtype == A.dtype else x.to(A.dtype)
+        if p > 0:
+            xa = F.dropout(xa, p, training=True)
+        # Scale the tiny (out, r) B rather than the (tokens, out) product: one less full-size tensor.
+        delta = F.linear(F.linear(xa, A), B * self.scaling[name])
+        return out + delta.to(out.dtype)
+
+    def extra_repr(self) -> str:
+        ranks = {n: a.shape[0] for n, a in self.lora_A.items()}
+        return (f"in={self.in_features}, out={self.out_features}, adapters={ranks}, active={self.active!r}"
+                f"{', conv1d' if self.fan_in_fan_out else ''}")
+
+    def unwrap(self) -> nn.Module:
+        """The original module, holding this layer's (possibly merged) weight and bias."""
+        base = self._base_module
+        base.weight, base.bias = self.weight, self.bias
+        return base

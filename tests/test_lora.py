@@ -1,0 +1,237 @@
+"""The LoRA engine: counts, math, equalities, multiple adapters, merge, errors, training."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import GPTModel, TINY, model_inputs, randomize_lora
+from lorakit import (LoRAConfig, LoRAError, LoRALinear, add_lora, delete_adapter, disable_adapters, merge,
+                     merge_and_unload, parameter_report, set_adapter, unmerge)
+from lorakit.inject import lora_layers, resolve_targets
+
+
+def gpt_small_meta() -> GPTModel:
+    with torch.device("meta"):  # 164M parameters, counted without allocating them
+        return GPTModel()
+
+
+def test_gpt2_small_counts_match_the_book():
+    model = add_lora(gpt_small_meta(), LoRAConfig(r=8))
+    rep = parameter_report(model)
+    assert rep.trainable == 1_327_104
+    assert rep.total == 164_364_288
+    assert str(rep) == "trainable 1,327,104 / 164,364,288 (0.81%)"
+    assert math.isclose(rep.fraction, 1_327_104 / 164_364_288)
+    assert "out_head" not in {r["module"] for r in rep.rows}
+    assert len(rep.rows) == 12 * 6
+    assert sum(r["trainable"] for r in rep.rows) == rep.trainable
+
+
+def test_gpt2_small_with_new_classification_head():
+    model = gpt_small_meta()
+    with torch.device("meta"):
+        model.out_head = nn.Linear(768, 2)
+    add_lora(model, LoRAConfig(r=8, trainable=["out_head"]))
+    rep = parameter_report(model)
+    assert rep.trainable == 1_328_642
+    assert any(r["module"] == "out_head" and r["trainable"] == 768 * 2 + 2 for r in rep.rows)
+    assert "out_head" in rep.table()
+
+
+def test_all_linear_excludes_heads_and_vocab_sized_layers(tiny):
+    name, model = tiny
+    targets = resolve_targets(model, LoRAConfig())
+    assert "lm_head" not in targets and targets
+    kinds = {type(model.get_submodule(t)).__name__ for t in targets}
+    assert kinds == ({"Conv1D"} if name == "gpt2" else {"Linear"})
+
+
+def test_lora_math_against_manual_computation():
+    torch.manual_seed(0)
+    base = nn.Linear(10, 6)
+    layer = LoRALinear(base)
+    layer.add("a", r=4, alpha=8)
+    layer.active = "a"
+    assert layer.lora_A["a"].shape == (4, 10) and layer.lora_B["a"].shape == (6, 4)
+    assert torch.count_nonzero(layer.lora_B["a"]) == 0
+    bound = 1 / math.sqrt(10)  # kaiming_uniform(a=sqrt(5)) on fan_in 10
+    assert layer.lora_A["a"].abs().max() <= bound and layer.lora_A["a"].std() > bound / 4
+    with torch.no_grad():
+        layer.lora_B["a"].normal_()
+    x = torch.randn(3, 5, 10)
+    expected = x @ base.weight.T + base.bias + (x @ layer.lora_A["a"].T @ layer.lora_B["a"].T) * (8 / 4)
+    torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_rslora_scaling():
+    layer = LoRALinear(nn.Linear(4, 4))
+    layer.add("a", r=16, alpha=8, rslora=True)
+    assert layer.scaling["a"] == pytest.approx(8 / 4)
+    assert LoRAConfig(r=16, alpha=8, rslora=True).scaling == pytest.approx(2.0)
+
+
+def test_conv1d_matches_transposed_linear():
+    from transformers.pytorch_utils import Conv1D
+    torch.manual_seed(0)
+    conv = Conv1D(6, 10)  # nf=out, nx=in; weight (in, out)
+    layer = LoRALinear(conv)
+    assert layer.fan_in_fan_out and (layer.in_features, layer.out_features) == (10, 6)
+    layer.add("a", r=2, alpha=2)
+    layer.active = "a"
+    with torch.no_grad():
+        layer.lora_B["a"].normal_()
+    x = torch.randn(4, 10)
+    expected = conv(x) + x @ layer.lora_A["a"].T @ layer.lora_B["a"].T
+    torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_equalities_init_merge_disable(name):
+    model = TINY[name]()
+    inputs = model_inputs(name)
+    with torch.no_grad():
+        base = model(**inputs).logits
+        add_lora(model, LoRAConfig(r=4, alpha=8))
+        torch.testing.assert_close(model(**inputs).logits, base, atol=0, rtol=0)  # B = 0 at init
+        randomize_lora(model)
+        adapted = model(**inputs).logits
+        assert (adapted - base).abs().max() > 1e-3
+        with disable_adapters(model):
+            torch.testing.assert_close(model(**inputs).logits, base, atol=1e-6, rtol=0)
+        merge(model)
+        assert all(layer.merged == "default" for _, layer in lora_layers(model))
+        torch.testing.assert_close(model(**inputs).logits, adapted, atol=1e-5, rtol=0)
+        with disable_adapters(model):  # a merged adapter is taken out for the block, then put back
+            torch.testing.assert_close(model(**inputs).logits, base, atol=1e-5, rtol=0)
+        torch.testing.assert_close(model(**inputs).logits, adapted, atol=1e-5, rtol=0)
+        unmerge(model)
+        torch.testing.assert_close(model(**inputs).logits, adapted, atol=1e-5, rtol=0)
+
+
+def test_merge_and_unload_restores_original_classes(tiny):
+    name, model = tiny
+    classes = {n: type(m) for n, m in model.named_modules()}
+    inputs = model_inputs(name)
+    add_lora(model, LoRAConfig(r=4))
+    randomize_lora(model)
+    with torch.no_grad():
+        adapted = model(**inputs).logits
+        plain = merge_and_unload(model)
+        assert {n: type(m) for n, m in plain.named_modules()} == classes
+        assert not any(p.requires_grad is False and "lora" in n for n, p in plain.named_parameters())
+        assert all("lora" not in k for k in plain.state_dict())
+        torch.testing.assert_close(plain(**inputs).logits, adapted, atol=1e-5, rtol=0)
+
+
+def test_named_adapters_switch_and_delete():
+    model = TINY["llama"]()
+    inputs = model_inputs("llama")
+    with torch.no_grad():
+        base = model(**inputs).logits
+        add_lora(model, LoRAConfig(r=4), adapter="one")
+        randomize_lora(model, seed=1)
+        out_one = model(**inputs).logits
+        add_lora(model, LoRAConfig(r=2, targets=["q_proj", "v_proj"]), adapter="two")
+        layers = dict(lora_layers(model))
+        q = layers["model.layers.0.self_attn.q_proj"]
+        with torch.no_grad():
+            for _, layer in lora_layers(model):
+                if "two" in layer.lora_B:
+                    layer.lora_B["two"].normal_()
+        out_two = model(**inputs).logits  # the newest adapter is active
+        assert q.active == "two" and layers["model.layers.0.mlp.up_proj"].active is None
+        assert (out_two - out_one).abs().max() > 1e-3
+        # only the active adapter trains
+        assert q.lora_A["two"].requires_grad and not q.lora_A["one"].requires_grad
+        set_adapter(model, "one")
+        torch.testing.assert_close(model(**inputs).logits, out_one, atol=1e-6, rtol=0)
+        assert q.lora_A["one"].requires_grad and not q.lora_A["two"].requires_grad
+        delete_adapter(model, "one")
+        torch.testing.assert_close(model(**inputs).logits, base, atol=1e-6, rtol=0)  # nothing active now
+        assert "one" not in q.lora_A
+        assert not isinstance(model.get_submodule("model.layers.0.mlp.up_proj"), LoRALinear)  # restored
+        set_adapter(model, "two")
+        torch.testing.assert_close(model(**inputs).logits, out_two, atol=1e-6, rtol=0)
+    with pytest.raises(LoRAError, match="already exists"):
+        add_lora(model, LoRAConfig(), adapter="two")
+    with pytest.raises(LoRAError, match="no adapter named 'nope'"):
+        set_adapter(model, "nope")
+
+
+def test_target_name_suffix_and_regex_rules():
+    model = TINY["llama"]()
+    names = resolve_targets(model, LoRAConfig(targets=["q_proj", "model.layers.1.mlp.down_proj"]))
+    assert names == ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj",
+                     "model.layers.1.mlp.down_proj"]
+    names = resolve_targets(model, LoRAConfig(targets=r"model\.layers\.0\.self_attn\.[kv]_proj"))
+    assert names == ["model.layers.0.self_attn.k_proj", "model.layers.0.self_attn.v_proj"]
+    # a regex must match the whole name: 'q_proj' alone as a regex matches nothing
+    with pytest.raises(LoRAError, match="select no linear layer"):
+        resolve_targets(model, LoRAConfig(targets="q_proj"))
+    names = resolve_targets(model, LoRAConfig(exclude=["mlp.down_proj", "mlp.up_proj", "mlp.gate_proj"]))
+    assert all("mlp" not in n for n in names) and len(names) == 8
+
+
+def test_config_errors_say_what_is_wrong():
+    with pytest.raises(LoRAError, match="r must be a positive integer"):
+        LoRAConfig(r=0)
+    with pytest.raises(LoRAError, match="alpha must be > 0"):
+        LoRAConfig(alpha=0)
+    with pytest.raises(LoRAError, match=r"dropout must be in \[0, 1\)"):
+        LoRAConfig(dropout=1.0)
+    with pytest.raises(LoRAError, match=r"dropout must be in \[0, 1\)"):
+        LoRAConfig(dropout=-0.1)
+    model = TINY["llama"]()
+    with pytest.raises(LoRAError, match=r"target 'q_prj' matches no module; closest names: .*q_proj"):
+        add_lora(model, LoRAConfig(targets=["q_prj"]))
+    with pytest.raises(LoRAError, match="is a LlamaAttention; LoRA wraps nn.Linear and Conv1D only"):
+        add_lora(model, LoRAConfig(targets=["self_attn"]))
+    with pytest.raises(LoRAError, match=r"trainable module 'scores' not found; closest names: .*"):
+        add_lora(model, LoRAConfig(trainable=["scores"]))
+
+
+def test_custom_wrapper_module():
+    """Any nn.Module containing linears works, e.g. a wrapper that adds its own layers around a HF model."""
+    class Wrapper(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = TINY["llama"]()
+            self.proj = nn.Linear(128, 3)
+
+        def forward(self, input_ids):
+            return self.proj(self.inner(input_ids=input_ids).logits)
+
+    model = Wrapper()
+    add_lora(model, LoRAConfig(r=2, targets=["q_proj"], trainable=["proj"]))
+    rep = parameter_report(model)
+    assert rep.trainable == 2 * (2 * 32 + 32 * 2) + 128 * 3 + 3  # two q_proj (A 2x32, B 32x2) + head
+    assert [r["module"] for r in rep.rows][-1] == "proj"
+
+
+def test_training_changes_only_lora_and_trainable_parameters():
+    torch.manual_seed(0)
+    model = TINY["llama"]()
+    model.lm_head = nn.Linear(32, 128, bias=False)  # untie: a head trained in full
+    add_lora(model, LoRAConfig(r=4, dropout=0.1, trainable=["lm_head"]))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {n for n in before if "lora_" in n} | {"lm_head.weight"}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    ids = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))
+    losses = []
+    for _ in range(5):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    for n, p in model.named_parameters():
+        if n in trainable:
+            assert not torch.equal(p, before[n]), n
+        else:
+            assert torch.equal(p, before[n]), n  # bit-identical base
