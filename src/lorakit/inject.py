@@ -285,7 +285,8 @@ def parameter_report(model: nn.Module) -> ParameterReport:
     for t in (adapters(model)[active].trainable if active else []):
         m = model.get_submodule(t)
         n = sum(p.numel() for p in m.parameters())
-        shape = "x".join(str(d) for d in m.weight.shape) if isinstance(getattr(m, "weight", None), nn.Parameter) else ""
+        w = getattr(m, "weight", None)
+        shape = "x".join(str(d) for d in w.shape[::-1]) if isinstance(w, nn.Parameter) else ""  # in x out
         rows.append({"module": t, "kind": f"full({type(m).__name__})", "shape": shape, "r": 0,
                      "trainable": sum(p.numel() for p in m.parameters() if p.requires_grad), "total": n})
     return ParameterReport(trainable, total, rows)

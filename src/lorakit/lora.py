@@ -16,14 +16,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import UserError
+
 try:  # GPT-2 style linear with a transposed (in, out) weight; optional so a plain-torch model needs no transformers
     from transformers.pytorch_utils import Conv1D
 except ImportError:  # pragma: no cover - transformers is a dependency, this guards odd installs only
     Conv1D = None
 
 
-class LoRAError(ValueError):
-    """A user mistake in LoRA configuration or use; the message says what to do."""
+class LoRAError(UserError):
+    """A mistake in LoRA configuration or use; the message says what to do."""
 
 
 @dataclass
