@@ -1,7 +1,10 @@
 """Tiny random-weight models built locally: no hub, no downloads."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach for the hub; set before transformers is imported
 
 import pytest
 import torch
@@ -105,3 +108,22 @@ def randomize_lora(model: nn.Module, seed: int = 0) -> None:
 @pytest.fixture(params=sorted(TINY))
 def tiny(request):
     return request.param, TINY[request.param]()
+
+
+def word_tokenizer(vocab_size: int = 128):
+    """A word-level tokenizer over w0..wN plus specials, built locally (no download)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    specials = ["<pad>", "<unk>", "<s>", "</s>"]
+    vocab = {t: i for i, t in enumerate(specials + [f"w{i}" for i in range(vocab_size - len(specials))])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<s>",
+                                   eos_token="</s>")
+
+
+def save_tiny(kind: str, path: Path) -> Path:
+    """A tiny model of `kind` with a tokenizer, saved as a Hugging Face model directory."""
+    TINY[kind]().save_pretrained(path)
+    word_tokenizer().save_pretrained(path)
+    return path

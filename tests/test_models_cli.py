@@ -1,0 +1,79 @@
+"""Model loading (embedded defaults offline, local directories, errors) and the `lorakit` command."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO, save_tiny
+from lorakit import LoRAConfig, add_lora, parameter_report
+from lorakit.cli import main
+from lorakit.models import ModelError, head_name, load_model
+
+
+def test_local_directory_per_task(tmp_path):
+    d = save_tiny("llama", tmp_path / "llama")
+    model, tok = load_model(str(d), "instruct")
+    assert type(model).__name__ == "LlamaForCausalLM" and tok.pad_token == "<pad>"
+    clf, _ = load_model(str(d), "classify", num_labels=3)
+    assert type(clf).__name__ == "LlamaForSequenceClassification" and head_name(clf) == "score"
+    assert clf.score.out_features == 3 and clf.config.pad_token_id == tok.pad_token_id
+    t5, _ = load_model(str(save_tiny("t5", tmp_path / "t5")), "summarize")
+    assert type(t5).__name__ == "T5ForConditionalGeneration"
+
+
+def test_model_errors_name_the_spec(tmp_path):
+    with pytest.raises(ModelError, match=r"model 'org/missing-model' could not be loaded .* offline choices: smollm2, minilm"):
+        load_model("org/missing-model")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelError, match="directory has no config.json"):
+        load_model(str(tmp_path / "empty"))
+    with pytest.raises(ModelError, match="no such GGUF file"):
+        load_model(str(tmp_path / "x.gguf"))
+    with pytest.raises(ModelError, match="task 'translate' is not one of"):
+        load_model(str(tmp_path / "empty"), "translate")
+    with pytest.raises(ModelError, match="num_labels >= 2"):
+        load_model(str(save_tiny("llama", tmp_path / "m")), "classify", num_labels=1)
+
+
+def test_cli_inspect_prints_the_report(tmp_path, capsys):
+    d = save_tiny("llama", tmp_path / "m")
+    assert main(["inspect", "--model", str(d), "--r", "4", "--targets", "q_proj,v_proj"]) == 0
+    out = capsys.readouterr().out
+    model, _ = load_model(str(d))
+    expected = parameter_report(add_lora(model, LoRAConfig(r=4, targets=["q_proj", "v_proj"])))
+    assert str(expected) in out and "4 modules adapted" in out
+    assert "model.layers.*.self_attn.q_proj" in out and "mlp" not in out
+
+
+def test_cli_user_errors_are_one_line_without_traceback(tmp_path):
+    d = save_tiny("llama", tmp_path / "m")
+    run = subprocess.run([sys.executable, "-m", "lorakit.cli", "inspect", "--model", str(d), "--targets", "q_prj"],
+                         capture_output=True, text=True, cwd=REPO)
+    assert run.returncode == 2
+    assert "lorakit: error: target 'q_prj' matches no module; closest names: q_proj" in run.stderr
+    assert "Traceback" not in run.stderr
+    run = subprocess.run([sys.executable, "-m", "lorakit.cli", "inspect", "--model", str(d), "--r", "0"],
+                         capture_output=True, text=True, cwd=REPO)
+    assert run.returncode == 2 and "r must be a positive integer" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_embedded_minilm_offline_classifier():
+    model, tok = load_model("minilm", "classify", num_labels=2)
+    assert type(model).__name__ == "BertForSequenceClassification" and head_name(model) == "classifier"
+    assert sum(p.numel() for p in model.bert.parameters()) == 22_713_216
+    enc = tok(["free entry to win a prize", "see you at lunch"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        assert model(**enc).logits.shape == (2, 2)
+
+
+def test_embedded_smollm2_offline_answers_paris():
+    model, tok = load_model("smollm2", "instruct")
+    assert sum(p.numel() for p in model.parameters()) == 134_515_008
+    assert model.config._name_or_path == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    enc = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                  add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    out = model.generate(**enc, max_new_tokens=12, do_sample=False)
+    assert "Paris" in tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
