@@ -77,3 +77,50 @@ def test_embedded_smollm2_offline_answers_paris():
                                   add_generation_prompt=True, return_tensors="pt", return_dict=True)
     out = model.generate(**enc, max_new_tokens=12, do_sample=False)
     assert "Paris" in tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def test_custom_wrapper_example_in_docs_runs(tmp_path, monkeypatch):
+    """docs/custom_model.md: its code runs as written, trains, and round-trips through save/load."""
+    import re
+    text = (REPO / "docs" / "custom_model.md").read_text()
+    code = re.search(r"```python\n(.*?)```", text, re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    ns: dict = {"__name__": "docs_example"}
+    exec(compile(code, "docs/custom_model.md", "exec"), ns)
+    losses, model = ns["losses"], ns["model"]
+    assert losses[-1] < losses[0]
+    rep = parameter_report(model)
+    lora = sum(r["trainable"] for r in rep.rows if r["r"])
+    assert lora == 12 * 4 * (32 + 32)  # q and v in 2 encoder self-, 2 decoder self- and 2 cross-attentions
+    full = {r["module"]: r["trainable"] for r in rep.rows if not r["r"]}
+    assert full == {"feature_emb": 4 * 32, "mix": 32 * 32 + 32}
+    keys = __import__("safetensors.torch", fromlist=["load_file"]).load_file(tmp_path / "feature-t5-adapter" /
+                                                                             "adapter_model.safetensors")
+    assert {"base_model.model.feature_emb.weight", "base_model.model.mix.0.weight"} <= set(keys)
+
+
+def test_pad_token_falls_back_to_eos(tmp_path):
+    from conftest import TINY, word_tokenizer
+    tok = word_tokenizer()
+    tok.pad_token = None
+    TINY["gpt2"]().save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    _, loaded = load_model(str(tmp_path), "instruct")
+    assert loaded.pad_token == loaded.eos_token == "</s>"
+
+
+def test_classifier_adapter_restores_head_and_labels(tmp_path):
+    from lorakit import save_adapter
+    from lorakit.models import load_adapted
+    d = save_tiny("llama", tmp_path / "base")
+    model, tok = load_model(str(d), "classify", num_labels=3)
+    add_lora(model, LoRAConfig(r=2, trainable=["score"]))
+    with torch.no_grad():
+        model.score.weight.normal_()
+    save_adapter(model, tmp_path / "ad", metadata={"task": "classify", "model": str(d), "labels": ["a", "b", "c"]})
+    enc = tok(["w1 w2 w3", "w4"], padding=True, return_tensors="pt")
+    model.eval()
+    restored, _, meta = load_adapted(tmp_path / "ad")
+    assert meta["labels"] == ["a", "b", "c"] and restored.config.id2label == {0: "a", 1: "b", 2: "c"}
+    with torch.no_grad():
+        assert torch.equal(restored(**enc).logits, model(**enc).logits)

@@ -20,6 +20,7 @@ from .lora import LoRAConfig, LoRAError, LoRALinear, is_lora_target_type
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+METADATA_NAME = "lorakit.json"
 PREFIX = "base_model.model."
 
 
@@ -62,8 +63,11 @@ def adapter_state_dict(model: nn.Module, adapter: str | None = None) -> dict[str
 
 
 def save_adapter(model: nn.Module, path: str | os.PathLike, base_model_name_or_path: str | None = None,
-                 adapter: str | None = None) -> Path:
-    """Write the adapter (default: the active one) as a PEFT adapter directory; returns the directory."""
+                 adapter: str | None = None, metadata: dict | None = None) -> Path:
+    """Write the adapter (default: the active one) as a PEFT adapter directory; returns the directory.
+
+    `metadata` (task, label names, model spec, ...) goes to lorakit.json beside the PEFT files; PEFT ignores it.
+    """
     name = adapter or active_adapter(model)
     state = adapter_state_dict(model, name)
     info = adapters(model)[name]
@@ -93,7 +97,20 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, base_model_name_or_p
     out.mkdir(parents=True, exist_ok=True)
     save_file(state, out / WEIGHTS_NAME, metadata={"format": "pt"})
     (out / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+    if metadata is not None:
+        (out / METADATA_NAME).write_text(json.dumps(metadata, indent=2) + "\n")
     return out
+
+
+def read_metadata(path: str | os.PathLike) -> dict:
+    """lorakit.json of an adapter directory ({} for adapters written by PEFT or without metadata)."""
+    f = Path(path) / METADATA_NAME
+    if not f.is_file():
+        return {}
+    try:
+        return json.loads(f.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LoRAError(f"{f}: not valid JSON ({e})") from None
 
 
 def read_adapter_config(path: str | os.PathLike) -> dict:

@@ -153,3 +153,23 @@ def head_name(model: nn.Module) -> str | None:
         if isinstance(getattr(model, name, None), nn.Module):
             return name
     return None
+
+
+def load_adapted(adapter_dir: str | Path, model: str | None = None, adapter: str = "default") -> tuple[nn.Module, object, dict]:
+    """Rebuild a trained model from an adapter directory: base model (from lorakit.json or `model`), the task's
+    head with the saved label names, and the adapter. Returns (model, tokenizer, metadata)."""
+    from .adapters import load_adapter, read_adapter_config, read_metadata
+    cfg = read_adapter_config(adapter_dir)
+    meta = read_metadata(adapter_dir)
+    spec = model or meta.get("model") or cfg.get("base_model_name_or_path")
+    if not spec:
+        raise ModelError(f"{adapter_dir}: the adapter does not say which base model it is for; pass the model")
+    task = meta.get("task") or {"SEQ_CLS": "classify", "SEQ_2_SEQ_LM": "summarize"}.get(cfg.get("task_type"), "instruct")
+    labels = meta.get("labels")
+    net, tok = load_model(spec, task, num_labels=len(labels) if labels else None)
+    if labels:
+        net.config.id2label = dict(enumerate(labels))
+        net.config.label2id = {name: i for i, name in enumerate(labels)}
+    load_adapter(net, adapter_dir, adapter)
+    net.eval()
+    return net, tok, meta

@@ -1,0 +1,344 @@
+"""Task data: reading files with errors that name file, line and field; prompt templates; tokenised examples.
+
+Three formats, one class each, each with `load` (read + validate) and `encode` (tokenise for a model):
+  ClassificationData   TSV `label<TAB>text` (SMS Spam Collection), CSV or JSON/JSONL with text and label fields
+  InstructionData      Alpaca JSON array or JSONL with instruction / input / output
+  SummarizationData    DialogSum JSONL with dialogue and summary (or summary1..3 references)
+Batching (padding, packing) is in `collate.py`.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+from .errors import UserError
+
+IGNORE = -100  # label value the loss skips
+ALPACA_PROMPT = {
+    True: ("Below is an instruction that describes a task, paired with an input that provides further context. "
+           "Write a response that appropriately completes the request.\n\n"
+           "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"),
+    False: ("Below is an instruction that describes a task. Write a response that appropriately completes the "
+            "request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"),
+}
+SUMMARY_INSTRUCTION = "Summarize the following dialogue in one or two sentences."
+
+
+class DataError(UserError):
+    """Bad input data; the message names the file, the line or array index, and the field."""
+
+    def __init__(self, message: str, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason or message  # short kind of problem, for skip counts
+
+
+@dataclass
+class LoadStats:
+    """Records read, kept and skipped (by reason) from one file, plus notes such as truncations."""
+
+    path: str
+    read: int = 0
+    kept: int = 0
+    skipped: Counter = field(default_factory=Counter)
+    notes: Counter = field(default_factory=Counter)
+
+    def __str__(self) -> str:
+        s = f"{self.path}: read {self.read:,}, kept {self.kept:,}, skipped {sum(self.skipped.values()):,}"
+        if self.skipped:
+            s += " (" + ", ".join(f"{r}: {n:,}" for r, n in self.skipped.most_common()) + ")"
+        if self.notes:
+            s += "; " + ", ".join(f"{r}: {n:,}" for r, n in self.notes.most_common())
+        return s
+
+    def to_dict(self) -> dict:
+        return {"path": self.path, "read": self.read, "kept": self.kept, "skipped": dict(self.skipped),
+                "notes": dict(self.notes)}
+
+
+def read_text(path: str | Path) -> str:
+    """The file as UTF-8 text; a missing, empty or non-UTF-8 file is a DataError naming the line."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"{p}: no such file")
+    raw = p.read_bytes()
+    if not raw.strip():
+        raise DataError(f"{p}: file is empty")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        col = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
+        raise DataError(f"{p}, line {line}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {col}); "
+                        "save the file as UTF-8") from None
+
+
+def iter_json_records(path: str | Path) -> Iterator[tuple[str, dict]]:
+    """(location, record) from a JSON array ('index N') or JSONL ('line N') file."""
+    text = read_text(path)
+    if text.lstrip().startswith("["):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}, line {e.lineno}: invalid JSON ({e.msg}); is the file truncated?") from None
+        for i, rec in enumerate(data):
+            if not isinstance(rec, dict):
+                raise DataError(f"{path}, index {i}: expected a JSON object, got {type(rec).__name__}")
+            yield f"index {i}", rec
+        return
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}, line {n}: invalid JSON ({e.msg}); is the line truncated?") from None
+        if not isinstance(rec, dict):
+            raise DataError(f"{path}, line {n}: expected a JSON object, got {type(rec).__name__}")
+        yield f"line {n}", rec
+
+
+def get_text(rec: dict, name: str, where: str, allow_empty: bool = False) -> str:
+    """Field `name` of a record as a string; missing, non-string or (unless allowed) empty is a DataError."""
+    if name not in rec:
+        raise DataError(f"{where}: missing field {name!r} (fields: {', '.join(map(str, rec)) or 'none'})",
+                        reason=f"missing field {name!r}")
+    value = rec[name]
+    if not isinstance(value, str):
+        raise DataError(f"{where}: field {name!r} must be text, got {type(value).__name__}",
+                        reason=f"non-text field {name!r}")
+    if not allow_empty and not value.strip():
+        raise DataError(f"{where}: field {name!r} is empty", reason=f"empty field {name!r}")
+    return value
+
+
+def _collect(path, rows: Iterator[tuple[str, dict]], parse, strict: bool) -> tuple[list, LoadStats]:
+    """Parse every row; a bad record raises (strict) or is skipped and counted by reason (not strict)."""
+    stats, out = LoadStats(str(path)), []
+    for where, rec in rows:
+        stats.read += 1
+        try:
+            out.append(parse(rec, f"{path}, {where}"))
+        except DataError as e:
+            if strict:
+                raise DataError(f"{e} (use skip_invalid / --skip-invalid to skip and count such records)",
+                                e.reason) from None
+            stats.skipped[e.reason] += 1
+    if not out:
+        raise DataError(f"{path}: no usable records ({stats})")
+    stats.kept = len(out)
+    return out, stats
+
+
+# ----------------------------------------------------------------------------------------------- classification
+
+@dataclass
+class TextExample:
+    text: str
+    label: int
+
+
+@dataclass
+class ClassificationData:
+    """Labelled texts with the label names; ids follow `labels` order."""
+
+    examples: list[TextExample]
+    labels: list[str]
+    stats: LoadStats
+
+    @classmethod
+    def load(cls, path: str | Path, labels: list[str] | None = None, text_field: str = "text",
+             label_field: str = "label", strict: bool = True, verbose: bool = True) -> "ClassificationData":
+        """Read a TSV (`label<TAB>text`, split on the first tab), CSV (header row) or JSON/JSONL file."""
+        p = Path(path)
+        rows = _classification_rows(p, text_field, label_field)
+        known = list(labels) if labels else None
+
+        def parse(rec: dict, where: str) -> tuple[str, str]:
+            label, text = get_text(rec, label_field, where).strip(), get_text(rec, text_field, where)
+            if known is not None and label not in known:
+                raise DataError(f"{where}: field {label_field!r}: unknown label {label!r} (known: {', '.join(known)})",
+                                reason="unknown label")
+            return text, label
+
+        pairs, stats = _collect(p, rows, parse, strict)
+        names = known or sorted({lab for _, lab in pairs})
+        if len(names) < 2:
+            raise DataError(f"{p}: found only the label(s) {names}; classification needs at least two")
+        ids = {n: i for i, n in enumerate(names)}
+        if verbose:
+            print(f"data: {stats}")
+        return cls([TextExample(t, ids[lab]) for t, lab in pairs], names, stats)
+
+    def split(self, fractions: tuple[float, float, float] = (0.7, 0.1, 0.2), seed: int = 42) -> dict[str, list]:
+        """Stratified train/val/test split: each label is cut in the same proportions, reproducibly by seed."""
+        return stratified_split(self.examples, lambda e: e.label, fractions, seed)
+
+
+def _classification_rows(p: Path, text_field: str, label_field: str) -> Iterator[tuple[str, dict]]:
+    suffix = p.suffix.lower()
+    if suffix in (".json", ".jsonl"):
+        yield from iter_json_records(p)
+        return
+    text = read_text(p)
+    if suffix == ".csv":
+        reader = csv.DictReader(io.StringIO(text))
+        for rec in reader:
+            yield f"line {reader.line_num}", {k: v for k, v in rec.items() if k is not None}
+        return
+    for n, line in enumerate(text.splitlines(), 1):  # TSV: label<TAB>text, the text may hold more tabs
+        if not line.strip():
+            continue
+        if "\t" not in line:
+            yield f"line {n}", {text_field: line}  # reported as a missing label field
+            continue
+        label, body = line.split("\t", 1)
+        yield f"line {n}", {label_field: label, text_field: body}
+
+
+def stratified_split(items: list, key, fractions=(0.7, 0.1, 0.2), seed: int = 42) -> dict[str, list]:
+    """Split `items` into train/val/test with each key group cut in the given proportions."""
+    if len(fractions) != 3 or abs(sum(fractions) - 1) > 1e-6 or min(fractions) < 0:
+        raise DataError(f"split fractions must be three non-negative numbers summing to 1, got {fractions}")
+    rng = random.Random(seed)
+    groups: dict = {}
+    for item in items:
+        groups.setdefault(key(item), []).append(item)
+    out: dict[str, list] = {"train": [], "val": [], "test": []}
+    for k in sorted(groups):
+        g = groups[k][:]
+        rng.shuffle(g)
+        n_train, n_val = round(len(g) * fractions[0]), round(len(g) * fractions[1])
+        out["train"] += g[:n_train]
+        out["val"] += g[n_train:n_train + n_val]
+        out["test"] += g[n_train + n_val:]
+    for part in out.values():
+        rng.shuffle(part)
+    return out
+
+
+def balance(examples: list[TextExample], seed: int = 42) -> list[TextExample]:
+    """Down-sample every class to the size of the smallest one."""
+    rng = random.Random(seed)
+    groups: dict[int, list] = {}
+    for e in examples:
+        groups.setdefault(e.label, []).append(e)
+    n = min(len(g) for g in groups.values())
+    out = [e for k in sorted(groups) for e in rng.sample(groups[k], n)]
+    rng.shuffle(out)
+    return out
+
+
+# ---------------------------------------------------------------------------------------- instruction / summary
+
+@dataclass
+class PromptExample:
+    """One prompt → response pair; `references` holds every reference answer (DialogSum test has three)."""
+
+    prompt_input: str
+    response: str
+    instruction: str = ""
+    references: list[str] = field(default_factory=list)
+
+
+@dataclass
+class EncodedExample:
+    input_ids: list[int]
+    labels: list[int]
+
+
+class PromptData:
+    """Shared encoding for instruction and summarization data: prompt tokens masked, loss on the response + EOS."""
+
+    examples: list[PromptExample]
+    stats: LoadStats
+
+    def __init__(self, examples: list[PromptExample], stats: LoadStats) -> None:
+        self.examples, self.stats = examples, stats
+
+    def prompt_text(self, ex: PromptExample, tokenizer, template: str = "alpaca") -> str:
+        """The prompt for one example: the Alpaca template, or the model's chat template with template='chat'."""
+        if template == "chat":
+            if not getattr(tokenizer, "chat_template", None):
+                raise DataError("template 'chat' asked for, but this tokenizer has no chat template; use 'alpaca'")
+            content = ex.instruction + (f"\n\n{ex.prompt_input}" if ex.prompt_input else "")
+            return tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                                 add_generation_prompt=True)
+        if template != "alpaca":
+            raise DataError(f"unknown template {template!r}: use 'alpaca' or 'chat'")
+        return ALPACA_PROMPT[bool(ex.prompt_input)].format(instruction=ex.instruction, input=ex.prompt_input)
+
+    def encode(self, tokenizer, max_length: int = 512, template: str = "alpaca", train_on_prompt: bool = False,
+               stats: LoadStats | None = None) -> list[EncodedExample]:
+        """Tokenise for a causal LM. Labels are IGNORE on the prompt (unless train_on_prompt), so the loss is on
+        the response + EOS. Too long: the prompt loses its middle first, so the response always keeps at least
+        half the budget; truncations are counted in stats.notes."""
+        stats = stats or self.stats
+        eos = tokenizer.eos_token_id
+        out = []
+        for ex in self.examples:
+            prompt = tokenizer(self.prompt_text(ex, tokenizer, template), add_special_tokens=template != "chat")["input_ids"]
+            resp = tokenizer(ex.response, add_special_tokens=False)["input_ids"] + ([eos] if eos is not None else [])
+            if len(prompt) + len(resp) > max_length:
+                keep_r = min(len(resp), max(max_length - len(prompt), max_length // 2))
+                keep_p = max_length - keep_r
+                if keep_p < len(prompt):
+                    head = keep_p // 2
+                    prompt = prompt[:head] + prompt[len(prompt) - (keep_p - head):]
+                    stats.notes["prompt truncated (response kept)"] += 1
+                if keep_r < len(resp):
+                    resp = resp[:keep_r]
+                    stats.notes["response truncated"] += 1
+            labels = (prompt if train_on_prompt else [IGNORE] * len(prompt)) + resp
+            out.append(EncodedExample(prompt + resp, list(labels)))
+        return out
+
+    def encode_seq2seq(self, tokenizer, max_source: int = 512, max_target: int = 128) -> list[EncodedExample]:
+        """Tokenise for an encoder-decoder: the prompt input (e.g. the dialogue) goes to the encoder."""
+        out = []
+        for ex in self.examples:
+            src = tokenizer(ex.prompt_input, truncation=True, max_length=max_source)["input_ids"]
+            tgt = tokenizer(text_target=ex.response, truncation=True, max_length=max_target)["input_ids"]
+            out.append(EncodedExample(src, tgt))
+        return out
+
+
+class InstructionData(PromptData):
+    """Alpaca-format instruction data."""
+
+    @classmethod
+    def load(cls, path: str | Path, strict: bool = True, verbose: bool = True) -> "InstructionData":
+        def parse(rec: dict, where: str) -> PromptExample:
+            instruction = get_text(rec, "instruction", where)
+            inp = get_text(rec, "input", where, allow_empty=True) if "input" in rec else ""
+            output = get_text(rec, "output", where)
+            return PromptExample(inp, output, instruction, [output])
+
+        examples, stats = _collect(path, iter_json_records(path), parse, strict)
+        if verbose:
+            print(f"data: {stats}")
+        return cls(examples, stats)
+
+
+class SummarizationData(PromptData):
+    """DialogSum-format data: `dialogue` and `summary`, or the test split's `summary1..3` (all kept as references)."""
+
+    @classmethod
+    def load(cls, path: str | Path, strict: bool = True, verbose: bool = True) -> "SummarizationData":
+        def parse(rec: dict, where: str) -> PromptExample:
+            dialogue = get_text(rec, "dialogue", where)
+            if "summary" in rec or not any(k.startswith("summary") for k in rec):
+                refs = [get_text(rec, "summary", where)]
+            else:
+                refs = [get_text(rec, k, where) for k in sorted(rec) if k.startswith("summary")]
+            return PromptExample(dialogue, refs[0], SUMMARY_INSTRUCTION, refs)
+
+        examples, stats = _collect(path, iter_json_records(path), parse, strict)
+        if verbose:
+            print(f"data: {stats}")
+        return cls(examples, stats)
