@@ -124,3 +124,22 @@ def test_classifier_adapter_restores_head_and_labels(tmp_path):
     assert meta["labels"] == ["a", "b", "c"] and restored.config.id2label == {0: "a", 1: "b", 2: "c"}
     with torch.no_grad():
         assert torch.equal(restored(**enc).logits, model(**enc).logits)
+
+
+def test_local_gguf_file_loads_and_shares_the_cache():
+    from lorakit.models import EMBEDDED, _package_path, resolve_spec
+    gguf = _package_path(*EMBEDDED["smollm2"][:2])
+    path, name = resolve_spec(str(gguf))
+    assert path == resolve_spec("smollm2")[0] and name == str(gguf)
+    model, tok = load_model(str(gguf), "instruct")
+    assert type(model).__name__ == "LlamaForCausalLM" and model.config.vocab_size == 49152
+    assert tok.chat_template
+
+
+def test_seq2seq_encoding_puts_the_dialogue_in_the_encoder(tmp_path):
+    from conftest import word_tokenizer
+    from lorakit.data import SummarizationData
+    (tmp_path / "d.jsonl").write_text('{"dialogue": "w1 w2 w3 w4", "summary": "w5 w6"}\n')
+    enc = SummarizationData.load(tmp_path / "d.jsonl").encode_seq2seq(word_tokenizer(), max_source=3)
+    tok = word_tokenizer()
+    assert enc[0].input_ids == tok("w1 w2 w3")["input_ids"] and enc[0].labels == tok("w5 w6")["input_ids"]

@@ -41,11 +41,11 @@ def _package_path(package: str, member: str) -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / member
 
 
-def _dequantised_gguf(gguf: Path, name: str) -> Path:
+def _dequantised_gguf(gguf: Path) -> Path:
     """A safetensors copy of a GGUF model, made once (~30 s) and then loaded in seconds."""
     stat = gguf.stat()
     key = hashlib.sha1(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:10]
-    out = cache_dir() / f"{name}-{key}"
+    out = cache_dir() / f"{gguf.stem}-{key}"
     if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
         return out
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -73,13 +73,13 @@ def resolve_spec(spec: str) -> tuple[str, str]:
         package, member, hub_id = EMBEDDED[spec]
         path = _package_path(package, member)
         if path.suffix == ".gguf":
-            path = _dequantised_gguf(path, Path(hub_id).name)
+            path = _dequantised_gguf(path)
         return str(path), hub_id
     p = Path(spec).expanduser()
     if p.suffix == ".gguf":
         if not p.is_file():
             raise ModelError(f"model {spec!r}: no such GGUF file")
-        return str(_dequantised_gguf(p, p.stem)), str(p)
+        return str(_dequantised_gguf(p)), str(p)
     if p.is_dir():
         if not (p / "config.json").is_file():
             raise ModelError(f"model {spec!r}: directory has no config.json (not a Hugging Face model directory)")
