@@ -17,7 +17,8 @@ $(STAMP): pyproject.toml constraints.txt
 setup: $(STAMP)
 
 run: setup
-	$(VENV)/bin/lorakit inspect --model smollm2
+	$(VENV)/bin/lorakit train recipes/spam.yaml --out runs/spam
+	$(VENV)/bin/lorakit eval runs/spam
 
 test: setup
 	$(PY) -m pytest -q

@@ -216,3 +216,21 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter: str = "defa
             model.get_parameter(k).copy_(t)
     set_adapter(model, adapter)
     return model
+
+
+def load_adapter_state(model: nn.Module, state: dict[str, torch.Tensor], adapter: str | None = None) -> None:
+    """Copy tensors keyed as adapter_state_dict() returns them into the model's existing adapter, in place."""
+    name = adapter or active_adapter(model)
+    own = adapter_state_dict(model, name)
+    if set(own) != set(state):
+        missing, extra = sorted(set(own) - set(state))[:3], sorted(set(state) - set(own))[:3]
+        raise LoRAError(f"adapter state does not match adapter {name!r}: missing {missing}, unexpected {extra}")
+    info = adapters(model)[name]
+    with torch.no_grad():
+        for path in info.modules:
+            layer = model.get_submodule(path)
+            layer.lora_A[name].copy_(state[f"{PREFIX}{path}.lora_A.weight"])
+            layer.lora_B[name].copy_(state[f"{PREFIX}{path}.lora_B.weight"])
+        for path in info.trainable:
+            for pname, p in model.get_submodule(path).named_parameters():
+                p.copy_(state[f"{PREFIX}{path}.{pname}"])

@@ -2,9 +2,13 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
 
 from .errors import UserError
+
+RECIPES = Path(os.environ.get("LORAKIT_RECIPES") or Path(__file__).resolve().parents[2] / "recipes")
 
 
 def _targets(value: str | None):
@@ -20,22 +24,23 @@ def _split(value: str | None) -> tuple[str, ...]:
     return tuple(t.strip() for t in (value or "").split(",") if t.strip())
 
 
-def add_lora_flags(p: argparse.ArgumentParser) -> None:
+def add_lora_flags(p: argparse.ArgumentParser, defaults: bool = True) -> None:
+    """LoRA flags; with defaults=False they are None unless given, so a recipe's values stand."""
+    d = (lambda v: v) if defaults else (lambda v: None)
     g = p.add_argument_group("LoRA")
-    g.add_argument("--r", type=int, default=8, help="rank of the update (default 8)")
-    g.add_argument("--alpha", type=float, default=16, help="scale numerator: update = B·A·x·alpha/r (default 16)")
-    g.add_argument("--dropout", type=float, default=0.0, help="dropout on the LoRA input (default 0)")
-    g.add_argument("--targets", default="all-linear",
+    g.add_argument("--r", type=int, default=d(8), help="rank of the update (default 8)")
+    g.add_argument("--alpha", type=float, default=d(16), help="scale numerator: update = B·A·x·alpha/r (default 16)")
+    g.add_argument("--dropout", type=float, default=d(0.0), help="dropout on the LoRA input")
+    g.add_argument("--targets", default=d("all-linear"),
                    help="'all-linear' (every linear but the head), names like q_proj,v_proj, or re:<regex>")
-    g.add_argument("--exclude", default="", help="comma-separated module names to leave alone")
-    g.add_argument("--trainable", default="", help="comma-separated modules to train in full (e.g. a new head)")
-    g.add_argument("--rslora", action="store_true", help="scale by alpha/sqrt(r) (rank-stabilised LoRA)")
+    g.add_argument("--exclude", default=d(""), help="comma-separated module names to leave alone")
+    g.add_argument("--rslora", action="store_true", default=d(False), help="scale by alpha/sqrt(r) (rank-stabilised)")
 
 
-def lora_config_from_args(args: argparse.Namespace, extra_trainable: tuple[str, ...] = ()):
+def lora_config_from_args(args: argparse.Namespace, trainable: tuple[str, ...] = ()):
     from .lora import LoRAConfig
     return LoRAConfig(r=args.r, alpha=args.alpha, dropout=args.dropout, targets=_targets(args.targets),
-                      exclude=_split(args.exclude), trainable=_split(args.trainable) + extra_trainable,
+                      exclude=_split(args.exclude), trainable=_split(getattr(args, "trainable", "")) + trainable,
                       rslora=args.rslora)
 
 
@@ -55,17 +60,187 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def recipe_path(name: str) -> Path:
+    """A recipe file, or the name of one in recipes/ (spam -> recipes/spam.yaml)."""
+    p = Path(name)
+    if p.is_file():
+        return p
+    for cand in (RECIPES / name, RECIPES / f"{name}.yaml"):
+        if cand.is_file():
+            return cand
+    raise UserError(f"recipe {name!r} not found; `lorakit recipes` lists the built-in ones")
+
+
+def _overrides(args: argparse.Namespace) -> dict:
+    keys = ("model", "data", "out", "epochs", "max_steps", "batch_size", "grad_accum", "lr", "seed", "max_records",
+            "max_eval_records", "checkpoint_every", "eval_every", "r", "alpha", "dropout", "exclude", "max_length",
+            "mixed_precision")
+    out = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+    if args.targets is not None:
+        out["targets"] = _targets(args.targets)
+    if args.rslora:
+        out["rslora"] = True
+    for flag in ("pack", "gradient_checkpointing", "skip_invalid"):
+        if getattr(args, flag):
+            out[flag] = True
+    for item in args.set or []:
+        if "=" not in item:
+            raise UserError(f"--set {item!r}: use KEY=VALUE, e.g. --set warmup=0.1")
+        k, v = item.split("=", 1)
+        out[k.strip()] = v.strip()
+    return out
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train a LoRA adapter from a recipe; flags override the recipe's values."""
+    from .config import load_recipe
+    from .train import train
+    cfg = load_recipe(recipe_path(args.recipe), _overrides(args))
+    out = train(cfg, resume=args.resume)
+    if args.eval:
+        return cmd_eval(argparse.Namespace(run=str(out), max_records=0))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Evaluate a trained run against its base model on the run's test split."""
+    from .evaluate import evaluate_run
+    evaluate_run(args.run, max_records=args.max_records)
+    run = Path(args.run)
+    print(f"\nlorakit: adapter  {run / 'adapter'}\nlorakit: report   {run / 'report.html'} (eval.json, "
+          f"eval_samples.jsonl)\nlorakit: plots    {run / 'loss.png'}, {run / 'eval.png'}")
+    return 0
+
+
+def _load_for_generation(args):
+    from .models import load_adapted, load_model
+    if args.adapter:
+        return load_adapted(args.adapter, model=args.model)
+    model, tok = load_model(args.model or "smollm2", "instruct")
+    return model, tok, {}
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Generate from an adapted model (or the base with --base); classifiers print label probabilities."""
+    import torch
+
+    from .data import format_prompt
+    from .generate import Sampling, generate, merged, stream
+    from .inject import disable_adapters
+    model, tok, meta = _load_for_generation(args)
+    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    if not prompt.strip():
+        raise UserError("no prompt: pass --prompt TEXT or pipe text on standard input")
+    ctx = disable_adapters(model) if args.base and args.adapter else merged(model, args.merge and bool(args.adapter))
+    with ctx:
+        if meta.get("task") == "classify":
+            enc = tok([prompt], return_tensors="pt", truncation=True, max_length=meta.get("max_length", 256))
+            with torch.no_grad():
+                probs = model(**enc).logits.softmax(-1)[0]
+            for i in probs.argsort(descending=True).tolist():
+                print(f"{meta['labels'][i]:<16} {probs[i]:.4f}")
+            return 0
+        template = args.template or meta.get("template", "chat" if getattr(tok, "chat_template", None) else "alpaca")
+        seq2seq = getattr(model.config, "is_encoder_decoder", False)
+        text = prompt if seq2seq else format_prompt(tok, prompt, args.input or "", template)
+        sampling = Sampling(args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.repetition_penalty,
+                            args.seed)
+        if args.no_stream or seq2seq:
+            print(generate(model, tok, [text], sampling, template)[0])
+        else:
+            for piece in stream(model, tok, text, sampling, template):
+                print(piece, end="", flush=True)
+            print()
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    """Fold an adapter into its base and write a plain Hugging Face model directory."""
+    from .inject import merge_and_unload
+    from .models import load_adapted
+    model, tok, meta = load_adapted(args.adapter, model=args.model)
+    model = merge_and_unload(model)
+    model.save_pretrained(args.out)
+    tok.save_pretrained(args.out)
+    print(f"lorakit: merged model -> {args.out} (loads with transformers' from_pretrained, no lorakit needed)")
+    return 0
+
+
+def cmd_recipes(args: argparse.Namespace) -> int:
+    """List the built-in recipes."""
+    import yaml
+    files = sorted(RECIPES.glob("*.yaml"))
+    if not files:
+        raise UserError(f"no recipes found in {RECIPES}")
+    for f in files:
+        raw = yaml.safe_load(f.read_text()) or {}
+        first = next((ln.lstrip("# ").strip() for ln in f.read_text().splitlines() if ln.startswith("#")), "")
+        model = raw.get("model", {}).get("model") if isinstance(raw.get("model"), dict) else raw.get("model")
+        task = raw.get("model", {}).get("task") if isinstance(raw.get("model"), dict) else raw.get("task")
+        print(f"{f.stem:<32} {str(model):<40} {str(task):<10} {first}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lorakit", description="LoRA and QLoRA fine-tuning you can read.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train an adapter from a recipe", description=cmd_train.__doc__)
+    p.add_argument("recipe", help="a recipe file or a built-in recipe name (see `lorakit recipes`)")
+    p.add_argument("--model"), p.add_argument("--data"), p.add_argument("--out", help="run directory (runs/NAME)")
+    p.add_argument("--epochs", type=float), p.add_argument("--max-steps", type=int)
+    p.add_argument("--batch-size", type=int), p.add_argument("--grad-accum", type=int)
+    p.add_argument("--lr", type=float), p.add_argument("--seed", type=int)
+    p.add_argument("--max-length", type=int)
+    p.add_argument("--max-records", type=int, help="train on the first N records of the split (quick runs)")
+    p.add_argument("--max-eval-records", type=int, help="cap validation and test examples")
+    p.add_argument("--eval-every", type=int), p.add_argument("--checkpoint-every", type=int)
+    p.add_argument("--mixed-precision", choices=("auto", "no", "bf16", "fp16"))
+    p.add_argument("--pack", action="store_true", help="pack short examples into full rows")
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--skip-invalid", action="store_true", help="skip (and count) invalid records instead of failing")
+    p.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
+    p.add_argument("--eval", action="store_true", help="evaluate on the test split after training")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any recipe key")
+    add_lora_flags(p, defaults=False)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a run: base vs adapted", description=cmd_eval.__doc__)
+    p.add_argument("run", help="run directory written by `lorakit train`")
+    p.add_argument("--max-records", type=int, default=0, help="evaluate on the first N test examples")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("generate", help="generate text (or classify) with an adapter", description=cmd_generate.__doc__)
+    p.add_argument("--adapter", help="adapter directory (runs/NAME/adapter)")
+    p.add_argument("--model", help="base model (default: the one the adapter names, else smollm2)")
+    p.add_argument("--prompt", help="the instruction (default: read standard input)")
+    p.add_argument("--input", help="optional input/context for the instruction")
+    p.add_argument("--template", choices=("alpaca", "chat"))
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0), p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0), p.add_argument("--seed", type=int)
+    p.add_argument("--merge", action="store_true", help="merge the adapter into the weights first")
+    p.add_argument("--base", action="store_true", help="use the base model (adapter disabled)")
+    p.add_argument("--no-stream", action="store_true")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("merge", help="write a merged Hugging Face model directory", description=cmd_merge.__doc__)
+    p.add_argument("adapter"), p.add_argument("out"), p.add_argument("--model")
+    p.set_defaults(func=cmd_merge)
+
     p = sub.add_parser("inspect", help="show which modules LoRA targets and the parameter report (no training)",
                        description=cmd_inspect.__doc__)
     p.add_argument("--model", default="smollm2", help="smollm2, minilm, a model directory, a .gguf file or a hub id")
     p.add_argument("--task", default="instruct", choices=("classify", "instruct", "summarize"))
     p.add_argument("--num-labels", type=int, default=2, help="classes for --task classify (default 2)")
+    p.add_argument("--trainable", default="", help="comma-separated modules to train in full")
     p.add_argument("--all", action="store_true", help="one row per module instead of one per layer pattern")
     add_lora_flags(p)
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("recipes", help="list the built-in recipes", description=cmd_recipes.__doc__)
+    p.set_defaults(func=cmd_recipes)
     return parser
 
 

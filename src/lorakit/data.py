@@ -252,6 +252,19 @@ class EncodedExample:
     labels: list[int]
 
 
+def format_prompt(tokenizer, instruction: str, input_text: str = "", template: str = "alpaca") -> str:
+    """The prompt for an instruction: the Alpaca template, or the model's chat template with template='chat'."""
+    if template == "chat":
+        if not getattr(tokenizer, "chat_template", None):
+            raise DataError("template 'chat' asked for, but this tokenizer has no chat template; use 'alpaca'")
+        content = instruction + (f"\n\n{input_text}" if input_text else "")
+        return tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                             add_generation_prompt=True)
+    if template != "alpaca":
+        raise DataError(f"unknown template {template!r}: use 'alpaca' or 'chat'")
+    return ALPACA_PROMPT[bool(input_text)].format(instruction=instruction, input=input_text)
+
+
 class PromptData:
     """Shared encoding for instruction and summarization data: prompt tokens masked, loss on the response + EOS."""
 
@@ -260,18 +273,6 @@ class PromptData:
 
     def __init__(self, examples: list[PromptExample], stats: LoadStats) -> None:
         self.examples, self.stats = examples, stats
-
-    def prompt_text(self, ex: PromptExample, tokenizer, template: str = "alpaca") -> str:
-        """The prompt for one example: the Alpaca template, or the model's chat template with template='chat'."""
-        if template == "chat":
-            if not getattr(tokenizer, "chat_template", None):
-                raise DataError("template 'chat' asked for, but this tokenizer has no chat template; use 'alpaca'")
-            content = ex.instruction + (f"\n\n{ex.prompt_input}" if ex.prompt_input else "")
-            return tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
-                                                 add_generation_prompt=True)
-        if template != "alpaca":
-            raise DataError(f"unknown template {template!r}: use 'alpaca' or 'chat'")
-        return ALPACA_PROMPT[bool(ex.prompt_input)].format(instruction=ex.instruction, input=ex.prompt_input)
 
     def encode(self, tokenizer, max_length: int = 512, template: str = "alpaca", train_on_prompt: bool = False,
                stats: LoadStats | None = None) -> list[EncodedExample]:
@@ -282,7 +283,8 @@ class PromptData:
         eos = tokenizer.eos_token_id
         out = []
         for ex in self.examples:
-            prompt = tokenizer(self.prompt_text(ex, tokenizer, template), add_special_tokens=template != "chat")["input_ids"]
+            text = format_prompt(tokenizer, ex.instruction, ex.prompt_input, template)
+            prompt = tokenizer(text, add_special_tokens=template != "chat")["input_ids"]
             resp = tokenizer(ex.response, add_special_tokens=False)["input_ids"] + ([eos] if eos is not None else [])
             if len(prompt) + len(resp) > max_length:
                 keep_r = min(len(resp), max(max_length - len(prompt), max_length // 2))

@@ -1,0 +1,187 @@
+"""Run configuration: a YAML recipe (sections model / data / lora / train / eval), overridden by CLI flags."""
+from __future__ import annotations
+
+import difflib
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import yaml
+
+from .errors import UserError
+
+
+class ConfigError(UserError):
+    """A recipe or flag that cannot be used; the message names the file and key."""
+
+
+@dataclass
+class RunConfig:
+    """Everything one training run needs. YAML sections are only grouping: keys are unique across them."""
+
+    # model
+    model: str = "smollm2"
+    task: str = "instruct"
+    name: str = ""
+    # data
+    data: str = ""
+    val_data: str = ""
+    test_data: str = ""
+    labels: list[str] = field(default_factory=list)
+    text_field: str = "text"
+    label_field: str = "label"
+    split: list[float] = field(default_factory=lambda: [0.7, 0.1, 0.2])
+    balance: bool = False
+    max_records: int = 0  # 0: all; else the first N after shuffling, for quick runs
+    max_eval_records: int = 0
+    skip_invalid: bool = False
+    template: str = "alpaca"
+    train_on_prompt: bool = False
+    max_length: int = 256
+    pack: bool = False
+    # lora
+    r: int = 8
+    alpha: float = 16
+    dropout: float = 0.05
+    targets: str | list[str] = "all-linear"
+    exclude: list[str] = field(default_factory=list)
+    rslora: bool = False
+    # train
+    epochs: float = 1.0
+    max_steps: int = 0
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 2e-4
+    head_lr: float = 0.0  # 0: same as lr
+    weight_decay: float = 0.0
+    warmup: float = 0.05  # fraction of steps
+    schedule: str = "cosine"
+    max_grad_norm: float = 1.0
+    mixed_precision: str = "auto"
+    gradient_checkpointing: bool = False
+    eval_every: int = 0  # 0: once per epoch
+    early_stopping: int = 0  # evaluations without val improvement before stopping; 0: off
+    checkpoint_every: int = 0
+    seed: int = 42
+    out: str = ""
+    # eval
+    max_new_tokens: int = 64
+    num_samples: int = 5
+
+    recipe_path: str = ""
+
+    def resolve(self, path: str) -> Path:
+        """A data path: absolute, or relative to the working directory, the recipe's folder or its parent."""
+        p = Path(path).expanduser()
+        if p.is_absolute():
+            return p
+        bases = [Path.cwd()]
+        if self.recipe_path:
+            bases += [Path(self.recipe_path).resolve().parent, Path(self.recipe_path).resolve().parent.parent]
+        for base in bases:
+            if (base / p).exists():
+                return base / p
+        return bases[0] / p
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+FIELDS = {f.name: f for f in fields(RunConfig)}
+SECTIONS = ("model", "data", "lora", "train", "eval")
+
+
+def _coerce(key: str, value, where: str):
+    """Convert a YAML or command-line value to the field's type, with an error naming the key."""
+    default = getattr(RunConfig(), key)
+    try:
+        if isinstance(default, bool):
+            if isinstance(value, str):
+                if value.lower() not in ("true", "false", "yes", "no", "1", "0"):
+                    raise ValueError(value)
+                return value.lower() in ("true", "yes", "1")
+            return bool(value)
+        if isinstance(default, int):
+            return int(value)
+        if isinstance(default, float):
+            return float(value)
+        if isinstance(default, list):
+            if isinstance(value, str):
+                return [v.strip() for v in value.split(",") if v.strip()]
+            return list(value)
+        if key == "targets" and isinstance(value, list):
+            return value
+        return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: {key} = {value!r} is not a valid {type(default).__name__}") from None
+
+
+def _unknown(key: str, where: str) -> ConfigError:
+    close = difflib.get_close_matches(key, list(FIELDS) + list(SECTIONS), n=3)
+    return ConfigError(f"{where}: unknown key {key!r}" + (f"; did you mean {', '.join(close)}?" if close else ""))
+
+
+def load_recipe(path: str | Path, overrides: dict | None = None) -> RunConfig:
+    """Read a YAML recipe, apply `overrides` (CLI values, None = not given) and check every key."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: no such recipe (see `lorakit recipes`)")
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: invalid YAML ({e})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{p}: a recipe is a mapping of keys to values")
+    flat: dict = {}
+    for key, value in raw.items():
+        if key in SECTIONS and isinstance(value, dict):
+            for k, v in value.items():
+                if k not in FIELDS:
+                    raise _unknown(k, f"{p}, section {key}")
+                flat[k] = v
+        elif key in FIELDS:
+            flat[key] = value
+        else:
+            raise _unknown(key, str(p))
+    cfg = make_config(flat, str(p))
+    cfg.recipe_path = str(p)
+    if not cfg.name:
+        cfg.name = p.stem
+    return apply_overrides(cfg, overrides or {})
+
+
+def make_config(values: dict, where: str = "config") -> RunConfig:
+    cfg = RunConfig()
+    for k, v in values.items():
+        if k not in FIELDS:
+            raise _unknown(k, where)
+        setattr(cfg, k, _coerce(k, v, where))
+    return validate(cfg, where)
+
+
+def apply_overrides(cfg: RunConfig, overrides: dict) -> RunConfig:
+    for k, v in overrides.items():
+        if v is None:
+            continue
+        if k not in FIELDS:
+            raise _unknown(k, "command line")
+        setattr(cfg, k, _coerce(k, v, "command line"))
+    return validate(cfg, "command line")
+
+
+def validate(cfg: RunConfig, where: str) -> RunConfig:
+    if cfg.task not in ("classify", "instruct", "summarize"):
+        raise ConfigError(f"{where}: task {cfg.task!r} must be classify, instruct or summarize")
+    if cfg.schedule not in ("cosine", "linear", "constant"):
+        raise ConfigError(f"{where}: schedule {cfg.schedule!r} must be cosine, linear or constant")
+    if cfg.template not in ("alpaca", "chat"):
+        raise ConfigError(f"{where}: template {cfg.template!r} must be alpaca or chat")
+    if cfg.mixed_precision not in ("auto", "no", "bf16", "fp16"):
+        raise ConfigError(f"{where}: mixed_precision {cfg.mixed_precision!r} must be auto, no, bf16 or fp16")
+    for key in ("batch_size", "grad_accum", "max_length"):
+        if getattr(cfg, key) < 1:
+            raise ConfigError(f"{where}: {key} must be >= 1, got {getattr(cfg, key)}")
+    if cfg.lr <= 0:
+        raise ConfigError(f"{where}: lr must be > 0, got {cfg.lr}")
+    if isinstance(cfg.targets, str) and "," in cfg.targets:
+        cfg.targets = [t.strip() for t in cfg.targets.split(",") if t.strip()]
+    return cfg

@@ -1,0 +1,206 @@
+"""Evaluation, always base versus adapted on the same test examples.
+
+classify   accuracy, macro-F1, confusion matrix: base (its new head is untrained: chance), a head-only baseline
+           (the head trained on frozen base features), and the adapted model
+summarize  ROUGE-1/2/L/Lsum (rouge-score, stemmed, best over all references), absolute and relative gains
+instruct   mean loss and perplexity on held-out responses, plus sample generations
+Writes eval.json, report.html (see report.py) and the generations as JSONL into the run directory.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .config import RunConfig, validate
+from .data import format_prompt
+from .generate import Sampling, generate, merged
+from .inject import disable_adapters
+from .models import head_name, load_adapted, load_model
+from .tasks import collate_for, encode_prompts, load_splits
+
+ROUGE_KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
+
+
+def classification_metrics(pred: list[int], gold: list[int], n_labels: int) -> dict:
+    """Accuracy, macro-F1 and the confusion matrix (rows: true label, columns: predicted)."""
+    cm = [[0] * n_labels for _ in range(n_labels)]
+    for p, g in zip(pred, gold):
+        cm[g][p] += 1
+    f1s = []
+    for k in range(n_labels):
+        tp = cm[k][k]
+        fp = sum(cm[g][k] for g in range(n_labels)) - tp
+        fn = sum(cm[k]) - tp
+        f1s.append(2 * tp / (2 * tp + fp + fn) if tp else 0.0)
+    return {"accuracy": sum(p == g for p, g in zip(pred, gold)) / max(len(gold), 1),
+            "macro_f1": sum(f1s) / n_labels, "confusion": cm}
+
+
+@torch.no_grad()
+def _classify(model, tok, examples, cfg, features: bool = False):
+    """Predicted labels; with features=True, also the pooled vectors the head reads (for the head-only baseline)."""
+    from .collate import classification_batch
+    model.eval()
+    head = model.get_submodule(head_name(model))
+    grabbed: list[torch.Tensor] = []
+    hook = head.register_forward_hook(lambda m, inp, out: grabbed.append(inp[0])) if features else None
+    preds, feats = [], []
+    for i in range(0, len(examples), cfg.batch_size * 2):
+        batch = classification_batch(examples[i:i + cfg.batch_size * 2], tok, cfg.max_length)
+        batch.pop("labels")
+        preds += model(**batch).logits.argmax(-1).tolist()
+        if features:
+            x = grabbed.pop()
+            if x.dim() == 3:  # decoder classifiers pool at the last non-pad token, as transformers does
+                ids = batch["input_ids"]
+                last = (torch.arange(ids.shape[1]) * (ids != model.config.pad_token_id)).argmax(-1)
+                x = x[torch.arange(x.shape[0]), last]
+            feats.append(x)
+    if hook:
+        hook.remove()
+    return preds, (torch.cat(feats) if features else None)
+
+
+def head_only_baseline(base, tok, train, test, cfg, epochs: int = 60) -> list[int]:
+    """Train only a fresh head on frozen base features (cached once): the fair baseline for a LoRA classifier."""
+    _, train_x = _classify(base, tok, train, cfg, features=True)
+    _, test_x = _classify(base, tok, test, cfg, features=True)
+    y = torch.tensor([e.label for e in train])
+    head = base.get_submodule(head_name(base))
+    torch.manual_seed(cfg.seed)
+    layer = torch.nn.Linear(train_x.shape[1], head.out_features, bias=head.bias is not None)
+    opt = torch.optim.AdamW(layer.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(cfg.seed)
+    for _ in range(epochs):
+        for idx in torch.randperm(len(y), generator=g).split(64):
+            loss = torch.nn.functional.cross_entropy(layer(train_x[idx]), y[idx])
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+    with torch.no_grad():
+        return layer(test_x).argmax(-1).tolist()
+
+
+def eval_classify(model, tok, splits, cfg) -> dict:
+    gold = [e.label for e in splits.test]
+    n = len(splits.labels)
+    adapted, _ = _classify(model, tok, splits.test, cfg)
+    torch.manual_seed(cfg.seed)
+    base, _ = load_model(cfg.model, "classify", num_labels=n)
+    base_pred, _ = _classify(base, tok, splits.test, cfg)
+    head_pred = head_only_baseline(base, tok, splits.train, splits.test, cfg)
+    majority = max(range(n), key=lambda k: sum(1 for e in splits.train if e.label == k))
+    rows = {"base (untrained head)": classification_metrics(base_pred, gold, n),
+            "majority class": classification_metrics([majority] * len(gold), gold, n),
+            "head only": classification_metrics(head_pred, gold, n),
+            "lora": classification_metrics(adapted, gold, n)}
+    samples = [{"text": e.text, "label": splits.labels[e.label], "base": splits.labels[b],
+                "head_only": splits.labels[h], "lora": splits.labels[a]}
+               for e, b, h, a in zip(splits.test, base_pred, head_pred, adapted)]
+    return {"metrics": rows, "primary": "accuracy", "labels": splits.labels, "samples": samples}
+
+
+def rouge(predictions: list[str], references: list[list[str]]) -> dict:
+    """Mean ROUGE F1 (stemmed), best over each example's references; rougeLsum splits sentences on newlines."""
+    from rouge_score import rouge_scorer
+    scorer = rouge_scorer.RougeScorer(list(ROUGE_KEYS), use_stemmer=True)
+    totals = dict.fromkeys(ROUGE_KEYS, 0.0)
+    for pred, refs in zip(predictions, references):
+        scores = scorer.score_multi(refs, pred)
+        for k in ROUGE_KEYS:
+            totals[k] += scores[k].fmeasure
+    return {k: v / max(len(predictions), 1) for k, v in totals.items()}
+
+
+def _prompts(model, tok, examples, cfg) -> list[str]:
+    if getattr(model.config, "is_encoder_decoder", False):
+        return [e.prompt_input for e in examples]
+    return [format_prompt(tok, e.instruction, e.prompt_input, cfg.template) for e in examples]
+
+
+def eval_summarize(model, tok, splits, cfg) -> dict:
+    sampling = Sampling(max_new_tokens=cfg.max_new_tokens)
+    prompts = _prompts(model, tok, splits.test, cfg)
+    with merged(model):
+        adapted = generate(model, tok, prompts, sampling, cfg.template, progress="adapted")
+    with disable_adapters(model):
+        base = generate(model, tok, prompts, sampling, cfg.template, progress="base")
+    refs = [e.references for e in splits.test]
+    rows = {"base": rouge(base, refs), "lora": rouge(adapted, refs)}
+    gains = {k: {"absolute": rows["lora"][k] - rows["base"][k],
+                 "relative": (rows["lora"][k] - rows["base"][k]) / rows["base"][k] if rows["base"][k] else None}
+             for k in ROUGE_KEYS}
+    samples = [{"dialogue": e.prompt_input, "references": e.references, "base": b, "lora": a}
+               for e, b, a in zip(splits.test, base, adapted)]
+    return {"metrics": rows, "gains": gains, "primary": "rouge1", "samples": samples}
+
+
+@torch.no_grad()
+def response_loss(model, examples, collate, batch_size: int) -> float:
+    """Token-weighted mean cross-entropy over the response tokens of `examples`."""
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(examples), batch_size):
+        batch = collate(examples[i:i + batch_size])
+        labels = batch["labels"] if getattr(model.config, "is_encoder_decoder", False) else batch["labels"][:, 1:]
+        n = int((labels != -100).sum())  # causal LMs shift labels by one; seq2seq labels are not shifted
+        total += model(**batch).loss.item() * n
+        count += n
+    return total / max(count, 1)
+
+
+def eval_instruct(model, tok, splits, cfg) -> dict:
+    encoded = encode_prompts(cfg, splits.test, tok, model)
+    collate = collate_for(cfg, tok, model)
+    adapted = response_loss(model, encoded, collate, cfg.batch_size)
+    with disable_adapters(model):
+        base = response_loss(model, encoded, collate, cfg.batch_size)
+    rows = {name: {"loss": v, "perplexity": math.exp(min(v, 50))} for name, v in (("base", base), ("lora", adapted))}
+    chosen = splits.test[: cfg.num_samples]
+    sampling = Sampling(max_new_tokens=cfg.max_new_tokens)
+    prompts = _prompts(model, tok, chosen, cfg)
+    with merged(model):
+        gen_a = generate(model, tok, prompts, sampling, cfg.template)
+    with disable_adapters(model):
+        gen_b = generate(model, tok, prompts, sampling, cfg.template)
+    samples = [{"instruction": e.instruction, "input": e.prompt_input, "reference": e.response, "base": b, "lora": a}
+               for e, b, a in zip(chosen, gen_b, gen_a)]
+    return {"metrics": rows, "primary": "loss", "lower_is_better": True, "samples": samples}
+
+
+def run_config(run_dir: Path) -> RunConfig:
+    """The exact config a run was trained with, from its run.json."""
+    f = Path(run_dir) / "run.json"
+    if not f.is_file():
+        from .errors import UserError
+        raise UserError(f"{run_dir}: no run.json; pass a run directory written by `lorakit train`")
+    return validate(RunConfig(**json.loads(f.read_text())["config"]), str(f))
+
+
+def evaluate_run(run_dir: str | Path, max_records: int = 0) -> dict:
+    """Evaluate a trained run on its test split; writes eval.json, report.html and samples into run_dir."""
+    from .report import print_table, write_report
+    run_dir = Path(run_dir)
+    cfg = run_config(run_dir)
+    if max_records:
+        cfg.max_eval_records = max_records
+    t0 = time.perf_counter()
+    splits = load_splits(cfg)
+    model, tok, _ = load_adapted(run_dir / "adapter", model=cfg.model)
+    fn = {"classify": eval_classify, "summarize": eval_summarize, "instruct": eval_instruct}[cfg.task]
+    result = fn(model, tok, splits, cfg)
+    samples = result.pop("samples")
+    result.update(task=cfg.task, run=cfg.name, model=cfg.model, test_examples=len(splits.test),
+                  seconds=time.perf_counter() - t0)
+    (run_dir / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+    with open(run_dir / "eval_samples.jsonl", "w") as f:
+        for s in samples:
+            f.write(json.dumps(s) + "\n")
+    write_report(run_dir, result, samples)
+    print_table(result)
+    return result

@@ -1,0 +1,101 @@
+"""Text generation for base and adapted models: greedy or sampled, batched or streamed, merged or not."""
+from __future__ import annotations
+
+import contextlib
+import threading
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+from .inject import merge, unmerge
+
+
+@dataclass
+class Sampling:
+    """Decoding settings; temperature 0 means greedy."""
+
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+
+    def kwargs(self, tok) -> dict:
+        kw = {"max_new_tokens": self.max_new_tokens, "repetition_penalty": self.repetition_penalty,
+              "pad_token_id": tok.pad_token_id, "eos_token_id": tok.eos_token_id}
+        if self.temperature > 0:
+            kw.update(do_sample=True, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k or None)
+        else:
+            kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        return kw
+
+
+def _encode(tok, prompts: list[str], template: str, device) -> dict:
+    tok.padding_side = "left"  # decoder-only models continue from the last real token
+    enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=template != "chat")
+    return {k: v.to(device) for k, v in enc.items()}
+
+
+@contextlib.contextmanager
+def merged(model, enabled: bool = True):
+    """Run with the active adapter folded into the weights (base-model speed), then take it out again."""
+    if enabled:
+        merge(model)
+    try:
+        yield model
+    finally:
+        if enabled:
+            unmerge(model)
+
+
+@torch.no_grad()
+def generate(model, tok, prompts: list[str], sampling: Sampling, template: str = "alpaca",
+             batch_size: int = 8, progress: str | None = None) -> list[str]:
+    """Completions for `prompts` (already templated for causal models; raw inputs for seq2seq)."""
+    from tqdm.auto import tqdm
+    model.eval()
+    seq2seq = getattr(model.config, "is_encoder_decoder", False)
+    if sampling.seed is not None:
+        torch.manual_seed(sampling.seed)
+    device = next(model.parameters()).device
+    out = []
+    starts = range(0, len(prompts), batch_size)
+    for i in tqdm(starts, desc=f"generate {progress}", disable=progress is None or len(starts) < 2, mininterval=2.0):
+        chunk = prompts[i:i + batch_size]
+        if seq2seq:
+            enc = {k: v.to(device) for k, v in tok(chunk, return_tensors="pt", padding=True, truncation=True).items()}
+        else:
+            enc = _encode(tok, chunk, template, device)
+        ids = model.generate(**enc, **sampling.kwargs(tok))
+        new = ids if seq2seq else ids[:, enc["input_ids"].shape[1]:]
+        out += [t.strip() for t in tok.batch_decode(new, skip_special_tokens=True)]
+    return out
+
+
+def stream(model, tok, prompt: str, sampling: Sampling, template: str = "alpaca") -> Iterator[str]:
+    """Yield the completion piece by piece as it is generated; stops at EOS or max_new_tokens."""
+    from transformers import TextIteratorStreamer
+    model.eval()
+    if sampling.seed is not None:
+        torch.manual_seed(sampling.seed)
+    device = next(model.parameters()).device
+    enc = _encode(tok, [prompt], template, device)
+    streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            with torch.no_grad():
+                model.generate(**enc, **sampling.kwargs(tok), streamer=streamer)
+        except BaseException as e:  # surfaced to the caller below, not lost in the thread
+            errors.append(e)
+            streamer.end()
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    yield from streamer
+    thread.join()
+    if errors:
+        raise errors[0]

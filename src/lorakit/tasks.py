@@ -1,0 +1,109 @@
+"""From a run config to data: the same train/val/test split for training and for evaluation, then batches.
+
+`load_splits` reads and splits the files (no tokenizer needed, so a classifier knows its labels before the model
+is built); `encode_splits` tokenises them for a given model and says how to collate a batch.
+"""
+from __future__ import annotations
+
+import functools
+import random
+from dataclasses import dataclass, field
+from typing import Callable
+
+from .collate import classification_batch, pack, packed_batch, pad_batch, seq2seq_batch
+from .config import RunConfig
+from .data import (ClassificationData, InstructionData, LoadStats, PromptData, SummarizationData, balance,
+                   stratified_split)
+
+
+@dataclass
+class Splits:
+    """Raw examples per split (TextExample or PromptExample), label names for classify, load statistics."""
+
+    train: list
+    val: list
+    test: list
+    labels: list[str] | None = None
+    stats: dict = field(default_factory=dict)
+
+
+@dataclass
+class Encoded:
+    """Tokenised train/val examples (for packing: rows of examples) and the function that batches them."""
+
+    train: list
+    val: list
+    collate: Callable[[list], dict]
+    notes: dict = field(default_factory=dict)
+
+
+def _limit(items: list, n: int) -> list:
+    return items[:n] if n else items
+
+
+def load_splits(cfg: RunConfig) -> Splits:
+    """Read the recipe's files and split them reproducibly (seed); `max_records` caps train, `max_eval_records`
+    caps val and test."""
+    strict = not cfg.skip_invalid
+    stats = {}
+    if cfg.task == "classify":
+        data = ClassificationData.load(cfg.resolve(cfg.data), labels=cfg.labels or None, text_field=cfg.text_field,
+                                       label_field=cfg.label_field, strict=strict)
+        parts = data.split(tuple(cfg.split), cfg.seed)
+        labels = data.labels
+        stats["data"] = data.stats.to_dict()
+        if cfg.balance:
+            parts["train"] = balance(parts["train"], cfg.seed)
+    else:
+        cls = SummarizationData if cfg.task == "summarize" else InstructionData
+        main = cls.load(cfg.resolve(cfg.data), strict=strict)
+        stats["data"] = main.stats.to_dict()
+        labels = None
+        if cfg.val_data or cfg.test_data:
+            parts = {"train": main.examples}
+            rng = random.Random(cfg.seed)
+            rng.shuffle(parts["train"])
+            for part, path in (("val", cfg.val_data), ("test", cfg.test_data)):
+                extra = cls.load(cfg.resolve(path), strict=strict) if path else None
+                parts[part] = extra.examples if extra else []
+                if extra:
+                    stats[f"{part}_data"] = extra.stats.to_dict()
+        else:
+            parts = stratified_split(main.examples, lambda e: 0, tuple(cfg.split), cfg.seed)
+    return Splits(_limit(parts["train"], cfg.max_records), _limit(parts["val"], cfg.max_eval_records),
+                  _limit(parts["test"], cfg.max_eval_records), labels, stats)
+
+
+def is_seq2seq(model) -> bool:
+    return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+
+
+def encode_prompts(cfg: RunConfig, examples: list, tokenizer, model, stats=None) -> list:
+    """Prompt examples tokenised for this model: seq2seq (dialogue to the encoder) or causal (loss on response)."""
+    data = PromptData(examples, stats if stats is not None else LoadStats("encode"))
+    if is_seq2seq(model):
+        return data.encode_seq2seq(tokenizer, max_source=cfg.max_length, max_target=cfg.max_new_tokens * 2)
+    return data.encode(tokenizer, cfg.max_length, cfg.template, cfg.train_on_prompt)
+
+
+def collate_for(cfg: RunConfig, tokenizer, model, packed: bool = False) -> Callable[[list], dict]:
+    """How to batch this task's examples for this model: classification, seq2seq, packed rows or padding."""
+    pad = tokenizer.pad_token_id
+    if cfg.task == "classify":
+        return functools.partial(classification_batch, tokenizer=tokenizer, max_length=cfg.max_length)
+    if is_seq2seq(model):
+        return functools.partial(seq2seq_batch, pad_id=pad)
+    return functools.partial(packed_batch if packed else pad_batch, pad_id=pad)
+
+
+def encode_splits(cfg: RunConfig, splits: Splits, tokenizer, model) -> Encoded:
+    """Tokenise train and val for `model` (packing them into rows if asked) with the matching collate function."""
+    if cfg.task == "classify":
+        return Encoded(splits.train, splits.val, collate_for(cfg, tokenizer, model))
+    stats = LoadStats("encode")
+    train = encode_prompts(cfg, splits.train, tokenizer, model, stats)
+    val = encode_prompts(cfg, splits.val, tokenizer, model, stats)
+    packed = cfg.pack and not is_seq2seq(model)
+    if packed:
+        train, val = pack(train, cfg.max_length), pack(val, cfg.max_length)
+    return Encoded(train, val, collate_for(cfg, tokenizer, model, packed), dict(stats.notes))

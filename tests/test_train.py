@@ -1,0 +1,229 @@
+"""Training and evaluation end to end on tiny models and a few dozen records, through the CLI."""
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from conftest import save_tiny
+from lorakit.cli import main
+
+
+def _words(rng: random.Random, n: int) -> str:
+    return " ".join(f"w{rng.randrange(5, 120)}" for _ in range(n))
+
+
+def write_instruct(path, n=40, seed=0):
+    rng = random.Random(seed)
+    recs = []
+    for _ in range(n):
+        out = _words(rng, 3)
+        recs.append({"instruction": "w5 w6", "input": _words(rng, 4), "output": out + " w7 " + out})
+    path.write_text("\n".join(json.dumps(r) for r in recs))
+    return path
+
+
+def write_dialogues(path, n=24, refs=1, seed=0):
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(n):
+        d = _words(rng, 10)
+        rec = {"dialogue": d}
+        if refs == 1:
+            rec["summary"] = " ".join(d.split()[:3])
+        else:
+            for k in range(1, refs + 1):
+                rec[f"summary{k}"] = " ".join(d.split()[: 2 + k])
+        lines.append(json.dumps(rec))
+    path.write_text("\n".join(lines))
+    return path
+
+
+def write_sms(path, n=60, seed=0):
+    rng = random.Random(seed)
+    lines = []
+    for i in range(n):
+        spam = i % 3 == 0
+        lines.append(("spam\tw100 w101 " if spam else "ham\tw10 w11 ") + _words(rng, 4))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def recipe(tmp_path, **values):
+    f = tmp_path / "recipe.yaml"
+    base = {"epochs": 2, "batch_size": 4, "lr": 1e-2, "max_length": 64, "r": 4, "alpha": 8, "dropout": 0.1,
+            "eval_every": 3, "seed": 7, "max_new_tokens": 8, "num_samples": 2}
+    f.write_text(yaml.safe_dump(base | values))
+    return str(f)
+
+
+@pytest.fixture
+def llama_dir(tmp_path):
+    return str(save_tiny("llama", tmp_path / "llama"))
+
+
+def test_instruct_train_eval_generate_merge(tmp_path, llama_dir, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from lorakit.models import load_adapted
+    data = write_instruct(tmp_path / "a.jsonl")
+    run = tmp_path / "run"
+    r = recipe(tmp_path, model=llama_dir, task="instruct", data=str(data), split=[0.6, 0.2, 0.2], pack=True,
+               max_length=160)
+    assert main(["train", r, "--out", str(run)]) == 0
+    for f in ("adapter/adapter_config.json", "adapter/adapter_model.safetensors", "adapter/lorakit.json",
+              "run.json", "loss.png"):
+        assert (run / f).is_file(), f
+    info = json.loads((run / "run.json").read_text())
+    assert info["config"]["task"] == "instruct" and info["data"]["train_rows"] < 24  # packed into fewer rows
+    # r=4 on q,o (32->32), k,v (32->16), gate,up (32->64), down (64->32), 2 layers: 2 * 4 * 512
+    assert info["parameters"]["trainable"] == 2 * 4 * ((32 + 32) * 2 + (32 + 16) * 2 + (32 + 64) * 3)
+    losses = [loss for _, loss in info["train_loss"]]
+    assert losses[-1] < losses[0]
+    assert info["timings"]["tokens"] > 0 and info["versions"]["torch"] == torch.__version__
+    capsys.readouterr()
+
+    assert main(["eval", str(run)]) == 0
+    printed = capsys.readouterr().out
+    ev = json.loads((run / "eval.json").read_text())
+    assert set(ev["metrics"]) == {"base", "lora"} and ev["test_examples"] == 8
+    assert ev["metrics"]["lora"]["loss"] < ev["metrics"]["base"]["loss"]
+    html = (run / "report.html").read_text()
+    for row in ("base", "lora"):
+        assert f"{ev['metrics'][row]['loss']:.4f}" in html and f"{ev['metrics'][row]['loss']:.4f}" in printed
+    assert (run / "eval.png").is_file() and len((run / "eval_samples.jsonl").read_text().splitlines()) == 2
+
+    assert main(["generate", "--adapter", str(run / "adapter"), "--prompt", "w5 w6", "--input", "w9 w10",
+                 "--max-new-tokens", "6"]) == 0
+    streamed = capsys.readouterr().out
+    assert main(["generate", "--adapter", str(run / "adapter"), "--prompt", "w5 w6", "--input", "w9 w10",
+                 "--max-new-tokens", "6", "--no-stream", "--merge"]) == 0
+    assert capsys.readouterr().out.strip() == streamed.strip() != ""  # greedy: merged and streamed agree
+
+    merged_dir = tmp_path / "merged"
+    assert main(["merge", str(run / "adapter"), str(merged_dir)]) == 0
+    plain = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
+    adapted, _, _ = load_adapted(run / "adapter")
+    ids = torch.randint(4, 128, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(plain(input_ids=ids).logits, adapted(input_ids=ids).logits, atol=1e-5, rtol=0)
+    assert not any("lora" in k for k in plain.state_dict())
+
+
+def test_classify_run_reports_base_head_only_and_lora(tmp_path, llama_dir, capsys):
+    data = write_sms(tmp_path / "sms.tsv")
+    run = tmp_path / "run"
+    r = recipe(tmp_path, model=llama_dir, task="classify", data=str(data), labels=["ham", "spam"], epochs=4)
+    assert main(["train", r, "--out", str(run), "--eval"]) == 0
+    ev = json.loads((run / "eval.json").read_text())
+    assert set(ev["metrics"]) == {"base (untrained head)", "majority class", "head only", "lora"}
+    assert ev["labels"] == ["ham", "spam"] and ev["test_examples"] == 12
+    lora = ev["metrics"]["lora"]
+    assert lora["accuracy"] == 1.0 and sum(map(sum, lora["confusion"])) == 12
+    saved = load_file(run / "adapter" / "adapter_model.safetensors")
+    assert "base_model.model.score.weight" in saved
+    assert json.loads((run / "adapter" / "lorakit.json").read_text())["labels"] == ["ham", "spam"]
+    capsys.readouterr()
+    assert main(["generate", "--adapter", str(run / "adapter"), "--prompt", "w100 w101 w50"]) == 0
+    lines = capsys.readouterr().out.split("\n")
+    assert lines[0].split()[0] == "spam" and abs(sum(float(x.split()[1]) for x in lines if x) - 1) < 1e-3
+
+
+def test_seq2seq_summarize_with_rouge(tmp_path):
+    t5 = save_tiny("t5", tmp_path / "t5")
+    train = write_dialogues(tmp_path / "train.jsonl")
+    test = write_dialogues(tmp_path / "test.jsonl", n=6, refs=3, seed=1)
+    run = tmp_path / "run"
+    r = recipe(tmp_path, model=str(t5), task="summarize", data=str(train), val_data=str(test),
+               test_data=str(test), targets=["q", "v"], epochs=3)
+    assert main(["train", r, "--out", str(run), "--eval"]) == 0
+    ev = json.loads((run / "eval.json").read_text())
+    assert set(ev["metrics"]["lora"]) == {"rouge1", "rouge2", "rougeL", "rougeLsum"}
+    g = ev["gains"]["rouge1"]
+    assert g["absolute"] == pytest.approx(ev["metrics"]["lora"]["rouge1"] - ev["metrics"]["base"]["rouge1"])
+    sample = json.loads((run / "eval_samples.jsonl").read_text().splitlines()[0])
+    assert len(sample["references"]) == 3 and {"base", "lora", "dialogue"} <= set(sample)
+
+
+def test_rouge_matches_rouge_score_directly():
+    from rouge_score import rouge_scorer
+
+    from lorakit.evaluate import rouge
+    preds = ["the cat sat on the mat", "dogs are running fast"]
+    refs = [["a cat was sitting on the mat", "the cat sat"], ["the dog runs quickly"]]
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rougeL"], use_stemmer=True)
+    want = sum(max(scorer.score(r, p)["rouge1"].fmeasure for r in rs) for p, rs in zip(preds, refs)) / 2
+    assert rouge(preds, refs)["rouge1"] == pytest.approx(want)
+    assert rouge(["running"], [["runs"]])["rouge1"] == 1.0  # stemming
+
+
+def test_classification_metrics_against_hand_computation():
+    from lorakit.evaluate import classification_metrics
+    m = classification_metrics([0, 1, 1, 0, 1], [0, 1, 0, 0, 0], 2)
+    assert m["confusion"] == [[2, 2], [0, 1]] and m["accuracy"] == 0.6
+    f1_0, f1_1 = 2 * 2 / (2 * 2 + 0 + 2), 2 * 1 / (2 * 1 + 2 + 0)
+    assert m["macro_f1"] == pytest.approx((f1_0 + f1_1) / 2)
+
+
+def test_resume_reaches_the_uninterrupted_result(tmp_path, llama_dir, monkeypatch):
+    import lorakit.train as train_mod
+    data = write_instruct(tmp_path / "a.jsonl", n=30)
+    common = dict(model=llama_dir, task="instruct", data=str(data), split=[0.8, 0.2, 0.0], epochs=2,
+                  checkpoint_every=3, eval_every=2, grad_accum=2, batch_size=3, early_stopping=0)
+    straight = tmp_path / "straight"
+    assert main(["train", recipe(tmp_path, **common), "--out", str(straight)]) == 0
+
+    real = train_mod.save_checkpoint
+
+    def crash_after_first(out, model, *args):
+        real(out, model, *args)
+        raise KeyboardInterrupt  # the machine goes away right after the first checkpoint
+
+    monkeypatch.setattr(train_mod, "save_checkpoint", crash_after_first)
+    broken = tmp_path / "broken"
+    assert main(["train", recipe(tmp_path, **common), "--out", str(broken)]) == 130
+    assert json.loads((broken / "checkpoint" / "state.json").read_text())["step"] == 3
+    monkeypatch.setattr(train_mod, "save_checkpoint", real)
+    assert main(["train", recipe(tmp_path, **common), "--out", str(broken), "--resume"]) == 0
+    a = load_file(straight / "adapter" / "adapter_model.safetensors")
+    b = load_file(broken / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
+    ra, rb = (json.loads((d / "run.json").read_text()) for d in (straight, broken))
+    steps = [s for s, _ in ra["train_loss"]]
+    assert steps == [s for s, _ in rb["train_loss"]] == list(range(1, len(steps) + 1)) and len(steps) > 3
+    assert [v for _, v in ra["train_loss"]] == pytest.approx([v for _, v in rb["train_loss"]], abs=1e-6)
+    assert [v["loss"] for v in ra["metrics"]["val_history"]] == pytest.approx(
+        [v["loss"] for v in rb["metrics"]["val_history"]], abs=1e-6)
+
+
+def test_recipe_errors_name_file_and_key(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  model: minilm\n  taks: classify\n")
+    assert main(["train", str(bad)]) == 2
+    assert "bad.yaml, section model: unknown key 'taks'; did you mean task?" in capsys.readouterr().err
+    bad.write_text("train:\n  lr: fast\n")
+    assert main(["train", str(bad)]) == 2
+    assert "lr = 'fast' is not a valid float" in capsys.readouterr().err
+    assert main(["train", "no-such-recipe"]) == 2
+    assert "recipe 'no-such-recipe' not found" in capsys.readouterr().err
+    assert main(["eval", str(tmp_path)]) == 2
+    assert "no run.json" in capsys.readouterr().err
+
+
+def test_recipes_listed_and_valid(capsys):
+    from lorakit.cli import RECIPES
+    from lorakit.config import load_recipe
+    assert main(["recipes"]) == 0
+    out = capsys.readouterr().out
+    for name in ("spam", "alpaca", "dialogsum", "gpt2-spam", "gpt2-alpaca", "flan-t5-dialogsum"):
+        assert name in out
+        load_recipe(RECIPES / f"{name}.yaml")  # every key known, every value of the right type
+    spam = load_recipe(RECIPES / "spam.yaml")
+    assert spam.model == "minilm" and spam.task == "classify" and spam.resolve(spam.data).is_file()
+    assert load_recipe(RECIPES / "gpt2-alpaca.yaml").targets == ["c_attn"]
