@@ -227,3 +227,19 @@ def test_recipes_listed_and_valid(capsys):
     spam = load_recipe(RECIPES / "spam.yaml")
     assert spam.model == "minilm" and spam.task == "classify" and spam.resolve(spam.data).is_file()
     assert load_recipe(RECIPES / "gpt2-alpaca.yaml").targets == ["c_attn"]
+
+
+def test_length_grouped_batches_cover_everything_once_and_pad_less():
+    from lorakit.train import epoch_order
+    rng = random.Random(0)
+    lengths = [rng.randint(5, 200) for _ in range(1000)]
+    plain = epoch_order(1000, 16, seed=1, epoch=0)
+    grouped = epoch_order(1000, 16, seed=1, epoch=0, lengths=lengths)
+    for order in (plain, grouped):
+        assert sorted(i for b in order for i in b) == list(range(1000))
+    assert grouped == epoch_order(1000, 16, seed=1, epoch=0, lengths=lengths)  # reproducible
+    assert grouped != epoch_order(1000, 16, seed=1, epoch=1, lengths=lengths)
+
+    def padded(order):
+        return sum(max(lengths[i] for i in b) * len(b) for b in order)
+    assert padded(grouped) < 0.7 * padded(plain)

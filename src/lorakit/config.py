@@ -32,12 +32,14 @@ class RunConfig:
     split: list[float] = field(default_factory=lambda: [0.7, 0.1, 0.2])
     balance: bool = False
     max_records: int = 0  # 0: all; else the first N after shuffling, for quick runs
-    max_eval_records: int = 0
+    max_eval_records: int = 0  # caps test (and val, unless max_val_records is set)
+    max_val_records: int = 0
     skip_invalid: bool = False
     template: str = "alpaca"
     train_on_prompt: bool = False
     max_length: int = 256
     pack: bool = False
+    group_by_length: bool = True  # batch examples of similar length: far less padding
     # lora
     r: int = 8
     alpha: float = 16

@@ -35,6 +35,7 @@ class Encoded:
     val: list
     collate: Callable[[list], dict]
     notes: dict = field(default_factory=dict)
+    lengths: list[int] = field(default_factory=list)  # tokens per training row, for length-grouped batches
 
 
 def _limit(items: list, n: int) -> list:
@@ -43,7 +44,7 @@ def _limit(items: list, n: int) -> list:
 
 def load_splits(cfg: RunConfig) -> Splits:
     """Read the recipe's files and split them reproducibly (seed); `max_records` caps train, `max_eval_records`
-    caps val and test."""
+    test, `max_val_records` (default: max_eval_records) val."""
     strict = not cfg.skip_invalid
     stats = {}
     if cfg.task == "classify":
@@ -70,7 +71,8 @@ def load_splits(cfg: RunConfig) -> Splits:
                     stats[f"{part}_data"] = extra.stats.to_dict()
         else:
             parts = stratified_split(main.examples, lambda e: 0, tuple(cfg.split), cfg.seed)
-    return Splits(_limit(parts["train"], cfg.max_records), _limit(parts["val"], cfg.max_eval_records),
+    return Splits(_limit(parts["train"], cfg.max_records),
+                  _limit(parts["val"], cfg.max_val_records or cfg.max_eval_records),
                   _limit(parts["test"], cfg.max_eval_records), labels, stats)
 
 
@@ -99,11 +101,13 @@ def collate_for(cfg: RunConfig, tokenizer, model, packed: bool = False) -> Calla
 def encode_splits(cfg: RunConfig, splits: Splits, tokenizer, model) -> Encoded:
     """Tokenise train and val for `model` (packing them into rows if asked) with the matching collate function."""
     if cfg.task == "classify":
-        return Encoded(splits.train, splits.val, collate_for(cfg, tokenizer, model))
+        ids = tokenizer([e.text for e in splits.train], truncation=True, max_length=cfg.max_length)["input_ids"]
+        return Encoded(splits.train, splits.val, collate_for(cfg, tokenizer, model), lengths=[len(i) for i in ids])
     stats = LoadStats("encode")
     train = encode_prompts(cfg, splits.train, tokenizer, model, stats)
     val = encode_prompts(cfg, splits.val, tokenizer, model, stats)
     packed = cfg.pack and not is_seq2seq(model)
     if packed:
         train, val = pack(train, cfg.max_length), pack(val, cfg.max_length)
-    return Encoded(train, val, collate_for(cfg, tokenizer, model, packed), dict(stats.notes))
+    lengths = [sum(len(e.input_ids) for e in row) if packed else len(row.input_ids) for row in train]
+    return Encoded(train, val, collate_for(cfg, tokenizer, model, packed), dict(stats.notes), lengths)

@@ -60,10 +60,23 @@ def lr_lambda(schedule: str, warmup_steps: int, total: int):
     return f
 
 
-def epoch_order(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
-    """The micro-batches of one epoch: a permutation drawn from (seed, epoch) only, so resuming replays it."""
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1009 + epoch)).tolist()
-    return [order[i:i + batch_size] for i in range(0, n, batch_size)]
+def epoch_order(n: int, batch_size: int, seed: int, epoch: int, lengths: list[int] | None = None,
+                group: int = 32) -> list[list[int]]:
+    """The micro-batches of one epoch, drawn from (seed, epoch) only, so resuming replays them exactly.
+
+    With `lengths`, each run of `group` batches of the shuffled order is sorted by length before it is cut into
+    batches (then the batches are shuffled): rows of a batch have similar lengths and padding mostly disappears.
+    """
+    g = torch.Generator().manual_seed(seed * 1009 + epoch)
+    order = torch.randperm(n, generator=g).tolist()
+    if not lengths:
+        return [order[i:i + batch_size] for i in range(0, n, batch_size)]
+    span = batch_size * group
+    batches = []
+    for i in range(0, n, span):
+        chunk = sorted(order[i:i + span], key=lambda j: -lengths[j])
+        batches += [chunk[k:k + batch_size] for k in range(0, len(chunk), batch_size)]
+    return [batches[k] for k in torch.randperm(len(batches), generator=g).tolist()]
 
 
 def batch_tokens(batch: dict) -> int:
@@ -230,7 +243,8 @@ def train(cfg: RunConfig, resume: bool = False) -> Path:
     model.train()
     t_loop = time.perf_counter() - state.train_seconds
     while state.step < total and not state.stopped_early:
-        order = epoch_order(len(data.train), cfg.batch_size, cfg.seed, state.epoch)
+        order = epoch_order(len(data.train), cfg.batch_size, cfg.seed, state.epoch,
+                            data.lengths if cfg.group_by_length else None)
         while state.micro < len(order) and state.step < total:
             group = order[state.micro:state.micro + cfg.grad_accum]
             loss_sum = 0.0
