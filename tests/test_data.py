@@ -158,50 +158,32 @@ def test_csv_and_jsonl_classification(tmp_path):
 
 # ------------------------------------------------------------------------------------------------ bad input
 
-def test_missing_field(tmp_path):
-    p = tmp_path / "a.jsonl"
-    p.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "c"}\n')
-    with pytest.raises(DataError, match=r"a\.jsonl, line 2: missing field 'output' \(fields: instruction\)"):
-        InstructionData.load(p)
+BAD_INPUT = {
+    "missing field": ("a.jsonl", b'{"instruction": "a", "output": "b"}\n{"instruction": "c"}\n', InstructionData, {},
+                      r"a\.jsonl, line 2: missing field 'output' \(fields: instruction\)"),
+    "empty text": ("sms.tsv", b"ham\thello\nspam\t   \n", ClassificationData, {},
+                   r"sms\.tsv, line 2: field 'text' is empty"),
+    "unknown label": ("sms.tsv", b"ham\thello\nspma\tWIN now\n", ClassificationData, {"labels": ["ham", "spam"]},
+                      r"sms\.tsv, line 2: field 'label': unknown label 'spma' \(known: ham, spam\)"),
+    "non-UTF-8 bytes": ("sms.tsv", b"ham\thello\nham\tcaf\xe9 au lait\n", ClassificationData, {},
+                        r"sms\.tsv, line 2: not valid UTF-8 \(byte 0xe9 at column 8\)"),
+    "truncated JSON array": ("a.json", b'[\n  {"instruction": "a", "input": "", "output": "b"},\n  {"instruction": "c", "inp',
+                             InstructionData, {}, r"a\.json, line 3: invalid JSON .*truncated"),
+    "truncated JSONL line": ("d.jsonl", b'{"dialogue": "x", "summary": "y"}\n{"dialogue": "x", "summ\n',
+                             SummarizationData, {}, r"d\.jsonl, line 2: invalid JSON"),
+    "empty file": ("empty.jsonl", b"\n \n", SummarizationData, {}, r"empty\.jsonl: file is empty"),
+}
 
 
-def test_empty_text(tmp_path):
-    p = tmp_path / "sms.tsv"
-    p.write_text("ham\thello\nspam\t   \n")
-    with pytest.raises(DataError, match=r"sms\.tsv, line 2: field 'text' is empty"):
-        ClassificationData.load(p)
+@pytest.mark.parametrize("case", sorted(BAD_INPUT))
+def test_bad_input_names_file_line_and_field(case, tmp_path):
+    name, content, loader, kwargs, message = BAD_INPUT[case]
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(DataError, match=message):
+        loader.load(tmp_path / name, **kwargs)
 
 
-def test_unknown_label(tmp_path):
-    p = tmp_path / "sms.tsv"
-    p.write_text("ham\thello\nspma\tWIN now\n")
-    with pytest.raises(DataError, match=r"sms\.tsv, line 2: field 'label': unknown label 'spma' \(known: ham, spam\)"):
-        ClassificationData.load(p, labels=["ham", "spam"])
-
-
-def test_non_utf8_bytes(tmp_path):
-    p = tmp_path / "sms.tsv"
-    p.write_bytes(b"ham\thello\nham\tcaf\xe9 au lait\n")
-    with pytest.raises(DataError, match=r"sms\.tsv, line 2: not valid UTF-8 \(byte 0xe9 at column 8\)"):
-        ClassificationData.load(p)
-
-
-def test_truncated_json(tmp_path):
-    p = tmp_path / "a.json"
-    p.write_text('[\n  {"instruction": "a", "input": "", "output": "b"},\n  {"instruction": "c", "inp')
-    with pytest.raises(DataError, match=r"a\.json, line 3: invalid JSON .*truncated"):
-        InstructionData.load(p)
-    q = tmp_path / "d.jsonl"
-    q.write_text('{"dialogue": "x", "summary": "y"}\n{"dialogue": "x", "summ\n')
-    with pytest.raises(DataError, match=r"d\.jsonl, line 2: invalid JSON"):
-        SummarizationData.load(q)
-
-
-def test_empty_file(tmp_path):
-    p = tmp_path / "empty.jsonl"
-    p.write_text("\n \n")
-    with pytest.raises(DataError, match=r"empty\.jsonl: file is empty"):
-        SummarizationData.load(p)
+def test_missing_file(tmp_path):
     with pytest.raises(DataError, match=r"nope\.tsv: no such file"):
         ClassificationData.load(tmp_path / "nope.tsv")
 

@@ -243,3 +243,17 @@ def test_length_grouped_batches_cover_everything_once_and_pad_less():
     def padded(order):
         return sum(max(lengths[i] for i in b) * len(b) for b in order)
     assert padded(grouped) < 0.7 * padded(plain)
+
+
+def test_sampling_is_seeded_and_greedy_is_deterministic(tmp_path):
+    from conftest import TINY, word_tokenizer
+    from lorakit.generate import Sampling, generate
+    model, tok = TINY["llama"](), word_tokenizer()
+    prompts = ["w5 w6 w7", "w9"]
+    hot = Sampling(max_new_tokens=8, temperature=1.5, top_p=0.95, top_k=0, seed=3)
+    a = generate(model, tok, prompts, hot, batch_size=2)
+    assert a == generate(model, tok, prompts, hot, batch_size=2)  # same seed, same text
+    assert a != generate(model, tok, prompts, Sampling(8, 1.5, 0.95, 0, seed=4), batch_size=2)
+    greedy = generate(model, tok, prompts, Sampling(max_new_tokens=8), batch_size=2)
+    assert greedy == generate(model, tok, prompts, Sampling(max_new_tokens=8), batch_size=1)  # left padding is exact
+    assert tok.padding_side == "right"

@@ -26,15 +26,18 @@ class Sampling:
         kw = {"max_new_tokens": self.max_new_tokens, "repetition_penalty": self.repetition_penalty,
               "pad_token_id": tok.pad_token_id, "eos_token_id": tok.eos_token_id}
         if self.temperature > 0:
-            kw.update(do_sample=True, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k or None)
+            kw.update(do_sample=True, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)  # 0: off
         else:
             kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         return kw
 
 
 def _encode(tok, prompts: list[str], template: str, device) -> dict:
-    tok.padding_side = "left"  # decoder-only models continue from the last real token
-    enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=template != "chat")
+    side, tok.padding_side = tok.padding_side, "left"  # decoder-only models continue from the last real token
+    try:
+        enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=template != "chat")
+    finally:
+        tok.padding_side = side
     return {k: v.to(device) for k, v in enc.items()}
 
 

@@ -96,7 +96,7 @@ def validate(model, examples: list, collate, batch_size: int, device, autocast) 
     """Mean loss over the examples (weighted by batch size); accuracy too for classifiers."""
     was_training = model.training
     model.eval()
-    loss_sum, n, correct = 0.0, 0, 0
+    loss_sum, n, correct, classifier = 0.0, 0, 0, False
     for i in range(0, len(examples), batch_size):
         chunk = examples[i:i + batch_size]
         batch = {k: v.to(device) for k, v in collate(chunk).items()}
@@ -104,11 +104,12 @@ def validate(model, examples: list, collate, batch_size: int, device, autocast) 
             out = model(**batch)
         loss_sum += out.loss.float().item() * len(chunk)
         n += len(chunk)
-        if out.logits.dim() == 2:
+        classifier = out.logits.dim() == 2  # (batch, labels): a sequence classifier
+        if classifier:
             correct += int((out.logits.argmax(-1) == batch["labels"]).sum())
     model.train(was_training)
     result = {"loss": loss_sum / max(n, 1)}
-    if correct or (examples and hasattr(examples[0], "label")):
+    if classifier:
         result["accuracy"] = correct / max(n, 1)
     return result
 
