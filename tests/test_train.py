@@ -257,3 +257,43 @@ def test_sampling_is_seeded_and_greedy_is_deterministic(tmp_path):
     greedy = generate(model, tok, prompts, Sampling(max_new_tokens=8), batch_size=2)
     assert greedy == generate(model, tok, prompts, Sampling(max_new_tokens=8), batch_size=1)  # left padding is exact
     assert tok.padding_side == "right"
+
+
+def test_gradient_checkpointing_with_frozen_base_gives_the_same_gradients():
+    from conftest import TINY, randomize_lora
+    from lorakit import LoRAConfig, add_lora
+    grads = []
+    for checkpointing in (False, True):
+        model = add_lora(TINY["llama"](), LoRAConfig(r=4))
+        randomize_lora(model)  # with B = 0, A's gradient is exactly zero
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
+        model.train()
+        ids = torch.randint(4, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+        model(input_ids=ids, labels=ids).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys() and all(g.abs().sum() > 0 for g in grads[1].values())
+    for n in grads[0]:
+        torch.testing.assert_close(grads[0][n], grads[1][n], atol=1e-6, rtol=1e-5)
+
+
+def test_early_stopping_keeps_the_best_adapter(tmp_path, llama_dir):
+    data = write_instruct(tmp_path / "a.jsonl", n=30)
+    run = tmp_path / "run"
+    r = recipe(tmp_path, model=llama_dir, task="instruct", data=str(data), split=[0.8, 0.2, 0.0], epochs=30,
+               lr=0.3, eval_every=1, early_stopping=2, dropout=0.0, gradient_checkpointing=True)
+    assert main(["train", r, "--out", str(run)]) == 0
+    info = json.loads((run / "run.json").read_text())
+    m = info["metrics"]
+    assert m["stopped_early"] and info["timings"]["steps"] < 30 * 6
+    vals = [v["loss"] for v in m["val_history"]]
+    assert m["best_val_loss"] == min(vals) and vals[-1] > min(vals) and vals[-2] > min(vals)
+    from lorakit.models import load_adapted
+    from lorakit.tasks import encode_splits, load_splits
+    from lorakit.train import validate
+    cfg = __import__("lorakit.evaluate", fromlist=["run_config"]).run_config(run)
+    model, tok, _ = load_adapted(run / "adapter")
+    enc = encode_splits(cfg, load_splits(cfg), tok, model)
+    got = validate(model, enc.val, enc.collate, cfg.batch_size, "cpu", __import__("contextlib").nullcontext)
+    assert got["loss"] == pytest.approx(m["best_val_loss"], abs=1e-5)  # the saved adapter is the best one

@@ -275,7 +275,8 @@ def train(cfg: RunConfig, resume: bool = False) -> Path:
                           + (f", val accuracy {val['accuracy']:.4f}" if "accuracy" in val else ""))
                 if state.best_val is None or val["loss"] < state.best_val:
                     state.best_val, state.best_step, state.bad_evals = val["loss"], state.step, 0
-                    best_state = adapter_state_dict(accelerator.unwrap_model(model))
+                    # a copy: on CPU the state dict's tensors are the live parameters themselves
+                    best_state = {k: v.clone() for k, v in adapter_state_dict(accelerator.unwrap_model(model)).items()}
                 else:
                     state.bad_evals += 1
                     if cfg.early_stopping and state.bad_evals >= cfg.early_stopping:
