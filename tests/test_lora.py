@@ -52,7 +52,9 @@ def test_all_linear_excludes_heads_and_vocab_sized_layers(tiny):
 def test_lora_math_against_manual_computation():
     torch.manual_seed(0)
     base = nn.Linear(10, 6)
+    W, b = base.weight, base.bias  # the layer takes these over; the wrapped module lets go of them
     layer = LoRALinear(base)
+    assert layer.weight is W and base.weight is None
     layer.add("a", r=4, alpha=8)
     layer.active = "a"
     assert layer.lora_A["a"].shape == (4, 10) and layer.lora_B["a"].shape == (6, 4)
@@ -62,7 +64,7 @@ def test_lora_math_against_manual_computation():
     with torch.no_grad():
         layer.lora_B["a"].normal_()
     x = torch.randn(3, 5, 10)
-    expected = x @ base.weight.T + base.bias + (x @ layer.lora_A["a"].T @ layer.lora_B["a"].T) * (8 / 4)
+    expected = x @ W.T + b + (x @ layer.lora_A["a"].T @ layer.lora_B["a"].T) * (8 / 4)
     torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=1e-5)
 
 
@@ -77,14 +79,15 @@ def test_conv1d_matches_transposed_linear():
     from transformers.pytorch_utils import Conv1D
     torch.manual_seed(0)
     conv = Conv1D(6, 10)  # nf=out, nx=in; weight (in, out)
+    x = torch.randn(4, 10)
+    base_out = conv(x)
     layer = LoRALinear(conv)
     assert layer.fan_in_fan_out and (layer.in_features, layer.out_features) == (10, 6)
     layer.add("a", r=2, alpha=2)
     layer.active = "a"
     with torch.no_grad():
         layer.lora_B["a"].normal_()
-    x = torch.randn(4, 10)
-    expected = conv(x) + x @ layer.lora_A["a"].T @ layer.lora_B["a"].T
+    expected = base_out + x @ layer.lora_A["a"].T @ layer.lora_B["a"].T
     torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=1e-5)
 
 

@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .inject import _closest, active_adapter, adapters, add_lora, name_matches, set_adapter
-from .lora import LoRAConfig, LoRAError, LoRALinear, is_lora_target_type
+from .lora import LoRAConfig, LoRAError, LoRALinear, is_lora_target_type, linear_features
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -59,17 +59,20 @@ def adapter_state_dict(model: nn.Module, adapter: str | None = None) -> dict[str
     for path in info.trainable:
         for pname, p in model.get_submodule(path).named_parameters():
             state[f"{PREFIX}{path}.{pname}"] = p.detach()
-    return {k: v.to("cpu").contiguous() for k, v in state.items()}
+    # FSDP-sharded parameters are DTensors: gather each in full (a collective: every rank must call this).
+    return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).to("cpu").contiguous() for k, v in state.items()}
 
 
 def save_adapter(model: nn.Module, path: str | os.PathLike, base_model_name_or_path: str | None = None,
-                 adapter: str | None = None, metadata: dict | None = None) -> Path:
+                 adapter: str | None = None, metadata: dict | None = None,
+                 state: dict[str, torch.Tensor] | None = None) -> Path:
     """Write the adapter (default: the active one) as a PEFT adapter directory; returns the directory.
 
     `metadata` (task, label names, model spec, ...) goes to lorakit.json beside the PEFT files; PEFT ignores it.
+    `state` is the adapter's tensors when already gathered (from sharded training); by default they are read here.
     """
     name = adapter or active_adapter(model)
-    state = adapter_state_dict(model, name)
+    state = state if state is not None else adapter_state_dict(model, name)
     info = adapters(model)[name]
     cfg = info.config
     layers = [model.get_submodule(p) for p in info.modules]
@@ -177,14 +180,12 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter: str = "defa
         layer = model.get_submodule(mpath)
         if not (is_lora_target_type(layer) or isinstance(layer, LoRALinear)):
             raise LoRAError(f"{d}: module {mpath!r} is a {type(layer).__name__}, not a linear layer")
-        probe = layer if isinstance(layer, LoRALinear) else LoRALinear(layer)
+        in_f, out_f = linear_features(layer)
         A, B = pair["lora_A"], pair["lora_B"]
-        if A.ndim != 2 or B.ndim != 2 or A.shape[1] != probe.in_features or B.shape[0] != probe.out_features \
-                or A.shape[0] != B.shape[1]:
+        if A.ndim != 2 or B.ndim != 2 or A.shape[1] != in_f or B.shape[0] != out_f or A.shape[0] != B.shape[1]:
             raise LoRAError(f"{d}: adapter does not fit the model at {mpath!r}: lora_A {tuple(A.shape)}, "
-                            f"lora_B {tuple(B.shape)}, but the model's layer is in={probe.in_features}, "
-                            f"out={probe.out_features} (lora_A must be (r, {probe.in_features}), "
-                            f"lora_B ({probe.out_features}, r))")
+                            f"lora_B {tuple(B.shape)}, but the model's layer is in={in_f}, out={out_f} "
+                            f"(lora_A must be (r, {in_f}), lora_B ({out_f}, r))")
     trainable = sorted({k.rpartition(".")[0] for k in full})
     for k, t in full.items():
         try:
@@ -226,11 +227,18 @@ def load_adapter_state(model: nn.Module, state: dict[str, torch.Tensor], adapter
         missing, extra = sorted(set(own) - set(state))[:3], sorted(set(state) - set(own))[:3]
         raise LoRAError(f"adapter state does not match adapter {name!r}: missing {missing}, unexpected {extra}")
     info = adapters(model)[name]
+    targets = {}
+    for path in info.modules:
+        layer = model.get_submodule(path)
+        targets[f"{PREFIX}{path}.lora_A.weight"] = layer.lora_A[name]
+        targets[f"{PREFIX}{path}.lora_B.weight"] = layer.lora_B[name]
+    for path in info.trainable:
+        for pname, p in model.get_submodule(path).named_parameters():
+            targets[f"{PREFIX}{path}.{pname}"] = p
     with torch.no_grad():
-        for path in info.modules:
-            layer = model.get_submodule(path)
-            layer.lora_A[name].copy_(state[f"{PREFIX}{path}.lora_A.weight"])
-            layer.lora_B[name].copy_(state[f"{PREFIX}{path}.lora_B.weight"])
-        for path in info.trainable:
-            for pname, p in model.get_submodule(path).named_parameters():
-                p.copy_(state[f"{PREFIX}{path}.{pname}"])
+        for key, p in targets.items():
+            value = state[key].to(p.dtype)
+            if hasattr(p, "device_mesh"):  # an FSDP-sharded DTensor: keep only this rank's shard
+                from torch.distributed.tensor import distribute_tensor
+                value = distribute_tensor(value.to(p.device), p.device_mesh, p.placements)
+            p.copy_(value)

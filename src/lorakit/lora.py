@@ -132,6 +132,14 @@ class LoRABranch(torch.autograd.Function):
         return gx, gA, gB, None, None
 
 
+def linear_features(module: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of an nn.Linear, a Conv1D (weight stored (in, out)) or a LoRALinear."""
+    if isinstance(module, LoRALinear):
+        return module.in_features, module.out_features
+    in_f, out_f = module.weight.shape if is_conv1d(module) else module.weight.shape[::-1]
+    return in_f, out_f
+
+
 class LoRALinear(nn.Module):
     """A base linear (nn.Linear or Conv1D) with any number of named LoRA branches, one active at a time."""
 
@@ -140,10 +148,9 @@ class LoRALinear(nn.Module):
         if not is_lora_target_type(base):
             raise LoRAError(f"LoRA wraps nn.Linear or Conv1D, not {type(base).__name__}")
         self.fan_in_fan_out = is_conv1d(base)  # Conv1D stores its weight as (in, out)
+        self.in_features, self.out_features = linear_features(base)
         self.weight = base.weight
         self.bias = base.bias
-        in_f, out_f = self.weight.shape if self.fan_in_fan_out else self.weight.shape[::-1]
-        self.in_features, self.out_features = in_f, out_f
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
         self.scaling: dict[str, float] = {}
@@ -152,6 +159,8 @@ class LoRALinear(nn.Module):
         self.merged: str | None = None
         self.disabled = False
         # The original module, kept out of the module tree, so merge_and_unload can hand back the original class.
+        # It lets go of its weight meanwhile: a second reference would keep a full copy alive under FSDP sharding.
+        base.weight, base.bias = None, None
         object.__setattr__(self, "_base_module", base)
 
     def add(self, name: str, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False) -> None:
