@@ -63,6 +63,7 @@ class RunConfig:
     eval_every: int = 0  # 0: once per epoch
     early_stopping: int = 0  # evaluations without val improvement before stopping; 0: off
     checkpoint_every: int = 0
+    strategy: str = "auto"  # on several processes: ddp (auto) or fsdp
     seed: int = 42
     out: str = ""
     # eval
@@ -177,6 +178,8 @@ def validate(cfg: RunConfig, where: str) -> RunConfig:
         raise ConfigError(f"{where}: schedule {cfg.schedule!r} must be cosine, linear or constant")
     if cfg.template not in ("alpaca", "chat"):
         raise ConfigError(f"{where}: template {cfg.template!r} must be alpaca or chat")
+    if cfg.strategy not in ("auto", "ddp", "fsdp"):
+        raise ConfigError(f"{where}: strategy {cfg.strategy!r} must be auto, ddp or fsdp")
     if cfg.mixed_precision not in ("auto", "no", "bf16", "fp16"):
         raise ConfigError(f"{where}: mixed_precision {cfg.mixed_precision!r} must be auto, no, bf16 or fp16")
     for key in ("batch_size", "grad_accum", "max_length"):

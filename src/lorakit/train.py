@@ -6,11 +6,15 @@ to the same result, and at the end: the adapter (PEFT format), run.json and loss
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
+import os
 import platform
 import random
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,6 +25,7 @@ from tqdm.auto import tqdm
 
 from .adapters import adapter_state_dict, load_adapter_state, save_adapter
 from .config import RunConfig
+from .distributed import all_sum, load_optimizer_state, optimizer_state, rank_share, wrap_model
 from .inject import add_lora, parameter_report
 from .lora import LoRAConfig
 from .models import head_name, load_model
@@ -92,58 +97,87 @@ def mixed_precision(cfg: RunConfig) -> str:
 
 
 @torch.no_grad()
-def validate(model, examples: list, collate, batch_size: int, device, autocast) -> dict:
-    """Mean loss over the examples (weighted by batch size); accuracy too for classifiers."""
+def validate(model, examples: list, collate, batch_size: int, device, autocast, accelerator=None) -> dict:
+    """Mean loss over the examples (weighted by batch size); accuracy too for classifiers.
+
+    On several processes each rank takes every world-th example, all run the same number of batches (FSDP needs
+    every rank in every forward; a rank out of examples repeats one with weight 0) and the sums are added up.
+    """
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+    mine = examples[rank::world]
+    n_batches = math.ceil(math.ceil(len(examples) / world) / batch_size)
     was_training = model.training
     model.eval()
     loss_sum, n, correct, classifier = 0.0, 0, 0, False
-    for i in range(0, len(examples), batch_size):
-        chunk = examples[i:i + batch_size]
-        batch = {k: v.to(device) for k, v in collate(chunk).items()}
+    for b in range(n_batches):
+        chunk = mine[b * batch_size:(b + 1) * batch_size]
+        weight = 1 if chunk else 0
+        batch = {k: v.to(device) for k, v in collate(chunk or examples[:1]).items()}
         with autocast():
             out = model(**batch)
-        loss_sum += out.loss.float().item() * len(chunk)
-        n += len(chunk)
+        loss_sum += out.loss.float().item() * len(chunk) * weight
+        n += len(chunk) * weight
         classifier = out.logits.dim() == 2  # (batch, labels): a sequence classifier
         if classifier:
-            correct += int((out.logits.argmax(-1) == batch["labels"]).sum())
+            correct += int((out.logits.argmax(-1) == batch["labels"]).sum()) * weight
     model.train(was_training)
+    if accelerator is not None:
+        loss_sum, n, correct = all_sum([loss_sum, n, correct], accelerator)
     result = {"loss": loss_sum / max(n, 1)}
     if classifier:
         result["accuracy"] = correct / max(n, 1)
     return result
 
 
-def save_checkpoint(out: Path, model, optimizer, scheduler, state: TrainState, best_state: dict | None) -> None:
-    """Adapter tensors (safetensors), optimizer, scheduler, RNG and loop position, written atomically."""
-    tmp = out / f"{CHECKPOINT}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(adapter_state_dict(model), tmp / "adapter_model.safetensors")
-    if best_state is not None:
-        save_file(best_state, tmp / "best_adapter.safetensors")
+def _rng_state() -> dict:
     rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng},
-               tmp / "trainer_state.pt")
-    (tmp / "state.json").write_text(json.dumps(asdict(state)))
-    final = out / CHECKPOINT
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
+    return rng
 
 
-def load_checkpoint(out: Path, model, optimizer, scheduler) -> tuple[TrainState, dict | None]:
+def save_checkpoint(out: Path, model, optimizer, scheduler, state: TrainState, best_state: dict | None,
+                    accelerator, fsdp: bool = False) -> None:
+    """Adapter tensors (safetensors), optimizer, scheduler, loop position and every rank's RNG, written atomically.
+
+    Every rank calls this (gathering sharded state is collective); rank 0 writes all but the per-rank RNG files.
+    """
+    main = accelerator.is_main_process
+    adapter = adapter_state_dict(model)
+    optim = optimizer_state(model, optimizer, fsdp)
+    tmp = out / f"{CHECKPOINT}.tmp"
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    torch.save(_rng_state(), tmp / f"rng_{accelerator.process_index}.pt")
+    if main:
+        save_file(adapter, tmp / "adapter_model.safetensors")
+        if best_state is not None:
+            save_file(best_state, tmp / "best_adapter.safetensors")
+        torch.save({"optimizer": optim, "scheduler": scheduler.state_dict()}, tmp / "trainer_state.pt")
+        (tmp / "state.json").write_text(json.dumps(asdict(state)))
+    accelerator.wait_for_everyone()
+    if main:
+        shutil.rmtree(out / CHECKPOINT, ignore_errors=True)
+        tmp.rename(out / CHECKPOINT)
+    accelerator.wait_for_everyone()
+
+
+def load_checkpoint(out: Path, model, optimizer, scheduler, accelerator, fsdp: bool = False
+                    ) -> tuple[TrainState, dict | None]:
     ck = out / CHECKPOINT
     load_adapter_state(model, load_file(ck / "adapter_model.safetensors"))
     best = load_file(ck / "best_adapter.safetensors") if (ck / "best_adapter.safetensors").exists() else None
     blob = torch.load(ck / "trainer_state.pt", weights_only=True)
-    optimizer.load_state_dict(blob["optimizer"])
+    load_optimizer_state(model, optimizer, blob["optimizer"], fsdp)
     scheduler.load_state_dict(blob["scheduler"])
-    torch.set_rng_state(blob["rng"]["torch"])
-    random.setstate(blob["rng"]["python"])
-    if "cuda" in blob["rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(blob["rng"]["cuda"])
+    rng_file = ck / f"rng_{accelerator.process_index}.pt"
+    rng = torch.load(rng_file if rng_file.exists() else ck / "rng_0.pt", weights_only=True)
+    torch.set_rng_state(rng["torch"])
+    random.setstate(rng["python"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
     return TrainState(**json.loads((ck / "state.json").read_text())), best
 
 
@@ -182,17 +216,24 @@ def plot_losses(state: TrainState, path: Path, title: str) -> None:
 
 
 def train(cfg: RunConfig, resume: bool = False) -> Path:
-    """Train `cfg`'s adapter; returns the run directory (adapter/, run.json, loss.png)."""
+    """Train `cfg`'s adapter; returns the run directory (adapter/, run.json, loss.png).
+
+    Under `accelerate launch` / `torchrun` every process runs this: `batch_size` is per device, each global
+    micro-batch (batch_size x processes) is split between the ranks, and only rank 0 logs and writes.
+    """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     t_start = time.perf_counter()
     out = Path(cfg.out or Path("runs") / cfg.name)
-    accelerator = Accelerator(mixed_precision=mixed_precision(cfg))
-    main = accelerator.is_main_process
-    set_seed(cfg.seed)
+    # Launched on several processes without a GPU, accelerate runs DDP over gloo only when told cpu=True.
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    accelerator = Accelerator(mixed_precision=mixed_precision(cfg), cpu=launched and not torch.cuda.is_available())
+    main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
     log = print if main else (lambda *a, **k: None)
-    splits = load_splits(cfg)
+    set_seed(cfg.seed)
+    with contextlib.redirect_stdout(sys.stdout if main else io.StringIO()):
+        splits = load_splits(cfg)
     if not splits.train:
         from .data import DataError
         raise DataError(f"{cfg.data}: the training split is empty")
@@ -215,93 +256,115 @@ def train(cfg: RunConfig, resume: bool = False) -> Path:
     for note, n in data.notes.items():
         log(f"lorakit: {note}: {n:,} training/validation records")
 
-    head_params = set(id(p) for p in model.get_submodule(head).parameters()) if head else set()
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if id(p) not in head_params]}]
-    if head_params:
-        groups.append({"params": [p for p in params if id(p) in head_params], "lr": cfg.head_lr or cfg.lr})
+    strategy = "ddp" if cfg.strategy == "auto" else cfg.strategy
+    head_names = {f"{head}.{n}" for n, _ in model.get_submodule(head).named_parameters()} if head else set()
+    model, fsdp = wrap_model(model, accelerator, strategy)  # FSDP swaps in sharded parameters: build AdamW after
+    net = accelerator.unwrap_model(model)
+    named = [(n, p) for n, p in net.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    groups = [{"params": [p for n, p in named if n not in head_names]}]
+    if head_names:
+        groups.append({"params": [p for n, p in named if n in head_names], "lr": cfg.head_lr or cfg.lr})
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    micro_per_epoch = math.ceil(len(data.train) / cfg.batch_size)
+    if not fsdp:
+        optimizer = accelerator.prepare_optimizer(optimizer)
+    global_batch = cfg.batch_size * world
+    micro_per_epoch = len(data.train) // global_batch if world > 1 else math.ceil(len(data.train) / global_batch)
+    if micro_per_epoch < 1:
+        from .errors import UserError
+        raise UserError(f"{len(data.train)} training rows cannot fill one global batch of {global_batch}")
     steps_per_epoch = math.ceil(micro_per_epoch / cfg.grad_accum)
     total = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
     eval_every = cfg.eval_every or steps_per_epoch
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.schedule, int(cfg.warmup * total), total))
-    model, optimizer = accelerator.prepare(model, optimizer)
     device = accelerator.device
+    if world > 1:
+        torch.manual_seed(cfg.seed + rank)  # ranks draw different dropout masks
 
     state, best_state = TrainState(), None
     if resume:
         if not (out / CHECKPOINT).is_dir():
             from .errors import UserError
             raise UserError(f"--resume: no checkpoint in {out / CHECKPOINT}; train without --resume first")
-        state, best_state = load_checkpoint(out, accelerator.unwrap_model(model), optimizer, scheduler)
+        state, best_state = load_checkpoint(out, net, optimizer, scheduler, accelerator, fsdp)
         log(f"lorakit: resumed at step {state.step} (epoch {state.epoch}, batch {state.micro})")
-    log(f"lorakit: {len(data.train):,} training rows, batch {cfg.batch_size} x accumulation {cfg.grad_accum}, "
-        f"{total} optimizer steps, lr {cfg.lr:g} ({cfg.schedule}), precision {mixed_precision(cfg)}")
+    log(f"lorakit: {len(data.train):,} training rows, {total} optimizer steps, lr {cfg.lr:g} ({cfg.schedule}), "
+        f"precision {mixed_precision(cfg)}")
+    log(f"lorakit: global batch {cfg.batch_size * world * cfg.grad_accum} = {cfg.batch_size} per device x "
+        f"{world} process{'es' if world > 1 else ''}{f' ({strategy})' if world > 1 else ''} x "
+        f"{cfg.grad_accum} accumulation step{'s' if cfg.grad_accum > 1 else ''}")
+    if world > 1 and len(data.train) % global_batch:
+        log(f"lorakit: each epoch leaves out the last {len(data.train) % global_batch} rows (a partial global batch)")
 
     bar = tqdm(total=total, initial=state.step, desc=f"train {cfg.name}", disable=not main, dynamic_ncols=True,
                mininterval=1.0)
+    say = bar.write if main else (lambda *a, **k: None)
     model.train()
     t_loop = time.perf_counter() - state.train_seconds
     while state.step < total and not state.stopped_early:
-        order = epoch_order(len(data.train), cfg.batch_size, cfg.seed, state.epoch,
-                            data.lengths if cfg.group_by_length else None)
+        order = epoch_order(len(data.train), global_batch, cfg.seed, state.epoch,
+                            data.lengths if cfg.group_by_length else None)[:micro_per_epoch]
         while state.micro < len(order) and state.step < total:
             group = order[state.micro:state.micro + cfg.grad_accum]
-            loss_sum = 0.0
+            loss_sum, tokens = 0.0, 0
             for idx in group:
-                batch = {k: v.to(device) for k, v in data.collate([data.train[i] for i in idx]).items()}
+                rows = rank_share(idx, rank, world) if world > 1 else idx
+                batch = {k: v.to(device) for k, v in data.collate([data.train[i] for i in rows]).items()}
                 with accelerator.autocast():
                     loss = model(**batch).loss / len(group)
                 accelerator.backward(loss)
                 loss_sum += loss.item()
-                state.tokens += batch_tokens(batch)
+                tokens += batch_tokens(batch)
             if cfg.max_grad_norm:
                 accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            loss_sum, tokens = all_sum([loss_sum / world, tokens], accelerator)
             state.micro += len(group)
             state.step += 1
+            state.tokens += int(tokens)
             state.train_loss.append([state.step, loss_sum])
             state.train_seconds = time.perf_counter() - t_loop
             bar.update(1)
             bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}",
                             tok_s=f"{state.tokens / max(state.train_seconds, 1e-9):.0f}")
             if data.val and (state.step % eval_every == 0 or state.step == total):
-                val = validate(model, data.val, data.collate, cfg.batch_size, device, accelerator.autocast)
+                val = validate(model, data.val, data.collate, cfg.batch_size, device, accelerator.autocast, accelerator)
                 state.val_history.append({"step": state.step, **val})
-                bar.write(f"step {state.step}: val loss {val['loss']:.4f}"
-                          + (f", val accuracy {val['accuracy']:.4f}" if "accuracy" in val else ""))
+                say(f"step {state.step}: val loss {val['loss']:.4f}"
+                    + (f", val accuracy {val['accuracy']:.4f}" if "accuracy" in val else ""))
                 if state.best_val is None or val["loss"] < state.best_val:
                     state.best_val, state.best_step, state.bad_evals = val["loss"], state.step, 0
                     # a copy: on CPU the state dict's tensors are the live parameters themselves
-                    best_state = {k: v.clone() for k, v in adapter_state_dict(accelerator.unwrap_model(model)).items()}
+                    best_state = {k: v.clone() for k, v in adapter_state_dict(net).items()}
                 else:
                     state.bad_evals += 1
                     if cfg.early_stopping and state.bad_evals >= cfg.early_stopping:
                         state.stopped_early = True
-                        bar.write(f"early stop at step {state.step}: no val improvement in {state.bad_evals} evaluations")
+                        say(f"early stop at step {state.step}: no val improvement in {state.bad_evals} evaluations")
                         break
-            if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0 and main:
-                save_checkpoint(out, accelerator.unwrap_model(model), optimizer, scheduler, state, best_state)
+            if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0:
+                save_checkpoint(out, net, optimizer, scheduler, state, best_state, accelerator, fsdp)
         if state.micro >= len(order):
             state.epoch, state.micro = state.epoch + 1, 0
     bar.close()
 
-    net = accelerator.unwrap_model(model)
+    if cfg.checkpoint_every:
+        save_checkpoint(out, net, optimizer, scheduler, state, best_state, accelerator, fsdp)
+    keep_best = best_state is not None and state.best_step != state.step
+    final = best_state if keep_best else adapter_state_dict(net)  # gathered on every rank: collective under FSDP
     if main:
-        if cfg.checkpoint_every:
-            save_checkpoint(out, net, optimizer, scheduler, state, best_state)
-        if best_state is not None and state.best_step != state.step:
-            load_adapter_state(net, best_state)  # ship the adapter of the best validation loss
+        if keep_best:
             log(f"lorakit: keeping the adapter of step {state.best_step} (best val loss {state.best_val:.4f})")
         meta = {"task": cfg.task, "model": cfg.model, "labels": splits.labels, "template": cfg.template,
                 "max_length": cfg.max_length, "run": cfg.name}
-        save_adapter(net, out / "adapter", metadata=meta)
+        save_adapter(net, out / "adapter", metadata=meta, state=final)
         run = {"config": cfg.to_dict(), "versions": versions(), "parameters": report.to_dict(),
                "data": splits.stats | {"train_rows": len(data.train), "val_rows": len(data.val),
                                        "test_rows": len(splits.test), "notes": data.notes},
+               "distributed": {"processes": world, "strategy": strategy if world > 1 else "none",
+                               "global_batch": cfg.batch_size * world * cfg.grad_accum},
                "metrics": {"final_train_loss": state.train_loss[-1][1] if state.train_loss else None,
                            "best_val_loss": state.best_val, "best_step": state.best_step,
                            "val_history": state.val_history, "stopped_early": state.stopped_early},
