@@ -65,3 +65,79 @@ def test_nf4_matmul_matches_dequantised_linear_and_keeps_no_weight():
     (gx,) = torch.autograd.grad(y, x, up)
     (gref,) = torch.autograd.grad(ref, ref_x, up)
     torch.testing.assert_close(gx, gref, atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------ QLoRA layers
+
+from conftest import TINY, model_inputs, randomize_lora  # noqa: E402
+from lorakit import LoRAConfig, add_lora, load_adapter, merge, merge_and_unload, parameter_report, save_adapter  # noqa: E402
+from lorakit.inject import lora_layers  # noqa: E402
+
+
+def _logits(model, name="llama"):
+    with torch.no_grad():
+        return model(**model_inputs(name)).logits
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_qlora_at_init_equals_the_dequantised_base(name):
+    ref = TINY[name]()
+    with torch.no_grad():  # the reference: every adapted weight replaced by its NF4 round trip, in plain layers
+        for t in add_lora(TINY[name](), LoRAConfig()).lorakit_adapters["default"].modules:
+            w = ref.get_submodule(t).weight
+            back = dequantize_nf4(quantize_nf4(w.t() if name == "gpt2" else w))
+            w.copy_(back.t() if name == "gpt2" else back)
+    model = add_lora(TINY[name](), LoRAConfig(quantize="nf4"))
+    assert all(layer.quantized and layer.weight is None for _, layer in lora_layers(model))
+    torch.testing.assert_close(_logits(model, name), _logits(ref, name), atol=1e-5, rtol=0)
+    assert parameter_report(model).total == parameter_report(add_lora(TINY[name](), LoRAConfig())).total
+
+
+def test_qlora_training_lowers_the_loss_and_keeps_the_codes():
+    model = add_lora(TINY["llama"](), LoRAConfig(r=4, dropout=0.05, quantize="nf4"))
+    codes = {n: b.clone() for n, b in model.named_buffers() if "nf4" in n}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ids = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))
+    model.train()
+    losses = []
+    for _ in range(6):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    assert all(torch.equal(b, codes[n]) for n, b in model.named_buffers() if "nf4" in n)
+    assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if "lora_" in n)
+
+
+def test_qlora_merge_and_peft_interop(tmp_path):
+    from peft import PeftModel
+    model = add_lora(TINY["llama"](), LoRAConfig(r=4, quantize="nf4"))
+    randomize_lora(model)
+    adapted = _logits(model)
+    save_adapter(model, tmp_path)
+    merge(model)  # dequantise, then merge: full precision
+    assert all(not layer.quantized and layer.weight.dtype == torch.float32 for _, layer in lora_layers(model))
+    torch.testing.assert_close(_logits(model), adapted, atol=1e-5, rtol=0)
+    plain = merge_and_unload(model)
+    assert type(plain.get_submodule("model.layers.0.self_attn.q_proj")) is torch.nn.Linear
+    torch.testing.assert_close(_logits(plain), adapted, atol=1e-5, rtol=0)
+    # the adapter is an ordinary PEFT adapter: PEFT puts it on a full-precision base ...
+    theirs = _logits(PeftModel.from_pretrained(TINY["llama"](), str(tmp_path)).eval())
+    ours_fp = _logits(load_adapter(TINY["llama"](), tmp_path))
+    torch.testing.assert_close(theirs, ours_fp, atol=1e-5, rtol=0)
+    # ... and loading it back with quantize="nf4" re-quantises the base: the QLoRA model's output again
+    torch.testing.assert_close(_logits(load_adapter(TINY["llama"](), tmp_path, quantize="nf4")), adapted,
+                               atol=1e-5, rtol=0)
+
+
+def test_requantised_merge_warns_and_rounds():
+    model = add_lora(TINY["llama"](), LoRAConfig(r=4, quantize="nf4"))
+    randomize_lora(model)
+    adapted = _logits(model)
+    with pytest.warns(UserWarning, match="rounds"):
+        merge(model, requantize=True)
+    assert all(layer.quantized for _, layer in lora_layers(model))
+    diff = (_logits(model) - adapted).abs().max()
+    assert 0 < diff < 0.5

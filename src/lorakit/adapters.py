@@ -152,8 +152,10 @@ def _pattern_value(path: str, pattern: dict, default):
     return default
 
 
-def load_adapter(model: nn.Module, path: str | os.PathLike, adapter: str = "default") -> nn.Module:
-    """Add the adapter saved at `path` (by lorakit or by PEFT) to `model` under `adapter`, and make it active."""
+def load_adapter(model: nn.Module, path: str | os.PathLike, adapter: str = "default",
+                 quantize: str | None = None) -> nn.Module:
+    """Add the adapter saved at `path` (by lorakit or by PEFT) to `model` under `adapter`, and make it active.
+    quantize="nf4" stores the adapted layers' base weights in NF4 first (QLoRA: the base is re-quantised on load)."""
     d = Path(path)
     cfg = read_adapter_config(d)
     tensors = _read_tensors(d)
@@ -200,7 +202,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter: str = "defa
         raise LoRAError(f"{d}: {WEIGHTS_NAME} holds no lora_A/lora_B tensors")
     r, alpha = int(cfg.get("r", 8)), float(cfg.get("lora_alpha", 8))
     config = LoRAConfig(r=r, alpha=alpha, dropout=float(cfg.get("lora_dropout") or 0.0), targets=list(lora),
-                        trainable=tuple(trainable), rslora=bool(cfg.get("use_rslora", False)))
+                        trainable=tuple(trainable), rslora=bool(cfg.get("use_rslora", False)), quantize=quantize)
     add_lora(model, config, adapter, targets=list(lora))
     for mpath, pair in lora.items():
         layer = model.get_submodule(mpath)

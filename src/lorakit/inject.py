@@ -149,6 +149,8 @@ def add_lora(model: nn.Module, config: LoRAConfig, adapter: str = "default", tar
         if not isinstance(layer, LoRALinear):
             layer = LoRALinear(layer)
             _set_submodule(model, name, layer)
+        if config.quantize == "nf4" and not layer.quantized:
+            layer.quantize_()
         layer.add(adapter, config.r, config.alpha, config.dropout, config.rslora)
     reg[adapter] = AdapterInfo(config, list(names), trainable)
     set_adapter(model, adapter)
@@ -205,10 +207,11 @@ def delete_adapter(model: nn.Module, name: str) -> None:
             p.requires_grad_(False)
 
 
-def merge(model: nn.Module) -> None:
-    """Fold the active adapter into the base weights in place (undo with unmerge)."""
+def merge(model: nn.Module, requantize: bool = False) -> None:
+    """Fold the active adapter into the base weights in place (undo with unmerge). NF4 bases are dequantised
+    first and stay in full precision unless requantize=True (which rounds the merged weights)."""
     for _, layer in lora_layers(model):
-        layer.merge()
+        layer.merge(requantize)
 
 
 def unmerge(model: nn.Module) -> None:
@@ -270,7 +273,8 @@ def parameter_report(model: nn.Module) -> ParameterReport:
     """Count trainable and total parameters (shared weights once) and list what is trained, module by module."""
     unique = {id(p): p for p in model.parameters()}.values()
     trainable = sum(p.numel() for p in unique if p.requires_grad)
-    total = sum(p.numel() for p in unique)
+    nf4 = sum(layer.nf4_shape.numel() for _, layer in lora_layers(model) if layer.quantized)  # 4-bit base weights
+    total = sum(p.numel() for p in unique) + nf4
     rows = []
     for name, layer in lora_layers(model):
         if layer.active is None:
@@ -279,7 +283,7 @@ def parameter_report(model: nn.Module) -> ParameterReport:
         n = A.numel() + B.numel()
         rows.append({"module": name, "kind": f"LoRA({'Conv1D' if layer.fan_in_fan_out else 'Linear'})",
                      "shape": f"{layer.in_features}x{layer.out_features}", "r": A.shape[0],
-                     "trainable": n if A.requires_grad else 0, "total": n + layer.weight.numel()
+                     "trainable": n if A.requires_grad else 0, "total": n + layer.in_features * layer.out_features
                      + (layer.bias.numel() if layer.bias is not None else 0)})
     active = active_adapter(model)
     for t in (adapters(model)[active].trainable if active else []):

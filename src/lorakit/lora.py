@@ -9,6 +9,7 @@ objects (frozen), so the base part of a state dict keeps its key names.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, fields
 from typing import Sequence
 
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import UserError
+from .quant import NF4Matmul, NF4Weight, dequantize_nf4, quantize_nf4
 
 try:  # GPT-2 style linear with a transposed (in, out) weight; optional so a plain-torch model needs no transformers
     from transformers.pytorch_utils import Conv1D
@@ -39,6 +41,7 @@ class LoRAConfig:
     exclude: Sequence[str] = ()
     trainable: Sequence[str] = ()
     rslora: bool = False
+    quantize: str | None = None  # "nf4": QLoRA, the adapted layers' base weights stored in 4-bit NormalFloat
 
     def __post_init__(self) -> None:
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
@@ -47,6 +50,8 @@ class LoRAConfig:
             raise LoRAError(f"alpha must be > 0, got {self.alpha!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise LoRAError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if self.quantize not in (None, "nf4"):
+            raise LoRAError(f"quantize must be None or 'nf4', got {self.quantize!r}")
         if not isinstance(self.targets, str):
             self.targets = tuple(self.targets)
             if not self.targets:
@@ -167,7 +172,7 @@ class LoRALinear(nn.Module):
         """Add adapter `name`: A Kaiming-uniform (as nn.Linear inits its weight), B zero."""
         if name in self.lora_A:
             raise LoRAError(f"adapter {name!r} already exists on this layer")
-        dev, dt = self.weight.device, self._lora_dtype()
+        dev, dt = self.nf4_codes.device if self.quantized else self.weight.device, self._lora_dtype()
         A = torch.empty(r, self.in_features, device=dev, dtype=dt)
         nn.init.kaiming_uniform_(A, a=math.sqrt(5))
         self.lora_A[name] = nn.Parameter(A)
@@ -177,8 +182,36 @@ class LoRALinear(nn.Module):
 
     def _lora_dtype(self) -> torch.dtype:
         # Adapters stay in full precision even when the base is half precision or quantised.
-        dt = self.weight.dtype
+        dt = self.nf4_dtype if self.quantized else self.weight.dtype
         return dt if dt.is_floating_point and dt.itemsize >= 4 else torch.float32
+
+    # ---- QLoRA: the frozen base weight in NF4 (quant.py), rebuilt block by block in each forward
+
+    @property
+    def quantized(self) -> bool:
+        return getattr(self, "nf4_codes", None) is not None
+
+    @torch.no_grad()
+    def quantize_(self) -> None:
+        """Store the base weight as NF4 codes (buffers, so .to(device) moves them) and drop the dense weight."""
+        w = self.weight.detach()
+        q = quantize_nf4(w.t() if self.fan_in_fan_out else w)  # always (out, in)
+        self.nf4_shape, self.nf4_dtype = q.shape, q.dtype
+        self.weight = None
+        for k in ("codes", "scale_codes", "scale_scale", "scale_mean"):
+            self.register_buffer(f"nf4_{k}", getattr(q, k))
+
+    def nf4(self) -> NF4Weight:
+        return NF4Weight(self.nf4_codes, self.nf4_scale_codes, self.nf4_scale_scale, self.nf4_scale_mean,
+                         self.nf4_shape, self.nf4_dtype)
+
+    @torch.no_grad()
+    def dequantize_(self) -> None:
+        """Back to a dense (full-precision) base weight; NF4 rounding stays in it."""
+        w = dequantize_nf4(self.nf4())
+        for k in ("codes", "scale_codes", "scale_scale", "scale_mean"):
+            delattr(self, f"nf4_{k}")
+        self.weight = nn.Parameter(w.t().contiguous() if self.fan_in_fan_out else w, requires_grad=False)
 
     def remove(self, name: str) -> None:
         if self.merged == name:
@@ -193,22 +226,35 @@ class LoRALinear(nn.Module):
         return delta.t() if self.fan_in_fan_out else delta
 
     @torch.no_grad()
-    def merge(self) -> None:
-        """Fold the active adapter into the base weight, so inference costs what the base costs."""
+    def merge(self, requantize: bool = False) -> None:
+        """Fold the active adapter into the base weight, so inference costs what the base costs.
+
+        An NF4 base is dequantised first and the merged weight kept in full precision; requantize=True stores it
+        in NF4 again, which rounds the merged weight (and cannot be unmerged exactly).
+        """
         if self.active is None or self.merged == self.active:
             return
         if self.merged is not None:
             self.unmerge()
+        if self.quantized:
+            self.dequantize_()
         self.weight.data += self.delta_weight(self.active).to(self.weight.dtype)
         self.merged = self.active
+        if requantize:
+            warnings.warn("re-quantising the merged weight to NF4 rounds it: outputs move slightly", stacklevel=2)
+            self.quantize_()
 
     @torch.no_grad()
     def unmerge(self) -> None:
         if self.merged is not None:
+            if self.quantized:
+                self.dequantize_()
             self.weight.data -= self.delta_weight(self.merged).to(self.weight.dtype)
             self.merged = None
 
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.quantized:
+            return NF4Matmul.apply(x, self.nf4(), self.bias)
         w = self.weight.t() if self.fan_in_fan_out else self.weight
         return F.linear(x, w, self.bias)
 
@@ -227,10 +273,12 @@ class LoRALinear(nn.Module):
     def extra_repr(self) -> str:
         ranks = {n: a.shape[0] for n, a in self.lora_A.items()}
         return (f"in={self.in_features}, out={self.out_features}, adapters={ranks}, active={self.active!r}"
-                f"{', conv1d' if self.fan_in_fan_out else ''}")
+                f"{', conv1d' if self.fan_in_fan_out else ''}{', nf4' if self.quantized else ''}")
 
     def unwrap(self) -> nn.Module:
         """The original module, holding this layer's (possibly merged) weight and bias."""
+        if self.quantized:
+            self.dequantize_()
         base = self._base_module
         base.weight, base.bias = self.weight, self.bias
         return base
