@@ -141,3 +141,24 @@ def test_requantised_merge_warns_and_rounds():
     assert all(layer.quantized for _, layer in lora_layers(model))
     diff = (_logits(model) - adapted).abs().max()
     assert 0 < diff < 0.5
+
+
+def test_qlora_run_end_to_end_and_eval_requantises(tmp_path):
+    import json
+
+    from conftest import save_tiny
+    from lorakit.cli import main
+    from lorakit.models import load_adapted
+    from test_train import recipe, write_instruct
+    data = write_instruct(tmp_path / "a.jsonl")
+    run = tmp_path / "run"
+    r = recipe(tmp_path, model=str(save_tiny("llama", tmp_path / "m")), task="instruct", data=str(data),
+               split=[0.6, 0.2, 0.2], max_length=128)
+    assert main(["train", r, "--out", str(run), "--quantize", "nf4", "--eval"]) == 0
+    assert json.loads((run / "adapter" / "lorakit.json").read_text())["quantize"] == "nf4"
+    model, _, _ = load_adapted(run / "adapter")
+    assert all(layer.quantized for _, layer in lora_layers(model))
+    ev = json.loads((run / "eval.json").read_text())
+    assert ev["metrics"]["lora"]["loss"] < ev["metrics"]["base"]["loss"]
+    assert main(["train", r, "--out", str(tmp_path / "x"), "--optimizer", "paged_adamw_8bit"]) == 2 \
+        or torch.cuda.is_available()

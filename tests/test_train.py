@@ -221,12 +221,16 @@ def test_recipes_listed_and_valid(capsys):
     from lorakit.config import load_recipe
     assert main(["recipes"]) == 0
     out = capsys.readouterr().out
-    for name in ("spam", "alpaca", "dialogsum", "gpt2-spam", "gpt2-alpaca", "flan-t5-dialogsum"):
+    for name in ("spam", "alpaca", "dialogsum", "gpt2-spam", "gpt2-alpaca", "flan-t5-dialogsum",
+                 "llama-3.2-3b-qlora-dialogsum"):
         assert name in out
         load_recipe(RECIPES / f"{name}.yaml")  # every key known, every value of the right type
     spam = load_recipe(RECIPES / "spam.yaml")
     assert spam.model == "minilm" and spam.task == "classify" and spam.resolve(spam.data).is_file()
     assert load_recipe(RECIPES / "gpt2-alpaca.yaml").targets == ["c_attn"]
+    qlora = load_recipe(RECIPES / "llama-3.2-3b-qlora-dialogsum.yaml")
+    assert (qlora.quantize, qlora.r, qlora.optimizer, qlora.gradient_checkpointing) == ("nf4", 16, "paged_adamw_8bit", True)
+    assert qlora.targets == ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
 def test_length_grouped_batches_cover_everything_once_and_pad_less():

@@ -74,7 +74,7 @@ def recipe_path(name: str) -> Path:
 def _overrides(args: argparse.Namespace) -> dict:
     keys = ("model", "data", "out", "epochs", "max_steps", "batch_size", "grad_accum", "lr", "seed", "max_records",
             "max_eval_records", "checkpoint_every", "eval_every", "r", "alpha", "dropout", "exclude", "max_length",
-            "mixed_precision", "strategy")
+            "mixed_precision", "strategy", "quantize", "optimizer")
     out = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
     if args.targets is not None:
         out["targets"] = _targets(args.targets)
@@ -197,6 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-every", type=int), p.add_argument("--checkpoint-every", type=int)
     p.add_argument("--mixed-precision", choices=("auto", "no", "bf16", "fp16"))
     p.add_argument("--strategy", choices=("auto", "ddp", "fsdp"), help="on several processes: ddp (default) or fsdp")
+    p.add_argument("--quantize", choices=("nf4",), help="QLoRA: adapted layers' base weights in 4-bit NF4")
+    p.add_argument("--optimizer", choices=("adamw", "paged_adamw_8bit"))
     p.add_argument("--pack", action="store_true", help="pack short examples into full rows")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--skip-invalid", action="store_true", help="skip (and count) invalid records instead of failing")

@@ -47,12 +47,14 @@ class RunConfig:
     targets: str | list[str] = "all-linear"
     exclude: list[str] = field(default_factory=list)
     rslora: bool = False
+    quantize: str = ""  # "nf4": QLoRA (base weights of the adapted layers in 4-bit NormalFloat)
     # train
     epochs: float = 1.0
     max_steps: int = 0
     batch_size: int = 8
     grad_accum: int = 1
     lr: float = 2e-4
+    optimizer: str = "adamw"  # or paged_adamw_8bit (bitsandbytes, CUDA)
     head_lr: float = 0.0  # 0: same as lr
     weight_decay: float = 0.0
     warmup: float = 0.05  # fraction of steps
@@ -178,6 +180,10 @@ def validate(cfg: RunConfig, where: str) -> RunConfig:
         raise ConfigError(f"{where}: schedule {cfg.schedule!r} must be cosine, linear or constant")
     if cfg.template not in ("alpaca", "chat"):
         raise ConfigError(f"{where}: template {cfg.template!r} must be alpaca or chat")
+    if cfg.quantize not in ("", "nf4"):
+        raise ConfigError(f"{where}: quantize {cfg.quantize!r} must be nf4 or empty")
+    if cfg.optimizer not in ("adamw", "paged_adamw_8bit"):
+        raise ConfigError(f"{where}: optimizer {cfg.optimizer!r} must be adamw or paged_adamw_8bit")
     if cfg.strategy not in ("auto", "ddp", "fsdp"):
         raise ConfigError(f"{where}: strategy {cfg.strategy!r} must be auto, ddp or fsdp")
     if cfg.mixed_precision not in ("auto", "no", "bf16", "fp16"):

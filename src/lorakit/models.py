@@ -170,6 +170,6 @@ def load_adapted(adapter_dir: str | Path, model: str | None = None, adapter: str
     if labels:
         net.config.id2label = dict(enumerate(labels))
         net.config.label2id = {name: i for i, name in enumerate(labels)}
-    load_adapter(net, adapter_dir, adapter)
+    load_adapter(net, adapter_dir, adapter, quantize=meta.get("quantize"))  # a QLoRA base is re-quantised
     net.eval()
     return net, tok, meta

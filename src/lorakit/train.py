@@ -215,6 +215,20 @@ def plot_losses(state: TrainState, path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def make_optimizer(cfg: RunConfig, groups: list[dict]) -> torch.optim.Optimizer:
+    """AdamW, or bitsandbytes' paged 8-bit AdamW (QLoRA's choice) where bitsandbytes and CUDA are there."""
+    if cfg.optimizer == "paged_adamw_8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            bnb = None
+        if bnb is None or not torch.cuda.is_available():
+            from .errors import UserError
+            raise UserError("optimizer paged_adamw_8bit needs bitsandbytes and a CUDA GPU; use optimizer: adamw")
+        return bnb.optim.PagedAdamW8bit(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
 def train(cfg: RunConfig, resume: bool = False) -> Path:
     """Train `cfg`'s adapter; returns the run directory (adapter/, run.json, loss.png).
 
@@ -243,7 +257,7 @@ def train(cfg: RunConfig, resume: bool = False) -> Path:
         model.config.label2id = {n: i for i, n in enumerate(splits.labels)}
     head = head_name(model) if cfg.task == "classify" else None
     lcfg = LoRAConfig(r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, targets=cfg.targets, exclude=cfg.exclude,
-                      trainable=(head,) if head else (), rslora=cfg.rslora)
+                      trainable=(head,) if head else (), rslora=cfg.rslora, quantize=cfg.quantize or None)
     set_seed(cfg.seed)
     add_lora(model, lcfg)
     if cfg.gradient_checkpointing:
@@ -257,6 +271,9 @@ def train(cfg: RunConfig, resume: bool = False) -> Path:
         log(f"lorakit: {note}: {n:,} training/validation records")
 
     strategy = "ddp" if cfg.strategy == "auto" else cfg.strategy
+    if cfg.quantize and strategy == "fsdp" and world > 1:
+        from .errors import UserError
+        raise UserError("quantize=nf4 with --strategy fsdp is not supported yet: use DDP (the default) for QLoRA")
     head_names = {f"{head}.{n}" for n, _ in model.get_submodule(head).named_parameters()} if head else set()
     model, fsdp = wrap_model(model, accelerator, strategy)  # FSDP swaps in sharded parameters: build AdamW after
     net = accelerator.unwrap_model(model)
@@ -265,7 +282,7 @@ def train(cfg: RunConfig, resume: bool = False) -> Path:
     groups = [{"params": [p for n, p in named if n not in head_names]}]
     if head_names:
         groups.append({"params": [p for n, p in named if n in head_names], "lr": cfg.head_lr or cfg.lr})
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = make_optimizer(cfg, groups)
     if not fsdp:
         optimizer = accelerator.prepare_optimizer(optimizer)
     global_batch = cfg.batch_size * world
@@ -358,7 +375,7 @@ def train(cfg: RunConfig, resume: bool = False) -> Path:
         if keep_best:
             log(f"lorakit: keeping the adapter of step {state.best_step} (best val loss {state.best_val:.4f})")
         meta = {"task": cfg.task, "model": cfg.model, "labels": splits.labels, "template": cfg.template,
-                "max_length": cfg.max_length, "run": cfg.name}
+                "max_length": cfg.max_length, "run": cfg.name, "quantize": cfg.quantize or None}
         save_adapter(net, out / "adapter", metadata=meta, state=final)
         run = {"config": cfg.to_dict(), "versions": versions(), "parameters": report.to_dict(),
                "data": splits.stats | {"train_rows": len(data.train), "val_rows": len(data.val),
