@@ -187,20 +187,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train an adapter from a recipe", description=cmd_train.__doc__)
     p.add_argument("recipe", help="a recipe file or a built-in recipe name (see `lorakit recipes`)")
-    p.add_argument("--model"), p.add_argument("--data"), p.add_argument("--out", help="run directory (runs/NAME)")
-    p.add_argument("--epochs", type=float), p.add_argument("--max-steps", type=int)
-    p.add_argument("--batch-size", type=int), p.add_argument("--grad-accum", type=int)
-    p.add_argument("--lr", type=float), p.add_argument("--seed", type=int)
-    p.add_argument("--max-length", type=int)
-    p.add_argument("--max-records", type=int, help="train on the first N records of the split (quick runs)")
-    p.add_argument("--max-eval-records", type=int, help="cap validation and test examples")
-    p.add_argument("--eval-every", type=int), p.add_argument("--checkpoint-every", type=int)
-    p.add_argument("--mixed-precision", choices=("auto", "no", "bf16", "fp16"))
+    for flag, kind, text in (
+            ("--model", str, "base model: smollm2, minilm, a directory, a .gguf file or a hub id"),
+            ("--data", str, "training data file"),
+            ("--out", str, "run directory (default runs/NAME)"),
+            ("--epochs", float, "passes over the training split (fractions allowed)"),
+            ("--max-steps", int, "stop after this many optimizer steps (overrides epochs)"),
+            ("--batch-size", int, "examples per device per micro-batch"),
+            ("--grad-accum", int, "micro-batches per optimizer step"),
+            ("--lr", float, "peak learning rate"),
+            ("--seed", int, "seed for splits, initialisation, data order and dropout (default 42)"),
+            ("--max-length", int, "tokens per example (or per packed row)"),
+            ("--max-records", int, "train on the first N records of the split (quick runs)"),
+            ("--max-eval-records", int, "cap the test (and validation) examples"),
+            ("--eval-every", int, "validate every N optimizer steps (default: once per epoch)"),
+            ("--checkpoint-every", int, "write a resumable checkpoint every N optimizer steps")):
+        p.add_argument(flag, type=kind, help=text)
+    p.add_argument("--mixed-precision", choices=("auto", "no", "bf16", "fp16"),
+                   help="auto: bf16 on a GPU that has it, fp32 on CPU")
     p.add_argument("--strategy", choices=("auto", "ddp", "fsdp"), help="on several processes: ddp (default) or fsdp")
     p.add_argument("--quantize", choices=("nf4",), help="QLoRA: adapted layers' base weights in 4-bit NF4")
-    p.add_argument("--optimizer", choices=("adamw", "paged_adamw_8bit"))
+    p.add_argument("--optimizer", choices=("adamw", "paged_adamw_8bit"), help="paged 8-bit AdamW needs CUDA")
     p.add_argument("--pack", action="store_true", help="pack short examples into full rows")
-    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward: less memory")
     p.add_argument("--skip-invalid", action="store_true", help="skip (and count) invalid records instead of failing")
     p.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
     p.add_argument("--eval", action="store_true", help="evaluate on the test split after training")
