@@ -162,3 +162,17 @@ def test_qlora_run_end_to_end_and_eval_requantises(tmp_path):
     assert ev["metrics"]["lora"]["loss"] < ev["metrics"]["base"]["loss"]
     assert main(["train", r, "--out", str(tmp_path / "x"), "--optimizer", "paged_adamw_8bit"]) == 2 \
         or torch.cuda.is_available()
+
+
+def test_quantize_all_puts_every_other_linear_in_nf4_but_not_the_head():
+    model = add_lora(TINY["llama"](), LoRAConfig(r=2, targets=["q_proj", "v_proj"], quantize="nf4", quantize_all=True))
+    layers = dict(lora_layers(model))
+    assert all(layer.quantized for layer in layers.values())
+    assert layers["model.layers.0.mlp.up_proj"].active is None and not layers["model.layers.0.mlp.up_proj"].lora_A
+    assert layers["model.layers.0.self_attn.q_proj"].active == "default"
+    assert "lm_head" not in layers
+    rep = parameter_report(model)
+    assert rep.trainable == 2 * (2 * (32 + 32) + 2 * (32 + 16))  # 2 layers x (q: r(in+out), v: r(in+out))
+    assert rep.total == parameter_report(add_lora(TINY["llama"](), LoRAConfig(r=2, targets=["q_proj", "v_proj"]))).total
+    plain = merge_and_unload(model)  # every layer back to nn.Linear with dequantised weights
+    assert all(type(m) is torch.nn.Linear for n, m in plain.named_modules() if n.endswith("proj"))

@@ -48,6 +48,7 @@ class RunConfig:
     exclude: list[str] = field(default_factory=list)
     rslora: bool = False
     quantize: str = ""  # "nf4": QLoRA (base weights of the adapted layers in 4-bit NormalFloat)
+    quantize_all: bool = False  # with quantize: the non-adapted linears too
     # train
     epochs: float = 1.0
     max_steps: int = 0

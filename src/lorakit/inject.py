@@ -152,9 +152,24 @@ def add_lora(model: nn.Module, config: LoRAConfig, adapter: str = "default", tar
         if config.quantize == "nf4" and not layer.quantized:
             layer.quantize_()
         layer.add(adapter, config.r, config.alpha, config.dropout, config.rslora)
+    if config.quantize and config.quantize_all:
+        _quantize_rest(model, config, set(names), trainable)
     reg[adapter] = AdapterInfo(config, list(names), trainable)
     set_adapter(model, adapter)
     return model
+
+
+def _quantize_rest(model: nn.Module, config: LoRAConfig, adapted: set[str], trainable: list[str]) -> None:
+    """Store every other linear in NF4 as well: an adapter-less LoRALinear, frozen, that only holds the codes."""
+    vocab = vocab_size(model)
+    for name, m in list(model.named_modules()):
+        if name in adapted or not is_lora_target_type(m) or _is_head(name, m, vocab):
+            continue
+        if any(name == t or name.startswith(t + ".") for t in trainable):
+            continue
+        layer = LoRALinear(m)
+        layer.quantize_()
+        _set_submodule(model, name, layer)
 
 
 def set_adapter(model: nn.Module, name: str) -> None:

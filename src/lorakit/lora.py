@@ -42,6 +42,7 @@ class LoRAConfig:
     trainable: Sequence[str] = ()
     rslora: bool = False
     quantize: str | None = None  # "nf4": QLoRA, the adapted layers' base weights stored in 4-bit NormalFloat
+    quantize_all: bool = False  # with quantize: every other linear too (not the heads, not `trainable` modules)
 
     def __post_init__(self) -> None:
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:

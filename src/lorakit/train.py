@@ -257,7 +257,8 @@ def train(cfg: RunConfig, resume: bool = False) -> Path:
         model.config.label2id = {n: i for i, n in enumerate(splits.labels)}
     head = head_name(model) if cfg.task == "classify" else None
     lcfg = LoRAConfig(r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, targets=cfg.targets, exclude=cfg.exclude,
-                      trainable=(head,) if head else (), rslora=cfg.rslora, quantize=cfg.quantize or None)
+                      trainable=(head,) if head else (), rslora=cfg.rslora, quantize=cfg.quantize or None,
+                      quantize_all=cfg.quantize_all)
     set_seed(cfg.seed)
     add_lora(model, lcfg)
     if cfg.gradient_checkpointing:
