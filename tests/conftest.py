@@ -127,3 +127,18 @@ def save_tiny(kind: str, path: Path) -> Path:
     TINY[kind]().save_pretrained(path)
     word_tokenizer().save_pretrained(path)
     return path
+
+
+def lm_train_steps(model: nn.Module, steps: int, lr: float = 1e-2, seed: int = 0) -> list[float]:
+    """A few AdamW steps of language modelling on fixed random tokens; the losses, step by step."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    ids = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(seed))
+    model.train()
+    losses = []
+    for _ in range(steps):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses

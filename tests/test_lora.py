@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import GPTModel, TINY, model_inputs, randomize_lora
+from conftest import GPTModel, TINY, lm_train_steps, model_inputs, randomize_lora
 from lorakit import (LoRAConfig, LoRAError, LoRALinear, add_lora, delete_adapter, disable_adapters, merge,
                      merge_and_unload, parameter_report, set_adapter, unmerge)
 from lorakit.inject import lora_layers, resolve_targets
@@ -222,16 +222,7 @@ def test_training_changes_only_lora_and_trainable_parameters():
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {n for n in before if "lora_" in n} | {"lm_head.weight"}
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    model.train()
-    ids = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))
-    losses = []
-    for _ in range(5):
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
+    losses = lm_train_steps(model, 5)
     assert losses[-1] < losses[0]
     for n, p in model.named_parameters():
         if n in trainable:

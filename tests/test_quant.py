@@ -69,7 +69,7 @@ def test_nf4_matmul_matches_dequantised_linear_and_keeps_no_weight():
 
 # ------------------------------------------------------------------------------------------------ QLoRA layers
 
-from conftest import TINY, model_inputs, randomize_lora  # noqa: E402
+from conftest import TINY, lm_train_steps, model_inputs, randomize_lora  # noqa: E402
 from lorakit import LoRAConfig, add_lora, load_adapter, merge, merge_and_unload, parameter_report, save_adapter  # noqa: E402
 from lorakit.inject import lora_layers  # noqa: E402
 
@@ -96,16 +96,7 @@ def test_qlora_at_init_equals_the_dequantised_base(name):
 def test_qlora_training_lowers_the_loss_and_keeps_the_codes():
     model = add_lora(TINY["llama"](), LoRAConfig(r=4, dropout=0.05, quantize="nf4"))
     codes = {n: b.clone() for n, b in model.named_buffers() if "nf4" in n}
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    ids = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))
-    model.train()
-    losses = []
-    for _ in range(6):
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
+    losses = lm_train_steps(model, 6)
     assert losses[-1] < losses[0]
     assert all(torch.equal(b, codes[n]) for n, b in model.named_buffers() if "nf4" in n)
     assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if "lora_" in n)
