@@ -17,6 +17,7 @@ from torch import nn
 
 from .inject import _closest, active_adapter, adapters, add_lora, name_matches, set_adapter
 from .lora import LoRAConfig, LoRAError, LoRALinear, is_lora_target_type, linear_features
+from .models import is_seq2seq
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -29,7 +30,7 @@ def task_type(model: nn.Module) -> str | None:
     cls = type(model).__name__
     if cls.endswith("ForSequenceClassification"):
         return "SEQ_CLS"
-    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+    if is_seq2seq(model):
         return "SEQ_2_SEQ_LM"
     if cls.endswith("ForCausalLM") or cls.endswith("LMHeadModel"):
         return "CAUSAL_LM"

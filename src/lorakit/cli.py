@@ -127,6 +127,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .data import format_prompt
     from .generate import Sampling, generate, merged, stream
     from .inject import disable_adapters
+    from .models import is_seq2seq
     model, tok, meta = _load_for_generation(args)
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
     if not prompt.strip():
@@ -141,7 +142,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                 print(f"{meta['labels'][i]:<16} {probs[i]:.4f}")
             return 0
         template = args.template or meta.get("template", "chat" if getattr(tok, "chat_template", None) else "alpaca")
-        seq2seq = getattr(model.config, "is_encoder_decoder", False)
+        seq2seq = is_seq2seq(model)
         text = prompt if seq2seq else format_prompt(tok, prompt, args.input or "", template)
         sampling = Sampling(args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.repetition_penalty,
                             args.seed)

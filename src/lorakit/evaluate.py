@@ -14,13 +14,12 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from .config import RunConfig, validate
 from .data import format_prompt
-from .generate import Sampling, generate, merged
+from .generate import Sampling, generate_base_and_adapted
 from .inject import disable_adapters
-from .models import head_name, load_adapted, load_model
+from .models import head_name, is_seq2seq, load_adapted, load_model
 from .tasks import collate_for, encode_prompts, load_splits
 
 ROUGE_KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
@@ -44,14 +43,14 @@ def classification_metrics(pred: list[int], gold: list[int], n_labels: int) -> d
 @torch.no_grad()
 def _classify(model, tok, examples, cfg, features: bool = False):
     """Predicted labels; with features=True, also the pooled vectors the head reads (for the head-only baseline)."""
-    from .collate import classification_batch
+    collate = collate_for(cfg, tok, model)
     model.eval()
     head = model.get_submodule(head_name(model))
     grabbed: list[torch.Tensor] = []
     hook = head.register_forward_hook(lambda m, inp, out: grabbed.append(inp[0])) if features else None
     preds, feats = [], []
     for i in range(0, len(examples), cfg.batch_size * 2):
-        batch = classification_batch(examples[i:i + cfg.batch_size * 2], tok, cfg.max_length)
+        batch = collate(examples[i:i + cfg.batch_size * 2])
         batch.pop("labels")
         preds += model(**batch).logits.argmax(-1).tolist()
         if features:
@@ -118,7 +117,7 @@ def rouge(predictions: list[str], references: list[list[str]]) -> dict:
 
 
 def _prompts(model, tok, examples, cfg) -> list[str]:
-    if getattr(model.config, "is_encoder_decoder", False):
+    if is_seq2seq(model):
         return [e.prompt_input for e in examples]
     return [format_prompt(tok, e.instruction, e.prompt_input, cfg.template) for e in examples]
 
@@ -126,10 +125,7 @@ def _prompts(model, tok, examples, cfg) -> list[str]:
 def eval_summarize(model, tok, splits, cfg) -> dict:
     sampling = Sampling(max_new_tokens=cfg.max_new_tokens)
     prompts = _prompts(model, tok, splits.test, cfg)
-    with merged(model):
-        adapted = generate(model, tok, prompts, sampling, cfg.template, progress="adapted")
-    with disable_adapters(model):
-        base = generate(model, tok, prompts, sampling, cfg.template, progress="base")
+    base, adapted = generate_base_and_adapted(model, tok, prompts, sampling, cfg.template, progress=True)
     refs = [e.references for e in splits.test]
     rows = {"base": rouge(base, refs), "lora": rouge(adapted, refs)}
     gains = {k: {"absolute": rows["lora"][k] - rows["base"][k],
@@ -147,7 +143,7 @@ def response_loss(model, examples, collate, batch_size: int) -> float:
     total, count = 0.0, 0
     for i in range(0, len(examples), batch_size):
         batch = collate(examples[i:i + batch_size])
-        labels = batch["labels"] if getattr(model.config, "is_encoder_decoder", False) else batch["labels"][:, 1:]
+        labels = batch["labels"] if is_seq2seq(model) else batch["labels"][:, 1:]
         n = int((labels != -100).sum())  # causal LMs shift labels by one; seq2seq labels are not shifted
         total += model(**batch).loss.item() * n
         count += n
@@ -164,10 +160,7 @@ def eval_instruct(model, tok, splits, cfg) -> dict:
     chosen = splits.test[: cfg.num_samples]
     sampling = Sampling(max_new_tokens=cfg.max_new_tokens)
     prompts = _prompts(model, tok, chosen, cfg)
-    with merged(model):
-        gen_a = generate(model, tok, prompts, sampling, cfg.template)
-    with disable_adapters(model):
-        gen_b = generate(model, tok, prompts, sampling, cfg.template)
+    gen_b, gen_a = generate_base_and_adapted(model, tok, prompts, sampling, cfg.template)
     samples = [{"instruction": e.instruction, "input": e.prompt_input, "reference": e.response, "base": b, "lora": a}
                for e, b, a in zip(chosen, gen_b, gen_a)]
     return {"metrics": rows, "primary": "loss", "lower_is_better": True, "samples": samples}

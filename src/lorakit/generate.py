@@ -8,7 +8,8 @@ from typing import Iterator
 
 import torch
 
-from .inject import merge, unmerge
+from .inject import disable_adapters, merge, unmerge
+from .models import is_seq2seq
 
 
 @dataclass
@@ -59,7 +60,7 @@ def generate(model, tok, prompts: list[str], sampling: Sampling, template: str =
     """Completions for `prompts` (already templated for causal models; raw inputs for seq2seq)."""
     from tqdm.auto import tqdm
     model.eval()
-    seq2seq = getattr(model.config, "is_encoder_decoder", False)
+    seq2seq = is_seq2seq(model)
     if sampling.seed is not None:
         torch.manual_seed(sampling.seed)
     device = next(model.parameters()).device
@@ -75,6 +76,16 @@ def generate(model, tok, prompts: list[str], sampling: Sampling, template: str =
         new = ids if seq2seq else ids[:, enc["input_ids"].shape[1]:]
         out += [t.strip() for t in tok.batch_decode(new, skip_special_tokens=True)]
     return out
+
+
+def generate_base_and_adapted(model, tok, prompts: list[str], sampling: Sampling, template: str = "alpaca",
+                              progress: bool = False) -> tuple[list[str], list[str]]:
+    """(base completions, adapted completions) for the same prompts: adapter merged for speed, then disabled."""
+    with merged(model):
+        adapted = generate(model, tok, prompts, sampling, template, progress="adapted" if progress else None)
+    with disable_adapters(model):
+        base = generate(model, tok, prompts, sampling, template, progress="base" if progress else None)
+    return base, adapted
 
 
 def stream(model, tok, prompt: str, sampling: Sampling, template: str = "alpaca") -> Iterator[str]:

@@ -13,7 +13,7 @@ from typing import Iterator
 
 from torch import nn
 
-from .lora import LoRAConfig, LoRAError, LoRALinear, is_lora_target_type
+from .lora import LoRAConfig, LoRAError, LoRALinear, is_lora_target_type, linear_features
 
 HEAD_NAMES = ("lm_head", "out_head", "classifier", "score")
 REGISTRY = "lorakit_adapters"
@@ -52,12 +52,8 @@ def vocab_size(model: nn.Module) -> int | None:
     return max(sizes) if sizes else None
 
 
-def _out_features(m: nn.Module) -> int:
-    return m.out_features if hasattr(m, "out_features") else m.weight.shape[-1]  # Conv1D: (in, out)
-
-
 def _is_head(qualified: str, module: nn.Module, vocab: int | None) -> bool:
-    return qualified.split(".")[-1] in HEAD_NAMES or (vocab is not None and _out_features(module) == vocab)
+    return qualified.split(".")[-1] in HEAD_NAMES or (vocab is not None and linear_features(module)[1] == vocab)
 
 
 def _closest(wanted: str, names: list[str]) -> str:

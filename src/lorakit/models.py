@@ -147,6 +147,11 @@ def load_model(spec: str, task: str = "instruct", num_labels: int | None = None,
     return model, tok
 
 
+def is_seq2seq(model: nn.Module) -> bool:
+    """Whether the model is an encoder-decoder (T5): the input goes to the encoder, the target to the decoder."""
+    return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+
+
 def head_name(model: nn.Module) -> str | None:
     """The name of a sequence classifier's head module (`classifier` for BERT, `score` for Llama/GPT-2)."""
     for name in ("classifier", "score"):

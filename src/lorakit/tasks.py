@@ -14,6 +14,7 @@ from .collate import classification_batch, pack, packed_batch, pad_batch, seq2se
 from .config import RunConfig
 from .data import (ClassificationData, InstructionData, LoadStats, PromptData, SummarizationData, balance,
                    stratified_split)
+from .models import is_seq2seq
 
 
 @dataclass
@@ -74,10 +75,6 @@ def load_splits(cfg: RunConfig) -> Splits:
     return Splits(_limit(parts["train"], cfg.max_records),
                   _limit(parts["val"], cfg.max_val_records or cfg.max_eval_records),
                   _limit(parts["test"], cfg.max_eval_records), labels, stats)
-
-
-def is_seq2seq(model) -> bool:
-    return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
 
 
 def encode_prompts(cfg: RunConfig, examples: list, tokenizer, model, stats=None) -> list:
