@@ -154,7 +154,7 @@ def _pattern_value(path: str, pattern: dict, default):
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike, adapter: str = "default",
-                 quantize: str | None = None) -> nn.Module:
+                 quantize: str | None = None, quant_backend: str = "auto") -> nn.Module:
     """Add the adapter saved at `path` (by lorakit or by PEFT) to `model` under `adapter`, and make it active.
     quantize="nf4" stores the adapted layers' base weights in NF4 first (QLoRA: the base is re-quantised on load)."""
     d = Path(path)
@@ -203,7 +203,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter: str = "defa
         raise LoRAError(f"{d}: {WEIGHTS_NAME} holds no lora_A/lora_B tensors")
     r, alpha = int(cfg.get("r", 8)), float(cfg.get("lora_alpha", 8))
     config = LoRAConfig(r=r, alpha=alpha, dropout=float(cfg.get("lora_dropout") or 0.0), targets=list(lora),
-                        trainable=tuple(trainable), rslora=bool(cfg.get("use_rslora", False)), quantize=quantize)
+                        trainable=tuple(trainable), rslora=bool(cfg.get("use_rslora", False)), quantize=quantize,
+                        quant_backend=quant_backend)
     add_lora(model, config, adapter, targets=list(lora))
     for mpath, pair in lora.items():
         layer = model.get_submodule(mpath)

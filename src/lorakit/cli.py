@@ -74,8 +74,10 @@ def recipe_path(name: str) -> Path:
 def _overrides(args: argparse.Namespace) -> dict:
     keys = ("model", "data", "out", "epochs", "max_steps", "batch_size", "grad_accum", "lr", "seed", "max_records",
             "max_eval_records", "checkpoint_every", "eval_every", "r", "alpha", "dropout", "exclude", "max_length",
-            "mixed_precision", "strategy", "quantize", "optimizer")
+            "mixed_precision", "strategy", "quantize", "quant_backend", "optimizer", "method")
     out = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+    if out.get("method") in ("full", "lora") and "quantize" not in out:
+        out["quantize"] = ""  # --method lora on a QLoRA recipe: plain LoRA
     if args.targets is not None:
         out["targets"] = _targets(args.targets)
     if args.rslora:
@@ -83,7 +85,13 @@ def _overrides(args: argparse.Namespace) -> dict:
     for flag in ("pack", "gradient_checkpointing", "skip_invalid"):
         if getattr(args, flag):
             out[flag] = True
-    for item in args.set or []:
+    return out | _set_pairs(args.set)
+
+
+def _set_pairs(items: list[str] | None) -> dict:
+    """--set KEY=VALUE flags as a dict."""
+    out = {}
+    for item in items or []:
         if "=" not in item:
             raise UserError(f"--set {item!r}: use KEY=VALUE, e.g. --set warmup=0.1")
         k, v = item.split("=", 1)
@@ -105,10 +113,26 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     """Evaluate a trained run against its base model on the run's test split."""
     from .evaluate import evaluate_run
-    evaluate_run(args.run, max_records=args.max_records)
+    evaluate_run(args.run, max_records=args.max_records, with_base=not getattr(args, "no_base", False))
     run = Path(args.run)
     print(f"\nlorakit: adapter  {run / 'adapter'}\nlorakit: report   {run / 'report.html'} (eval.json, "
           f"eval_samples.jsonl)\nlorakit: plots    {run / 'loss.png'}, {run / 'eval.png'}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    """Train and evaluate full fine-tuning, LoRA and QLoRA on the same recipe, data and seed; write compare.md,
+    compare.json and compare.png (a method that cannot run here is listed with the reason)."""
+    from .compare import METHODS, compare
+    from .config import load_recipe
+    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    bad = [m for m in methods if m not in METHODS]
+    if bad or not methods:
+        raise UserError(f"--methods: {', '.join(bad) or 'nothing given'}: choose from {', '.join(METHODS)}")
+    path = str(recipe_path(args.recipe))
+    overrides = _set_pairs(args.set)
+    out = args.out or str(Path("runs") / f"{load_recipe(path, overrides).name}-compare")
+    compare(path, out, quick=args.quick, methods=methods, overrides=overrides)
     return 0
 
 
@@ -208,6 +232,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: bf16 on a GPU that has it, fp32 on CPU")
     p.add_argument("--strategy", choices=("auto", "ddp", "fsdp"), help="on several processes: ddp (default) or fsdp")
     p.add_argument("--quantize", choices=("nf4",), help="QLoRA: adapted layers' base weights in 4-bit NF4")
+    p.add_argument("--method", choices=("full", "lora", "qlora"),
+                   help="lora (default), qlora (LoRA on an NF4 base) or full (train every parameter, save a model)")
+    p.add_argument("--quant-backend", choices=("auto", "torch", "bitsandbytes"),
+                   help="NF4 implementation: auto (bitsandbytes Linear4bit where installed, else lorakit's own)")
     p.add_argument("--optimizer", choices=("adamw", "paged_adamw_8bit"), help="paged 8-bit AdamW needs CUDA")
     p.add_argument("--pack", action="store_true", help="pack short examples into full rows")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward: less memory")
@@ -221,7 +249,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="evaluate a run: base vs adapted", description=cmd_eval.__doc__)
     p.add_argument("run", help="run directory written by `lorakit train`")
     p.add_argument("--max-records", type=int, default=0, help="evaluate on the first N test examples")
+    p.add_argument("--no-base", action="store_true", help="score only the trained model, not the base")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("compare", help="full fine-tuning vs LoRA vs QLoRA on one recipe: one table",
+                       description=cmd_compare.__doc__)
+    p.add_argument("recipe", help="a recipe file or a built-in recipe name")
+    p.add_argument("--out", help="output directory (default runs/NAME-compare)")
+    p.add_argument("--quick", action="store_true", help="a few hundred records, one epoch: minutes on a CPU")
+    p.add_argument("--methods", default="full,lora,qlora", help="comma-separated subset of full,lora,qlora")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("generate", help="generate text (or classify) with an adapter", description=cmd_generate.__doc__)
     p.add_argument("--adapter", help="adapter directory (runs/NAME/adapter)")

@@ -41,6 +41,7 @@ class RunConfig:
     pack: bool = False
     group_by_length: bool = True  # batch examples of similar length: far less padding
     # lora
+    method: str = "lora"  # lora, qlora (lora on an NF4 base) or full (every parameter trained)
     r: int = 8
     alpha: float = 16
     dropout: float = 0.05
@@ -49,6 +50,7 @@ class RunConfig:
     rslora: bool = False
     quantize: str = ""  # "nf4": QLoRA (base weights of the adapted layers in 4-bit NormalFloat)
     quantize_all: bool = False  # with quantize: the non-adapted linears too
+    quant_backend: str = "auto"  # torch (lorakit's NF4), bitsandbytes (Linear4bit); auto: bitsandbytes where installed
     # train
     epochs: float = 1.0
     max_steps: int = 0
@@ -94,6 +96,7 @@ class RunConfig:
 
 FIELDS = {f.name: f for f in fields(RunConfig)}
 SECTIONS = ("model", "data", "lora", "train", "eval")
+METHODS = ("full", "lora", "qlora")
 
 
 def _coerce(key: str, value, where: str):
@@ -183,6 +186,14 @@ def validate(cfg: RunConfig, where: str) -> RunConfig:
         raise ConfigError(f"{where}: template {cfg.template!r} must be alpaca or chat")
     if cfg.quantize not in ("", "nf4"):
         raise ConfigError(f"{where}: quantize {cfg.quantize!r} must be nf4 or empty")
+    if cfg.method not in METHODS:
+        raise ConfigError(f"{where}: method {cfg.method!r} must be one of {', '.join(METHODS)}")
+    if cfg.method == "full" and cfg.quantize:
+        raise ConfigError(f"{where}: method full trains every weight in full precision; it cannot use quantize")
+    if cfg.method == "qlora" or cfg.quantize:  # one meaning each: qlora is lora with quantize=nf4
+        cfg.method, cfg.quantize = "qlora", cfg.quantize or "nf4"
+    if cfg.quant_backend not in ("auto", "torch", "bitsandbytes"):
+        raise ConfigError(f"{where}: quant_backend {cfg.quant_backend!r} must be auto, torch or bitsandbytes")
     if cfg.optimizer not in ("adamw", "paged_adamw_8bit"):
         raise ConfigError(f"{where}: optimizer {cfg.optimizer!r} must be adamw or paged_adamw_8bit")
     if cfg.strategy not in ("auto", "ddp", "fsdp"):

@@ -4,10 +4,13 @@ classify   accuracy, macro-F1, confusion matrix: base (its new head is untrained
            (the head trained on frozen base features), and the adapted model
 summarize  ROUGE-1/2/L/Lsum (rouge-score, stemmed, best over all references), absolute and relative gains
 instruct   mean loss and perplexity on held-out responses, plus sample generations
-Writes eval.json, report.html (see report.py) and the generations as JSONL into the run directory.
+Writes eval.json, report.html (see report.py) and the generations as JSONL into the run directory. The trained
+row is named by the run's method (lora, qlora or full); for a full fine-tune the base is a separately loaded copy.
+with_base=False leaves the base rows out (`lorakit compare` computes them once for all methods).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -17,9 +20,9 @@ import torch
 
 from .config import RunConfig, validate
 from .data import format_prompt
-from .generate import Sampling, generate_base_and_adapted
+from .generate import Sampling, generate, generate_base_and_adapted
 from .inject import disable_adapters
-from .models import head_name, is_seq2seq, load_adapted, load_model
+from .models import head_name, is_seq2seq, load_model, load_trained
 from .tasks import collate_for, encode_prompts, load_splits
 
 ROUGE_KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
@@ -85,22 +88,26 @@ def head_only_baseline(base, tok, train, test, cfg, epochs: int = 60) -> list[in
         return layer(test_x).argmax(-1).tolist()
 
 
-def eval_classify(model, tok, splits, cfg) -> dict:
+def eval_classify(model, tok, splits, cfg, tuned: str = "lora", with_base: bool = True) -> dict:
     gold = [e.label for e in splits.test]
     n = len(splits.labels)
     adapted, _ = _classify(model, tok, splits.test, cfg)
-    torch.manual_seed(cfg.seed)
-    base, _ = load_model(cfg.model, "classify", num_labels=n)
-    base_pred, _ = _classify(base, tok, splits.test, cfg)
-    head_pred = head_only_baseline(base, tok, splits.train, splits.test, cfg)
-    majority = max(range(n), key=lambda k: sum(1 for e in splits.train if e.label == k))
-    rows = {"base (untrained head)": classification_metrics(base_pred, gold, n),
-            "majority class": classification_metrics([majority] * len(gold), gold, n),
-            "head only": classification_metrics(head_pred, gold, n),
-            "lora": classification_metrics(adapted, gold, n)}
-    samples = [{"text": e.text, "label": splits.labels[e.label], "base": splits.labels[b],
-                "head_only": splits.labels[h], "lora": splits.labels[a]}
-               for e, b, h, a in zip(splits.test, base_pred, head_pred, adapted)]
+    samples = [{"text": e.text, "label": splits.labels[e.label]} for e in splits.test]
+    rows = {}
+    if with_base:
+        torch.manual_seed(cfg.seed)
+        base, _ = load_model(cfg.model, "classify", num_labels=n)
+        base_pred, _ = _classify(base, tok, splits.test, cfg)
+        head_pred = head_only_baseline(base, tok, splits.train, splits.test, cfg)
+        majority = max(range(n), key=lambda k: sum(1 for e in splits.train if e.label == k))
+        rows = {"base (untrained head)": classification_metrics(base_pred, gold, n),
+                "majority class": classification_metrics([majority] * len(gold), gold, n),
+                "head only": classification_metrics(head_pred, gold, n)}
+        for s, b, h in zip(samples, base_pred, head_pred):
+            s.update(base=splits.labels[b], head_only=splits.labels[h])
+    rows[tuned] = classification_metrics(adapted, gold, n)
+    for s, a in zip(samples, adapted):
+        s[tuned] = splits.labels[a]
     return {"metrics": rows, "primary": "accuracy", "labels": splits.labels, "samples": samples}
 
 
@@ -122,17 +129,28 @@ def _prompts(model, tok, examples, cfg) -> list[str]:
     return [format_prompt(tok, e.instruction, e.prompt_input, cfg.template) for e in examples]
 
 
-def eval_summarize(model, tok, splits, cfg) -> dict:
+def _base_and_tuned(model, base_model, tok, prompts, sampling, cfg, with_base: bool, progress: bool = False):
+    """(base completions or None, tuned completions): the base from `base_model`, or the model with LoRA off."""
+    if base_model is None and with_base:
+        return generate_base_and_adapted(model, tok, prompts, sampling, cfg.template, progress=progress)
+    tuned = generate(model, tok, prompts, sampling, cfg.template, progress="tuned" if progress else None)
+    if not with_base:
+        return None, tuned
+    return generate(base_model, tok, prompts, sampling, cfg.template, progress="base" if progress else None), tuned
+
+
+def eval_summarize(model, tok, splits, cfg, tuned: str = "lora", with_base: bool = True, base_model=None) -> dict:
     sampling = Sampling(max_new_tokens=cfg.max_new_tokens)
     prompts = _prompts(model, tok, splits.test, cfg)
-    base, adapted = generate_base_and_adapted(model, tok, prompts, sampling, cfg.template, progress=True)
+    base, adapted = _base_and_tuned(model, base_model, tok, prompts, sampling, cfg, with_base, progress=True)
     refs = [e.references for e in splits.test]
-    rows = {"base": rouge(base, refs), "lora": rouge(adapted, refs)}
-    gains = {k: {"absolute": rows["lora"][k] - rows["base"][k],
-                 "relative": (rows["lora"][k] - rows["base"][k]) / rows["base"][k] if rows["base"][k] else None}
-             for k in ROUGE_KEYS}
-    samples = [{"dialogue": e.prompt_input, "references": e.references, "base": b, "lora": a}
-               for e, b, a in zip(splits.test, base, adapted)]
+    rows = {"base": rouge(base, refs)} if with_base else {}
+    rows[tuned] = rouge(adapted, refs)
+    gains = {k: {"absolute": rows[tuned][k] - rows["base"][k],
+                 "relative": (rows[tuned][k] - rows["base"][k]) / rows["base"][k] if rows["base"][k] else None}
+             for k in ROUGE_KEYS} if with_base else {}
+    samples = [{"dialogue": e.prompt_input, "references": e.references} | ({"base": b} if with_base else {})
+               | {tuned: a} for e, b, a in zip(splits.test, base or adapted, adapted)]
     return {"metrics": rows, "gains": gains, "primary": "rouge1", "samples": samples}
 
 
@@ -150,19 +168,21 @@ def response_loss(model, examples, collate, batch_size: int) -> float:
     return total / max(count, 1)
 
 
-def eval_instruct(model, tok, splits, cfg) -> dict:
+def eval_instruct(model, tok, splits, cfg, tuned: str = "lora", with_base: bool = True, base_model=None) -> dict:
     encoded = encode_prompts(cfg, splits.test, tok, model)
     collate = collate_for(cfg, tok, model)
-    adapted = response_loss(model, encoded, collate, cfg.batch_size)
-    with disable_adapters(model):
-        base = response_loss(model, encoded, collate, cfg.batch_size)
-    rows = {name: {"loss": v, "perplexity": math.exp(min(v, 50))} for name, v in (("base", base), ("lora", adapted))}
+    losses = {}
+    if with_base:
+        with disable_adapters(model) if base_model is None else contextlib.nullcontext():
+            losses["base"] = response_loss(base_model or model, encoded, collate, cfg.batch_size)
+    losses[tuned] = response_loss(model, encoded, collate, cfg.batch_size)
+    rows = {name: {"loss": v, "perplexity": math.exp(min(v, 50))} for name, v in losses.items()}
     chosen = splits.test[: cfg.num_samples]
     sampling = Sampling(max_new_tokens=cfg.max_new_tokens)
     prompts = _prompts(model, tok, chosen, cfg)
-    gen_b, gen_a = generate_base_and_adapted(model, tok, prompts, sampling, cfg.template)
-    samples = [{"instruction": e.instruction, "input": e.prompt_input, "reference": e.response, "base": b, "lora": a}
-               for e, b, a in zip(chosen, gen_b, gen_a)]
+    gen_b, gen_a = _base_and_tuned(model, base_model, tok, prompts, sampling, cfg, with_base)
+    samples = [{"instruction": e.instruction, "input": e.prompt_input, "reference": e.response}
+               | ({"base": b} if with_base else {}) | {tuned: a} for e, b, a in zip(chosen, gen_b or gen_a, gen_a)]
     return {"metrics": rows, "primary": "loss", "lower_is_better": True, "samples": samples}
 
 
@@ -175,7 +195,7 @@ def run_config(run_dir: Path) -> RunConfig:
     return validate(RunConfig(**json.loads(f.read_text())["config"]), str(f))
 
 
-def evaluate_run(run_dir: str | Path, max_records: int = 0) -> dict:
+def evaluate_run(run_dir: str | Path, max_records: int = 0, with_base: bool = True) -> dict:
     """Evaluate a trained run on its test split; writes eval.json, report.html and samples into run_dir."""
     from .report import print_table, write_report
     run_dir = Path(run_dir)
@@ -184,12 +204,17 @@ def evaluate_run(run_dir: str | Path, max_records: int = 0) -> dict:
         cfg.max_eval_records = max_records
     t0 = time.perf_counter()
     splits = load_splits(cfg)
-    model, tok, _ = load_adapted(run_dir / "adapter", model=cfg.model)
-    fn = {"classify": eval_classify, "summarize": eval_summarize, "instruct": eval_instruct}[cfg.task]
-    result = fn(model, tok, splits, cfg)
+    full = cfg.method == "full"
+    model, tok, _ = load_trained(run_dir / ("model" if full else "adapter"), model=cfg.model)
+    if cfg.task == "classify":
+        result = eval_classify(model, tok, splits, cfg, cfg.method, with_base)
+    else:
+        base = load_model(cfg.model, cfg.task)[0] if full and with_base else None  # a full fine-tune has no "off"
+        fn = eval_summarize if cfg.task == "summarize" else eval_instruct
+        result = fn(model, tok, splits, cfg, cfg.method, with_base, base)
     samples = result.pop("samples")
-    result.update(task=cfg.task, run=cfg.name, model=cfg.model, test_examples=len(splits.test),
-                  seconds=time.perf_counter() - t0)
+    result.update(task=cfg.task, run=cfg.name, model=cfg.model, method=cfg.method, tuned=cfg.method,
+                  test_examples=len(splits.test), seconds=time.perf_counter() - t0)
     (run_dir / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
     with open(run_dir / "eval_samples.jsonl", "w") as f:
         for s in samples:

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import UserError
-from .quant import NF4Matmul, NF4Weight, dequantize_nf4, quantize_nf4
+from .quant import (BACKENDS, NF4Matmul, NF4Weight, bnb_dequantize, bnb_linear4bit, bnb_nbytes, dequantize_nf4,
+                    quantize_nf4, resolve_backend)
 
 try:  # GPT-2 style linear with a transposed (in, out) weight; optional so a plain-torch model needs no transformers
     from transformers.pytorch_utils import Conv1D
@@ -43,6 +44,7 @@ class LoRAConfig:
     rslora: bool = False
     quantize: str | None = None  # "nf4": QLoRA, the adapted layers' base weights stored in 4-bit NormalFloat
     quantize_all: bool = False  # with quantize: every other linear too (not the heads, not `trainable` modules)
+    quant_backend: str = "auto"  # "torch" (quant.py), "bitsandbytes" (Linear4bit), "auto": bitsandbytes where installed
 
     def __post_init__(self) -> None:
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
@@ -53,6 +55,8 @@ class LoRAConfig:
             raise LoRAError(f"dropout must be in [0, 1), got {self.dropout!r}")
         if self.quantize not in (None, "nf4"):
             raise LoRAError(f"quantize must be None or 'nf4', got {self.quantize!r}")
+        if self.quant_backend not in BACKENDS:
+            raise LoRAError(f"quant_backend must be one of {', '.join(BACKENDS)}, got {self.quant_backend!r}")
         if not isinstance(self.targets, str):
             self.targets = tuple(self.targets)
             if not self.targets:
@@ -173,7 +177,7 @@ class LoRALinear(nn.Module):
         """Add adapter `name`: A Kaiming-uniform (as nn.Linear inits its weight), B zero."""
         if name in self.lora_A:
             raise LoRAError(f"adapter {name!r} already exists on this layer")
-        dev, dt = self.nf4_codes.device if self.quantized else self.weight.device, self._lora_dtype()
+        dev, dt = self._device(), self._lora_dtype()
         A = torch.empty(r, self.in_features, device=dev, dtype=dt)
         nn.init.kaiming_uniform_(A, a=math.sqrt(5))
         self.lora_A[name] = nn.Parameter(A)
@@ -186,21 +190,44 @@ class LoRALinear(nn.Module):
         dt = self.nf4_dtype if self.quantized else self.weight.dtype
         return dt if dt.is_floating_point and dt.itemsize >= 4 else torch.float32
 
-    # ---- QLoRA: the frozen base weight in NF4 (quant.py), rebuilt block by block in each forward
+    def _device(self) -> torch.device:
+        if self.quant_backend == "bitsandbytes":
+            return self.base4.weight.device
+        return self.nf4_codes.device if self.quantized else self.weight.device
+
+    # ---- QLoRA: the frozen base weight in NF4, rebuilt block by block in each forward: by quant.py ("torch") or by
+    # a bitsandbytes Linear4bit child ("bitsandbytes", the CUDA default)
 
     @property
     def quantized(self) -> bool:
-        return getattr(self, "nf4_codes", None) is not None
+        return getattr(self, "nf4_codes", None) is not None or getattr(self, "base4", None) is not None
+
+    @property
+    def quant_backend(self) -> str | None:
+        if getattr(self, "base4", None) is not None:
+            return "bitsandbytes"
+        return "torch" if self.quantized else None
 
     @torch.no_grad()
-    def quantize_(self) -> None:
-        """Store the base weight as NF4 codes (buffers, so .to(device) moves them) and drop the dense weight."""
+    def quantize_(self, backend: str = "auto") -> None:
+        """Store the base weight in NF4 and drop the dense weight: as buffers (.to(device) moves them) or a
+        bitsandbytes Linear4bit child."""
         w = self.weight.detach()
-        q = quantize_nf4(w.t() if self.fan_in_fan_out else w)  # always (out, in)
-        self.nf4_shape, self.nf4_dtype = q.shape, q.dtype
+        w = w.t() if self.fan_in_fan_out else w  # always (out, in)
+        self.nf4_shape, self.nf4_dtype = w.shape, w.dtype
         self.weight = None
+        if resolve_backend(backend) == "bitsandbytes":
+            self.base4 = bnb_linear4bit(w)
+            return
+        q = quantize_nf4(w)
         for k in ("codes", "scale_codes", "scale_scale", "scale_mean"):
             self.register_buffer(f"nf4_{k}", getattr(q, k))
+
+    def nf4_nbytes(self) -> int:
+        """Bytes the quantised base weight takes (codes and scales); 0 when not quantised."""
+        if self.quant_backend == "bitsandbytes":
+            return bnb_nbytes(self.base4)
+        return self.nf4().nbytes() if self.quantized else 0
 
     def nf4(self) -> NF4Weight:
         return NF4Weight(self.nf4_codes, self.nf4_scale_codes, self.nf4_scale_scale, self.nf4_scale_mean,
@@ -209,9 +236,13 @@ class LoRALinear(nn.Module):
     @torch.no_grad()
     def dequantize_(self) -> None:
         """Back to a dense (full-precision) base weight; NF4 rounding stays in it."""
-        w = dequantize_nf4(self.nf4())
-        for k in ("codes", "scale_codes", "scale_scale", "scale_mean"):
-            delattr(self, f"nf4_{k}")
+        if self.quant_backend == "bitsandbytes":
+            w = bnb_dequantize(self.base4).to(self.nf4_dtype)
+            del self.base4
+        else:
+            w = dequantize_nf4(self.nf4())
+            for k in ("codes", "scale_codes", "scale_scale", "scale_mean"):
+                delattr(self, f"nf4_{k}")
         self.weight = nn.Parameter(w.t().contiguous() if self.fan_in_fan_out else w, requires_grad=False)
 
     def remove(self, name: str) -> None:
@@ -237,13 +268,14 @@ class LoRALinear(nn.Module):
             return
         if self.merged is not None:
             self.unmerge()
+        backend = self.quant_backend or "auto"
         if self.quantized:
             self.dequantize_()
         self.weight.data += self.delta_weight(self.active).to(self.weight.dtype)
         self.merged = self.active
         if requantize:
             warnings.warn("re-quantising the merged weight to NF4 rounds it: outputs move slightly", stacklevel=2)
-            self.quantize_()
+            self.quantize_(backend)
 
     @torch.no_grad()
     def unmerge(self) -> None:
@@ -254,6 +286,9 @@ class LoRALinear(nn.Module):
             self.merged = None
 
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.quant_backend == "bitsandbytes":
+            out = self.base4(x)
+            return out if self.bias is None else out.add_(self.bias)
         if self.quantized:
             return NF4Matmul.apply(x, self.nf4(), self.bias)
         w = self.weight.t() if self.fan_in_fan_out else self.weight
@@ -274,7 +309,7 @@ class LoRALinear(nn.Module):
     def extra_repr(self) -> str:
         ranks = {n: a.shape[0] for n, a in self.lora_A.items()}
         return (f"in={self.in_features}, out={self.out_features}, adapters={ranks}, active={self.active!r}"
-                f"{', conv1d' if self.fan_in_fan_out else ''}{', nf4' if self.quantized else ''}")
+                f"{', conv1d' if self.fan_in_fan_out else ''}{f', nf4 ({self.quant_backend})' if self.quantized else ''}")
 
     def unwrap(self) -> nn.Module:
         """The original module, holding this layer's (possibly merged) weight and bias."""

@@ -160,6 +160,21 @@ def head_name(model: nn.Module) -> str | None:
     return None
 
 
+def load_trained(path: str | Path, model: str | None = None) -> tuple[nn.Module, object, dict]:
+    """A trained result: an adapter directory (see load_adapted) or a full fine-tune's model directory."""
+    p = Path(path)
+    if (p / "adapter_config.json").is_file():
+        return load_adapted(p, model)
+    if not (p / "config.json").is_file():
+        raise ModelError(f"{p}: neither an adapter (adapter_config.json) nor a model directory (config.json)")
+    from .adapters import read_metadata
+    meta = read_metadata(p)
+    labels = meta.get("labels")
+    net, tok = load_model(str(p), meta.get("task") or "instruct", num_labels=len(labels) if labels else None)
+    net.eval()
+    return net, tok, meta
+
+
 def load_adapted(adapter_dir: str | Path, model: str | None = None, adapter: str = "default") -> tuple[nn.Module, object, dict]:
     """Rebuild a trained model from an adapter directory: base model (from lorakit.json or `model`), the task's
     head with the saved label names, and the adapter. Returns (model, tokenizer, metadata)."""

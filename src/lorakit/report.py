@@ -21,9 +21,9 @@ def print_table(result: dict) -> None:
     for k, g in (result.get("gains") or {}).items():
         rel = f"{100 * g['relative']:+.1f}%" if g["relative"] is not None else "n/a"
         print(f"gain {k:<17}{g['absolute']:>+12.4f} ({rel})")
-    key, rows = result["primary"], result["metrics"]
-    others = ", ".join(f"{name} {v[key]:.4f}" for name, v in rows.items() if name != "lora")
-    print(f"\ntest {key}: LoRA {rows['lora'][key]:.4f} vs {others}")
+    key, rows, tuned = result["primary"], result["metrics"], result.get("tuned", "lora")
+    others = ", ".join(f"{name} {v[key]:.4f}" for name, v in rows.items() if name != tuned)
+    print(f"\ntest {key}: {tuned} {rows[tuned][key]:.4f}" + (f" vs {others}" if others else ""))
 
 
 def plot_eval(result: dict, path: Path) -> None:
@@ -34,7 +34,8 @@ def plot_eval(result: dict, path: Path) -> None:
     rows = result["metrics"]
     if result["task"] == "classify":
         shown = [r for r in rows if "confusion" in rows[r] and r != "majority class"]
-        fig, axes = plt.subplots(1, len(shown), figsize=(3.6 * len(shown), 3.4))
+        fig, axes = plt.subplots(1, len(shown), figsize=(3.6 * len(shown), 3.4), squeeze=False)
+        axes = axes[0]
         labels = result["labels"]
         for ax, name in zip(axes, shown):
             cm = rows[name]["confusion"]
@@ -57,7 +58,7 @@ def plot_eval(result: dict, path: Path) -> None:
             ax.bar_label(bars, fmt="%.3f", fontsize=8)
         ax.set_xticks([j + width * (len(rows) - 1) / 2 for j in range(len(names))], names)
         ax.legend()
-        ax.set_title(f"{result['run']}: base vs LoRA")
+        ax.set_title(f"{result['run']}: " + " vs ".join(rows))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -102,7 +103,7 @@ vertical-align:top;white-space:pre-wrap;font-size:14px}}img{{max-width:100%}}</s
 ({100 * params.get('fraction', 0):.2f}%); training {timings.get('train_s', 0):.0f} s,
 {timings.get('steps', 0)} steps, {timings.get('tokens_per_s', 0):.0f} tokens/s.</p>
 <h2>Metrics</h2><table><tr><th></th>{head}</tr>{body}</table>
-{f'<h2>Gain of LoRA over base</h2><table><tr><th></th><th>absolute</th><th>relative</th></tr>{gains}</table>' if gains else ''}
+{f'<h2>Gain of {html.escape(result.get("tuned", "lora"))} over base</h2><table><tr><th></th><th>absolute</th><th>relative</th></tr>{gains}</table>' if gains else ''}
 <h2>Plots</h2>{_img(run_dir / 'eval.png')}{_img(run_dir / 'loss.png')}
 <h2>Examples, side by side</h2><table><tr>{''.join(f'<th>{html.escape(c)}</th>' for c in cols)}</tr>{examples}</table>
 </body></html>

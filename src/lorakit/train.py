@@ -2,7 +2,8 @@
 
 AdamW with warmup and a cosine/linear/constant schedule, gradient accumulation and clipping, mixed precision where
 the device has it, gradient checkpointing, validation every N steps with early stopping, checkpoints that resume
-to the same result, and at the end: the adapter (PEFT format), run.json and loss.png.
+to the same result, and at the end: the adapter (PEFT format), run.json and loss.png. With method=full the same
+loop trains every parameter and saves a whole model directory (model/) instead of an adapter.
 """
 from __future__ import annotations
 
@@ -129,6 +130,28 @@ def validate(model, examples: list, collate, batch_size: int, device, autocast, 
     return result
 
 
+def weights_state(net, full: bool) -> dict[str, torch.Tensor]:
+    """What training changes: the adapter's tensors, or (method=full) every tensor once (tied weights once)."""
+    if not full:
+        return adapter_state_dict(net)
+    seen, out = set(), {}
+    for k, v in net.state_dict().items():
+        if v.data_ptr() not in seen:
+            seen.add(v.data_ptr())
+            out[k] = v
+    return out
+
+
+def load_weights_state(net, state: dict[str, torch.Tensor], full: bool) -> None:
+    if full:
+        with torch.no_grad():
+            own = net.state_dict()
+            for k, v in state.items():
+                own[k].copy_(v)
+    else:
+        load_adapter_state(net, state)
+
+
 def _rng_state() -> dict:
     rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available():
@@ -137,13 +160,13 @@ def _rng_state() -> dict:
 
 
 def save_checkpoint(out: Path, model, optimizer, scheduler, state: TrainState, best_state: dict | None,
-                    accelerator, fsdp: bool = False) -> None:
+                    accelerator, fsdp: bool = False, full: bool = False) -> None:
     """Adapter tensors (safetensors), optimizer, scheduler, loop position and every rank's RNG, written atomically.
 
     Every rank calls this (gathering sharded state is collective); rank 0 writes all but the per-rank RNG files.
     """
     main = accelerator.is_main_process
-    adapter = adapter_state_dict(model)
+    adapter = weights_state(model, full)
     optim = optimizer_state(model, optimizer, fsdp)
     tmp = out / f"{CHECKPOINT}.tmp"
     if main:
@@ -164,10 +187,10 @@ def save_checkpoint(out: Path, model, optimizer, scheduler, state: TrainState, b
     accelerator.wait_for_everyone()
 
 
-def load_checkpoint(out: Path, model, optimizer, scheduler, accelerator, fsdp: bool = False
+def load_checkpoint(out: Path, model, optimizer, scheduler, accelerator, fsdp: bool = False, full: bool = False
                     ) -> tuple[TrainState, dict | None]:
     ck = out / CHECKPOINT
-    load_adapter_state(model, load_file(ck / "adapter_model.safetensors"))
+    load_weights_state(model, load_file(ck / "adapter_model.safetensors"), full)
     best = load_file(ck / "best_adapter.safetensors") if (ck / "best_adapter.safetensors").exists() else None
     blob = torch.load(ck / "trainer_state.pt", weights_only=True)
     load_optimizer_state(model, optimizer, blob["optimizer"], fsdp)
@@ -179,6 +202,15 @@ def load_checkpoint(out: Path, model, optimizer, scheduler, accelerator, fsdp: b
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
     return TrainState(**json.loads((ck / "state.json").read_text())), best
+
+
+def peak_memory() -> dict:
+    """This process's peak memory so far: max allocated on a GPU, else peak RSS (loading included)."""
+    if torch.cuda.is_available():
+        return {"peak_memory_gb": torch.cuda.max_memory_allocated() / 1e9, "memory_kind": "GPU allocated"}
+    import resource
+    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
+    return {"peak_memory_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 1e9, "memory_kind": "RSS"}
 
 
 def versions() -> dict:
@@ -215,6 +247,15 @@ def plot_losses(state: TrainState, path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def save_full_model(net, tok, path: Path, meta: dict, state: dict | None = None) -> None:
+    """A whole fine-tuned model as a transformers directory (safetensors) with lorakit.json beside it."""
+    if state is not None:
+        load_weights_state(net, state, full=True)
+    net.save_pretrained(path)
+    tok.save_pretrained(path)
+    (path / "lorakit.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+
 def make_optimizer(cfg: RunConfig, groups: list[dict]) -> torch.optim.Optimizer:
     """AdamW, or bitsandbytes' paged 8-bit AdamW (QLoRA's choice) where bitsandbytes and CUDA are there."""
     if cfg.optimizer == "paged_adamw_8bit":
@@ -230,7 +271,8 @@ def make_optimizer(cfg: RunConfig, groups: list[dict]) -> torch.optim.Optimizer:
 
 
 def train(cfg: RunConfig, resume: bool = False) -> Path:
-    """Train `cfg`'s adapter; returns the run directory (adapter/, run.json, loss.png).
+    """Train `cfg`'s adapter (or, with method=full, the whole model); returns the run directory (adapter/ or
+    model/, run.json, loss.png).
 
     Under `accelerate launch` / `torchrun` every process runs this: `batch_size` is per device, each global
     micro-batch (batch_size x processes) is split between the ranks, and only rank 0 logs and writes.
@@ -258,9 +300,13 @@ def train(cfg: RunConfig, resume: bool = False) -> Path:
     head = head_name(model) if cfg.task == "classify" else None
     lcfg = LoRAConfig(r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, targets=cfg.targets, exclude=cfg.exclude,
                       trainable=(head,) if head else (), rslora=cfg.rslora, quantize=cfg.quantize or None,
-                      quantize_all=cfg.quantize_all)
+                      quantize_all=cfg.quantize_all, quant_backend=cfg.quant_backend)
     set_seed(cfg.seed)
-    add_lora(model, lcfg)
+    full = cfg.method == "full"
+    if full:
+        model.requires_grad_(True)
+    else:
+        add_lora(model, lcfg)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()  # the frozen base's activations must carry grad to reach LoRA
@@ -275,6 +321,9 @@ def train(cfg: RunConfig, resume: bool = False) -> Path:
     if cfg.quantize and strategy == "fsdp" and world > 1:
         from .errors import UserError
         raise UserError("quantize=nf4 with --strategy fsdp is not supported yet: use DDP (the default) for QLoRA")
+    if full and strategy == "fsdp" and world > 1:
+        from .errors import UserError
+        raise UserError("method full with --strategy fsdp is not supported: use DDP (the default)")
     head_names = {f"{head}.{n}" for n, _ in model.get_submodule(head).named_parameters()} if head else set()
     model, fsdp = wrap_model(model, accelerator, strategy)  # FSDP swaps in sharded parameters: build AdamW after
     net = accelerator.unwrap_model(model)
@@ -304,7 +353,7 @@ def train(cfg: RunConfig, resume: bool = False) -> Path:
         if not (out / CHECKPOINT).is_dir():
             from .errors import UserError
             raise UserError(f"--resume: no checkpoint in {out / CHECKPOINT}; train without --resume first")
-        state, best_state = load_checkpoint(out, net, optimizer, scheduler, accelerator, fsdp)
+        state, best_state = load_checkpoint(out, net, optimizer, scheduler, accelerator, fsdp, full)
         log(f"lorakit: resumed at step {state.step} (epoch {state.epoch}, batch {state.micro})")
     log(f"lorakit: {len(data.train):,} training rows, {total} optimizer steps, lr {cfg.lr:g} ({cfg.schedule}), "
         f"precision {mixed_precision(cfg)}")
@@ -355,7 +404,7 @@ def train(cfg: RunConfig, resume: bool = False) -> Path:
                 if state.best_val is None or val["loss"] < state.best_val:
                     state.best_val, state.best_step, state.bad_evals = val["loss"], state.step, 0
                     # a copy: on CPU the state dict's tensors are the live parameters themselves
-                    best_state = {k: v.clone() for k, v in adapter_state_dict(net).items()}
+                    best_state = {k: v.clone() for k, v in weights_state(net, full).items()}
                 else:
                     state.bad_evals += 1
                     if cfg.early_stopping and state.bad_evals >= cfg.early_stopping:
@@ -363,21 +412,24 @@ def train(cfg: RunConfig, resume: bool = False) -> Path:
                         say(f"early stop at step {state.step}: no val improvement in {state.bad_evals} evaluations")
                         break
             if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0:
-                save_checkpoint(out, net, optimizer, scheduler, state, best_state, accelerator, fsdp)
+                save_checkpoint(out, net, optimizer, scheduler, state, best_state, accelerator, fsdp, full)
         if state.micro >= len(order):
             state.epoch, state.micro = state.epoch + 1, 0
     bar.close()
 
     if cfg.checkpoint_every:
-        save_checkpoint(out, net, optimizer, scheduler, state, best_state, accelerator, fsdp)
+        save_checkpoint(out, net, optimizer, scheduler, state, best_state, accelerator, fsdp, full)
     keep_best = best_state is not None and state.best_step != state.step
-    final = best_state if keep_best else adapter_state_dict(net)  # gathered on every rank: collective under FSDP
+    final = best_state if keep_best else weights_state(net, full)  # gathered on every rank: collective under FSDP
     if main:
         if keep_best:
             log(f"lorakit: keeping the adapter of step {state.best_step} (best val loss {state.best_val:.4f})")
         meta = {"task": cfg.task, "model": cfg.model, "labels": splits.labels, "template": cfg.template,
-                "max_length": cfg.max_length, "run": cfg.name, "quantize": cfg.quantize or None}
-        save_adapter(net, out / "adapter", metadata=meta, state=final)
+                "max_length": cfg.max_length, "run": cfg.name, "quantize": cfg.quantize or None, "method": cfg.method}
+        if full:
+            save_full_model(net, tok, out / "model", meta, final if keep_best else None)
+        else:
+            save_adapter(net, out / "adapter", metadata=meta, state=final)
         run = {"config": cfg.to_dict(), "versions": versions(), "parameters": report.to_dict(),
                "data": splits.stats | {"train_rows": len(data.train), "val_rows": len(data.val),
                                        "test_rows": len(splits.test), "notes": data.notes},
@@ -388,10 +440,12 @@ def train(cfg: RunConfig, resume: bool = False) -> Path:
                            "val_history": state.val_history, "stopped_early": state.stopped_early},
                "timings": {"total_s": time.perf_counter() - t_start, "train_s": state.train_seconds,
                            "steps": state.step, "tokens": state.tokens,
-                           "tokens_per_s": state.tokens / max(state.train_seconds, 1e-9)},
+                           "tokens_per_s": state.tokens / max(state.train_seconds, 1e-9), **peak_memory()},
                "train_loss": state.train_loss}
         (out / "run.json").write_text(json.dumps(run, indent=2) + "\n")
-        plot_losses(state, out / "loss.png", f"{cfg.name}: {cfg.model} + LoRA r={cfg.r}")
-        log(f"lorakit: adapter -> {out / 'adapter'}; run.json and loss.png in {out}")
+        what = "full fine-tune" if full else f"{'QLoRA' if cfg.quantize else 'LoRA'} r={cfg.r}"
+        plot_losses(state, out / "loss.png", f"{cfg.name}: {cfg.model} + {what}")
+        log(f"lorakit: {'model' if full else 'adapter'} -> {out / ('model' if full else 'adapter')}; "
+            f"run.json and loss.png in {out}")
     accelerator.wait_for_everyone()
     return out
