@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.lorakit-installed
 
-.PHONY: setup run test bench clean
+.PHONY: setup browser run test bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -20,11 +20,18 @@ run: setup
 	$(VENV)/bin/lorakit train recipes/spam.yaml --out runs/spam
 	$(VENV)/bin/lorakit eval runs/spam
 
-test: setup
+# Debian's Chromium for the web page's browser test (skipped without it, except under CI where it must be there)
+browser:
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  (apt-get install -y -qq chromium >/dev/null 2>&1 || \
+	   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)) ; } || \
+	  echo "note: no chromium (apt-get install chromium): the page's browser test will be skipped"
+
+test: setup browser
 	$(PY) -m pytest -q
 
 bench: setup
 	$(PY) bench/step.py
 
 clean:
-	rm -rf $(VENV) build src/*.egg-info .pytest_cache
+	rm -rf $(VENV) build src/*.egg-info .pytest_cache test-artifacts

@@ -37,7 +37,8 @@ def build(case: str, dropout: float):
                                                      dtype=torch.float32, device_map="cpu")
         model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, target_modules=PROJECTIONS))
         from lorakit.quant import bnb_nbytes
-        lin4 = [m for m in model.modules() if type(m).__name__ == "Linear4bit"]
+        import bitsandbytes as bnb
+        lin4 = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]  # not peft's wrappers of them
         qbytes = sum(bnb_nbytes(m) for m in lin4)
         fp32 = sum(4 * m.in_features * m.out_features for m in lin4)
         return model, qbytes, fp32

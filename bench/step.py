@@ -1,7 +1,8 @@
 """One LoRA training step on SmolLM2-135M (fp32): lorakit against HF peft, in the same run.
 
 Each case runs in its own subprocess so its peak RSS is its own. Prints a table and writes bench/results/step.json.
-    python bench/step.py [--steps 5] [--dropout 0.05] [--cases peft,lorakit]
+    python bench/step.py [--steps 5] [--dropout 0.05] [--cases peft,lorakit,lorakit-label]
+lorakit-label: lorakit with its label-only chunked LM loss (loss.py) instead of transformers' full-logits loss.
 The helpers here (time_steps, run_cases, machine) are the harness the other step benchmarks share.
 """
 from __future__ import annotations
@@ -28,11 +29,11 @@ def build(case: str, dropout: float):
     from lorakit import LoRAConfig, add_lora
     from lorakit.models import load_model
     model, _ = load_model("smollm2", "instruct")
-    if case == "peft":
+    if case.startswith("peft"):
         from peft import LoraConfig, get_peft_model
         return get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, target_modules=PROJECTIONS,
                                                 task_type="CAUSAL_LM"))
-    if case == "lorakit":
+    if case.startswith("lorakit"):
         return add_lora(model, LoRAConfig(r=8, alpha=16, dropout=dropout, targets=PROJECTIONS))
     raise SystemExit(f"unknown case {case!r}")
 
@@ -54,9 +55,18 @@ def vm_hwm_gb() -> float:
     return float("nan")
 
 
+def loss_of(case: str):
+    """How a case computes its loss: transformers' `model(...).loss`, or lorakit's label-only chunked loss."""
+    if case.endswith("-label"):
+        from lorakit.loss import causal_lm_loss
+        return causal_lm_loss
+    return lambda model, batch: model(**batch).loss
+
+
 def time_steps(case: str, model, a: argparse.Namespace) -> dict:
     """Median wall time of AdamW training steps on random tokens (after warm-up), peak RSS, FLOP rate."""
     import torch
+    loss_fn = loss_of(case)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
     c = model.config  # weights that take part in a matmul: the projections of every layer and the LM head
@@ -68,7 +78,7 @@ def time_steps(case: str, model, a: argparse.Namespace) -> dict:
     times, losses = [], []
     for i in range(a.warmup + a.steps):
         t0 = time.perf_counter()
-        loss = model(input_ids=ids, labels=ids).loss
+        loss = loss_fn(model, {"input_ids": ids, "labels": ids})
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -122,7 +132,7 @@ def machine(bench: str, a: argparse.Namespace, results: list[dict]) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--cases", default="peft,lorakit")
+    ap.add_argument("--cases", default="peft,lorakit,lorakit-label")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--batch", type=int, default=4)
@@ -134,11 +144,11 @@ def main() -> None:
         return
     ref = next((r for r in results if r["case"] == "peft"), results[0])
     print(f"\nSmolLM2-135M fp32, batch {a.batch} x {a.seq}, r=8 on 7 projections, dropout {a.dropout}, AdamW, 2 threads")
-    print(f"{'case':<10} {'step s':>8} {'tokens/s':>9} {'GFLOP/s':>8} {'peak GB':>8} {'speed x':>8} {'mem x':>6}")
+    print(f"{'case':<14} {'step s':>8} {'tokens/s':>9} {'GFLOP/s':>8} {'peak GB':>8} {'speed x':>8} {'mem x':>6}")
     for r in results:
         r["speed_vs_peft"] = r["tokens_per_s"] / ref["tokens_per_s"]
         r["memory_vs_peft"] = r["peak_rss_gb"] / ref["peak_rss_gb"]
-        print(f"{r['case']:<10} {r['step_s']:>8.2f} {r['tokens_per_s']:>9.1f} {r['gflops']:>8.1f} "
+        print(f"{r['case']:<14} {r['step_s']:>8.2f} {r['tokens_per_s']:>9.1f} {r['gflops']:>8.1f} "
               f"{r['peak_rss_gb']:>8.2f} {r['speed_vs_peft']:>8.2f} {r['memory_vs_peft']:>6.2f}")
     machine("step", a, results)
 

@@ -44,6 +44,8 @@ def test_method_flag_and_recipe_key_agree(tmp_path):
     assert load_recipe(r, {"method": "lora", "quantize": ""}).method == "lora"
     with pytest.raises(ConfigError, match="method full .* cannot use quantize"):
         load_recipe(r, {"method": "full", "quantize": "nf4"})
+    assert load_recipe(r, {"method": "full", "quantize": "", "full_lr": 1e-5}).lr == 1e-5
+    assert load_recipe(r, {"method": "lora", "full_lr": 1e-5}).lr == load_recipe(r).lr  # full_lr is for full only
     with pytest.raises(ConfigError, match="method 'half'"):
         load_recipe(r, {"method": "half"})
 
@@ -71,6 +73,8 @@ def test_compare_produces_every_row_and_matches_each_runs_eval(tmp_path, llama_d
     add_lora(model, LoRAConfig(r=4, alpha=8, targets="all-linear", trainable=("score",)))
     assert rows["lora"]["trainable"] == parameter_report(model).trainable
     assert rows["qlora"]["trainable"] == rows["lora"]["trainable"]
+    lr = json.loads((out / "lora" / "run.json").read_text())["config"]["lr"]
+    assert rows["full"]["lr"] == pytest.approx(lr / 10) and rows["lora"]["lr"] == rows["qlora"]["lr"] == lr
     for method, row in rows.items():  # the table's numbers are each run's own eval.json
         ev = json.loads((out / method / "eval.json").read_text())
         assert row["metrics"] == ev["metrics"][method]

@@ -115,7 +115,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .evaluate import evaluate_run
     evaluate_run(args.run, max_records=args.max_records, with_base=not getattr(args, "no_base", False))
     run = Path(args.run)
-    print(f"\nlorakit: adapter  {run / 'adapter'}\nlorakit: report   {run / 'report.html'} (eval.json, "
+    saved = "model    " + str(run / "model") if (run / "model").is_dir() else "adapter  " + str(run / "adapter")
+    print(f"\nlorakit: {saved}\nlorakit: report   {run / 'report.html'} (eval.json, "
           f"eval_samples.jsonl)\nlorakit: plots    {run / 'loss.png'}, {run / 'eval.png'}")
     return 0
 
@@ -176,6 +177,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
             for piece in stream(model, tok, text, sampling, template):
                 print(piece, end="", flush=True)
             print()
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve a local web page: the base model's and each adapter's answers side by side, streaming."""
+    import importlib.util
+    if importlib.util.find_spec("gradio") is None:
+        raise UserError("the web page needs Gradio: pip install 'lorakit[app]' (or pip install gradio)")
+    from .app import Workbench
+    from .app.page import serve
+    wb = Workbench(args.model, args.adapter or [], task=args.task)
+    print(f"lorakit: serving {wb.spec} ({wb.task}) with adapters: {', '.join(wb.adapters) or 'none'} "
+          f"on http://{args.host}:{args.port}", flush=True)
+    serve(wb, args.host, args.port)
     return 0
 
 
@@ -256,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description=cmd_compare.__doc__)
     p.add_argument("recipe", help="a recipe file or a built-in recipe name")
     p.add_argument("--out", help="output directory (default runs/NAME-compare)")
-    p.add_argument("--quick", action="store_true", help="a few hundred records, one epoch: minutes on a CPU")
+    p.add_argument("--quick", action="store_true", help="a few hundred records: minutes on a CPU")
     p.add_argument("--methods", default="full,lora,qlora", help="comma-separated subset of full,lora,qlora")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key")
     p.set_defaults(func=cmd_compare)
@@ -275,6 +290,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", action="store_true", help="use the base model (adapter disabled)")
     p.add_argument("--no-stream", action="store_true")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("serve", help="web page: base and adapted answers side by side", description=cmd_serve.__doc__)
+    p.add_argument("--model", help="base model (default: the first adapter's, else smollm2)")
+    p.add_argument("--adapter", action="append", help="adapter or run directory; repeat for several")
+    p.add_argument("--task", choices=("classify", "instruct", "summarize"), help="default: the first adapter's")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=7860)
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("merge", help="write a merged Hugging Face model directory", description=cmd_merge.__doc__)
     p.add_argument("adapter"), p.add_argument("out"), p.add_argument("--model")

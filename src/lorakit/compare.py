@@ -17,7 +17,10 @@ import torch
 from .config import RunConfig, load_recipe
 
 METHODS = ("full", "lora", "qlora")
-QUICK = {"max_records": 300, "max_eval_records": 60, "epochs": 1.0}
+# a few hundred records; classification is cheap to score, so it gets a test split big enough to tell methods apart
+QUICK = {"classify": {"max_records": 500, "max_eval_records": 400, "epochs": 2.0},
+         "generate": {"max_records": 300, "max_eval_records": 60, "epochs": 1.0}}
+FULL_LR_FACTOR = 0.1  # without a recipe full_lr: LoRA's lr is typically ~10x what a full fine-tune of the model takes
 BASE_ROW = {"classify": "base (untrained head)", "summarize": "base", "instruct": "base"}
 
 
@@ -84,20 +87,22 @@ def compare(recipe: str, out: str | Path, quick: bool = False, methods: tuple[st
     overrides = dict(overrides or {})
     if quick:
         cfg0 = load_recipe(recipe, overrides)
-        for k, v in QUICK.items():
+        for k, v in QUICK["classify" if cfg0.task == "classify" else "generate"].items():
             current = getattr(cfg0, k)
             overrides.setdefault(k, min(current, v) if current else v)
     cfg = load_recipe(recipe, overrides)
     flags = [x for k, v in overrides.items() for x in ("--set", f"{k}={v}")]
     n_params = _count_params(cfg)
+    full_lr = cfg.full_lr or cfg.lr * FULL_LR_FACTOR
     rows, base = [], None
     for method in methods:
         run = out / method
         row = {"method": method, "run": str(run)}
         reason = why_not(method, n_params, cfg.quant_backend)
         if reason is None:
-            quant = ["--set", "quantize=nf4"] if method == "qlora" else ["--set", "quantize="]
-            reason = _run(["train", recipe, "--out", str(run), "--method", method, *quant, *flags], out / "compare.log")
+            own = {"qlora": ["--set", "quantize=nf4"], "lora": ["--set", "quantize="],
+                   "full": ["--set", "quantize=", "--set", f"full_lr={full_lr:g}"]}[method]
+            reason = _run(["train", recipe, "--out", str(run), "--method", method, *own, *flags], out / "compare.log")
         if reason is None:
             reason = _run(["eval", str(run), *([] if base is None else ["--no-base"])], out / "compare.log")
         if reason is not None:
@@ -112,7 +117,7 @@ def compare(recipe: str, out: str | Path, quick: bool = False, methods: tuple[st
         rows.append(row | {
             "trainable": info["parameters"]["trainable"], "total": info["parameters"]["total"],
             "peak_memory_gb": info["timings"].get("peak_memory_gb"), "memory_kind": info["timings"].get("memory_kind"),
-            "train_s": info["timings"]["train_s"], "tokens_per_s": info["timings"]["tokens_per_s"],
+            "lr": info["config"]["lr"], "train_s": info["timings"]["train_s"], "tokens_per_s": info["timings"]["tokens_per_s"],
             "saved_bytes": dir_size(saved), "metrics": ev["metrics"][method]})
     primary, lower = _primary(cfg.task)
     base_row = (base or {}).get(BASE_ROW[cfg.task])
@@ -149,19 +154,20 @@ def markdown(result: dict) -> str:
     m = result["machine"]
     lines = [f"## {result['name']}: {result['model']}, task {result['task']}{' (quick)' if result['quick'] else ''}",
              "", f"{m['device']}, torch {m['torch']}, {m['date']}. Metric: {p} on the test split"
-             f"{' (lower is better)' if result['lower_is_better'] else ''}; gain = improvement over the base.", "",
-             "| method | trainable | total | peak memory GB | train s | tokens/s | saved MB | " + p + " | gain |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             f"{' (lower is better)' if result['lower_is_better'] else ''}; gain = improvement over the base. Full "
+             f"fine-tuning takes the recipe's full_lr, or lr/10.", "",
+             "| method | trainable | total | lr | peak memory GB | train s | tokens/s | saved MB | " + p + " | gain |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     total = next((r["total"] for r in result["rows"] if "total" in r), result["n_params"])
     for name, values in (result["base"] or {}).items():
-        lines.append(f"| {name} | 0 | {total:,} | | | | | {values[p]:.4f} | |")
+        lines.append(f"| {name} | 0 | {total:,} | | | | | | {values[p]:.4f} | |")
     for r in result["rows"]:
         if "skipped" in r:
-            lines.append(f"| {r['method']} | not run: {r['skipped']} | | | | | | | |")
+            lines.append(f"| {r['method']} | not run: {r['skipped']} | | | | | | | | |")
             continue
         mem = f"{r['peak_memory_gb']:.2f} ({r['memory_kind']})" if r.get("peak_memory_gb") else ""
         gain = f"{r['gain']:+.4f}" if "gain" in r else ""
-        lines.append(f"| {r['method']} | {r['trainable']:,} | {r['total']:,} | {mem} | {r['train_s']:.0f} | "
+        lines.append(f"| {r['method']} | {r['trainable']:,} | {r['total']:,} | {r['lr']:g} | {mem} | {r['train_s']:.0f} | "
                      f"{r['tokens_per_s']:.0f} | {r['saved_bytes'] / 1e6:.1f} | {r['metrics'][p]:.4f} | {gain} |")
     return "\n".join(lines) + "\n"
 

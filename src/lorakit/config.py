@@ -59,12 +59,14 @@ class RunConfig:
     lr: float = 2e-4
     optimizer: str = "adamw"  # or paged_adamw_8bit (bitsandbytes, CUDA)
     head_lr: float = 0.0  # 0: same as lr
+    full_lr: float = 0.0  # lr when method is full (0: lr); `lorakit compare` defaults it to lr/10
     weight_decay: float = 0.0
     warmup: float = 0.05  # fraction of steps
     schedule: str = "cosine"
     max_grad_norm: float = 1.0
     mixed_precision: str = "auto"
     gradient_checkpointing: bool = False
+    label_only_loss: bool = True  # LM head + loss on labelled positions only, in chunks (exact; see loss.py)
     eval_every: int = 0  # 0: once per epoch
     early_stopping: int = 0  # evaluations without val improvement before stopping; 0: off
     checkpoint_every: int = 0
@@ -190,6 +192,8 @@ def validate(cfg: RunConfig, where: str) -> RunConfig:
         raise ConfigError(f"{where}: method {cfg.method!r} must be one of {', '.join(METHODS)}")
     if cfg.method == "full" and cfg.quantize:
         raise ConfigError(f"{where}: method full trains every weight in full precision; it cannot use quantize")
+    if cfg.method == "full" and cfg.full_lr > 0:  # a full fine-tune wants ~10x less than LoRA's lr
+        cfg.lr = cfg.full_lr
     if cfg.method == "qlora" or cfg.quantize:  # one meaning each: qlora is lora with quantize=nf4
         cfg.method, cfg.quantize = "qlora", cfg.quantize or "nf4"
     if cfg.quant_backend not in ("auto", "torch", "bitsandbytes"):

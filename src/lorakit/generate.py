@@ -88,8 +88,10 @@ def generate_base_and_adapted(model, tok, prompts: list[str], sampling: Sampling
     return base, adapted
 
 
-def stream(model, tok, prompt: str, sampling: Sampling, template: str = "alpaca") -> Iterator[str]:
-    """Yield the completion piece by piece as it is generated; stops at EOS or max_new_tokens."""
+def stream(model, tok, prompt: str, sampling: Sampling, template: str = "alpaca",
+           stats: dict | None = None) -> Iterator[str]:
+    """Yield the completion piece by piece as it is generated; stops at EOS or max_new_tokens.
+    `stats["tokens"]`, if given, counts the new tokens so far (the pieces are text, not tokens)."""
     from transformers import TextIteratorStreamer
     model.eval()
     if sampling.seed is not None:
@@ -97,19 +99,39 @@ def stream(model, tok, prompt: str, sampling: Sampling, template: str = "alpaca"
     device = next(model.parameters()).device
     enc = _encode(tok, [prompt], template, device)
     streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
+    counts = stats if stats is not None else {}
+    counts["tokens"] = 0
+    put = streamer.put
+
+    def counting_put(value: torch.Tensor) -> None:
+        if not streamer.next_tokens_are_prompt:
+            counts["tokens"] += value.numel()
+        put(value)
+
+    streamer.put = counting_put
     errors: list[BaseException] = []
+    stop = threading.Event()
 
     def work() -> None:
+        from transformers import StoppingCriteria, StoppingCriteriaList
+
+        class Stop(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs) -> torch.Tensor:
+                return torch.full((input_ids.shape[0],), stop.is_set(), dtype=torch.bool, device=input_ids.device)
         try:
             with torch.no_grad():
-                model.generate(**enc, **sampling.kwargs(tok), streamer=streamer)
+                model.generate(**enc, **sampling.kwargs(tok), streamer=streamer,
+                               stopping_criteria=StoppingCriteriaList([Stop()]))
         except BaseException as e:  # surfaced to the caller below, not lost in the thread
             errors.append(e)
             streamer.end()
 
     thread = threading.Thread(target=work, daemon=True)
     thread.start()
-    yield from streamer
-    thread.join()
+    try:
+        yield from streamer
+    finally:  # also when the consumer stops early (a closed web page): end the generation, free the model
+        stop.set()
+        thread.join()
     if errors:
         raise errors[0]

@@ -228,6 +228,28 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
             layer.merge()
 
 
+@contextlib.contextmanager
+def adapters_by_row(model: nn.Module, names: list[str | None]) -> Iterator[nn.Module]:
+    """Within the block, row i of every batch uses adapter names[i] (None: the base alone): one batch, and one
+    generate() call, serves requests for several adapters. For inference; merged adapters are taken out first."""
+    for name in dict.fromkeys(names):
+        if name is not None:
+            _info(model, name)
+    layers = [layer for _, layer in lora_layers(model)]
+    remerge = [layer for layer in layers if layer.merged is not None]
+    for layer in remerge:
+        layer.unmerge()
+    for layer in layers:
+        layer.row_adapters = list(names)
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.row_adapters = None
+        for layer in remerge:
+            layer.merge()
+
+
 def delete_adapter(model: nn.Module, name: str) -> None:
     """Remove adapter `name` from every layer; layers with no adapter left become their original modules."""
     _info(model, name)

@@ -168,6 +168,7 @@ class LoRALinear(nn.Module):
         self.active: str | None = None
         self.merged: str | None = None
         self.disabled = False
+        self.row_adapters: list[str | None] | None = None  # a batch mixing adapters: row i uses row_adapters[i]
         # The original module, kept out of the module tree, so merge_and_unload can hand back the original class.
         # It lets go of its weight meanwhile: a second reference would keep a full copy alive under FSDP sharding.
         base.weight, base.bias = None, None
@@ -294,8 +295,25 @@ class LoRALinear(nn.Module):
         w = self.weight.t() if self.fan_in_fan_out else self.weight
         return F.linear(x, w, self.bias)
 
+    def mixed_delta(self, x: torch.Tensor, rows: list[str | None]) -> torch.Tensor:
+        """The LoRA term of a batch whose row i uses adapter rows[i] (None: none): one small product per adapter
+        over its rows, so a batch serving several adapters costs one base matmul plus a few rank-r ones."""
+        if len(rows) != x.shape[0]:
+            raise LoRAError(f"the batch has {x.shape[0]} rows but {len(rows)} adapter names were given")
+        delta = x.new_zeros(*x.shape[:-1], self.out_features)
+        for name in dict.fromkeys(rows):
+            if name is None or name not in self.lora_A:
+                continue
+            idx = torch.tensor([i for i, n in enumerate(rows) if n == name], device=x.device)
+            A, B = self.lora_A[name], self.lora_B[name]
+            xa = x.index_select(0, idx).to(A.dtype)
+            delta.index_copy_(0, idx, F.linear(F.linear(xa, A), B * self.scaling[name]).to(delta.dtype))
+        return delta
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_forward(x)
+        if self.row_adapters is not None and not self.disabled:
+            return out.add_(self.mixed_delta(x, self.row_adapters))
         name = self.active
         if self.disabled or name is None or name == self.merged:
             return out

@@ -29,6 +29,7 @@ from .config import RunConfig
 from .distributed import all_sum, load_optimizer_state, optimizer_state, rank_share, wrap_model
 from .inject import add_lora, parameter_report
 from .lora import LoRAConfig
+from .loss import causal_lm_loss, label_only_supported
 from .models import head_name, load_model
 from .tasks import encode_splits, load_splits
 
@@ -325,6 +326,9 @@ def train(cfg: RunConfig, resume: bool = False) -> Path:
         from .errors import UserError
         raise UserError("method full with --strategy fsdp is not supported: use DDP (the default)")
     head_names = {f"{head}.{n}" for n, _ in model.get_submodule(head).named_parameters()} if head else set()
+    # on one process the model is not wrapped, so the loss may call its backbone and head itself (DDP/FSDP need
+    # their wrapper's forward)
+    label_only = cfg.label_only_loss and world == 1 and cfg.task != "classify" and label_only_supported(model)
     model, fsdp = wrap_model(model, accelerator, strategy)  # FSDP swaps in sharded parameters: build AdamW after
     net = accelerator.unwrap_model(model)
     named = [(n, p) for n, p in net.named_parameters() if p.requires_grad]
@@ -378,7 +382,7 @@ def train(cfg: RunConfig, resume: bool = False) -> Path:
                 rows = rank_share(idx, rank, world) if world > 1 else idx
                 batch = {k: v.to(device) for k, v in data.collate([data.train[i] for i in rows]).items()}
                 with accelerator.autocast():
-                    loss = model(**batch).loss / len(group)
+                    loss = (causal_lm_loss(model, batch) if label_only else model(**batch).loss) / len(group)
                 accelerator.backward(loss)
                 loss_sum += loss.item()
                 tokens += batch_tokens(batch)

@@ -1,0 +1,212 @@
+"""`lorakit serve`: the workbench behind the page (one base, adapters switched), the page's handlers, and the page
+itself in headless Chromium."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, randomize_lora, save_tiny
+from lorakit import LoRAConfig, add_lora, save_adapter
+from lorakit.app import BASE, Workbench
+from lorakit.errors import UserError
+from lorakit.generate import Sampling
+from lorakit.models import load_adapted, load_model
+
+ARTIFACTS = REPO / "test-artifacts"
+PROMPT = "w5 w6 w7"
+
+
+@pytest.fixture(scope="module")
+def tiny_runs(tmp_path_factory):
+    """A tiny Llama, two instruction adapters (run directories with run.json/eval.json), two spam classifiers,
+    and an adapter of a tiny GPT-2 (another base)."""
+    root = tmp_path_factory.mktemp("serve")
+    llama = save_tiny("llama", root / "llama")
+    gpt2 = save_tiny("gpt2", root / "gpt2")
+
+    def run(name: str, model_dir: Path, task: str, seed: int, labels: list[str] | None = None) -> Path:
+        model, _ = load_model(str(model_dir), task, num_labels=len(labels) if labels else None)
+        trainable = ("score",) if task == "classify" else ()
+        add_lora(model, LoRAConfig(r=4, alpha=16, targets="all-linear", trainable=trainable))
+        randomize_lora(model, seed)
+        if trainable:
+            torch.manual_seed(seed)
+            torch.nn.init.normal_(model.score.weight, std=1.0)
+        meta = {"task": task, "model": str(model_dir), "template": "alpaca", "labels": labels, "max_length": 64}
+        save_adapter(model, root / name / "adapter", metadata=meta)
+        (root / name / "run.json").write_text(json.dumps({
+            "config": {"data": "data/alpaca.jsonl", "r": 4, "alpha": 16, "targets": "all-linear"},
+            "parameters": {"trainable": 4321, "total": 98765}, "data": {"train_rows": 30, "val_rows": 5, "test_rows": 5},
+            "metrics": {"best_val_loss": 1.2345, "best_step": 7}, "timings": {"steps": 8, "train_s": 3.0}}))
+        (root / name / "eval.json").write_text(json.dumps({"metrics": {"base": {"loss": 4.5}, "lora": {"loss": 2.25}}}))
+        return root / name
+    return {"llama": llama, "a": run("alpha", llama, "instruct", 1), "b": run("beta", llama, "instruct", 2),
+            "c1": run("spam1", llama, "classify", 3, ["ham", "spam"]),
+            "c2": run("spam2", llama, "classify", 4, ["ham", "spam"]), "gpt2": run("g", gpt2, "instruct", 5)}
+
+
+GREEDY = Sampling(max_new_tokens=12)
+
+
+def reference(adapter: Path | None, llama: Path, prompt: str) -> tuple[str, int]:
+    """Greedy answer and its token count from a separately loaded model and transformers' generate."""
+    from lorakit.data import format_prompt
+    model, tok, _ = load_adapted(adapter) if adapter else (*load_model(str(llama)), {})
+    ids = tok(format_prompt(tok, prompt, "", "alpaca"), return_tensors="pt")
+    with torch.no_grad():
+        out = model.eval().generate(**ids, **GREEDY.kwargs(tok))[0, ids["input_ids"].shape[1]:]
+    return tok.decode(out, skip_special_tokens=True).strip(), len(out)
+
+
+def last(answers) -> object:
+    items = list(answers)
+    assert len(items) >= 2  # streamed: pieces, then the final (timed) answer
+    return items[-1]
+
+
+def test_workbench_answers_match_separately_loaded_models_and_switch_without_reloading(tiny_runs):
+    wb = Workbench(str(tiny_runs["llama"]), [str(tiny_runs["a"]), str(tiny_runs["b"] / "adapter")])
+    assert list(wb.adapters) == ["alpha", "beta"]
+    model = wb.model
+    got = {col: last(wb.answer(col, PROMPT, GREEDY)) for col in (BASE, "alpha", "beta", BASE)}
+    assert wb.model is model  # one base, never reloaded
+    for col, adapter in ((BASE, None), ("alpha", tiny_runs["a"] / "adapter"), ("beta", tiny_runs["b"] / "adapter")):
+        text, n = reference(adapter, tiny_runs["llama"], PROMPT)
+        assert got[col].text.strip() == text and got[col].tokens == n and got[col].done
+        assert "tokens/s" in got[col].stats
+    assert len({got[BASE].text, got["alpha"].text, got["beta"].text}) == 3  # non-trivial adapters differ
+    pending = wb.answer("alpha", PROMPT, Sampling(max_new_tokens=40))
+    next(pending)
+    pending.close()  # a page closed mid-answer: generation ends and the model is free for the next request
+    assert not wb.lock.locked() and wb.model.model.layers[0].self_attn.q_proj.active == "alpha"
+    assert last(wb.answer(BASE, PROMPT, GREEDY)).text == got[BASE].text
+
+
+def test_workbench_classifier_heads_are_switched_with_their_adapters(tiny_runs):
+    wb = Workbench(None, [str(tiny_runs["c1"]), str(tiny_runs["c2"])])
+    assert wb.task == "classify" and wb.labels == ["ham", "spam"]
+    text = "w10 w11 w12"
+    first = wb.classify("spam1", text)
+    for name, run in (("spam2", "c2"), ("spam1", "c1")):
+        model, tok, _ = load_adapted(tiny_runs[run] / "adapter")
+        with torch.no_grad():
+            ref = model(**tok([text], return_tensors="pt")).logits.softmax(-1)[0]
+        got = wb.classify(name, text)
+        assert list(got) == ["ham", "spam"] and sum(got.values()) == pytest.approx(1.0)
+        assert [got["ham"], got["spam"]] == pytest.approx(ref.tolist(), abs=1e-5)
+    assert wb.classify("spam1", text) == pytest.approx(first)
+    # the base: adapters off and the head it had before any adapter was loaded, not the last adapter's
+    assert set(wb.base_extra) == {"score.weight"}
+    fresh, tok = load_model(str(tiny_runs["llama"]), "classify", num_labels=2)
+    with torch.no_grad():
+        fresh.score.weight.copy_(wb.base_extra["score.weight"])
+        ref = fresh.eval()(**tok([text], return_tensors="pt")).logits.softmax(-1)[0]
+    base = wb.classify(BASE, text)
+    assert [base["ham"], base["spam"]] == pytest.approx(ref.tolist(), abs=1e-5) and base != pytest.approx(first)
+    assert not torch.equal(wb.base_extra["score.weight"], wb.adapters["spam1"].extra["score.weight"])
+
+
+def test_workbench_errors_name_the_problem_and_it_keeps_serving(tiny_runs, tmp_path):
+    wb = Workbench(str(tiny_runs["llama"]), [str(tiny_runs["a"])])
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "adapter_config.json").write_text("{not json")
+    cases = [("", "give an adapter directory"), (tmp_path / "nope", "no such directory"),
+             (tmp_path / "empty", "not an adapter directory"), (tmp_path / "broken", "not valid JSON"),
+             (tiny_runs["gpt2"], "trained on base model"), (tiny_runs["c1"], "is for task 'classify'")]
+    for path, message in cases:
+        with pytest.raises(UserError, match=message):
+            wb.add(str(path))
+    assert list(wb.adapters) == ["alpha"]
+    with pytest.raises(UserError, match="type an instruction"):
+        list(wb.answer(BASE, "  ", GREEDY))
+    with pytest.raises(UserError, match="no adapter named 'zeta'"):
+        list(wb.answer("zeta", PROMPT, GREEDY))
+    assert last(wb.answer("alpha", PROMPT, GREEDY)).text == reference(tiny_runs["a"] / "adapter", tiny_runs["llama"], PROMPT)[0]
+
+
+def test_summary_shows_task_data_parameters_and_metrics(tiny_runs):
+    wb = Workbench(str(tiny_runs["llama"]), [str(tiny_runs["a"])])
+    s = wb.summary("alpha")
+    for part in ("**task** instruct", "data/alpaca.jsonl", "30 train / 5 val / 5 test", "4,321 trainable of 98,765",
+                 "best val loss 1.2345", "| base | 4.5000 |", "| lora | 2.2500 |"):
+        assert part in s, part
+
+
+def test_page_handlers_stream_and_report_errors_on_the_page(tiny_runs):
+    pytest.importorskip("gradio")
+    from lorakit.app.page import ADAPTER_SLOTS, load_adapter, run_generation
+    wb = Workbench(str(tiny_runs["llama"]), [str(tiny_runs["a"])])
+    updates = list(run_generation(wb, PROMPT, 0.0, 1.0, 0, 12, 42, ["alpha"]))
+    assert len(updates) > 4 and len(updates[-1]) == 1 + 2 * (1 + ADAPTER_SLOTS)
+    status, base, base_stats, adapted, adapted_stats = updates[-1][:5]
+    assert status == "" and base == reference(None, tiny_runs["llama"], PROMPT)[0] and adapted and adapted != base
+    assert "tokens/s" in base_stats and "…" not in adapted_stats
+    assert any(u[1] and not u[3] for u in updates)  # the base column streamed before the adapter's began
+    sampled = [list(run_generation(wb, PROMPT, 1.0, 0.9, 20, 12, seed, []))[-1][1] for seed in (1, 1, 2)]
+    assert sampled[0] == sampled[1]  # the seed makes sampling repeatable
+    err = list(run_generation(wb, "", 0.0, 1.0, 0, 12, 42, ["alpha"]))[-1]
+    assert "type an instruction" in err[0]
+    status, _, _ = load_adapter(wb, str(tiny_runs["gpt2"]), ["alpha"])
+    assert "trained on base model" in status and list(wb.adapters) == ["alpha"]
+    status, chosen, _ = load_adapter(wb, str(tiny_runs["b"]), ["alpha"])
+    assert "loaded **beta**" in status and chosen["value"] == ["alpha", "beta"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def chromium() -> str:
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI must install Debian's chromium (see .ci/run)")
+        pytest.skip("no chromium: apt-get install chromium")
+    return path
+
+
+def test_page_in_headless_chromium(tiny_runs):
+    pytest.importorskip("gradio")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    from lorakit.app.page import serve
+    wb = Workbench(str(tiny_runs["llama"]), [str(tiny_runs["a"])])
+    port = free_port()
+    page_app = serve(wb, port=port, block=False)
+    try:
+        with sync_api.sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=chromium(), args=[
+                "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync"])
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(f"http://127.0.0.1:{port}/", wait_until="networkidle", timeout=60_000)
+            page.locator("#instruction textarea").fill(PROMPT)
+            page.locator("#generate").click()
+            page.wait_for_function("() => { const s = document.querySelector('#stats-1');"
+                                   " return s && s.innerText.includes('tokens/s') && !s.innerText.includes('…'); }",
+                                   timeout=60_000)
+            base = page.locator("#answer-0 textarea").input_value()
+            adapted = page.locator("#answer-1 textarea").input_value()
+            assert base and adapted and base != adapted
+            assert base.startswith(reference(None, tiny_runs["llama"], PROMPT)[0])  # greedy: 12 tokens, then more
+            assert "tokens/s" in page.locator("#stats-0").inner_text()
+            page.locator("#adapter-path textarea").fill(str(tiny_runs["gpt2"]))
+            page.locator("#load-adapter").click()
+            page.wait_for_function("() => document.querySelector('#status').innerText.includes('trained on base model')",
+                                   timeout=30_000)
+            assert "beta" not in page.locator("#chosen").inner_text()
+            assert "4,321 trainable" in page.locator("#summary").inner_text()
+            ARTIFACTS.mkdir(exist_ok=True)
+            page.screenshot(path=str(ARTIFACTS / "serve.png"), full_page=True)
+            browser.close()
+    finally:
+        page_app.close()
+    assert (ARTIFACTS / "serve.png").stat().st_size > 10_000
