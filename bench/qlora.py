@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from step import PROJECTIONS, machine, run_cases, time_steps  # noqa: E402
+from step import PROJECTIONS, bench_args, machine, run_cases, time_steps  # noqa: E402
 
 CASES = "lora,qlora,qlora-bnb,qlora-gc,lora-gc,peft-bnb"
 
@@ -65,14 +65,7 @@ def run_case(case: str, a: argparse.Namespace) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--cases", default=CASES)
-    ap.add_argument("--steps", type=int, default=4)
-    ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--seq", type=int, default=256)
-    ap.add_argument("--dropout", type=float, default=0.05)
-    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "qlora.json"))
+    ap = bench_args(__doc__, "qlora", CASES, steps=4)
     results, a = run_cases(ap, __file__, run_case)
     if results is None:
         return

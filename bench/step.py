@@ -118,6 +118,20 @@ def run_cases(ap: argparse.ArgumentParser, script: str, run_case: Callable[[str,
     return results, a
 
 
+def bench_args(doc: str, name: str, cases: str, steps: int | None = None) -> argparse.ArgumentParser:
+    """The options every step benchmark shares: cases, (steps, warm-up,) batch x seq, dropout, the JSON's path."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cases", default=cases)
+    if steps is not None:
+        ap.add_argument("--steps", type=int, default=steps)
+        ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--dropout", type=float, default=0.05)
+    ap.add_argument("--out", default=str(HERE / "results" / f"{name}.json"))
+    return ap
+
+
 def machine(bench: str, a: argparse.Namespace, results: list[dict]) -> None:
     """Write bench/results/<bench>.json with the machine, versions, date and settings next to the results."""
     import torch
@@ -131,14 +145,7 @@ def machine(bench: str, a: argparse.Namespace, results: list[dict]) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--cases", default="peft,lorakit,lorakit-label")
-    ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--seq", type=int, default=256)
-    ap.add_argument("--dropout", type=float, default=0.05)
-    ap.add_argument("--out", default=str(HERE / "results" / "step.json"))
+    ap = bench_args(__doc__, "step", "peft,lorakit,lorakit-label", steps=5)
     results, a = run_cases(ap, __file__, lambda case, a: time_steps(case, build(case, a.dropout), a))
     if results is None:
         return

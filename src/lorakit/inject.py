@@ -210,42 +210,34 @@ def set_adapter(model: nn.Module, name: str) -> None:
     model.__dict__["lorakit_active"] = name
 
 
-@contextlib.contextmanager
-def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
+def disable_adapters(model: nn.Module) -> contextlib.AbstractContextManager[nn.Module]:
     """Within the block the model computes its base output; merged adapters are taken out and put back."""
-    layers = [layer for _, layer in lora_layers(model)]
-    remerge = [layer for layer in layers if layer.merged is not None]
-    for layer in remerge:
-        layer.unmerge()
-    for layer in layers:
-        layer.disabled = True
-    try:
-        yield model
-    finally:
-        for layer in layers:
-            layer.disabled = False
-        for layer in remerge:
-            layer.merge()
+    return _unmerged_with(model, "disabled", True, False)
 
 
-@contextlib.contextmanager
-def adapters_by_row(model: nn.Module, names: list[str | None]) -> Iterator[nn.Module]:
+def adapters_by_row(model: nn.Module, names: list[str | None]) -> contextlib.AbstractContextManager[nn.Module]:
     """Within the block, row i of every batch uses adapter names[i] (None: the base alone): one batch, and one
     generate() call, serves requests for several adapters. For inference; merged adapters are taken out first."""
     for name in dict.fromkeys(names):
         if name is not None:
             _info(model, name)
+    return _unmerged_with(model, "row_adapters", list(names), None)
+
+
+@contextlib.contextmanager
+def _unmerged_with(model: nn.Module, attr: str, value, reset) -> Iterator[nn.Module]:
+    """Every LoRA layer with `attr` = value inside the block (reset after), merged adapters taken out meanwhile."""
     layers = [layer for _, layer in lora_layers(model)]
     remerge = [layer for layer in layers if layer.merged is not None]
     for layer in remerge:
         layer.unmerge()
     for layer in layers:
-        layer.row_adapters = list(names)
+        setattr(layer, attr, value)
     try:
         yield model
     finally:
         for layer in layers:
-            layer.row_adapters = None
+            setattr(layer, attr, reset)
         for layer in remerge:
             layer.merge()
 
