@@ -6,6 +6,7 @@ import os
 import sys
 from pathlib import Path
 
+from .config import METHODS
 from .errors import UserError
 
 RECIPES = Path(os.environ.get("LORAKIT_RECIPES") or Path(__file__).resolve().parents[2] / "recipes")
@@ -124,7 +125,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     """Train and evaluate full fine-tuning, LoRA and QLoRA on the same recipe, data and seed; write compare.md,
     compare.json and compare.png (a method that cannot run here is listed with the reason)."""
-    from .compare import METHODS, compare
+    from .compare import compare
     from .config import load_recipe
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
     bad = [m for m in methods if m not in METHODS]
@@ -247,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: bf16 on a GPU that has it, fp32 on CPU")
     p.add_argument("--strategy", choices=("auto", "ddp", "fsdp"), help="on several processes: ddp (default) or fsdp")
     p.add_argument("--quantize", choices=("nf4",), help="QLoRA: adapted layers' base weights in 4-bit NF4")
-    p.add_argument("--method", choices=("full", "lora", "qlora"),
+    p.add_argument("--method", choices=METHODS,
                    help="lora (default), qlora (LoRA on an NF4 base) or full (train every parameter, save a model)")
     p.add_argument("--quant-backend", choices=("auto", "torch", "bitsandbytes"),
                    help="NF4 implementation: auto (bitsandbytes Linear4bit where installed, else lorakit's own)")
@@ -272,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe", help="a recipe file or a built-in recipe name")
     p.add_argument("--out", help="output directory (default runs/NAME-compare)")
     p.add_argument("--quick", action="store_true", help="a few hundred records: minutes on a CPU")
-    p.add_argument("--methods", default="full,lora,qlora", help="comma-separated subset of full,lora,qlora")
+    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key")
     p.set_defaults(func=cmd_compare)
 

@@ -14,9 +14,8 @@ from pathlib import Path
 
 import torch
 
-from .config import RunConfig, load_recipe
+from .config import METHODS, RunConfig, load_recipe
 
-METHODS = ("full", "lora", "qlora")
 # a few hundred records; classification is cheap to score, so it gets a test split big enough to tell methods apart
 QUICK = {"classify": {"max_records": 500, "max_eval_records": 400, "epochs": 2.0},
          "generate": {"max_records": 300, "max_eval_records": 60, "epochs": 1.0}}
@@ -57,10 +56,11 @@ def why_not(method: str, n_params: int, backend: str = "auto") -> str | None:
 
 
 def _count_params(cfg: RunConfig) -> int:
+    from .inject import parameter_report
     from .models import load_model
     n_labels = max(len(cfg.labels), 2) if cfg.task == "classify" else None
     model, _ = load_model(cfg.model, cfg.task, num_labels=n_labels)
-    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    return parameter_report(model).total
 
 
 def _run(cmd: list[str], log: Path) -> str | None:

@@ -427,7 +427,7 @@ def train(cfg: RunConfig, resume: bool = False) -> Path:
     final = best_state if keep_best else weights_state(net, full)  # gathered on every rank: collective under FSDP
     if main:
         if keep_best:
-            log(f"lorakit: keeping the adapter of step {state.best_step} (best val loss {state.best_val:.4f})")
+            log(f"lorakit: keeping the {'model' if full else 'adapter'} of step {state.best_step} (best val loss {state.best_val:.4f})")
         meta = {"task": cfg.task, "model": cfg.model, "labels": splits.labels, "template": cfg.template,
                 "max_length": cfg.max_length, "run": cfg.name, "quantize": cfg.quantize or None, "method": cfg.method}
         if full:

@@ -115,6 +115,7 @@ class Workbench:
         fit: not an adapter, trained on another base model or for another task, or shapes that do not match."""
         from ..adapters import load_adapter, read_adapter_config, read_metadata
         from ..inject import adapters as registry
+        from ..inject import name_matches
         if not str(path).strip():
             raise UserError("give an adapter directory")
         p = adapter_dir(path)
@@ -132,18 +133,26 @@ class Workbench:
             raise UserError(f"{p}: labels {meta.get('labels')} differ from this page's {self.labels}")
         name = self._name_for(p)
         with self.lock:
-            for key, value in self.model.named_parameters():
-                if key.rpartition(".")[0] in (cfg.get("modules_to_save") or []):
-                    self.base_extra.setdefault(key, value.detach().clone())
+            saved = cfg.get("modules_to_save") or ()  # the base's own values of what the adapter overwrites
+            shared = [n for n, _ in self.model.named_modules() if n and any(name_matches(n, w) for w in saved)]
+            for key, value in self._params_of(shared).items():
+                self.base_extra.setdefault(key, value)
             load_adapter(self.model, p, name, quantize=meta.get("quantize"))
-            trainable = registry(self.model)[name].trainable
-            extra = {f"{m}.{k}": v.detach().clone() for m in trainable
-                     for k, v in self.model.get_submodule(m).named_parameters()}
+            extra = self._params_of(registry(self.model)[name].trainable)
             self.model.eval()
         run_dir = p.parent
         self.adapters[name] = LoadedAdapter(name, p, meta, _read_json(run_dir / "run.json"),
                                             _read_json(run_dir / "eval.json"), extra)
         return name
+
+    def _params_of(self, modules: list[str]) -> dict[str, torch.Tensor]:
+        """Copies of the parameters of `modules`, keyed by qualified parameter name."""
+        return {f"{m}.{k}": v.detach().clone() for m in modules for k, v in self.model.get_submodule(m).named_parameters()}
+
+    @torch.no_grad()
+    def _put(self, params: dict[str, torch.Tensor]) -> None:
+        for key, value in params.items():
+            self.model.get_parameter(key).copy_(value)
 
     def remove(self, name: str) -> None:
         from ..inject import delete_adapter
@@ -158,16 +167,12 @@ class Workbench:
         self._check(column)
         with self.lock:
             if column == BASE:
-                with torch.no_grad():
-                    for key, value in self.base_extra.items():
-                        self.model.get_parameter(key).copy_(value)
+                self._put(self.base_extra)
                 with disable_adapters(self.model):
                     yield self.model
                 return
             set_adapter(self.model, column)
-            with torch.no_grad():
-                for key, value in self.adapters[column].extra.items():
-                    self.model.get_parameter(key).copy_(value)
+            self._put(self.adapters[column].extra)
             yield self.model
 
     def _check(self, column: str) -> None:
