@@ -5,6 +5,7 @@ Cases (each in its own subprocess; r=8 on the 7 projections, dropout 0.05, AdamW
   peft-padded       PEFT, right-padded batches of --batch records, transformers' loss
   lorakit-padded    lorakit, the same padded batches, transformers' loss
   lorakit-packed    lorakit, records packed into rows of --seq tokens (block-diagonal attention), label-only loss
+  *-compile         the same with each decoder block compiled (compiled in untimed warm-up steps)
 Useful tokens/s = response tokens trained on / seconds. Prints a table, writes bench/results/alpaca.json.
     python bench/alpaca.py [--records 96] [--cases ...]
 """
@@ -21,7 +22,7 @@ from step import bench_args, build, machine, reset_peak_rss, run_cases, vm_hwm_g
 
 REPO = Path(__file__).resolve().parents[1]
 ALPACA = REPO.parent / "shared" / "data" / "alpaca" / "alpaca_data.json"
-CASES = "peft-padded,lorakit-padded,lorakit-packed"
+CASES = "peft-padded,lorakit-padded,lorakit-packed,lorakit-packed-compile"
 
 
 def batches(case: str, a: argparse.Namespace) -> list[dict]:
@@ -33,7 +34,7 @@ def batches(case: str, a: argparse.Namespace) -> list[dict]:
     data = InstructionData.load(ALPACA, strict=False, verbose=False)  # the recipe skips its few empty outputs too
     data.examples = data.examples[:a.records]
     enc = data.encode(tok, max_length=a.seq, template="alpaca")
-    if case.endswith("packed"):
+    if "packed" in case.split("-"):
         rows = pack(enc, a.seq)
         # --batch rows of --seq tokens: the same token budget per step as the longest padded batch
         return [packed_batch(rows[i:i + a.batch], tok.pad_token_id) for i in range(0, len(rows), a.batch)]
@@ -43,15 +44,16 @@ def batches(case: str, a: argparse.Namespace) -> list[dict]:
 def run_case(case: str, a: argparse.Namespace) -> dict:
     import torch
     from step import loss_of
-    model = build(case.split("-")[0], a.dropout)
-    loss_fn = loss_of("x-label" if case.endswith("packed") else case)
+    model = build(case, a.dropout)
+    loss_fn = loss_of("x-label" if "packed" in case.split("-") else case)
     data = batches(case, a)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
     model.train()
-    warm = data[0]
-    loss_fn(model, warm).backward()  # warm-up step, not timed
-    opt.zero_grad(set_to_none=True)
+    # warm-up, not timed; compiled: the first and the last batch's shapes, then one more step to settle
+    for warm in ([data[0], data[-1], data[0]] if "compile" in case.split("-") else [data[0]]):
+        loss_fn(model, warm).backward()
+        opt.zero_grad(set_to_none=True)
     reset_peak_rss()
     useful = sum(int((b["labels"][:, 1:] != -100).sum()) for b in data)
     seen = sum(b["input_ids"].numel() for b in data)
@@ -81,11 +83,11 @@ def main() -> None:
     ref = next((r for r in results if r["case"] == "peft-padded"), results[0])
     print(f"\nSmolLM2-135M fp32 on the first {a.records} Alpaca records (max {a.seq} tokens), r=8 on 7 projections, "
           f"dropout {a.dropout}, AdamW, 2 threads")
-    print(f"{'case':<16} {'steps':>5} {'seconds':>8} {'useful tok':>10} {'useful tok/s':>12} {'computed tok/s':>14} "
+    print(f"{'case':<24} {'steps':>5} {'seconds':>8} {'useful tok':>10} {'useful tok/s':>12} {'computed tok/s':>14} "
           f"{'peak GB':>8} {'useful x':>9}")
     for r in results:
         r["useful_speed_vs_peft"] = r["useful_tokens_per_s"] / ref["useful_tokens_per_s"]
-        print(f"{r['case']:<16} {r['steps']:>5} {r['seconds']:>8.1f} {r['useful_tokens']:>10} "
+        print(f"{r['case']:<24} {r['steps']:>5} {r['seconds']:>8.1f} {r['useful_tokens']:>10} "
               f"{r['useful_tokens_per_s']:>12.1f} {r['computed_tokens_per_s']:>14.1f} {r['step_peak_rss_gb']:>8.2f} "
               f"{r['useful_speed_vs_peft']:>9.2f}")
     machine("alpaca", a, results)

@@ -1,18 +1,22 @@
 """Inference latency with adapters: SmolLM2-135M fp32, 2 threads, three r=8 adapters on the 7 projections.
 
-Cases, all in one process on one model (the same weights, so only the adapter handling differs):
-  base         no adapter (every adapter disabled)
-  merged       one adapter folded into the weights (target: base latency, +-3%)
+Cases (the same weights everywhere, so only the adapter handling differs):
+  base         the plain transformers model, no lorakit layer in it (the reference)
+  disabled     lorakit's model with every adapter disabled
+  merged       one adapter folded into the weights, on a model of its own, merged once (target: base latency, +-3%)
   unmerged     one adapter applied on the fly (target: at most 1.15x base)
-  peft-*       the same with HF peft on its own copy of the model
   mixed        a batch whose rows use three different adapters (target: at most 1.3x `unmerged` on the same batch)
+  peft-*       the same with HF peft on its own copy of the model
 Two workloads: prefill (a batch of --batch x --seq tokens, one forward) and decode (greedy --new tokens after a
---batch x 32 prompt, KV cache). Median of --repeat runs after a warm-up. Prints a table, writes bench/results/infer.json.
-    python bench/infer.py [--repeat 5]
+--batch x 32 prompt, KV cache). The cases take turns, one run each per round, --repeat rounds after a warm-up round,
+so drift in the machine's speed reaches every case alike; the median per case is reported. Prints a table, writes
+bench/results/infer.json.
+    python bench/infer.py [--repeat 9]
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import time
@@ -22,14 +26,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from step import PROJECTIONS, machine  # noqa: E402
 
 
-def median_time(fn, repeat: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+def interleaved(cases: dict, repeat: int) -> dict[str, float]:
+    """{case: (context factory, fn)} -> {case: median seconds}: every round runs each case once, in turn."""
+    times = {c: [] for c in cases}
+    for round_ in range(repeat + 1):  # round 0 warms up
+        for case, (context, fn) in cases.items():
+            with context():
+                t0 = time.perf_counter()
+                fn()
+                if round_:
+                    times[case].append(time.perf_counter() - t0)
+    return {c: statistics.median(t) for c, t in times.items()}
 
 
 def main() -> None:
@@ -37,27 +44,40 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=3)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--new", type=int, default=32)
-    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--repeat", type=int, default=9)
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "infer.json"))
     a = ap.parse_args()
     import torch
     torch.set_num_threads(2)
     torch.manual_seed(0)
-    from lorakit import LoRAConfig, adapters_by_row, add_lora, disable_adapters, merge, set_adapter, unmerge
+    from lorakit import LoRAConfig, adapters_by_row, add_lora, disable_adapters, merge, set_adapter
     from lorakit.inject import lora_layers
     from lorakit.models import load_model
 
-    model, _ = load_model("smollm2", "instruct")
+    plain, _ = load_model("smollm2", "instruct")
     names = ["a", "b", "c"]
-    for name in names:
-        add_lora(model, LoRAConfig(r=8, alpha=16, targets=PROJECTIONS), name)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for _, layer in lora_layers(model):
-            for name in names:
-                layer.lora_B[name].copy_(torch.randn(layer.lora_B[name].shape, generator=g) * 0.01)
-    model.eval()
-    ids = torch.randint(0, 49152, (a.batch, a.seq), generator=g)
+
+    def adapted():
+        m, _ = load_model("smollm2", "instruct")
+        for name in names:
+            add_lora(m, LoRAConfig(r=8, alpha=16, targets=PROJECTIONS), name)
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for _, layer in lora_layers(m):
+                for name in names:
+                    layer.lora_B[name].copy_(torch.randn(layer.lora_B[name].shape, generator=g) * 0.01)
+        set_adapter(m, "a")
+        return m
+
+    model, merged_model = adapted(), adapted()
+    merge(merged_model)
+    from peft import LoraConfig, get_peft_model
+    peft_base, _ = load_model("smollm2", "instruct")
+    peft_model = get_peft_model(peft_base, LoraConfig(r=8, lora_alpha=16, target_modules=PROJECTIONS,
+                                                      init_lora_weights=False))
+    for m in (plain, model, merged_model, peft_model):
+        m.eval()
+    ids = torch.randint(0, 49152, (a.batch, a.seq), generator=torch.Generator().manual_seed(1))
     prompt = ids[:, :32]
 
     def prefill(m):
@@ -71,35 +91,20 @@ def main() -> None:
     results = []
     with torch.no_grad():
         for workload, make in (("prefill", prefill), ("decode", decode)):
-            timing = {}
-            with disable_adapters(model):
-                timing["base"] = median_time(make(model), a.repeat)
-            set_adapter(model, "a")
-            timing["unmerged"] = median_time(make(model), a.repeat)
-            merge(model)
-            timing["merged"] = median_time(make(model), a.repeat)
-            unmerge(model)
-            with adapters_by_row(model, rows):
-                timing["mixed"] = median_time(make(model), a.repeat)
+            timing = interleaved({
+                "base": (contextlib.nullcontext, make(plain)),
+                "disabled": (lambda: disable_adapters(model), make(model)),
+                "unmerged": (contextlib.nullcontext, make(model)),
+                "merged": (contextlib.nullcontext, make(merged_model)),
+                "mixed": (lambda: adapters_by_row(model, rows), make(model)),
+                "peft-base": (peft_model.disable_adapter, make(peft_model)),
+                "peft-unmerged": (contextlib.nullcontext, make(peft_model)),
+            }, a.repeat)
             for case, t in timing.items():
                 results.append({"workload": workload, "case": case, "seconds": t, "vs_base": t / timing["base"],
-                                "vs_unmerged": t / timing["unmerged"]})
-    del model
-    from peft import LoraConfig, get_peft_model
-    base, _ = load_model("smollm2", "instruct")
-    peft_model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=PROJECTIONS, init_lora_weights=False))
-    peft_model.eval()
-    with torch.no_grad():
-        for workload, make in (("prefill", prefill), ("decode", decode)):
-            base_t = next(r["seconds"] for r in results if r["workload"] == workload and r["case"] == "base")
-            with peft_model.disable_adapter():
-                t_base = median_time(make(peft_model), a.repeat)
-            t_unmerged = median_time(make(peft_model), a.repeat)
-            for case, t in (("peft-base", t_base), ("peft-unmerged", t_unmerged)):
-                results.append({"workload": workload, "case": case, "seconds": t, "vs_base": t / base_t,
-                                "vs_unmerged": None})
+                                "vs_unmerged": t / timing["unmerged"] if not case.startswith("peft") else None})
     print(f"\nSmolLM2-135M fp32, 2 threads; prefill {a.batch} x {a.seq}; decode {a.new} tokens after {a.batch} x 32; "
-          f"3 adapters r=8 on 7 projections; median of {a.repeat}")
+          f"3 adapters r=8 on 7 projections; median of {a.repeat} interleaved rounds")
     print(f"{'workload':<8} {'case':<14} {'seconds':>8} {'x base':>7} {'x unmerged':>11}")
     for r in results:
         vs_u = f"{r['vs_unmerged']:.3f}" if r["vs_unmerged"] is not None else ""

@@ -232,33 +232,40 @@ def test_training_changes_only_lora_and_trainable_parameters():
 
 
 @pytest.mark.parametrize("p", [0.0, 0.05, 0.3])
-def test_lora_branch_matches_plain_autograd(p):
-    """The memory-light branch gives the plain implementation's output and gradients, mask for mask."""
-    from lorakit.lora import LoRABranch, dropout_mask, effective_p
+@pytest.mark.parametrize("base", ["none", "weight", "weight+bias"])
+def test_lora_function_matches_plain_autograd(p, base):
+    """The fused, memory-light Function gives the plain implementation's output and gradients, mask for mask:
+    base matmul + LoRA term in one (the dense path), or the LoRA term alone (the quantised-base path)."""
+    from lorakit.lora import LoRAFunction, dropout_keep, effective_p
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, 7, 24, generator=g, requires_grad=True)
     A = torch.randn(4, 24, generator=g, requires_grad=True)
     B = torch.randn(10, 4, generator=g, requires_grad=True)
+    W = torch.randn(10, 24, generator=g) if base != "none" else None
+    bias = torch.randn(10, generator=g) if base == "weight+bias" else None
     upstream = torch.randn(3, 7, 10, generator=g)
     torch.manual_seed(5)
-    out = LoRABranch.apply(x, A, B, 2.0, p)
+    out = LoRAFunction.apply(x.reshape(-1, 24), W, bias, A, B, 2.0, p).view(3, 7, 10)
     grads = torch.autograd.grad(out, (x, A, B), upstream)
     torch.manual_seed(5)
-    keep = (~dropout_mask(x.shape, p)).float() / (1 - effective_p(p)) if p > 0 else torch.ones_like(x)
+    keep = dropout_keep(x.shape, p).float() / (1 - effective_p(p)) if p > 0 else torch.ones_like(x)
     ref = ((x * keep) @ A.T @ B.T) * 2.0
+    if W is not None:
+        ref = ref + x @ W.T + (bias if bias is not None else 0)
     ref_grads = torch.autograd.grad(ref, (x, A, B), upstream)
+    assert out.shape == ref.shape
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     for got, want in zip(grads, ref_grads):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
-def test_dropout_mask_rate_and_reproducibility():
-    from lorakit.lora import dropout_mask, effective_p
+def test_dropout_keep_rate_and_reproducibility():
+    from lorakit.lora import dropout_keep, effective_p
     torch.manual_seed(0)
-    m = dropout_mask(torch.Size([1000, 1000]), 0.05)
-    assert m.dtype == torch.bool and m.shape == (1000, 1000)
-    assert abs(m.float().mean().item() - effective_p(0.05)) < 0.0015  # ~7 standard deviations
+    m = dropout_keep(torch.Size([1000, 1000]), 0.05)
+    assert m.dtype == torch.uint8 and m.shape == (1000, 1000) and set(m.unique().tolist()) == {0, 1}
+    assert abs(1 - m.float().mean().item() - effective_p(0.05)) < 0.0015  # ~7 standard deviations
     assert abs(effective_p(0.05) - 0.05) < 1 / 65536
     torch.manual_seed(0)
-    assert torch.equal(dropout_mask(torch.Size([1000, 1000]), 0.05), m)
-    assert not dropout_mask(torch.Size([10, 10]), 1e-9).any()
+    assert torch.equal(dropout_keep(torch.Size([1000, 1000]), 0.05), m)
+    assert dropout_keep(torch.Size([10, 10]), 1e-9).all()

@@ -59,3 +59,20 @@ def test_mixed_rows_errors(three):
     with adapters_by_row(three, ["a", "b"]):
         with pytest.raises(LoRAError, match="batch has 3 rows but 2 adapter names"):
             three(input_ids=torch.zeros(3, 4, dtype=torch.long))
+
+
+@torch.no_grad()
+def test_adapter_on_some_layers_only_and_a_new_row_plan_each_time(three):
+    """An adapter that targets q_proj only leaves the other layers' rows at base; the stacked per-row weights are
+    rebuilt for every adapters_by_row block (and after a weight change between blocks)."""
+    add_lora(three, LoRAConfig(r=2, alpha=4, targets=["q_proj"]), "q")
+    randomize_lora(three, seed=3)
+    ids = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(4))
+    for names in (["q", "a"], ["c", "q"], [None, "q"]):
+        expected = torch.cat([alone(three, n, ids[i:i + 1]) for i, n in enumerate(names)])
+        with adapters_by_row(three, names):
+            torch.testing.assert_close(three(input_ids=ids).logits, expected, atol=1e-5, rtol=1e-5)
+    randomize_lora(three, seed=5)
+    expected = torch.cat([alone(three, n, ids[i:i + 1]) for i, n in enumerate(["a", "q"])])
+    with adapters_by_row(three, ["a", "q"]):
+        torch.testing.assert_close(three(input_ids=ids).logits, expected, atol=1e-5, rtol=1e-5)

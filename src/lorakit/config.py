@@ -67,6 +67,7 @@ class RunConfig:
     mixed_precision: str = "auto"
     gradient_checkpointing: bool = False
     label_only_loss: bool = True  # LM head + loss on labelled positions only, in chunks (exact; see loss.py)
+    compile: bool = False  # torch.compile each decoder block (CPU: needs a C++ compiler; ~1 min to compile)
     eval_every: int = 0  # 0: once per epoch
     early_stopping: int = 0  # evaluations without val improvement before stopping; 0: off
     checkpoint_every: int = 0

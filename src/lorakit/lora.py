@@ -87,59 +87,76 @@ def is_lora_target_type(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or is_conv1d(module)
 
 
-def dropout_mask(shape: torch.Size, p: float, device: torch.device | str | None = None) -> torch.Tensor:
-    """Which elements dropout with rate p zeroes (True = dropped), one byte each.
+def dropout_keep(shape: torch.Size, p: float, device: torch.device | str | None = None) -> torch.Tensor:
+    """Which elements dropout with rate p keeps: uint8, 1 = kept, 0 = zeroed.
 
     Each 64-bit random number is cut into four 16-bit lanes: a quarter of the RNG calls of `bernoulli_`, whose
     cost dominates dropout on CPU (11 ms -> 3 ms for a 1024x1536 mask here). p is thus rounded to a multiple of
-    1/65536 (see `effective_p`), and the rescale uses that exact rate.
+    1/65536 (see `effective_p`), and the rescale uses that exact rate. uint8, not bool: `x * mask` then runs
+    8x faster than `x.masked_fill(~mask, 0)` on CPU (0.13 vs 1.0 ms for 4x256x576) and 5x faster than `x * bool`.
     """
     n = math.prod(shape)
     bits = torch.randint(-2**63, 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64, device=device)
-    return bits.view(torch.int16)[:n].view(shape) < round(p * 65536) - 32768
+    return (bits.view(torch.int16)[:n].view(shape) >= round(p * 65536) - 32768).view(torch.uint8)
 
 
 def effective_p(p: float) -> float:
-    """The dropout rate dropout_mask really draws: p rounded to a multiple of 1/65536."""
+    """The dropout rate dropout_keep really draws: p rounded to a multiple of 1/65536."""
     return round(p * 65536) / 65536
 
 
-class LoRABranch(torch.autograd.Function):
-    """scaling · B · A · dropout(x), with a backward that keeps less than autograd would.
+def lora_linear(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, A: torch.Tensor,
+                B: torch.Tensor, scaling: float, p: float = 0.0
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """x @ W.T + b + scaling · B · A · dropout(x) for x of shape (tokens, in) (W None: the LoRA term alone), with
+    what a backward needs: the rank-r activations h = A · dropout(x) and dropout's keep-mask. LoRAFunction wraps it
+    for training; inference calls it bare, without autograd's per-call cost, which shows when decoding one token
+    at a time (three ops then, the LoRA term added into the base output in place)."""
+    keep = dropout_keep(x.shape, p, x.device) if p > 0 else None
+    h = F.linear(x * keep, A).mul_(1.0 / (1.0 - effective_p(p))) if keep is not None else F.linear(x, A)
+    if weight is None:
+        return torch.mm(h, (B * scaling).t()), h, keep
+    out = torch.mm(x, weight.t()) if bias is None else torch.addmm(bias, x, weight.t())
+    return out.addmm_(h, B.t(), alpha=scaling), h, keep
 
-    Plain autograd keeps a full-size fp32 copy of dropout(x) per adapted layer (q, k and v each keep their own) plus
-    the mask. This keeps x itself (shared by the layers that read it) and a one-byte mask, and rebuilds
-    dropout(x) in backward when it computes A's gradient. Gradients nobody asks for are not computed.
+
+class LoRAFunction(torch.autograd.Function):
+    """`lora_linear` as one autograd Function, on (tokens, in) inputs. The base weight and bias must be frozen.
+
+    What plain autograd would do and this does not: keep a full-size copy of dropout(x) per adapted layer (q, k and
+    v each their own) -- this keeps x, shared by the layers that read it, and a one-byte mask; write the LoRA term to
+    a (tokens, out) temporary and add it -- here it is accumulated into the base output in place (addmm_); return
+    the input gradients of base and branch as two (tokens, in) tensors to be summed -- here they are one. Dropout's
+    1/(1-p) rescale is applied on the rank-r side, and gradients nobody asks for are not computed.
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float, p: float) -> torch.Tensor:
-        drop = dropout_mask(x.shape, p, x.device) if p > 0 else None
-        keep = 1.0 / (1.0 - effective_p(p))
-        xd = x.masked_fill(drop, 0).mul_(keep) if drop is not None else x
-        h = F.linear(xd, A)  # (..., r)
-        ctx.save_for_backward(x, A, B, h, drop)
-        ctx.scaling, ctx.keep = scaling, keep
-        # Scale the tiny (out, r) B rather than the (tokens, out) product.
-        return F.linear(h, B * scaling)
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, A: torch.Tensor,
+                B: torch.Tensor, scaling: float, p: float) -> torch.Tensor:
+        out, h, keep = lora_linear(x, weight, bias, A, B, scaling, p)
+        ctx.save_for_backward(x, weight, A, B, h, keep)
+        ctx.scaling, ctx.rescale = scaling, 1.0 / (1.0 - effective_p(p))
+        return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        x, A, B, h, drop = ctx.saved_tensors
-        s, keep = ctx.scaling, ctx.keep
-        g2 = grad.reshape(-1, grad.shape[-1])
-        gh = (g2 @ B) * s  # (N, r)
+        x, weight, A, B, h, keep = ctx.saved_tensors
+        gh = (grad @ B) * ctx.scaling  # (tokens, r)
         gx = gA = gB = None
-        if ctx.needs_input_grad[2]:
-            gB = (g2.t() @ h.reshape(-1, h.shape[-1])) * s
-        if ctx.needs_input_grad[1]:
-            xd = x.masked_fill(drop, 0).mul_(keep) if drop is not None else x
-            gA = gh.t() @ xd.reshape(-1, xd.shape[-1])
+        if ctx.needs_input_grad[4]:
+            gB = (grad.t() @ h) * ctx.scaling
+        if keep is not None:
+            gh = gh * ctx.rescale
+        if ctx.needs_input_grad[3]:
+            gA = gh.t() @ (x * keep if keep is not None else x)
         if ctx.needs_input_grad[0]:
-            gx = (gh @ A).reshape(x.shape)
-            if drop is not None:
-                gx = gx.masked_fill_(drop, 0).mul_(keep)
-        return gx, gA, gB, None, None
+            if weight is None:
+                gx = gh @ A if keep is None else (gh @ A).mul_(keep)
+            elif keep is None:
+                gx = (grad @ weight).addmm_(gh, A)
+            else:
+                gx = (grad @ weight).addcmul_(gh @ A, keep)
+        return gx, None, None, gA, gB, None, None
 
 
 def linear_features(module: nn.Module) -> tuple[int, int]:
@@ -168,7 +185,7 @@ class LoRALinear(nn.Module):
         self.active: str | None = None
         self.merged: str | None = None
         self.disabled = False
-        self.row_adapters: list[str | None] | None = None  # a batch mixing adapters: row i uses row_adapters[i]
+        self.row_adapters = None  # a batch mixing adapters: see mixed_forward
         # The original module, kept out of the module tree, so merge_and_unload can hand back the original class.
         # It lets go of its weight meanwhile: a second reference would keep a full copy alive under FSDP sharding.
         base.weight, base.bias = None, None
@@ -287,42 +304,80 @@ class LoRALinear(nn.Module):
             self.merged = None
 
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight is not None:  # dense: what nn.Linear / Conv1D computes, checked first (decoding calls it often)
+            return F.linear(x, self.weight.t() if self.fan_in_fan_out else self.weight, self.bias)
         if self.quant_backend == "bitsandbytes":
             out = self.base4(x)
             return out if self.bias is None else out.add_(self.bias)
-        if self.quantized:
-            return NF4Matmul.apply(x, self.nf4(), self.bias)
-        w = self.weight.t() if self.fan_in_fan_out else self.weight
-        return F.linear(x, w, self.bias)
+        return NF4Matmul.apply(x, self.nf4(), self.bias)
 
-    def mixed_delta(self, x: torch.Tensor, rows: list[str | None]) -> torch.Tensor:
-        """The LoRA term of a batch whose row i uses adapter rows[i] (None: none): one small product per adapter
-        over its rows, so a batch serving several adapters costs one base matmul plus a few rank-r ones."""
+    @property
+    def row_adapters(self) -> list[str | None] | None:
+        """A batch mixing adapters: row i uses adapter row_adapters[i] (None: none). Set by `adapters_by_row`."""
+        return self._row_adapters
+
+    @row_adapters.setter
+    def row_adapters(self, rows: list[str | None] | None) -> None:
+        self._row_adapters, self._row_weights = rows, None
+
+    @torch.no_grad()
+    def _stack_rows(self, rows: list[str | None]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Per row, its adapter's A (rows, r, in) and scaled B (rows, out, r), ranks zero-padded to the largest;
+        zeros for a row without an adapter here. None when no row's adapter is on this layer."""
+        names = [n for n in dict.fromkeys(rows) if n is not None and n in self.lora_A]
+        if not names:
+            return None
+        r, any_A = max(self.lora_A[n].shape[0] for n in names), self.lora_A[names[0]]
+        A = any_A.new_zeros(len(rows), r, self.in_features)
+        B = any_A.new_zeros(len(rows), self.out_features, r)
+        for i, n in enumerate(rows):
+            if n in names:
+                k = self.lora_A[n].shape[0]
+                A[i, :k] = self.lora_A[n]
+                B[i, :, :k] = self.lora_B[n] * self.scaling[n]
+        return A, B
+
+    def mixed_forward(self, x: torch.Tensor, rows: list[str | None]) -> torch.Tensor:
+        """A batch whose row i uses adapter rows[i]: the base matmul plus one batched rank-r product (bmm) over
+        all rows, whatever adapter each uses, so serving three adapters costs what serving one does. The stacked
+        adapter weights are built at the first call and reused while `row_adapters` stays set: for inference."""
         if len(rows) != x.shape[0]:
             raise LoRAError(f"the batch has {x.shape[0]} rows but {len(rows)} adapter names were given")
-        delta = x.new_zeros(*x.shape[:-1], self.out_features)
-        for name in dict.fromkeys(rows):
-            if name is None or name not in self.lora_A:
-                continue
-            idx = torch.tensor([i for i, n in enumerate(rows) if n == name], device=x.device)
-            A, B = self.lora_A[name], self.lora_B[name]
-            xa = x.index_select(0, idx).to(A.dtype)
-            delta.index_copy_(0, idx, F.linear(F.linear(xa, A), B * self.scaling[name]).to(delta.dtype))
-        return delta
+        out = self.base_forward(x)
+        if self._row_weights is None:
+            self._row_weights = self._stack_rows(rows) or ()
+        if not self._row_weights:
+            return out
+        A, B = self._row_weights
+        x3 = x.reshape(x.shape[0], -1, x.shape[-1]).to(A.dtype)  # (rows, tokens, in)
+        delta = torch.bmm(torch.bmm(x3, A.transpose(1, 2)), B.transpose(1, 2))
+        return out.add_(delta.view(out.shape).to(out.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base_forward(x)
-        if self.row_adapters is not None and not self.disabled:
-            return out.add_(self.mixed_delta(x, self.row_adapters))
         name = self.active
+        if self.row_adapters is not None and not self.disabled:
+            return self.mixed_forward(x, self.row_adapters)
         if self.disabled or name is None or name == self.merged:
-            return out
+            return self.base_forward(x)
         A, B = self.lora_A[name], self.lora_B[name]
         p = self.dropout[name] if self.training else 0.0
-        xa = x if x.dtype == A.dtype else x.to(A.dtype)
-        delta = LoRABranch.apply(xa, A, B, self.scaling[name], p)
+        fused = self._fusable(x, A)  # base matmul and LoRA term in one; else the base runs on its own (NF4, bf16)
+        w = (self.weight.t() if self.fan_in_fan_out else self.weight) if fused else None
+        x2 = (x if fused else x.to(A.dtype)).reshape(-1, x.shape[-1])  # (tokens, in); the output viewed back
+        args = (x2, w, self.bias if fused else None, A, B, self.scaling[name], p)
+        y = (LoRAFunction.apply(*args) if torch.is_grad_enabled() else lora_linear(*args)[0]).view(*x.shape[:-1], -1)
+        if fused:
+            return y
         # In place: the base matmul's backward does not need its output, so this saves one (tokens, out) tensor.
-        return out.add_(delta.to(out.dtype))
+        out = self.base_forward(x)
+        return out.add_(y.to(out.dtype))
+
+    def _fusable(self, x: torch.Tensor, A: torch.Tensor) -> bool:
+        """Whether base and branch can run as one LoRAFunction: a dense frozen base in the adapter's dtype, no
+        autocast (which would not reach the matmuls that write into the output)."""
+        w, b = self.weight, self.bias
+        return (w is not None and x.dtype == w.dtype == A.dtype and not w.requires_grad
+                and (b is None or not b.requires_grad) and not torch.is_autocast_enabled(x.device.type))
 
     def extra_repr(self) -> str:
         ranks = {n: a.shape[0] for n, a in self.lora_A.items()}

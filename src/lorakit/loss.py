@@ -27,7 +27,12 @@ def label_only_supported(model: nn.Module) -> bool:
 
 class LinearCrossEntropy(torch.autograd.Function):
     """sum over rows of cross_entropy(h @ W.T + b, target), chunk by chunk; the gradients of each chunk are
-    computed with its logits and kept (rows x hidden), never the logits themselves (rows x vocab)."""
+    computed with its logits and kept (rows x hidden), never the logits themselves (rows x vocab).
+
+    One fp32 logits buffer serves every chunk and the softmax runs in it in place (max, exp, sum, divide): no
+    second vocab-wide copy, no fresh allocation (and page faults) per chunk. With p = softmax - onehot(target),
+    d(loss)/dh = p @ W = softmax @ W - W[target], so the one-hot never touches a vocab-wide tensor.
+    """
 
     @staticmethod
     def forward(ctx, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor,
@@ -38,21 +43,28 @@ class LinearCrossEntropy(torch.autograd.Function):
         gw = torch.zeros_like(weight) if need_w else None
         gb = torch.zeros_like(bias) if need_b else None
         total = torch.zeros((), dtype=torch.float32, device=h.device)
+        buf = torch.empty(min(chunk, h.shape[0]), weight.shape[0], dtype=torch.float32, device=h.device)
         for i in range(0, h.shape[0], chunk):
             hc, tc = h[i:i + chunk], target[i:i + chunk]
-            logits = F.linear(hc, weight, bias).float()
-            lse = torch.logsumexp(logits, dim=-1)
-            total += (lse - logits.gather(1, tc[:, None]).squeeze(1)).sum()
+            logits = buf[:len(hc)]
+            if h.dtype == torch.float32 and bias is None:
+                torch.mm(hc, weight.t(), out=logits)
+            elif h.dtype == torch.float32:
+                torch.addmm(bias, hc, weight.t(), out=logits)
+            else:
+                logits.copy_(F.linear(hc, weight, bias))
+            top = logits.amax(1, keepdim=True)
+            picked = logits.gather(1, tc[:, None])
+            sums = logits.sub_(top).exp_().sum(1, keepdim=True)
+            total += (top + sums.log() - picked).sum()
             if need_h or need_w or need_b:
-                p = logits.sub_(lse[:, None]).exp_()  # softmax, in the logits' memory
-                p[torch.arange(len(tc), device=p.device), tc] -= 1.0  # d(loss)/d(logits)
-                p = p.to(h.dtype)
+                p = logits.div_(sums).to(h.dtype)  # softmax; d(loss)/d(logits) is p minus the one-hot of tc
                 if need_h:
-                    gh[i:i + chunk] = p @ weight
+                    torch.sub(p @ weight, weight[tc], out=gh[i:i + chunk])
                 if need_w:
-                    gw += p.t() @ hc
+                    gw.addmm_(p.t(), hc).index_add_(0, tc, hc, alpha=-1)
                 if need_b:
-                    gb += p.sum(0)
+                    gb.add_(p.sum(0)).index_add_(0, tc, torch.ones_like(tc, dtype=gb.dtype), alpha=-1)
         ctx.save_for_backward(gh, gw, gb)
         return total
 

@@ -30,7 +30,7 @@ from .distributed import all_sum, load_optimizer_state, optimizer_state, rank_sh
 from .inject import add_lora, parameter_report
 from .lora import LoRAConfig
 from .loss import causal_lm_loss, label_only_supported
-from .models import head_name, load_model
+from .models import compile_blocks, head_name, load_model
 from .tasks import encode_splits, load_splits
 
 CHECKPOINT = "checkpoint"
@@ -325,6 +325,11 @@ def train(cfg: RunConfig, resume: bool = False) -> Path:
     if full and strategy == "fsdp" and world > 1:
         from .errors import UserError
         raise UserError("method full with --strategy fsdp is not supported: use DDP (the default)")
+    if cfg.compile and strategy == "fsdp" and world > 1:
+        from .errors import UserError
+        raise UserError("compile with --strategy fsdp is not supported: use DDP (the default)")
+    if cfg.compile:
+        log(f"lorakit: compiling {compile_blocks(model)} blocks (torch.compile; the first steps are slow)")
     head_names = {f"{head}.{n}" for n, _ in model.get_submodule(head).named_parameters()} if head else set()
     # on one process the model is not wrapped, so the loss may call its backbone and head itself (DDP/FSDP need
     # their wrapper's forward)
@@ -401,7 +406,9 @@ def train(cfg: RunConfig, resume: bool = False) -> Path:
             bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}",
                             tok_s=f"{state.tokens / max(state.train_seconds, 1e-9):.0f}")
             if data.val and (state.step % eval_every == 0 or state.step == total):
-                val = validate(model, data.val, data.collate, cfg.batch_size, device, accelerator.autocast, accelerator)
+                with torch.compiler.set_stance("force_eager"):  # eval-mode shapes: not worth another compile
+                    val = validate(model, data.val, data.collate, cfg.batch_size, device, accelerator.autocast,
+                                   accelerator)
                 state.val_history.append({"step": state.step, **val})
                 say(f"step {state.step}: val loss {val['loss']:.4f}"
                     + (f", val accuracy {val['accuracy']:.4f}" if "accuracy" in val else ""))
