@@ -259,6 +259,24 @@ def test_lora_function_matches_plain_autograd(p, base):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+def test_training_under_bf16_autocast_matches_fp32():
+    """Mixed precision (accelerate's bf16 autocast, the GPU default): the LoRA term's matmuls run in bf16 while A and
+    B stay fp32; training works and the adapter's gradients are fp32 and close to the fp32 ones."""
+    grads = []
+    for autocast in (False, True):
+        model = add_lora(TINY["llama"](), LoRAConfig(r=4, dropout=0.0))
+        randomize_lora(model)
+        model.train()
+        ids = torch.randint(4, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    for n, g in grads[1].items():
+        assert g.dtype == torch.float32, n
+        assert (g - grads[0][n]).norm() <= 0.05 * grads[0][n].norm(), n
+
+
 def test_dropout_keep_rate_and_reproducibility():
     from lorakit.lora import dropout_keep, effective_p
     torch.manual_seed(0)

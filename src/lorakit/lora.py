@@ -141,17 +141,21 @@ class LoRAFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         x, weight, A, B, h, keep = ctx.saved_tensors
+        # Under autocast (bf16 on a GPU) the output, h and grad are half precision while A and B stay fp32: the
+        # adapter's gradients are computed in its own dtype. No-ops otherwise.
+        dt = A.dtype
+        grad = grad.to(dt)
         gh = (grad @ B) * ctx.scaling  # (tokens, r)
         gx = gA = gB = None
         if ctx.needs_input_grad[4]:
-            gB = (grad.t() @ h) * ctx.scaling
+            gB = (grad.t() @ h.to(dt)) * ctx.scaling
         if keep is not None:
             gh = gh * ctx.rescale
         if ctx.needs_input_grad[3]:
-            gA = gh.t() @ (x * keep if keep is not None else x)
+            gA = gh.t() @ (x.to(dt) * keep if keep is not None else x.to(dt))
         if ctx.needs_input_grad[0]:
             if weight is None:
-                gx = gh @ A if keep is None else (gh @ A).mul_(keep)
+                gx = (gh @ A if keep is None else (gh @ A).mul_(keep)).to(x.dtype)
             elif keep is None:
                 gx = (grad @ weight).addmm_(gh, A)
             else:
