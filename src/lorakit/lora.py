@@ -105,6 +105,11 @@ def effective_p(p: float) -> float:
     return round(p * 65536) / 65536
 
 
+def dropout_scale(p: float) -> float:
+    """What dropout multiplies the kept elements by: 1 / (1 - the rate really drawn)."""
+    return 1.0 / (1.0 - effective_p(p))
+
+
 def lora_linear(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, A: torch.Tensor,
                 B: torch.Tensor, scaling: float, p: float = 0.0
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -113,7 +118,7 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor
     for training; inference calls it bare, without autograd's per-call cost, which shows when decoding one token
     at a time (three ops then, the LoRA term added into the base output in place)."""
     keep = dropout_keep(x.shape, p, x.device) if p > 0 else None
-    h = F.linear(x * keep, A).mul_(1.0 / (1.0 - effective_p(p))) if keep is not None else F.linear(x, A)
+    h = F.linear(x * keep, A).mul_(dropout_scale(p)) if keep is not None else F.linear(x, A)
     if weight is None:
         return torch.mm(h, (B * scaling).t()), h, keep
     out = torch.mm(x, weight.t()) if bias is None else torch.addmm(bias, x, weight.t())
@@ -135,7 +140,7 @@ class LoRAFunction(torch.autograd.Function):
                 B: torch.Tensor, scaling: float, p: float) -> torch.Tensor:
         out, h, keep = lora_linear(x, weight, bias, A, B, scaling, p)
         ctx.save_for_backward(x, weight, A, B, h, keep)
-        ctx.scaling, ctx.rescale = scaling, 1.0 / (1.0 - effective_p(p))
+        ctx.scaling, ctx.rescale = scaling, dropout_scale(p)
         return out
 
     @staticmethod
@@ -234,8 +239,7 @@ class LoRALinear(nn.Module):
     def quantize_(self, backend: str = "auto") -> None:
         """Store the base weight in NF4 and drop the dense weight: as buffers (.to(device) moves them) or a
         bitsandbytes Linear4bit child."""
-        w = self.weight.detach()
-        w = w.t() if self.fan_in_fan_out else w  # always (out, in)
+        w = self.dense_weight().detach()
         self.nf4_shape, self.nf4_dtype = w.shape, w.dtype
         self.weight = None
         if resolve_backend(backend) == "bitsandbytes":
@@ -307,9 +311,13 @@ class LoRALinear(nn.Module):
             self.weight.data -= self.delta_weight(self.merged).to(self.weight.dtype)
             self.merged = None
 
+    def dense_weight(self) -> torch.Tensor:
+        """The dense base weight laid out (out, in), as F.linear takes it (a view for Conv1D)."""
+        return self.weight.t() if self.fan_in_fan_out else self.weight
+
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.weight is not None:  # dense: what nn.Linear / Conv1D computes, checked first (decoding calls it often)
-            return F.linear(x, self.weight.t() if self.fan_in_fan_out else self.weight, self.bias)
+            return F.linear(x, self.dense_weight(), self.bias)
         if self.quant_backend == "bitsandbytes":
             out = self.base4(x)
             return out if self.bias is None else out.add_(self.bias)
@@ -325,12 +333,12 @@ class LoRALinear(nn.Module):
         self._row_adapters, self._row_weights = rows, None
 
     @torch.no_grad()
-    def _stack_rows(self, rows: list[str | None]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def _stack_rows(self, rows: list[str | None]) -> tuple[torch.Tensor, ...]:
         """Per row, its adapter's A (rows, r, in) and scaled B (rows, out, r), ranks zero-padded to the largest;
-        zeros for a row without an adapter here. None when no row's adapter is on this layer."""
+        zeros for a row without an adapter here. Empty when no row's adapter is on this layer."""
         names = [n for n in dict.fromkeys(rows) if n is not None and n in self.lora_A]
         if not names:
-            return None
+            return ()
         r, any_A = max(self.lora_A[n].shape[0] for n in names), self.lora_A[names[0]]
         A = any_A.new_zeros(len(rows), r, self.in_features)
         B = any_A.new_zeros(len(rows), self.out_features, r)
@@ -349,7 +357,7 @@ class LoRALinear(nn.Module):
             raise LoRAError(f"the batch has {x.shape[0]} rows but {len(rows)} adapter names were given")
         out = self.base_forward(x)
         if self._row_weights is None:
-            self._row_weights = self._stack_rows(rows) or ()
+            self._row_weights = self._stack_rows(rows)
         if not self._row_weights:
             return out
         A, B = self._row_weights
@@ -366,9 +374,8 @@ class LoRALinear(nn.Module):
         A, B = self.lora_A[name], self.lora_B[name]
         p = self.dropout[name] if self.training else 0.0
         fused = self._fusable(x, A)  # base matmul and LoRA term in one; else the base runs on its own (NF4, bf16)
-        w = (self.weight.t() if self.fan_in_fan_out else self.weight) if fused else None
-        x2 = (x if fused else x.to(A.dtype)).reshape(-1, x.shape[-1])  # (tokens, in); the output viewed back
-        args = (x2, w, self.bias if fused else None, A, B, self.scaling[name], p)
+        x2 = x.to(A.dtype).reshape(-1, x.shape[-1])  # (tokens, in); the output is viewed back
+        args = (x2, self.dense_weight() if fused else None, self.bias if fused else None, A, B, self.scaling[name], p)
         y = (LoRAFunction.apply(*args) if torch.is_grad_enabled() else lora_linear(*args)[0]).view(*x.shape[:-1], -1)
         if fused:
             return y
