@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from step import bench_args, build, machine, reset_peak_rss, run_cases, vm_hwm_gb  # noqa: E402
+from step import bench_args, build, machine, print_table, reset_peak_rss, run_cases, vm_hwm_gb  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 ALPACA = REPO.parent / "shared" / "data" / "alpaca" / "alpaca_data.json"
@@ -83,13 +83,14 @@ def main() -> None:
     ref = next((r for r in results if r["case"] == "peft-padded"), results[0])
     print(f"\nSmolLM2-135M fp32 on the first {a.records} Alpaca records (max {a.seq} tokens), r=8 on 7 projections, "
           f"dropout {a.dropout}, AdamW, 2 threads")
-    print(f"{'case':<24} {'steps':>5} {'seconds':>8} {'useful tok':>10} {'useful tok/s':>12} {'computed tok/s':>14} "
-          f"{'peak GB':>8} {'useful x':>9}")
     for r in results:
         r["useful_speed_vs_peft"] = r["useful_tokens_per_s"] / ref["useful_tokens_per_s"]
-        print(f"{r['case']:<24} {r['steps']:>5} {r['seconds']:>8.1f} {r['useful_tokens']:>10} "
-              f"{r['useful_tokens_per_s']:>12.1f} {r['computed_tokens_per_s']:>14.1f} {r['step_peak_rss_gb']:>8.2f} "
-              f"{r['useful_speed_vs_peft']:>9.2f}")
+    print_table(results, [("case", lambda r: r["case"], ""), ("steps", lambda r: r["steps"], "d"),
+                          ("seconds", lambda r: r["seconds"], ".1f"), ("useful tok", lambda r: r["useful_tokens"], "d"),
+                          ("useful tok/s", lambda r: r["useful_tokens_per_s"], ".1f"),
+                          ("computed tok/s", lambda r: r["computed_tokens_per_s"], ".1f"),
+                          ("peak GB", lambda r: r["step_peak_rss_gb"], ".2f"),
+                          ("useful x", lambda r: r["useful_speed_vs_peft"], ".2f")])
     machine("alpaca", a, results)
 
 

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from step import PROJECTIONS, bench_args, machine, run_cases, time_steps  # noqa: E402
+from step import PROJECTIONS, bench_args, machine, print_table, run_cases, time_steps  # noqa: E402
 
 CASES = "lora,qlora,qlora-bnb,qlora-gc,lora-gc,peft-bnb"
 
@@ -72,15 +72,17 @@ def main() -> None:
     ref = next((r for r in results if r["case"] == "lora"), results[0])
     peft = next((r for r in results if r["case"] == "peft-bnb"), None)
     print(f"\nSmolLM2-135M, batch {a.batch} x {a.seq}, r=8 on 7 projections, dropout {a.dropout}, AdamW, 2 threads")
-    print(f"{'case':<10} {'tokens/s':>9} {'step GB':>8} {'weights MB':>11} {'w x fp32':>9} {'RSS x lora':>11} "
-          f"{'speed x lora':>13} {'speed x peft-bnb':>17}")
     for r in results:
         r["rss_vs_lora"] = r["step_peak_rss_gb"] / ref["step_peak_rss_gb"]
         r["speed_vs_lora"] = r["tokens_per_s"] / ref["tokens_per_s"]
         r["speed_vs_peft_bnb"] = r["tokens_per_s"] / peft["tokens_per_s"] if peft else None
-        print(f"{r['case']:<10} {r['tokens_per_s']:>9.1f} {r['step_peak_rss_gb']:>8.2f} "
-              f"{r['linear_weight_bytes'] / 1e6:>11.1f} {r['weight_memory_vs_fp32']:>9.3f} {r['rss_vs_lora']:>11.2f} "
-              f"{r['speed_vs_lora']:>13.2f} {r['speed_vs_peft_bnb'] or float('nan'):>17.2f}")
+    print_table(results, [("case", lambda r: r["case"], ""), ("tokens/s", lambda r: r["tokens_per_s"], ".1f"),
+                          ("step GB", lambda r: r["step_peak_rss_gb"], ".2f"),
+                          ("weights MB", lambda r: r["linear_weight_bytes"] / 1e6, ".1f"),
+                          ("w x fp32", lambda r: r["weight_memory_vs_fp32"], ".3f"),
+                          ("RSS x lora", lambda r: r["rss_vs_lora"], ".2f"),
+                          ("speed x lora", lambda r: r["speed_vs_lora"], ".2f"),
+                          ("speed x peft-bnb", lambda r: r["speed_vs_peft_bnb"] or float("nan"), ".2f")])
     machine("qlora", a, results)
 
 

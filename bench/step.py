@@ -171,6 +171,15 @@ def run_cases(ap: argparse.ArgumentParser, script: str, run_case: Callable[[str,
     return results, a
 
 
+def print_table(results: list[dict], columns: list[tuple[str, Callable[[dict], object], str]]) -> None:
+    """Print results as an aligned table; each column is (header, its value in a result, format spec)."""
+    cells = [[format(value(r), spec) for _, value, spec in columns] for r in results]
+    heads = [head for head, _, _ in columns]
+    widths = [max(map(len, col)) for col in zip(heads, *cells)]
+    for line in (heads, *cells):
+        print(" ".join(x.ljust(w) if i == 0 else x.rjust(w) for i, (x, w) in enumerate(zip(line, widths))))
+
+
 def bench_args(doc: str, name: str, cases: str, steps: int | None = None) -> argparse.ArgumentParser:
     """The options every step benchmark shares: cases, (steps, warm-up,) batch x seq, dropout, the JSON's path."""
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -210,15 +219,17 @@ def main() -> None:
     speed = "interleaved_tokens_per_s" if a.interleave else "tokens_per_s"
     ref = next((r for r in results if r["case"] == "peft"), results[0])
     print(f"\nSmolLM2-135M fp32, batch {a.batch} x {a.seq}, r=8 on 7 projections, dropout {a.dropout}, AdamW, 2 threads")
-    print(f"{'case':<22} {'alone s':>8} {'tokens/s':>9} {'GFLOP/s':>8} {'of ceil':>8} {'turns s':>8} {'tokens/s':>9} "
-          f"{'speed x':>8} {'peak GB':>8} {'mem x':>6}")
     for r in results:
         r["speed_vs_peft"] = r[speed] / ref[speed]
         r["memory_vs_peft"] = r["peak_rss_gb"] / ref["peak_rss_gb"]
-        print(f"{r['case']:<22} {r['step_s']:>8.2f} {r['tokens_per_s']:>9.1f} {r['gflops']:>8.1f} "
-              f"{r['of_ceiling']:>8.0%} {r.get('interleaved_step_s', float('nan')):>8.2f} "
-              f"{r.get('interleaved_tokens_per_s', float('nan')):>9.1f} {r['speed_vs_peft']:>8.2f} "
-              f"{r['peak_rss_gb']:>8.2f} {r['memory_vs_peft']:>6.2f}")
+    nan = float("nan")
+    print_table(results, [("case", lambda r: r["case"], ""), ("alone s", lambda r: r["step_s"], ".2f"),
+                          ("tokens/s", lambda r: r["tokens_per_s"], ".1f"), ("GFLOP/s", lambda r: r["gflops"], ".1f"),
+                          ("of ceil", lambda r: r["of_ceiling"], ".0%"),
+                          ("turns s", lambda r: r.get("interleaved_step_s", nan), ".2f"),
+                          ("tokens/s", lambda r: r.get("interleaved_tokens_per_s", nan), ".1f"),
+                          ("speed x", lambda r: r["speed_vs_peft"], ".2f"), ("peak GB", lambda r: r["peak_rss_gb"], ".2f"),
+                          ("mem x", lambda r: r["memory_vs_peft"], ".2f")])
     print("alone: each case in its own process (its peak RSS; speed at the time it ran, of ceil = GFLOP/s / F.linear "
           "2048^2 then); turns: all cases in one process, a step each in turn (speed x)")
     machine("step", a, results)
