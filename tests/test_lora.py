@@ -236,7 +236,8 @@ def test_training_changes_only_lora_and_trainable_parameters():
 def test_lora_function_matches_plain_autograd(p, base):
     """The fused, memory-light Function gives the plain implementation's output and gradients, mask for mask:
     base matmul + LoRA term in one (the dense path), or the LoRA term alone (the quantised-base path)."""
-    from lorakit.lora import LoRAFunction, dropout_keep, effective_p
+    from lorakit.dropout import dropout_drops
+    from lorakit.lora import LoRAFunction
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, 7, 24, generator=g, requires_grad=True)
     A = torch.randn(4, 24, generator=g, requires_grad=True)
@@ -248,7 +249,10 @@ def test_lora_function_matches_plain_autograd(p, base):
     out = LoRAFunction.apply(x.reshape(-1, 24), W, bias, A, B, 2.0, p).view(3, 7, 10)
     grads = torch.autograd.grad(out, (x, A, B), upstream)
     torch.manual_seed(5)
-    keep = dropout_keep(x.shape, p).float() / (1 - effective_p(p)) if p > 0 else torch.ones_like(x)
+    keep = torch.ones(x.numel() + 1)  # the last slot: where the padding entries of the drops go
+    if p > 0:
+        keep[dropout_drops(x.numel(), p)] = 0
+    keep = keep[:-1].view(x.shape) / (1 - p)
     ref = ((x * keep) @ A.T @ B.T) * 2.0
     if W is not None:
         ref = ref + x @ W.T + (bias if bias is not None else 0)
@@ -277,13 +281,36 @@ def test_training_under_bf16_autocast_matches_fp32():
         assert (g - grads[0][n]).norm() <= 0.05 * grads[0][n].norm(), n
 
 
-def test_dropout_keep_rate_and_reproducibility():
-    from lorakit.lora import dropout_keep, effective_p
+def test_dropout_drops_are_iid_bernoulli_and_reproducible():
+    """The drops, drawn as geometric gaps, behave like an elementwise Bernoulli(p) mask: the rate, no run
+    structure (a pair of neighbours both dropped at p^2), no drift along the tensor, every position dropped as
+    often; padded with n at the end, never short of it; same seed, same drops."""
+    from lorakit.dropout import dropout_drops, zero_at
+    n, p = 2_000_000, 0.05
     torch.manual_seed(0)
-    m = dropout_keep(torch.Size([1000, 1000]), 0.05)
-    assert m.dtype == torch.uint8 and m.shape == (1000, 1000) and set(m.unique().tolist()) == {0, 1}
-    assert abs(1 - m.float().mean().item() - effective_p(0.05)) < 0.0015  # ~7 standard deviations
-    assert abs(effective_p(0.05) - 0.05) < 1 / 65536
+    padded = dropout_drops(n, p)
+    d = padded[padded < n]
+    assert padded.dtype == torch.int64 and bool((d[1:] > d[:-1]).all()) and d[0] >= 0
+    assert len(d) < len(padded) and bool((padded[len(d):] == n).all())  # the padding comes last
+    sd = (n * p * (1 - p)) ** 0.5
+    assert abs(len(d) - n * p) < 6 * sd
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[d] = True
+    both = (mask[1:] & mask[:-1]).sum().item()
+    assert abs(both - (n - 1) * p * p) < 6 * ((n - 1) * p * p) ** 0.5  # independent neighbours
+    assert abs(mask[: n // 2].sum().item() - mask[n // 2:].sum().item()) < 6 * sd
+    assert mask[-1000:].sum().item() > 20  # drops reach the end (~50 expected)
     torch.manual_seed(0)
-    assert torch.equal(dropout_keep(torch.Size([1000, 1000]), 0.05), m)
-    assert dropout_keep(torch.Size([10, 10]), 1e-9).all()
+    assert torch.equal(dropout_drops(n, p), padded)
+    assert bool((dropout_drops(100, 1e-9) == 100).all())
+    assert dropout_drops(5, 0.999999)[:5].tolist() == [0, 1, 2, 3, 4]
+    counts = torch.zeros(1001)
+    for _ in range(200):
+        counts += torch.bincount(dropout_drops(1000, 0.3), minlength=1001)
+    counts = counts[:-1]  # every position dropped at ~p (60 of 200, sd 6.5)
+    assert counts.min() > 20 and counts.max() < 100 and abs(counts.mean().item() - 60) < 2
+    x = torch.randn(30, 40)
+    drops = dropout_drops(x.numel(), 0.3)
+    y = zero_at(x, drops)
+    gone = torch.zeros(x.numel() + 1, dtype=torch.bool).index_fill_(0, drops, True)[:-1].view(x.shape)
+    assert torch.equal(y, x.masked_fill(gone, 0)) and y.is_contiguous()
