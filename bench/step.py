@@ -72,10 +72,10 @@ def loss_of(case: str):
     return lambda model, batch: model(**batch).loss
 
 
-def one_step(model, opt, loss_fn, ids) -> tuple[float, float]:
-    """One AdamW training step on `ids` (labels = inputs): (seconds, loss)."""
+def one_step(model, opt, loss_fn, batch: dict) -> tuple[float, float]:
+    """One AdamW training step on `batch`: (seconds, loss)."""
     t0 = time.perf_counter()
-    loss = loss_fn(model, {"input_ids": ids, "labels": ids})
+    loss = loss_fn(model, batch)
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
@@ -98,7 +98,7 @@ def interleaved_speed(cases: list[str], a: argparse.Namespace) -> dict[str, floa
     warmup = max(a.warmup, 3)
     for i in range(warmup + a.steps):
         for case, (model, opt, loss_fn) in runs.items():
-            dt, loss = one_step(model, opt, loss_fn, ids)
+            dt, loss = one_step(model, opt, loss_fn, {"input_ids": ids, "labels": ids})
             if i >= warmup:
                 times[case].append(dt)
             print(f"  interleaved round {i + 1}/{warmup + a.steps} {case}: {dt:.2f}s loss {loss:.4f}",
@@ -133,7 +133,7 @@ def time_steps(case: str, model, a: argparse.Namespace) -> dict:
     times, losses = [], []
     warmup = max(a.warmup, 3) if "compile" in case.split("-") else a.warmup  # compiling, then settling
     for i in range(warmup + a.steps):
-        dt, loss = one_step(model, opt, loss_fn, ids)
+        dt, loss = one_step(model, opt, loss_fn, {"input_ids": ids, "labels": ids})
         losses.append(loss)
         if i >= warmup:
             times.append(dt)
