@@ -136,7 +136,8 @@ class LoRAFunction(torch.autograd.Function):
         if ctx.needs_input_grad[4]:
             gB = (h.to(dt).t() @ grad).mul_(ctx.scaling).t()
         if ctx.needs_input_grad[3]:
-            gA = gh.t() @ (x.to(dt) if drops is None else zeroed(x.shape, A, drops, lambda out: out.copy_(x)))
+            xd = x.to(dt)  # a no-op: forward callers pass x in the adapter's dtype
+            gA = gh.t() @ (xd if drops is None else zero_at(xd, drops))
         if ctx.needs_input_grad[0]:
             # the branch's input gradient, zero where x was dropped; then the base's is added in place
             shape = (len(gh), A.shape[1])

@@ -199,7 +199,7 @@ def compile_blocks(model: nn.Module) -> int:
     """torch.compile each repeated block of `model` (the classes its `_no_split_modules` names: one decoder layer
     each), in place; returns how many. Regional compilation: the blocks share one compiled graph, so it compiles
     once (~1 min on 2 CPU cores for SmolLM2) instead of once per layer, and the fused elementwise kernels (norms,
-    rotary, SiLU·up, residuals, dropout masks) take most of what is not a matmul off a training step. A model
+    rotary, SiLU·up, residuals) take most of what is not a matmul off a training step. A model
     without such blocks is compiled whole."""
     kinds = {n for m in model.modules() for n in (getattr(m, "_no_split_modules", None) or [])}
     blocks = [m for m in model.modules() if type(m).__name__ in kinds]
