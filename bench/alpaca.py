@@ -5,6 +5,8 @@ Cases (each in its own subprocess; r=8 on the 7 projections, dropout 0.05, AdamW
   peft-padded       PEFT, right-padded batches of --batch records, transformers' loss
   lorakit-padded    lorakit, the same padded batches, transformers' loss
   lorakit-packed    lorakit, records packed into rows of --seq tokens (block-diagonal attention), label-only loss
+  *-shared          packed rows keep the prompt preamble their records share once (collate.shared_prefix; the
+                    `lorakit train --pack` default): the same loss and gradients from fewer tokens
   *-compile         the same with each decoder block compiled (compiled in untimed warm-up steps)
 Then (--interleave, the default) all cases again in one process, taking turns, for speed ratios that the machine's
 drift does not skew. Useful tokens/s = response tokens trained on / seconds. Prints a table, writes
@@ -24,7 +26,7 @@ from step import (bench_args, build, machine, one_step, print_table, reset_peak_
 
 REPO = Path(__file__).resolve().parents[1]
 ALPACA = REPO.parent / "shared" / "data" / "alpaca" / "alpaca_data.json"
-CASES = "peft-padded,lorakit-padded,lorakit-packed,lorakit-packed-compile"
+CASES = "peft-padded,lorakit-padded,lorakit-packed,lorakit-packed-shared,lorakit-packed-shared-compile"
 
 
 def batches(case: str, a: argparse.Namespace) -> list[dict]:
@@ -37,9 +39,11 @@ def batches(case: str, a: argparse.Namespace) -> list[dict]:
     data.examples = data.examples[:a.records]
     enc = data.encode(tok, max_length=a.seq, template="alpaca")
     if "packed" in case.split("-"):
-        rows = pack(enc, a.seq)
+        share = "shared" in case.split("-")
+        rows = pack(enc, a.seq, share_prefix=share)
         # --batch rows of --seq tokens: the same token budget per step as the longest padded batch
-        return [packed_batch(rows[i:i + a.batch], tok.pad_token_id) for i in range(0, len(rows), a.batch)]
+        return [packed_batch(rows[i:i + a.batch], tok.pad_token_id, share_prefix=share)
+                for i in range(0, len(rows), a.batch)]
     return [pad_batch(enc[i:i + a.batch], tok.pad_token_id) for i in range(0, len(enc), a.batch)]
 
 

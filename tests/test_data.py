@@ -7,8 +7,8 @@ from collections import Counter
 import pytest
 import torch
 
-from conftest import DATA, TINY
-from lorakit.collate import pack, packed_batch, pad_batch, seq2seq_batch
+from conftest import DATA, TINY, randomize_lora
+from lorakit.collate import pack, packed_batch, pad_batch, row_length, seq2seq_batch, shared_prefix
 from lorakit.data import (IGNORE, ClassificationData, DataError, EncodedExample, InstructionData, SummarizationData,
                           balance)
 
@@ -137,6 +137,72 @@ def test_packing_unequal_examples_token_weighted():
         alone = [model(input_ids=torch.tensor([e.input_ids]), labels=torch.tensor([e.labels])).loss for e in examples]
     n = torch.tensor([sum(lab != IGNORE for lab in e.labels[1:]) for e in examples], dtype=torch.float)
     torch.testing.assert_close(packed, (torch.stack(alone) * n).sum() / n.sum(), atol=1e-5, rtol=0)
+
+
+def _templated(prompts_and_lengths, seed=1):
+    """Examples opening with one 6-token preamble (two use another after its first 3 tokens), then their own
+    prompt and response tokens."""
+    g = torch.Generator().manual_seed(seed)
+    pre = torch.randint(4, 128, (6,), generator=g).tolist()
+    out = []
+    for j, (prompt, n) in enumerate(prompts_and_lengths):
+        head = pre if j % 3 else pre[:3] + [3, 2, 1]
+        ids = head + torch.randint(4, 128, (n - len(head),), generator=g).tolist()
+        out.append(EncodedExample(ids, [IGNORE] * prompt + ids[prompt:]))
+    return out
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_shared_prefix_packing_gives_the_unshared_loss_and_gradients(kind):
+    """Packed rows keeping a shared preamble once: the same loss and LoRA gradients as repeating it (dropout 0),
+    and the token-weighted mean of the examples' own losses, from fewer tokens."""
+    from lorakit import LoRAConfig, add_lora
+    model = TINY[kind]()
+    add_lora(model, LoRAConfig(r=4, alpha=8, targets="all-linear"))
+    randomize_lora(model)
+    examples = _templated([(8, 14), (9, 11), (7, 16), (10, 13), (8, 9), (11, 15), (6, 12)])
+    rows = [[examples[i] for i in (1, 2, 4)], [examples[i] for i in (0, 3, 5, 6)]]
+    assert [shared_prefix(r) for r in rows] == [6, 3]  # the whole preamble; the part both preambles have
+    plain, shared = packed_batch(rows, pad_id=0), packed_batch(rows, pad_id=0, share_prefix=True)
+    assert shared["input_ids"].numel() < plain["input_ids"].numel()
+    assert (shared["labels"] != IGNORE).sum() == (plain["labels"] != IGNORE).sum()
+    got = []
+    for b in (plain, shared):
+        model.zero_grad(set_to_none=True)
+        loss = model(**b).loss
+        loss.backward()
+        got.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
+    (ref, ref_g), (loss, g) = got
+    torch.testing.assert_close(loss, ref, atol=1e-5, rtol=0)
+    assert set(g) == set(ref_g) and len(g) > 4
+    for name in ref_g:
+        torch.testing.assert_close(g[name], ref_g[name], atol=1e-5, rtol=1e-4, msg=name)
+    with torch.no_grad():
+        alone = [model(input_ids=torch.tensor([e.input_ids]), labels=torch.tensor([e.labels])).loss for e in examples]
+    n = torch.tensor([sum(lab != IGNORE for lab in e.labels[1:]) for e in examples], dtype=torch.float)
+    torch.testing.assert_close(loss, (torch.stack(alone) * n).sum() / n.sum(), atol=1e-5, rtol=0)
+
+
+def test_shared_prefix_stops_before_labels_and_packing_groups_preambles():
+    e = lambda ids, prompt: EncodedExample(ids, [IGNORE] * prompt + ids[prompt:])  # noqa: E731
+    same_prompt = [e([5, 6, 7, 8, 9], 3), e([5, 6, 7, 8, 10, 11], 3)]
+    assert shared_prefix(same_prompt) == 2  # token 3 is predicted from token 2, which must be in the own block
+    assert shared_prefix([e([5, 6, 7, 8], 0), e([5, 6, 7, 9], 0)]) == 0  # train_on_prompt: every token has a loss
+    assert shared_prefix([e([5, 6, 7, 8], 4), e([5, 6, 7, 8], 4)]) == 3  # unlabelled: each keeps one token
+    assert shared_prefix([e([5, 6, 7, 8], 2)]) == 0 and shared_prefix([e([5, 6], 1), e([4, 6], 1)]) == 0
+    assert row_length(same_prompt, True) == 9 and row_length(same_prompt) == 11
+    a, b = [1, 2, 3, 4, 5, 6, 7], [1, 2, 9, 9, 9, 9, 9]
+    A1, B1, A2, B2 = e(a + [20] * 6, 7), e(b + [21] * 6, 7), e(a + [22], 7), e(b + [23], 7)
+    rows = pack([B1, A1, A2, B2], 20, share_prefix=True)
+    assert [[ex.input_ids[-1] for ex in r] for r in rows] == [[21, 23], [20, 22]]  # A2 fits both: goes to its kin
+    assert [[ex.input_ids[-1] for ex in r] for r in pack([B1, A1, A2, B2], 20)] == [[21], [20], [22, 23]]
+    rows = pack([A2, A2], 16, share_prefix=True)
+    assert len(rows) == 1 and row_length(rows[0], True) == 10
+    batch = packed_batch(rows[:1], pad_id=0, share_prefix=True)
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 5, 6, 7, 22, 7, 22]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4, 5, 6, 7, 6, 7]]
+    allowed = batch["attention_mask"][0, 0] == 0
+    assert allowed[9, :6].all() and not allowed[9, 6:8].any() and allowed[9, 8:].all()  # prefix, not the other
 
 
 def test_seq2seq_batch_pads_labels_with_ignore():

@@ -301,3 +301,12 @@ def test_early_stopping_keeps_the_best_adapter(tmp_path, llama_dir):
     enc = encode_splits(cfg, load_splits(cfg), tok, model)
     got = validate(model, enc.val, enc.collate, cfg.batch_size, "cpu", __import__("contextlib").nullcontext)
     assert got["loss"] == pytest.approx(m["best_val_loss"], abs=1e-5)  # the saved adapter is the best one
+
+
+def test_cli_share_prefix_flag_reaches_the_recipe(tmp_path):
+    from lorakit.cli import _overrides, build_parser
+    from lorakit.config import load_recipe
+    r = recipe(tmp_path, task="instruct", pack=True)
+    parse = build_parser().parse_args
+    assert load_recipe(r, _overrides(parse(["train", r]))).share_prefix is True  # the default with pack
+    assert load_recipe(r, _overrides(parse(["train", r, "--no-share-prefix"]))).share_prefix is False

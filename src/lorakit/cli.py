@@ -86,6 +86,8 @@ def _overrides(args: argparse.Namespace) -> dict:
     for flag in ("pack", "gradient_checkpointing", "skip_invalid", "compile"):
         if getattr(args, flag):
             out[flag] = True
+    if getattr(args, "share_prefix", None) is False:
+        out["share_prefix"] = False
     return out | _set_pairs(args.set)
 
 
@@ -254,6 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="NF4 implementation: auto (bitsandbytes Linear4bit where installed, else lorakit's own)")
     p.add_argument("--optimizer", choices=("adamw", "paged_adamw_8bit"), help="paged 8-bit AdamW needs CUDA")
     p.add_argument("--pack", action="store_true", help="pack short examples into full rows")
+    p.add_argument("--no-share-prefix", dest="share_prefix", action="store_false", default=None,
+                   help="packed rows: repeat a prompt preamble the examples share instead of keeping it once")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward: less memory")
     p.add_argument("--skip-invalid", action="store_true", help="skip (and count) invalid records instead of failing")
     p.add_argument("--compile", action="store_true",

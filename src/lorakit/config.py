@@ -39,6 +39,7 @@ class RunConfig:
     train_on_prompt: bool = False
     max_length: int = 256
     pack: bool = False
+    share_prefix: bool = True  # packed rows keep a prompt preamble their examples share once (same loss, fewer tokens)
     group_by_length: bool = True  # batch examples of similar length: far less padding
     # lora
     method: str = "lora"  # lora, qlora (lora on an NF4 base) or full (every parameter trained)

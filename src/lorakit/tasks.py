@@ -10,7 +10,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .collate import classification_batch, pack, packed_batch, pad_batch, seq2seq_batch
+from .collate import classification_batch, pack, packed_batch, pad_batch, row_length, seq2seq_batch
 from .config import RunConfig
 from .data import (ClassificationData, InstructionData, LoadStats, PromptData, SummarizationData, balance,
                    stratified_split)
@@ -92,7 +92,9 @@ def collate_for(cfg: RunConfig, tokenizer, model, packed: bool = False) -> Calla
         return functools.partial(classification_batch, tokenizer=tokenizer, max_length=cfg.max_length)
     if is_seq2seq(model):
         return functools.partial(seq2seq_batch, pad_id=pad)
-    return functools.partial(packed_batch if packed else pad_batch, pad_id=pad)
+    if packed:
+        return functools.partial(packed_batch, pad_id=pad, share_prefix=cfg.share_prefix)
+    return functools.partial(pad_batch, pad_id=pad)
 
 
 def encode_splits(cfg: RunConfig, splits: Splits, tokenizer, model) -> Encoded:
@@ -105,6 +107,6 @@ def encode_splits(cfg: RunConfig, splits: Splits, tokenizer, model) -> Encoded:
     val = encode_prompts(cfg, splits.val, tokenizer, model, stats)
     packed = cfg.pack and not is_seq2seq(model)
     if packed:
-        train, val = pack(train, cfg.max_length), pack(val, cfg.max_length)
-    lengths = [sum(len(e.input_ids) for e in row) if packed else len(row.input_ids) for row in train]
+        train, val = (pack(part, cfg.max_length, cfg.share_prefix) for part in (train, val))
+    lengths = [row_length(row, cfg.share_prefix) if packed else len(row.input_ids) for row in train]
     return Encoded(train, val, collate_for(cfg, tokenizer, model, packed), dict(stats.notes), lengths)
