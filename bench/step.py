@@ -7,6 +7,11 @@ of transformers' full-logits loss; -compile, torch.compile of each decoder block
 PEFT as for lorakit; its compile happens in the warm-up steps, which are not timed.
 Then (--interleave, the default) all cases again in one process, a step each in turn, for speed ratios that the
 machine's drift does not skew.
+On a GPU: --device cuda --precision bf16 (autocast to bf16 over fp32 weights, as transformers' Trainer does with
+bf16=True), memory as peak CUDA allocation; the case peft-trainer runs PEFT under transformers' Trainer itself (its
+own loop, timed by a callback; alone only, it cannot take turns):
+    python bench/step.py --device cuda --precision bf16 --cases peft,peft-trainer,lorakit,lorakit-label,\
+        lorakit-label-compile --steps 20 --warmup 5 --batch 8 --out bench/results/step-gpu.json
 The helpers here (time_steps, run_cases, machine) are the harness the other step benchmarks share.
 """
 from __future__ import annotations
@@ -29,11 +34,13 @@ HERE = Path(__file__).resolve().parent
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def build(case: str, dropout: float):
-    """SmolLM2 with r=8 LoRA on the 7 projections by peft or lorakit (the case's first word); -compile: compiled."""
+def build(case: str, dropout: float, device: str = "cpu"):
+    """SmolLM2 with r=8 LoRA on the 7 projections by peft or lorakit (the case's first word), on `device`;
+    -compile: compiled."""
     from lorakit import LoRAConfig, add_lora
     from lorakit.models import compile_blocks, load_model
     model, _ = load_model("smollm2", "instruct")
+    model.to(device)
     if case.startswith("peft"):
         from peft import LoraConfig, get_peft_model
         model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout,
@@ -47,9 +54,34 @@ def build(case: str, dropout: float):
     return model
 
 
+def device_of(a: argparse.Namespace) -> str:
+    """--device: auto is cuda where there is a GPU, else cpu."""
+    import torch
+    device = getattr(a, "device", "cpu")
+    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+
+
+def sync(device) -> None:
+    """Wait for the device's queued work: a GPU step's time is its kernels', not their launches'."""
+    import torch
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def peak_gpu_gb() -> float | None:
+    """Peak CUDA memory allocated since the last reset (None without a GPU)."""
+    import torch
+    return torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_available() else None
+
+
 def reset_peak_rss() -> None:
-    """Hand freed heap back to the OS and restart the kernel's high-water mark (VmHWM) from the current RSS."""
+    """Hand freed heap back to the OS and restart the kernel's high-water mark (VmHWM) from the current RSS, and
+    the peak CUDA allocation where there is a GPU."""
     import ctypes
+
+    import torch
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
         Path("/proc/self/clear_refs").write_text("5")
@@ -72,13 +104,20 @@ def loss_of(case: str):
     return lambda model, batch: model(**batch).loss
 
 
-def one_step(model, opt, loss_fn, batch: dict) -> tuple[float, float]:
-    """One AdamW training step on `batch`: (seconds, loss)."""
+def one_step(model, opt, loss_fn, batch: dict, precision: str = "fp32") -> tuple[float, float]:
+    """One AdamW training step on `batch` (moved to the model's device first, untimed): (seconds, loss). bf16:
+    the forward under autocast to bf16, the weights and optimizer in fp32."""
+    import torch
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) for k, v in batch.items()}
+    sync(device)
     t0 = time.perf_counter()
-    loss = loss_fn(model, batch)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        loss = loss_fn(model, batch)
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
+    sync(device)
     return time.perf_counter() - t0, loss.item()
 
 
@@ -91,14 +130,14 @@ def interleaved_speed(cases: list[str], a: argparse.Namespace) -> dict[str, floa
     ids = torch.randint(0, 49152, (a.batch, a.seq), generator=torch.Generator().manual_seed(0))
     runs = {}
     for case in cases:
-        model = build(case, a.dropout).train()
+        model = build(case, a.dropout, device_of(a)).train()
         runs[case] = (model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4),
                       loss_of(case))
     times = {case: [] for case in cases}
     warmup = max(a.warmup, 3)
     for i in range(warmup + a.steps):
         for case, (model, opt, loss_fn) in runs.items():
-            dt, loss = one_step(model, opt, loss_fn, {"input_ids": ids, "labels": ids})
+            dt, loss = one_step(model, opt, loss_fn, {"input_ids": ids, "labels": ids}, a.precision)
             if i >= warmup:
                 times[case].append(dt)
             print(f"  interleaved round {i + 1}/{warmup + a.steps} {case}: {dt:.2f}s loss {loss:.4f}",
@@ -106,48 +145,106 @@ def interleaved_speed(cases: list[str], a: argparse.Namespace) -> dict[str, floa
     return {case: statistics.median(t) for case, t in times.items()}
 
 
-def linear_ceiling() -> float:
-    """GFLOP/s of F.linear on 2048x2048 fp32 matrices, now: the machine's speed at the time a case runs (this box's
-    speed drifts by tens of percent over minutes, so each case carries its own yardstick)."""
+def linear_ceiling(device: str = "cpu", precision: str = "fp32") -> float:
+    """GFLOP/s of F.linear on square matrices (2048 on a CPU, 8192 on a GPU) in the bench's precision, now: the
+    machine's speed at the time a case runs (this box's speed drifts by tens of percent over minutes, so each case
+    carries its own yardstick)."""
     import torch
-    x, w = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    n = 8192 if torch.device(device).type == "cuda" else 2048
+    dt = torch.bfloat16 if precision == "bf16" else torch.float32
+    x, w = torch.randn(n, n, device=device, dtype=dt), torch.randn(n, n, device=device, dtype=dt)
     torch.nn.functional.linear(x, w)
+    sync(device)
     t0 = time.perf_counter()
     for _ in range(10):
         torch.nn.functional.linear(x, w)
-    return 10 * 2 * 2048 ** 3 / (time.perf_counter() - t0) / 1e9
+    sync(device)
+    return 10 * 2 * n ** 3 / (time.perf_counter() - t0) / 1e9
+
+
+def matmul_params(config) -> int:
+    """Weights that take part in a matmul: the projections of every layer and the LM head (Llama-shaped config)."""
+    c = config
+    h, kv = c.hidden_size, c.num_key_value_heads * c.hidden_size // c.num_attention_heads
+    return c.num_hidden_layers * (2 * h * h + 2 * h * kv + 3 * h * c.intermediate_size) + c.vocab_size * h
+
+
+def step_result(case: str, a: argparse.Namespace, model, times: list[float], losses: list[float]) -> dict:
+    """A case's row: median step, tokens/s, FLOP rate against the F.linear ceiling now, peak memory."""
+    step = statistics.median(times)
+    tokens = a.batch * a.seq
+    gflops = 4 * matmul_params(model.config) * tokens / step / 1e9  # forward 2N + input-gradient 2N per token
+    device = next(model.parameters()).device
+    ceiling = linear_ceiling(device, getattr(a, "precision", "fp32"))
+    return {"case": case, "step_s": step, "tokens_per_s": tokens / step, "gflops": gflops,
+            "linear_ceiling_gflops": ceiling, "of_ceiling": gflops / ceiling,
+            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9,  # loading included
+            "step_peak_rss_gb": vm_hwm_gb(),  # since the model was built: the training steps' own peak
+            "peak_gpu_gb": peak_gpu_gb() if device.type == "cuda" else None,
+            "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad), "losses": losses,
+            "step_times": times}
+
+
+def warmup_of(case: str, a: argparse.Namespace) -> int:
+    return max(a.warmup, 3) if "compile" in case.split("-") else a.warmup  # compiling, then settling
 
 
 def time_steps(case: str, model, a: argparse.Namespace) -> dict:
-    """Median wall time of AdamW training steps on random tokens (after warm-up), peak RSS, FLOP rate."""
+    """Median wall time of AdamW training steps on random tokens (after warm-up), peak memory, FLOP rate."""
     import torch
     loss_fn = loss_of(case)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4)
-    c = model.config  # weights that take part in a matmul: the projections of every layer and the LM head
-    h, kv = c.hidden_size, c.num_key_value_heads * c.hidden_size // c.num_attention_heads
-    base_params = c.num_hidden_layers * (2 * h * h + 2 * h * kv + 3 * h * c.intermediate_size) + c.vocab_size * h
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     model.train()
     reset_peak_rss()
     ids = torch.randint(0, 49152, (a.batch, a.seq), generator=torch.Generator().manual_seed(0))
     times, losses = [], []
-    warmup = max(a.warmup, 3) if "compile" in case.split("-") else a.warmup  # compiling, then settling
+    warmup = warmup_of(case, a)
     for i in range(warmup + a.steps):
-        dt, loss = one_step(model, opt, loss_fn, {"input_ids": ids, "labels": ids})
+        dt, loss = one_step(model, opt, loss_fn, {"input_ids": ids, "labels": ids}, getattr(a, "precision", "fp32"))
         losses.append(loss)
         if i >= warmup:
             times.append(dt)
         print(f"  {case} step {i + 1}/{warmup + a.steps}: {dt:.2f}s loss {loss:.4f}", file=sys.stderr,
               flush=True)
-    step = statistics.median(times)
-    tokens = a.batch * a.seq
-    gflops = 4 * base_params * tokens / step / 1e9  # matmul FLOPs: forward 2N + input-gradient 2N per token
-    ceiling = linear_ceiling()
-    return {"case": case, "step_s": step, "tokens_per_s": tokens / step, "gflops": gflops,
-            "linear_ceiling_gflops": ceiling, "of_ceiling": gflops / ceiling,
-            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9,  # loading included
-            "step_peak_rss_gb": vm_hwm_gb(),  # since the model was built: the training steps' own peak
-            "trainable": sum(p.numel() for p in params), "losses": losses, "step_times": times}
+    return step_result(case, a, model, times, losses)
+
+
+def trainer_steps(case: str, a: argparse.Namespace) -> dict:
+    """PEFT under transformers' Trainer (its own loop, AdamW, bf16 autocast with --precision bf16) on the same
+    random tokens: each step timed by a callback from its start to the end of its optimizer step."""
+    import torch
+    from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator
+    device = device_of(a)
+    model = build(case, a.dropout, device)
+    ids = torch.randint(0, 49152, (a.batch, a.seq), generator=torch.Generator().manual_seed(0))
+    warmup = warmup_of(case, a)
+    data = [{"input_ids": row, "labels": row} for row in ids] * (warmup + a.steps)
+    times, losses = [], []
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            sync(device)
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            sync(device)
+            if state.global_step > warmup:
+                times.append(time.perf_counter() - self.t0)
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                losses.append(logs["loss"])
+
+    with tempfile.TemporaryDirectory() as out:
+        args = TrainingArguments(out, per_device_train_batch_size=a.batch, max_steps=warmup + a.steps,
+                                 learning_rate=1e-4, lr_scheduler_type="constant", optim="adamw_torch",
+                                 bf16=a.precision == "bf16", use_cpu=device == "cpu", logging_steps=1,
+                                 save_strategy="no", report_to="none", disable_tqdm=True, dataloader_num_workers=0,
+                                 seed=0)
+        reset_peak_rss()
+        Trainer(model=model, args=args, train_dataset=data, data_collator=default_data_collator,
+                callbacks=[Timer()]).train()
+    return step_result(case, a, model, times, losses)
 
 
 def run_cases(ap: argparse.ArgumentParser, script: str, run_case: Callable[[str, argparse.Namespace], dict]):
@@ -206,32 +303,49 @@ def machine(bench: str, a: argparse.Namespace, results: list[dict]) -> None:
     print(f"wrote {a.out}")
 
 
+def run_case(case: str, a: argparse.Namespace) -> dict:
+    if "trainer" in case.split("-"):
+        return trainer_steps(case, a)
+    return time_steps(case, build(case, a.dropout, device_of(a)), a)
+
+
 def main() -> None:
     ap = bench_args(__doc__, "step", "peft,peft-compile,lorakit,lorakit-label,lorakit-label-compile", steps=5)
     ap.add_argument("--interleave", action=argparse.BooleanOptionalAction, default=True,
                     help="also time all cases in one process, a step each in turn (the speed ratios reported)")
-    results, a = run_cases(ap, __file__, lambda case, a: time_steps(case, build(case, a.dropout), a))
+    ap.add_argument("--device", default="auto", help="cpu, cuda, ... (auto: cuda where there is a GPU)")
+    ap.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                    help="bf16: autocast to bf16 over fp32 weights (a GPU's mode; this CPU runs bf16 far slower)")
+    results, a = run_cases(ap, __file__, run_case)
     if results is None:
         return
-    if a.interleave:
-        for r, (case, step) in zip(results, interleaved_speed([r["case"] for r in results], a).items()):
-            r["interleaved_step_s"], r["interleaved_tokens_per_s"] = step, a.batch * a.seq / step
-    speed = "interleaved_tokens_per_s" if a.interleave else "tokens_per_s"
+    if a.interleave:  # a Trainer runs its own loop: it cannot take turns, its ratio comes from the alone runs
+        turns = [r["case"] for r in results if "trainer" not in r["case"].split("-")]
+        steps = interleaved_speed(turns, a)
+        for r in results:
+            if r["case"] in steps:
+                r["interleaved_step_s"] = steps[r["case"]]
+                r["interleaved_tokens_per_s"] = a.batch * a.seq / steps[r["case"]]
     ref = next((r for r in results if r["case"] == "peft"), results[0])
-    print(f"\nSmolLM2-135M fp32, batch {a.batch} x {a.seq}, r=8 on 7 projections, dropout {a.dropout}, AdamW, 2 threads")
+    memory = "peak_gpu_gb" if ref.get("peak_gpu_gb") is not None else "peak_rss_gb"
+    print(f"\nSmolLM2-135M {a.precision} on {device_of(a)}, batch {a.batch} x {a.seq}, r=8 on 7 projections, "
+          f"dropout {a.dropout}, AdamW, 2 threads")
     for r in results:
+        speed = "interleaved_tokens_per_s" if "interleaved_tokens_per_s" in r and ref.get(
+            "interleaved_tokens_per_s") else "tokens_per_s"
         r["speed_vs_peft"] = r[speed] / ref[speed]
-        r["memory_vs_peft"] = r["peak_rss_gb"] / ref["peak_rss_gb"]
+        r["memory_vs_peft"] = r[memory] / ref[memory]
     nan = float("nan")
     print_table(results, [("case", lambda r: r["case"], ""), ("alone s", lambda r: r["step_s"], ".2f"),
                           ("tokens/s", lambda r: r["tokens_per_s"], ".1f"), ("GFLOP/s", lambda r: r["gflops"], ".1f"),
                           ("of ceil", lambda r: r["of_ceiling"], ".0%"),
                           ("turns s", lambda r: r.get("interleaved_step_s", nan), ".2f"),
                           ("tokens/s", lambda r: r.get("interleaved_tokens_per_s", nan), ".1f"),
-                          ("speed x", lambda r: r["speed_vs_peft"], ".2f"), ("peak GB", lambda r: r["peak_rss_gb"], ".2f"),
+                          ("speed x", lambda r: r["speed_vs_peft"], ".2f"), ("peak GB", lambda r: r[memory], ".2f"),
                           ("mem x", lambda r: r["memory_vs_peft"], ".2f")])
-    print("alone: each case in its own process (its peak RSS; speed at the time it ran, of ceil = GFLOP/s / F.linear "
-          "2048^2 then); turns: all cases in one process, a step each in turn (speed x)")
+    print(f"alone: each case in its own process (its peak {'CUDA memory' if memory == 'peak_gpu_gb' else 'RSS'}; "
+          "speed at the time it ran, of ceil = GFLOP/s / F.linear then); turns: all cases in one process, a step "
+          "each in turn (speed x; a Trainer case's from the alone runs)")
     machine("step", a, results)
 
 
