@@ -8,10 +8,11 @@ Cases (the same weights everywhere, so only the adapter handling differs):
   mixed        a batch whose rows use three different adapters (target: at most 1.3x `unmerged` on the same batch)
   peft-*       the same with HF peft on its own copy of the model
 Two workloads: prefill (a batch of --batch x --seq tokens, one forward) and decode (greedy --new tokens after a
---batch x 32 prompt, KV cache). The cases take turns, one run each per round, --repeat rounds after a warm-up round,
-so drift in the machine's speed reaches every case alike; the median per case is reported. Prints a table, writes
+--batch x 32 prompt, KV cache). The cases take turns, one run each per round (the order reversed every other round),
+--repeat rounds after a warm-up round; seconds are each case's median, "x base" the median over rounds of its time
+over base's in the same round (so the machine's drift between rounds cancels). Prints a table, writes
 bench/results/infer.json.
-    python bench/infer.py [--repeat 9]
+    python bench/infer.py [--repeat 11]
 """
 from __future__ import annotations
 
@@ -26,17 +27,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from step import PROJECTIONS, machine  # noqa: E402
 
 
-def interleaved(cases: dict, repeat: int) -> dict[str, float]:
-    """{case: (context factory, fn)} -> {case: median seconds}: every round runs each case once, in turn."""
+def interleaved(cases: dict, repeat: int) -> dict[str, list[float]]:
+    """{case: (context factory, fn)} -> {case: seconds per round}: every round runs each case once, in turn, in
+    the opposite order every other round, so neither drift nor a case's place in the round favours any case."""
     times = {c: [] for c in cases}
     for round_ in range(repeat + 1):  # round 0 warms up
-        for case, (context, fn) in cases.items():
+        for case, (context, fn) in (reversed(cases.items()) if round_ % 2 else cases.items()):
             with context():
                 t0 = time.perf_counter()
                 fn()
                 if round_:
                     times[case].append(time.perf_counter() - t0)
-    return {c: statistics.median(t) for c, t in times.items()}
+    return times
+
+
+def paired(times: dict[str, list[float]], case: str, ref: str) -> float:
+    """Median over rounds of case's time / ref's time in the same round: drift between rounds cancels out."""
+    return statistics.median(t / r for t, r in zip(times[case], times[ref]))
 
 
 def main() -> None:
@@ -44,7 +51,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=3)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--new", type=int, default=32)
-    ap.add_argument("--repeat", type=int, default=9)
+    ap.add_argument("--repeat", type=int, default=11)
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "infer.json"))
     a = ap.parse_args()
     import torch
@@ -101,10 +108,12 @@ def main() -> None:
                 "peft-unmerged": (contextlib.nullcontext, make(peft_model)),
             }, a.repeat)
             for case, t in timing.items():
-                results.append({"workload": workload, "case": case, "seconds": t, "vs_base": t / timing["base"],
-                                "vs_unmerged": t / timing["unmerged"] if not case.startswith("peft") else None})
+                results.append({"workload": workload, "case": case, "seconds": statistics.median(t),
+                                "vs_base": paired(timing, case, "base"),
+                                "vs_unmerged": paired(timing, case, "unmerged") if not case.startswith("peft") else None,
+                                "round_seconds": t})
     print(f"\nSmolLM2-135M fp32, 2 threads; prefill {a.batch} x {a.seq}; decode {a.new} tokens after {a.batch} x 32; "
-          f"3 adapters r=8 on 7 projections; median of {a.repeat} interleaved rounds")
+          f"3 adapters r=8 on 7 projections; {a.repeat} interleaved rounds: median seconds, median paired ratios")
     print(f"{'workload':<8} {'case':<14} {'seconds':>8} {'x base':>7} {'x unmerged':>11}")
     for r in results:
         vs_u = f"{r['vs_unmerged']:.3f}" if r["vs_unmerged"] is not None else ""
