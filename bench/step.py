@@ -38,7 +38,7 @@ def build(case: str, dropout: float, device: str = "cpu"):
     """SmolLM2 with r=8 LoRA on the 7 projections by peft or lorakit (the case's first word), on `device`;
     -compile: compiled."""
     from lorakit import LoRAConfig, add_lora
-    from lorakit.models import compile_blocks, load_model
+    from lorakit.models import compile_blocks, fuse_swiglu, load_model
     model, _ = load_model("smollm2", "instruct")
     model.to(device)
     if case.startswith("peft"):
@@ -47,6 +47,7 @@ def build(case: str, dropout: float, device: str = "cpu"):
                                                  target_modules=PROJECTIONS, task_type="CAUSAL_LM"))
     elif case.startswith("lorakit"):
         model = add_lora(model, LoRAConfig(r=8, alpha=16, dropout=dropout, targets=PROJECTIONS))
+        fuse_swiglu(model)  # as `lorakit train` does by default
     else:
         raise SystemExit(f"unknown case {case!r}")
     if "compile" in case.split("-"):

@@ -67,6 +67,7 @@ class RunConfig:
     max_grad_norm: float = 1.0
     mixed_precision: str = "auto"
     gradient_checkpointing: bool = False
+    fuse_swiglu: bool = True  # Llama-style MLPs keep one activation fewer for backward (exact; see models.py)
     label_only_loss: bool = True  # LM head + loss on labelled positions only, in chunks (exact; see loss.py)
     compile: bool = False  # torch.compile each decoder block (CPU: needs a C++ compiler; ~1 min to compile)
     eval_every: int = 0  # 0: once per epoch

@@ -30,7 +30,7 @@ from .distributed import all_sum, load_optimizer_state, optimizer_state, rank_sh
 from .inject import add_lora, parameter_report
 from .lora import LoRAConfig
 from .loss import causal_lm_loss, label_only_supported
-from .models import compile_blocks, head_name, load_model
+from .models import compile_blocks, fuse_swiglu, head_name, load_model
 from .tasks import encode_splits, load_splits
 
 CHECKPOINT = "checkpoint"
@@ -308,6 +308,8 @@ def train(cfg: RunConfig, resume: bool = False) -> Path:
         model.requires_grad_(True)
     else:
         add_lora(model, lcfg)
+    if cfg.fuse_swiglu:
+        fuse_swiglu(model)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()  # the frozen base's activations must carry grad to reach LoRA
