@@ -122,13 +122,19 @@ def one_step(model, opt, loss_fn, batch: dict, precision: str = "fp32") -> tuple
     return time.perf_counter() - t0, loss.item()
 
 
+def random_ids(a: argparse.Namespace):
+    """The step benches' batch: --batch x --seq random token ids (SmolLM2's vocabulary), the same in every case."""
+    import torch
+    return torch.randint(0, 49152, (a.batch, a.seq), generator=torch.Generator().manual_seed(0))
+
+
 def interleaved_speed(cases: list[str], a: argparse.Namespace) -> dict[str, float]:
     """{case: median step seconds} with every case's model in this one process, one step each in turn, round after
     round: the machine's drift (tens of percent over minutes here) reaches all cases alike, so the ratios hold."""
     import torch
     torch.set_num_threads(2)
     torch.manual_seed(0)
-    ids = torch.randint(0, 49152, (a.batch, a.seq), generator=torch.Generator().manual_seed(0))
+    ids = random_ids(a)
     runs = {}
     for case in cases:
         model = build(case, a.dropout, device_of(a)).train()
@@ -197,7 +203,7 @@ def time_steps(case: str, model, a: argparse.Namespace) -> dict:
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     model.train()
     reset_peak_rss()
-    ids = torch.randint(0, 49152, (a.batch, a.seq), generator=torch.Generator().manual_seed(0))
+    ids = random_ids(a)
     times, losses = [], []
     warmup = warmup_of(case, a)
     for i in range(warmup + a.steps):
@@ -217,7 +223,7 @@ def trainer_steps(case: str, a: argparse.Namespace) -> dict:
     from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator
     device = device_of(a)
     model = build(case, a.dropout, device)
-    ids = torch.randint(0, 49152, (a.batch, a.seq), generator=torch.Generator().manual_seed(0))
+    ids = random_ids(a)
     warmup = warmup_of(case, a)
     data = [{"input_ids": row, "labels": row} for row in ids] * (warmup + a.steps)
     times, losses = [], []

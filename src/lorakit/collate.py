@@ -79,18 +79,19 @@ def pack(examples: list[EncodedExample], max_length: int, share_prefix: bool = F
         n, room = len(e.input_ids), prefix_room(e) if share_prefix else 0
         if n > max_length:
             raise ValueError(f"example of {n} tokens is longer than the packed row ({max_length}); encode with max_length")
+        # e adds at least n - room tokens to any row (room is 0 without sharing, and so is every row's `shared`)
         best, added, best_shared = None, n + 1, 0
         for i in range(max(0, len(rows) - PACK_WINDOW), len(rows)):
             c = len(rows[i])
-            size = tokens[i] - (shared[i] * (c - 1) if share_prefix else 0)
-            if size + (1 if share_prefix else n) > max_length:
-                continue  # no room, even if all of e but one token were shared
-            k = common_prefix(rows[i][0].input_ids, e.input_ids, min(shared[i], room)) if share_prefix else 0
+            size = tokens[i] - shared[i] * (c - 1)
+            if size + n - room > max_length:
+                continue  # no room, even if e shared all it may
+            k = common_prefix(rows[i][0].input_ids, e.input_ids, min(shared[i], room))
             grown = tokens[i] + n - k * c
             if grown <= max_length and grown - size < added:
                 best, added, best_shared = i, grown - size, k
-                if not share_prefix:
-                    break
+                if added == n - room:
+                    break  # no row takes e for less: the first such row (first fit without sharing)
         if best is None:
             rows.append([e])
             tokens.append(n)
