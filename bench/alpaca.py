@@ -35,7 +35,7 @@ def batches(case: str, a: argparse.Namespace) -> list[dict]:
     from lorakit.data import InstructionData
     from lorakit.models import load_tokenizer, resolve_spec
     tok = load_tokenizer(resolve_spec("smollm2")[0])
-    data = InstructionData.load(ALPACA, strict=False, verbose=False)  # the recipe skips its few empty outputs too
+    data = InstructionData.load(ALPACA, strict=False)  # the recipe skips its few empty outputs too
     data.examples = data.examples[:a.records]
     enc = data.encode(tok, max_length=a.seq, template="alpaca")
     if "packed" in case.split("-"):

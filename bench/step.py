@@ -3,7 +3,7 @@
 Each case runs in its own subprocess so its peak RSS is its own. Prints a table and writes bench/results/step.json.
     python bench/step.py [--steps 5] [--dropout 0.05] [--cases peft,lorakit,lorakit-label,...]
 A case is the library (peft or lorakit) and options: -label, lorakit's label-only chunked LM loss (loss.py) instead
-of transformers' full-logits loss; -compile, torch.compile of each decoder block (lorakit.models.compile_blocks), for
+of transformers' full-logits loss; -compile, torch.compile of each decoder block (lorakit.kernels.compile_blocks), for
 PEFT as for lorakit; its compile happens in the warm-up steps, which are not timed.
 Then (--interleave, the default) all cases again in one process, a step each in turn, for speed ratios that the
 machine's drift does not skew.
@@ -38,7 +38,8 @@ def build(case: str, dropout: float, device: str = "cpu"):
     """SmolLM2 with r=8 LoRA on the 7 projections by peft or lorakit (the case's first word), on `device`;
     -compile: compiled."""
     from lorakit import LoRAConfig, add_lora
-    from lorakit.models import compile_blocks, fuse_swiglu, load_model
+    from lorakit.kernels import compile_blocks, fuse_swiglu
+    from lorakit.models import load_model
     model, _ = load_model("smollm2", "instruct")
     model.to(device)
     if case.startswith("peft"):

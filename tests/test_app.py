@@ -16,7 +16,8 @@ from lorakit import LoRAConfig, add_lora, save_adapter
 from lorakit.app import BASE, Workbench
 from lorakit.errors import UserError
 from lorakit.generate import Sampling
-from lorakit.models import load_adapted, load_model
+from lorakit.models import load_model
+from lorakit.trained import load_adapted
 
 ARTIFACTS = REPO / "test-artifacts"
 PROMPT = "w5 w6 w7"

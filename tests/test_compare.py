@@ -17,7 +17,8 @@ def llama_dir(tmp_path):
 
 
 def test_method_full_trains_every_parameter_and_saves_a_model(tmp_path, llama_dir):
-    from lorakit.models import load_model, load_trained
+    from lorakit.models import load_model
+    from lorakit.trained import load_trained
     r = recipe(tmp_path, model=str(llama_dir), task="instruct", data=str(write_instruct(tmp_path / "a.jsonl")),
                split=[0.6, 0.2, 0.2], max_length=64, lr=3e-3)
     run = tmp_path / "full"

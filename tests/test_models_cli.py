@@ -111,7 +111,7 @@ def test_pad_token_falls_back_to_eos(tmp_path):
 
 def test_classifier_adapter_restores_head_and_labels(tmp_path):
     from lorakit import save_adapter
-    from lorakit.models import load_adapted
+    from lorakit.trained import load_adapted
     d = save_tiny("llama", tmp_path / "base")
     model, tok = load_model(str(d), "classify", num_labels=3)
     add_lora(model, LoRAConfig(r=2, trainable=["score"]))

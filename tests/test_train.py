@@ -69,7 +69,7 @@ def llama_dir(tmp_path):
 def test_instruct_train_eval_generate_merge(tmp_path, llama_dir, capsys):
     from transformers import AutoModelForCausalLM
 
-    from lorakit.models import load_adapted
+    from lorakit.trained import load_adapted
     data = write_instruct(tmp_path / "a.jsonl")
     run = tmp_path / "run"
     r = recipe(tmp_path, model=llama_dir, task="instruct", data=str(data), split=[0.6, 0.2, 0.2], pack=True,
@@ -293,7 +293,7 @@ def test_early_stopping_keeps_the_best_adapter(tmp_path, llama_dir):
     assert m["stopped_early"] and info["timings"]["steps"] < 30 * 6
     vals = [v["loss"] for v in m["val_history"]]
     assert m["best_val_loss"] == min(vals) and vals[-1] > min(vals) and vals[-2] > min(vals)
-    from lorakit.models import load_adapted
+    from lorakit.trained import load_adapted
     from lorakit.tasks import encode_splits, load_splits
     from lorakit.train import validate
     cfg = __import__("lorakit.evaluate", fromlist=["run_config"]).run_config(run)
@@ -310,3 +310,43 @@ def test_cli_share_prefix_flag_reaches_the_recipe(tmp_path):
     parse = build_parser().parse_args
     assert load_recipe(r, _overrides(parse(["train", r]))).share_prefix is True  # the default with pack
     assert load_recipe(r, _overrides(parse(["train", r, "--no-share-prefix"]))).share_prefix is False
+
+
+@pytest.mark.parametrize("pack", [False, True])
+def test_validation_loss_is_the_eval_loss_token_weighted(tmp_path, llama_dir, pack):
+    """run.json's best validation loss, `lorakit eval`'s loss on the same file and the token-weighted mean of each
+    example's own loss (computed one example at a time) are one number."""
+    from lorakit.collate import pad_batch
+    from lorakit.evaluate import run_config
+    from lorakit.tasks import encode_prompts, load_splits
+    from lorakit.trained import load_adapted
+    from lorakit.train import validate
+    data = write_instruct(tmp_path / "a.jsonl", n=24)
+    rng = random.Random(3)
+    held = tmp_path / "held.jsonl"  # responses of 1 to 12 words; 11 records: the last batch is short
+    held.write_text("\n".join(json.dumps({"instruction": "w5 w6", "input": _words(rng, 4),
+                                          "output": _words(rng, rng.randint(1, 12))}) for _ in range(11)))
+    run = tmp_path / "run"
+    r = recipe(tmp_path, model=llama_dir, task="instruct", data=str(data), val_data=str(held), test_data=str(held),
+               epochs=1, eval_every=100, dropout=0.0, pack=pack)
+    assert main(["train", r, "--out", str(run)]) == 0
+    best = json.loads((run / "run.json").read_text())["metrics"]["best_val_loss"]
+    assert main(["eval", str(run), "--no-base"]) == 0
+    evaluated = json.loads((run / "eval.json").read_text())["metrics"]["lora"]["loss"]
+    assert evaluated == pytest.approx(best, abs=1e-6)
+
+    cfg = run_config(run)
+    model, tok, _ = load_adapted(run / "adapter")
+    encoded = encode_prompts(cfg, load_splits(cfg).test, tok, model)
+    lengths = {sum(lab != -100 for lab in e.labels[1:]) for e in encoded}
+    assert len(lengths) > 1  # examples of different lengths: a mean of batch means would differ
+    total = count = 0.0
+    with torch.no_grad():
+        for e in encoded:
+            batch = pad_batch([e], tok.pad_token_id)
+            n = int((batch["labels"][:, 1:] != -100).sum())
+            total, count = total + model(**batch).loss.item() * n, count + n
+    assert best == pytest.approx(total / count, abs=1e-6)
+    got = validate(model, encoded, lambda rows: pad_batch(rows, tok.pad_token_id), 4, "cpu",
+                   __import__("contextlib").nullcontext)
+    assert got["loss"] == pytest.approx(total / count, abs=1e-6)

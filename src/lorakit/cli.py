@@ -6,7 +6,7 @@ import os
 import sys
 from pathlib import Path
 
-from .config import METHODS
+from .config import METHODS, OPTIMIZERS, PRECISIONS, QUANT_BACKENDS, QUANTIZE, STRATEGIES, TASKS, TEMPLATES
 from .errors import UserError
 
 RECIPES = Path(os.environ.get("LORAKIT_RECIPES") or Path(__file__).resolve().parents[2] / "recipes")
@@ -73,21 +73,14 @@ def recipe_path(name: str) -> Path:
 
 
 def _overrides(args: argparse.Namespace) -> dict:
-    keys = ("model", "data", "out", "epochs", "max_steps", "batch_size", "grad_accum", "lr", "seed", "max_records",
-            "max_eval_records", "checkpoint_every", "eval_every", "r", "alpha", "dropout", "exclude", "max_length",
-            "mixed_precision", "strategy", "quantize", "quant_backend", "optimizer", "method")
-    out = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+    """The recipe keys the command line sets: every RunConfig field whose flag was given (flags are None unless
+    given), plus --set pairs."""
+    from .config import FIELDS
+    out = {k: getattr(args, k) for k in FIELDS if getattr(args, k, None) is not None}
     if out.get("method") in ("full", "lora") and "quantize" not in out:
         out["quantize"] = ""  # --method lora on a QLoRA recipe: plain LoRA
-    if args.targets is not None:
-        out["targets"] = _targets(args.targets)
-    if args.rslora:
-        out["rslora"] = True
-    for flag in ("pack", "gradient_checkpointing", "skip_invalid", "compile"):
-        if getattr(args, flag):
-            out[flag] = True
-    if getattr(args, "share_prefix", None) is False:
-        out["share_prefix"] = False
+    if "targets" in out:
+        out["targets"] = _targets(out["targets"])
     return out | _set_pairs(args.set)
 
 
@@ -141,7 +134,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _load_for_generation(args):
-    from .models import load_adapted, load_model
+    from .models import load_model
+    from .trained import load_adapted
     if args.adapter:
         return load_adapted(args.adapter, model=args.model)
     model, tok = load_model(args.model or "smollm2", "instruct")
@@ -200,7 +194,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_merge(args: argparse.Namespace) -> int:
     """Fold an adapter into its base and write a plain Hugging Face model directory."""
     from .inject import merge_and_unload
-    from .models import load_adapted
+    from .trained import load_adapted
     model, tok, meta = load_adapted(args.adapter, model=args.model)
     model = merge_and_unload(model)
     model.save_pretrained(args.out)
@@ -246,22 +240,22 @@ def build_parser() -> argparse.ArgumentParser:
             ("--eval-every", int, "validate every N optimizer steps (default: once per epoch)"),
             ("--checkpoint-every", int, "write a resumable checkpoint every N optimizer steps")):
         p.add_argument(flag, type=kind, help=text)
-    p.add_argument("--mixed-precision", choices=("auto", "no", "bf16", "fp16"),
+    p.add_argument("--mixed-precision", choices=PRECISIONS,
                    help="auto: bf16 on a GPU that has it, fp32 on CPU")
-    p.add_argument("--strategy", choices=("auto", "ddp", "fsdp"), help="on several processes: ddp (default) or fsdp")
-    p.add_argument("--quantize", choices=("nf4",), help="QLoRA: adapted layers' base weights in 4-bit NF4")
+    p.add_argument("--strategy", choices=STRATEGIES, help="on several processes: ddp (default) or fsdp")
+    p.add_argument("--quantize", choices=QUANTIZE, help="QLoRA: adapted layers' base weights in 4-bit NF4")
     p.add_argument("--method", choices=METHODS,
                    help="lora (default), qlora (LoRA on an NF4 base) or full (train every parameter, save a model)")
-    p.add_argument("--quant-backend", choices=("auto", "torch", "bitsandbytes"),
+    p.add_argument("--quant-backend", choices=QUANT_BACKENDS,
                    help="NF4 implementation: auto (bitsandbytes Linear4bit where installed, else lorakit's own)")
-    p.add_argument("--optimizer", choices=("adamw", "paged_adamw_8bit"), help="paged 8-bit AdamW needs CUDA")
-    p.add_argument("--pack", action="store_true", help="pack short examples into full rows")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, help="paged 8-bit AdamW needs CUDA")
+    p.add_argument("--pack", action="store_true", default=None, help="pack short examples into full rows")
     p.add_argument("--no-share-prefix", dest="share_prefix", action="store_false", default=None,
                    help="packed rows: repeat a prompt preamble the examples share instead of keeping it once")
-    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward: less memory")
-    p.add_argument("--skip-invalid", action="store_true", help="skip (and count) invalid records instead of failing")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile each decoder block: faster steps after a ~1 min compile (CPU: needs g++)")
+    p.add_argument("--gradient-checkpointing", action="store_true", default=None, help="recompute activations in backward: less memory")
+    p.add_argument("--skip-invalid", action="store_true", default=None, help="skip (and count) invalid records instead of failing")
+    p.add_argument("--compile", action="store_true", default=None,
+                   help="torch.compile each decoder block: faster steps after a one-time compile (CPU: needs g++)")
     p.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
     p.add_argument("--eval", action="store_true", help="evaluate on the test split after training")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any recipe key")
@@ -288,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="base model (default: the one the adapter names, else smollm2)")
     p.add_argument("--prompt", help="the instruction (default: read standard input)")
     p.add_argument("--input", help="optional input/context for the instruction")
-    p.add_argument("--template", choices=("alpaca", "chat"))
+    p.add_argument("--template", choices=TEMPLATES)
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0), p.add_argument("--top-k", type=int, default=0)
@@ -301,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="web page: base and adapted answers side by side", description=cmd_serve.__doc__)
     p.add_argument("--model", help="base model (default: the first adapter's, else smollm2)")
     p.add_argument("--adapter", action="append", help="adapter or run directory; repeat for several")
-    p.add_argument("--task", choices=("classify", "instruct", "summarize"), help="default: the first adapter's")
+    p.add_argument("--task", choices=TASKS, help="default: the first adapter's")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=7860)
     p.set_defaults(func=cmd_serve)
@@ -313,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="show which modules LoRA targets and the parameter report (no training)",
                        description=cmd_inspect.__doc__)
     p.add_argument("--model", default="smollm2", help="smollm2, minilm, a model directory, a .gguf file or a hub id")
-    p.add_argument("--task", default="instruct", choices=("classify", "instruct", "summarize"))
+    p.add_argument("--task", default="instruct", choices=TASKS)
     p.add_argument("--num-labels", type=int, default=2, help="classes for --task classify (default 2)")
     p.add_argument("--trainable", default="", help="comma-separated modules to train in full")
     p.add_argument("--all", action="store_true", help="one row per module instead of one per layer pattern")

@@ -14,6 +14,18 @@ class ConfigError(UserError):
     """A recipe or flag that cannot be used; the message names the file and key."""
 
 
+# Every choice a recipe key or flag takes, defined once: the validators below and the CLI's `choices=` use these.
+TASKS = ("classify", "instruct", "summarize")
+TEMPLATES = ("alpaca", "chat")
+METHODS = ("full", "lora", "qlora")
+SCHEDULES = ("cosine", "linear", "constant")
+QUANTIZE = ("nf4",)
+QUANT_BACKENDS = ("auto", "torch", "bitsandbytes")
+OPTIMIZERS = ("adamw", "paged_adamw_8bit")
+STRATEGIES = ("auto", "ddp", "fsdp")
+PRECISIONS = ("auto", "no", "bf16", "fp16")
+
+
 @dataclass
 class RunConfig:
     """Everything one training run needs. YAML sections are only grouping: keys are unique across them."""
@@ -67,9 +79,9 @@ class RunConfig:
     max_grad_norm: float = 1.0
     mixed_precision: str = "auto"
     gradient_checkpointing: bool = False
-    fuse_swiglu: bool = True  # Llama-style MLPs keep one activation fewer for backward (exact; see models.py)
+    fuse_swiglu: bool = True  # Llama-style MLPs keep one activation fewer for backward (exact; see kernels.py)
     label_only_loss: bool = True  # LM head + loss on labelled positions only, in chunks (exact; see loss.py)
-    compile: bool = False  # torch.compile each decoder block (CPU: needs a C++ compiler; ~1 min to compile)
+    compile: bool = False  # torch.compile each decoder block (CPU: needs a C++ compiler)
     eval_every: int = 0  # 0: once per epoch
     early_stopping: int = 0  # evaluations without val improvement before stopping; 0: off
     checkpoint_every: int = 0
@@ -101,7 +113,6 @@ class RunConfig:
 
 FIELDS = {f.name: f for f in fields(RunConfig)}
 SECTIONS = ("model", "data", "lora", "train", "eval")
-METHODS = ("full", "lora", "qlora")
 
 
 def _coerce(key: str, value, where: str):
@@ -182,31 +193,29 @@ def apply_overrides(cfg: RunConfig, overrides: dict) -> RunConfig:
     return validate(cfg, "command line")
 
 
+def _check_choice(cfg: RunConfig, key: str, choices: tuple[str, ...], where: str) -> None:
+    value = getattr(cfg, key)
+    if value not in choices:
+        raise ConfigError(f"{where}: {key} {value!r} must be {_one_of(choices)}")
+
+
+def _one_of(choices: tuple[str, ...]) -> str:
+    return ", ".join(choices[:-1]) + f" or {choices[-1]}" if len(choices) > 1 else choices[0]
+
+
 def validate(cfg: RunConfig, where: str) -> RunConfig:
-    if cfg.task not in ("classify", "instruct", "summarize"):
-        raise ConfigError(f"{where}: task {cfg.task!r} must be classify, instruct or summarize")
-    if cfg.schedule not in ("cosine", "linear", "constant"):
-        raise ConfigError(f"{where}: schedule {cfg.schedule!r} must be cosine, linear or constant")
-    if cfg.template not in ("alpaca", "chat"):
-        raise ConfigError(f"{where}: template {cfg.template!r} must be alpaca or chat")
-    if cfg.quantize not in ("", "nf4"):
-        raise ConfigError(f"{where}: quantize {cfg.quantize!r} must be nf4 or empty")
-    if cfg.method not in METHODS:
-        raise ConfigError(f"{where}: method {cfg.method!r} must be one of {', '.join(METHODS)}")
+    for key, choices in (("task", TASKS), ("schedule", SCHEDULES), ("template", TEMPLATES), ("method", METHODS),
+                         ("quant_backend", QUANT_BACKENDS), ("optimizer", OPTIMIZERS), ("strategy", STRATEGIES),
+                         ("mixed_precision", PRECISIONS)):
+        _check_choice(cfg, key, choices, where)
+    if cfg.quantize not in ("",) + QUANTIZE:
+        raise ConfigError(f"{where}: quantize {cfg.quantize!r} must be {_one_of(QUANTIZE)} or empty")
     if cfg.method == "full" and cfg.quantize:
         raise ConfigError(f"{where}: method full trains every weight in full precision; it cannot use quantize")
     if cfg.method == "full" and cfg.full_lr > 0:  # a full fine-tune wants ~10x less than LoRA's lr
         cfg.lr = cfg.full_lr
     if cfg.method == "qlora" or cfg.quantize:  # one meaning each: qlora is lora with quantize=nf4
         cfg.method, cfg.quantize = "qlora", cfg.quantize or "nf4"
-    if cfg.quant_backend not in ("auto", "torch", "bitsandbytes"):
-        raise ConfigError(f"{where}: quant_backend {cfg.quant_backend!r} must be auto, torch or bitsandbytes")
-    if cfg.optimizer not in ("adamw", "paged_adamw_8bit"):
-        raise ConfigError(f"{where}: optimizer {cfg.optimizer!r} must be adamw or paged_adamw_8bit")
-    if cfg.strategy not in ("auto", "ddp", "fsdp"):
-        raise ConfigError(f"{where}: strategy {cfg.strategy!r} must be auto, ddp or fsdp")
-    if cfg.mixed_precision not in ("auto", "no", "bf16", "fp16"):
-        raise ConfigError(f"{where}: mixed_precision {cfg.mixed_precision!r} must be auto, no, bf16 or fp16")
     for key in ("batch_size", "grad_accum", "max_length"):
         if getattr(cfg, key) < 1:
             raise ConfigError(f"{where}: {key} must be >= 1, got {getattr(cfg, key)}")

@@ -153,7 +153,7 @@ class ClassificationData:
 
     @classmethod
     def load(cls, path: str | Path, labels: list[str] | None = None, text_field: str = "text",
-             label_field: str = "label", strict: bool = True, verbose: bool = True) -> "ClassificationData":
+             label_field: str = "label", strict: bool = True) -> "ClassificationData":
         """Read a TSV (`label<TAB>text`, split on the first tab), CSV (header row) or JSON/JSONL file."""
         p = Path(path)
         rows = _classification_rows(p, text_field, label_field)
@@ -171,8 +171,6 @@ class ClassificationData:
         if len(names) < 2:
             raise DataError(f"{p}: found only the label(s) {names}; classification needs at least two")
         ids = {n: i for i, n in enumerate(names)}
-        if verbose:
-            print(f"data: {stats}")
         return cls([TextExample(t, ids[lab]) for t, lab in pairs], names, stats)
 
     def split(self, fractions: tuple[float, float, float] = (0.7, 0.1, 0.2), seed: int = 42) -> dict[str, list]:
@@ -314,7 +312,7 @@ class InstructionData(PromptData):
     """Alpaca-format instruction data."""
 
     @classmethod
-    def load(cls, path: str | Path, strict: bool = True, verbose: bool = True) -> "InstructionData":
+    def load(cls, path: str | Path, strict: bool = True) -> "InstructionData":
         def parse(rec: dict, where: str) -> PromptExample:
             instruction = get_text(rec, "instruction", where)
             inp = get_text(rec, "input", where, allow_empty=True) if "input" in rec else ""
@@ -322,8 +320,6 @@ class InstructionData(PromptData):
             return PromptExample(inp, output, instruction, [output])
 
         examples, stats = _collect(path, iter_json_records(path), parse, strict)
-        if verbose:
-            print(f"data: {stats}")
         return cls(examples, stats)
 
 
@@ -331,7 +327,7 @@ class SummarizationData(PromptData):
     """DialogSum-format data: `dialogue` and `summary`, or the test split's `summary1..3` (all kept as references)."""
 
     @classmethod
-    def load(cls, path: str | Path, strict: bool = True, verbose: bool = True) -> "SummarizationData":
+    def load(cls, path: str | Path, strict: bool = True) -> "SummarizationData":
         def parse(rec: dict, where: str) -> PromptExample:
             dialogue = get_text(rec, "dialogue", where)
             if "summary" in rec or not any(k.startswith("summary") for k in rec):
@@ -341,6 +337,4 @@ class SummarizationData(PromptData):
             return PromptExample(dialogue, refs[0], SUMMARY_INSTRUCTION, refs)
 
         examples, stats = _collect(path, iter_json_records(path), parse, strict)
-        if verbose:
-            print(f"data: {stats}")
         return cls(examples, stats)

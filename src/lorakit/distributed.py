@@ -10,8 +10,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-STRATEGIES = ("auto", "ddp", "fsdp")
-
 
 def transformer_blocks(model: nn.Module) -> list[nn.Module]:
     """The repeated blocks of a model: the largest nn.ModuleList whose children all share one class."""

@@ -21,9 +21,12 @@ import torch
 from .config import RunConfig, validate
 from .data import format_prompt
 from .generate import Sampling, generate, generate_base_and_adapted
+from .errors import UserError
 from .inject import disable_adapters
-from .models import head_name, is_seq2seq, load_model, load_trained
+from .loss import heldout_loss_sum
+from .models import head_name, is_seq2seq, load_model
 from .tasks import collate_for, encode_prompts, load_splits
+from .trained import load_trained
 
 ROUGE_KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 
@@ -156,15 +159,12 @@ def eval_summarize(model, tok, splits, cfg, tuned: str = "lora", with_base: bool
 
 @torch.no_grad()
 def response_loss(model, examples, collate, batch_size: int) -> float:
-    """Token-weighted mean cross-entropy over the response tokens of `examples`."""
+    """Token-weighted mean cross-entropy over the response tokens of `examples` (the same loss as validation)."""
     model.eval()
     total, count = 0.0, 0
     for i in range(0, len(examples), batch_size):
-        batch = collate(examples[i:i + batch_size])
-        labels = batch["labels"] if is_seq2seq(model) else batch["labels"][:, 1:]
-        n = int((labels != -100).sum())  # causal LMs shift labels by one; seq2seq labels are not shifted
-        total += model(**batch).loss.item() * n
-        count += n
+        summed, n, _ = heldout_loss_sum(model, collate(examples[i:i + batch_size]), is_seq2seq(model))
+        total, count = total + summed, count + n
     return total / max(count, 1)
 
 
@@ -190,7 +190,6 @@ def run_config(run_dir: Path) -> RunConfig:
     """The exact config a run was trained with, from its run.json."""
     f = Path(run_dir) / "run.json"
     if not f.is_file():
-        from .errors import UserError
         raise UserError(f"{run_dir}: no run.json; pass a run directory written by `lorakit train`")
     return validate(RunConfig(**json.loads(f.read_text())["config"]), str(f))
 
@@ -204,6 +203,8 @@ def evaluate_run(run_dir: str | Path, max_records: int = 0, with_base: bool = Tr
         cfg.max_eval_records = max_records
     t0 = time.perf_counter()
     splits = load_splits(cfg)
+    for stats in splits.loaded.values():
+        print(f"data: {stats}")
     full = cfg.method == "full"
     model, tok, _ = load_trained(run_dir / ("model" if full else "adapter"), model=cfg.model)
     if cfg.task == "classify":

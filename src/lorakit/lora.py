@@ -19,7 +19,8 @@ from torch import nn
 
 from .dropout import dropout_drops, dropout_scale, zero_at, zeroed
 from .errors import UserError
-from .quant import (BACKENDS, NF4Matmul, NF4Weight, bnb_dequantize, bnb_linear4bit, bnb_nbytes, dequantize_nf4,
+from .config import QUANT_BACKENDS
+from .quant import (NF4Matmul, NF4Weight, bnb_dequantize, bnb_linear4bit, bnb_nbytes, dequantize_nf4,
                     quantize_nf4, resolve_backend)
 
 try:  # GPT-2 style linear with a transposed (in, out) weight; optional so a plain-torch model needs no transformers
@@ -56,8 +57,8 @@ class LoRAConfig:
             raise LoRAError(f"dropout must be in [0, 1), got {self.dropout!r}")
         if self.quantize not in (None, "nf4"):
             raise LoRAError(f"quantize must be None or 'nf4', got {self.quantize!r}")
-        if self.quant_backend not in BACKENDS:
-            raise LoRAError(f"quant_backend must be one of {', '.join(BACKENDS)}, got {self.quant_backend!r}")
+        if self.quant_backend not in QUANT_BACKENDS:
+            raise LoRAError(f"quant_backend must be one of {', '.join(QUANT_BACKENDS)}, got {self.quant_backend!r}")
         if not isinstance(self.targets, str):
             self.targets = tuple(self.targets)
             if not self.targets:
@@ -129,8 +130,8 @@ class LoRAFunction(torch.autograd.Function):
         # adapter's gradients are computed in its own dtype. No-ops otherwise.
         dt = A.dtype
         grad = grad.to(dt)
-        # The skinny products are written in the operand layouts MKL runs fastest on this CPU: grad·B with B
-        # transposed in memory (2x), B's gradient as (hᵀ·grad)ᵀ (3-6x faster than gradᵀ·h).
+        # The skinny products are written in the operand layouts MKL runs fastest: grad·B with B transposed in
+        # memory, B's gradient as (hᵀ·grad)ᵀ rather than gradᵀ·h (the README's engine section has the figures).
         gh = F.linear(grad, B.t().contiguous()).mul_(ctx.scaling * (ctx.rescale if drops is not None else 1.0))
         gx = gA = gB = None
         if ctx.needs_input_grad[4]:

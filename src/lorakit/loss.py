@@ -1,10 +1,13 @@
 """The causal-LM loss computed only where labels exist, a chunk of rows at a time: the full logits never exist.
 
-transformers computes logits for every position (batch x seq x vocab: 200 MB per fp32 copy for SmolLM2 at 4 x 256,
-and autograd keeps several copies), then ignores the prompt's and the padding's. Here the backbone's last hidden
+transformers computes logits for every position (batch x seq x vocab, and autograd keeps several copies), then
+ignores the prompt's and the padding's. Here the backbone's last hidden
 states are gathered at the labelled positions, and `LinearCrossEntropy` runs the LM head and the softmax cross-entropy
 over a few hundred rows at a time, computing the gradients of those rows in the same pass. Same loss, same
 gradients (tested against `model(...).loss` to 1e-5), less work on prompt tokens and far less memory.
+
+`heldout_loss_sum` is the one held-out loss that validation (train.py) and evaluation (evaluate.py) share: summed
+over every trained token, so its mean does not depend on how the examples are batched.
 """
 from __future__ import annotations
 
@@ -88,3 +91,21 @@ def causal_lm_loss(model: nn.Module, batch: dict, chunk: int = CHUNK_ROWS) -> to
     n = keep.sum()
     total = LinearCrossEntropy.apply(rows, head.weight, head.bias, target[keep], chunk)
     return total / n.clamp(min=1)
+
+
+def loss_targets(batch: dict, seq2seq: bool) -> int:
+    """How many targets `model(**batch).loss` is the mean of: one per row for a classifier, else the labelled
+    tokens (a causal LM predicts token t+1 from t, so its labels are shifted by one; a seq2seq model's are not)."""
+    labels = batch["labels"]
+    if labels.dim() == 1:
+        return labels.numel()
+    return int(((labels if seq2seq else labels[:, 1:]) != IGNORE).sum())
+
+
+@torch.no_grad()
+def heldout_loss_sum(model: nn.Module, batch: dict, seq2seq: bool = False) -> tuple[float, int, torch.Tensor]:
+    """(summed loss, number of targets, logits) of one held-out batch; divide summed losses by summed targets for
+    the token-weighted mean over a whole split."""
+    out = model(**batch)
+    n = loss_targets(batch, seq2seq)
+    return (out.loss.float().item() * n if n else 0.0), n, out.logits  # no targets: the mean is NaN, the sum 0

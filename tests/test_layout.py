@@ -1,0 +1,111 @@
+"""The package's shape: no import circle (lazy imports counted), one definition of each choice list, CLI flags
+that reach their recipe keys."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+from lorakit import config
+from lorakit.cli import _overrides, build_parser
+
+PACKAGE = Path(config.__file__).resolve().parent
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports(path: Path) -> set[str]:
+    """The lorakit modules a file imports anywhere in it (inside functions too)."""
+    name = module_name(path)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+            target = f"{base}.{node.module}" if node.module else base
+            found.add(target)
+            if not node.module:  # `from . import x`: x may be a module of the package
+                found |= {f"{base}.{a.name}" for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("lorakit"):
+            found.add(node.module)
+        elif isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.startswith("lorakit")}
+    return found
+
+
+def import_graph() -> dict[str, set[str]]:
+    files = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+    return {m: {t for t in imports(p) if t in files and t != m} for m, p in files.items()}
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}  # 1: on the path, 2: done
+
+    def visit(node: str, path: list[str]) -> list[str] | None:
+        state[node] = 1
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                return path[path.index(nxt):] + [nxt] if nxt in path else [node, nxt]
+            if nxt not in state and (cycle := visit(nxt, path + [nxt])):
+                return cycle
+        state[node] = 2
+        return None
+
+    for start in sorted(graph):
+        if start not in state and (cycle := visit(start, [start])):
+            return cycle
+    return None
+
+
+def test_no_import_circle_anywhere_in_the_package():
+    graph = {m: t - {"lorakit"} for m, t in import_graph().items()}  # the package __init__ re-exports only
+    assert len(graph) > 15 and "lorakit.adapters" in graph["lorakit.trained"]
+    assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
+
+
+def test_the_cycle_finder_finds_a_lazy_import_circle():
+    graph = import_graph()
+    graph["lorakit.models"] = graph["lorakit.models"] | {"lorakit.adapters"}  # what models.py once did lazily
+    assert find_cycle(graph) is not None
+
+
+def test_models_loads_models_only():
+    assert import_graph()["lorakit.models"] <= {"lorakit.config", "lorakit.errors"}
+
+
+@pytest.mark.parametrize("flag, choices", [("--mixed-precision", config.PRECISIONS), ("--strategy", config.STRATEGIES),
+                                           ("--quant-backend", config.QUANT_BACKENDS), ("--method", config.METHODS),
+                                           ("--optimizer", config.OPTIMIZERS), ("--quantize", config.QUANTIZE)])
+def test_cli_choices_are_the_config_lists(flag, choices):
+    train = next(a for a in build_parser()._subparsers._group_actions[0].choices["train"]._actions
+                 if flag in a.option_strings)
+    assert tuple(train.choices) == choices
+    for value in choices:
+        cfg = config.make_config({train.dest: value})
+        assert getattr(cfg, train.dest) == value or (train.dest, value) == ("quantize", "nf4")
+
+
+def test_every_train_flag_named_for_a_recipe_key_reaches_it():
+    parser = build_parser()
+    train = parser._subparsers._group_actions[0].choices["train"]
+    keyed = [a for a in train._actions if a.dest in config.FIELDS]
+    assert len(keyed) >= 30
+    for action in keyed:
+        if action.nargs == 0:  # a switch: it sets the opposite of the default
+            args = parser.parse_args(["train", "r", action.option_strings[0]])
+            expected = action.const
+        else:
+            value = (action.choices[-1] if action.choices else
+                     {int: "3", float: "0.5"}.get(action.type, "q_proj,v_proj"))
+            args = parser.parse_args(["train", "r", action.option_strings[0], value])
+            expected = config._coerce(action.dest, action.type(value) if action.type else value, "test")
+        got = _overrides(args)
+        assert action.dest in got, action.option_strings
+        if action.dest == "targets":
+            expected = ["q_proj", "v_proj"]
+        assert config._coerce(action.dest, got[action.dest], "test") == expected, action.option_strings
+    assert _overrides(parser.parse_args(["train", "r"])) == {}  # nothing given: the recipe's values stand
