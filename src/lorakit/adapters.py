@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from .errors import LorakitWarning
+from .files import atomic_file, write_text_atomic
 from .inject import _closest, active_adapter, adapters, add_lora, name_matches, set_adapter
 from .lora import LoRAConfig, LoRAError, LoRALinear, is_lora_target_type, linear_features
 from .models import is_seq2seq
@@ -99,10 +102,11 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, base_model_name_or_p
     }
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
-    save_file(state, out / WEIGHTS_NAME, metadata={"format": "pt"})
-    (out / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+    with atomic_file(out / WEIGHTS_NAME) as tmp:  # each file whole or not at all: the old one stays on a failure
+        save_file(state, tmp, metadata={"format": "pt"})
+    write_text_atomic(out / CONFIG_NAME, json.dumps(config, indent=2) + "\n")
     if metadata is not None:
-        (out / METADATA_NAME).write_text(json.dumps(metadata, indent=2) + "\n")
+        write_text_atomic(out / METADATA_NAME, json.dumps(metadata, indent=2) + "\n")
     return out
 
 
@@ -141,8 +145,36 @@ def _read_tensors(d: Path) -> dict[str, torch.Tensor]:
         extra = " (a pickled adapter_model.bin is there: lorakit never loads pickle; re-save it with safetensors)" \
             if (d / "adapter_model.bin").exists() else ""
         raise LoRAError(f"{d}: no {WEIGHTS_NAME}{extra}")
-    with safe_open(str(f), framework="pt") as fh:
-        return {k: fh.get_tensor(k) for k in fh.keys()}
+    return read_safetensors(f)
+
+
+def read_safetensors(f: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file; a damaged or truncated file is a LoRAError naming it."""
+    try:
+        with safe_open(str(f), framework="pt") as fh:
+            return {k: fh.get_tensor(k) for k in fh.keys()}
+    except (SafetensorError, OSError) as e:
+        raise LoRAError(f"{f}: damaged or truncated safetensors file ({str(e).splitlines()[0][:120]}, "
+                        f"{f.stat().st_size:,} bytes); save or train it again") from None
+
+
+def warn_if_other_base(model: nn.Module, cfg: dict, d: Path) -> None:
+    """A LorakitWarning when the adapter names another base model than the one it is being loaded onto (shapes
+    that do not fit fail later on their own; the same shapes on another model would go unnoticed)."""
+    saved = cfg.get("base_model_name_or_path")
+    loaded = getattr(getattr(model, "config", None), "_name_or_path", None)
+    if not saved or not loaded or _same_model(saved, loaded):
+        return
+    warnings.warn(f"{d}: the adapter was trained on {saved!r} but is being loaded onto {loaded!r}", LorakitWarning,
+                  stacklevel=3)
+
+
+def _same_model(a: str, b: str) -> bool:
+    """Two model names or paths that refer to one model (paths compared resolved)."""
+    if a == b:
+        return True
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
 
 
 def _pattern_value(path: str, pattern: dict, default):
@@ -159,6 +191,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter: str = "defa
     quantize="nf4" stores the adapted layers' base weights in NF4 first (QLoRA: the base is re-quantised on load)."""
     d = Path(path)
     cfg = read_adapter_config(d)
+    warn_if_other_base(model, cfg, d)
     tensors = _read_tensors(d)
     lora: dict[str, dict[str, torch.Tensor]] = {}
     full: dict[str, torch.Tensor] = {}

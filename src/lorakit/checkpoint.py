@@ -9,9 +9,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from .adapters import adapter_state_dict, load_adapter_state
+from .adapters import adapter_state_dict, load_adapter_state, read_safetensors
 from .distributed import load_optimizer_state, optimizer_state
 
 CHECKPOINT = "checkpoint"
@@ -30,6 +30,7 @@ class TrainState:
     best_step: int = 0
     bad_evals: int = 0
     stopped_early: bool = False
+    stopped_by: str = ""  # why the loop ended before its last step: a signal's name, or "loss"
     train_loss: list = field(default_factory=list)  # [step, loss]
     val_history: list = field(default_factory=list)  # {step, loss, accuracy?}
 
@@ -104,8 +105,8 @@ def load_checkpoint(out: Path, model, optimizer, scheduler, accelerator, fsdp: b
                     ) -> tuple[TrainState, dict | None]:
     """Restore what save_checkpoint wrote into the model, optimizer, scheduler and RNG; returns (state, best)."""
     ck = out / CHECKPOINT
-    load_weights_state(model, load_file(ck / "adapter_model.safetensors"), full)
-    best = load_file(ck / "best_adapter.safetensors") if (ck / "best_adapter.safetensors").exists() else None
+    load_weights_state(model, read_safetensors(ck / "adapter_model.safetensors"), full)
+    best = read_safetensors(ck / "best_adapter.safetensors") if (ck / "best_adapter.safetensors").exists() else None
     blob = torch.load(ck / "trainer_state.pt", weights_only=True)
     load_optimizer_state(model, optimizer, blob["optimizer"], fsdp)
     scheduler.load_state_dict(blob["scheduler"])

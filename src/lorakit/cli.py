@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
+import warnings
 from pathlib import Path
 
 from .config import METHODS, OPTIMIZERS, PRECISIONS, QUANT_BACKENDS, QUANTIZE, STRATEGIES, TASKS, TEMPLATES
-from .errors import UserError
+from .errors import LorakitWarning, TrainingStopped, UserError
 
 RECIPES = Path(os.environ.get("LORAKIT_RECIPES") or Path(__file__).resolve().parents[2] / "recipes")
 
@@ -100,7 +102,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .config import load_recipe
     from .train import train
     cfg = load_recipe(recipe_path(args.recipe), _overrides(args))
-    out = train(cfg, resume=args.resume)
+    try:
+        out = train(cfg, resume=args.resume, overwrite=args.overwrite)
+    except TrainingStopped as e:
+        if e.exit_code != 1:  # interrupted: the exact command to continue
+            command = ["lorakit", *args.argv] + ([] if "--resume" in args.argv else ["--resume"])
+            e.args = (f"{e}: {shlex.join(command)}",)
+        raise
     if args.eval:
         return cmd_eval(argparse.Namespace(run=str(out), max_records=0))
     return 0
@@ -177,6 +185,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_port_free(host: str, port: int) -> None:
+    """A UserError naming the port when something already listens there (before minutes of model loading)."""
+    import socket
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as e:
+            raise UserError(f"port {port} on {host} is not free ({e.strerror}); is another server on it? "
+                            "Pick another with --port") from None
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     """Serve a local web page: the base model's and each adapter's answers side by side, streaming."""
     import importlib.util
@@ -184,6 +203,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise UserError("the web page needs Gradio: pip install 'lorakit[app]' (or pip install gradio)")
     from .app import Workbench
     from .app.page import serve
+    check_port_free(args.host, args.port)
     wb = Workbench(args.model, args.adapter or [], task=args.task)
     print(f"lorakit: serving {wb.spec} ({wb.task}) with adapters: {', '.join(wb.adapters) or 'none'} "
           f"on http://{args.host}:{args.port}", flush=True)
@@ -193,12 +213,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_merge(args: argparse.Namespace) -> int:
     """Fold an adapter into its base and write a plain Hugging Face model directory."""
+    from .files import atomic_dir
     from .inject import merge_and_unload
     from .trained import load_adapted
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.force:
+        raise UserError(f"{out} exists and is not empty; pass an empty or new directory, or --force to replace it")
     model, tok, meta = load_adapted(args.adapter, model=args.model)
     model = merge_and_unload(model)
-    model.save_pretrained(args.out)
-    tok.save_pretrained(args.out)
+    with atomic_dir(out) as tmp:  # a failure midway leaves whatever was at OUT as it was
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
     print(f"lorakit: merged model -> {args.out} (loads with transformers' from_pretrained, no lorakit needed)")
     return 0
 
@@ -257,6 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true", default=None,
                    help="torch.compile each decoder block: faster steps after a one-time compile (CPU: needs g++)")
     p.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="train into --out even if it holds a run already")
     p.add_argument("--eval", action="store_true", help="evaluate on the test split after training")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any recipe key")
     add_lora_flags(p, defaults=False)
@@ -302,6 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("merge", help="write a merged Hugging Face model directory", description=cmd_merge.__doc__)
     p.add_argument("adapter"), p.add_argument("out"), p.add_argument("--model")
+    p.add_argument("--force", action="store_true", help="replace OUT even if it is not empty")
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("inspect", help="show which modules LoRA targets and the parameter report (no training)",
@@ -319,10 +346,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """lorakit's own warnings as one line; everything else as Python shows it."""
+    if issubclass(category, LorakitWarning):
+        print(f"lorakit: warning: {message}", file=sys.stderr)
+    else:
+        _python_show_warning(message, category, filename, lineno, file, line)
+
+
+_python_show_warning = warnings.showwarning
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    warnings.showwarning = _show_warning
     try:
         return args.func(args)
+    except TrainingStopped as e:
+        print(f"lorakit: {e}", file=sys.stderr)
+        return e.exit_code
     except UserError as e:
         print(f"lorakit: error: {e}", file=sys.stderr)
         return 2

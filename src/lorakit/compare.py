@@ -102,7 +102,7 @@ def compare(recipe: str, out: str | Path, quick: bool = False, methods: tuple[st
         if reason is None:
             own = {"qlora": ["--set", "quantize=nf4"], "lora": ["--set", "quantize="],
                    "full": ["--set", "quantize=", "--set", f"full_lr={full_lr:g}"]}[method]
-            reason = _run(["train", recipe, "--out", str(run), "--method", method, *own, *flags], out / "compare.log")
+            reason = _run(["train", recipe, "--out", str(run), "--overwrite", "--method", method, *own, *flags], out / "compare.log")
         if reason is None:
             reason = _run(["eval", str(run), *([] if base is None else ["--no-base"])], out / "compare.log")
         if reason is not None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import difflib
+import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -190,6 +191,8 @@ def apply_overrides(cfg: RunConfig, overrides: dict) -> RunConfig:
         if k not in FIELDS:
             raise _unknown(k, "command line")
         setattr(cfg, k, _coerce(k, v, "command line"))
+        if k == "max_steps" and cfg.max_steps == 0:  # in a recipe 0 is the default, "no limit"; given, a mistake
+            raise ConfigError("command line: max_steps must be >= 1, got 0 (leave --max-steps out for no limit)")
     return validate(cfg, "command line")
 
 
@@ -223,4 +226,14 @@ def validate(cfg: RunConfig, where: str) -> RunConfig:
         raise ConfigError(f"{where}: lr must be > 0, got {cfg.lr}")
     if isinstance(cfg.targets, str) and "," in cfg.targets:
         cfg.targets = [t.strip() for t in cfg.targets.split(",") if t.strip()]
+    if isinstance(cfg.targets, str) and cfg.targets != "all-linear":
+        try:
+            re.compile(cfg.targets)
+        except re.error as e:
+            raise ConfigError(f"{where}: targets {cfg.targets!r} is not a valid regular expression ({e}); use "
+                              "all-linear, names like q_proj,v_proj, or a regex such as re:.*(q|v)_proj") from None
+    if cfg.epochs <= 0:
+        raise ConfigError(f"{where}: epochs must be > 0, got {cfg.epochs:g}")
+    if cfg.max_steps < 0:
+        raise ConfigError(f"{where}: max_steps must be >= 1 (or 0 in a recipe: no limit), got {cfg.max_steps}")
     return cfg

@@ -61,43 +61,101 @@ class LoadStats:
                 "notes": dict(self.notes)}
 
 
+DATA_SUFFIXES = (".tsv", ".txt", ".csv", ".json", ".jsonl", "")
+
+
+def _not_a_file(p: Path) -> DataError:
+    """What to say when `p` is not a readable file: missing, or a directory (naming the data file it holds)."""
+    if not p.is_dir():
+        return DataError(f"{p}: no such file")
+    files = sorted(f.name for f in p.iterdir() if f.is_file() and f.suffix.lower() in DATA_SUFFIXES[:-1])
+    if len(files) == 1:
+        return DataError(f"{p}: is a directory; it holds one data file: pass --data {p / files[0]}")
+    listed = f" (it holds {', '.join(files[:5])}{', ...' if len(files) > 5 else ''})" if files else ""
+    return DataError(f"{p}: is a directory, not a data file{listed}; pass the file itself")
+
+
 def read_text(path: str | Path) -> str:
-    """The file as UTF-8 text; a missing, empty or non-UTF-8 file is a DataError naming the line."""
+    """The file as UTF-8 text (a byte-order mark is dropped); a missing, empty, non-UTF-8 or NUL-holding file is a
+    DataError naming the line."""
     p = Path(path)
     if not p.is_file():
-        raise DataError(f"{p}: no such file")
+        raise _not_a_file(p)
     raw = p.read_bytes()
     if not raw.strip():
         raise DataError(f"{p}: file is empty")
     try:
-        return raw.decode("utf-8")
+        text = raw.decode("utf-8-sig")  # Windows editors open UTF-8 files with a byte-order mark
     except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        col = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
-        raise DataError(f"{p}, line {line}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {col}); "
+        at = e.start + (3 if raw.startswith(b"\xef\xbb\xbf") else 0)
+        line, col = _line_col(raw, at, b"\n")
+        raise DataError(f"{p}, line {line}: not valid UTF-8 (byte 0x{raw[at]:02x} at column {col}); "
                         "save the file as UTF-8") from None
+    if "\0" in text:
+        line, col = _line_col(text, text.index("\0"), "\n")
+        raise DataError(f"{p}, line {line}: a NUL byte (0x00) at column {col}; is it a binary or UTF-16 file? "
+                        "Save it as UTF-8 text")
+    return text
 
 
-def iter_json_records(path: str | Path) -> Iterator[tuple[str, dict]]:
-    """(location, record) from a JSON array ('index N') or JSONL ('line N') file."""
+def _line_col(text, at: int, newline) -> tuple[int, int]:
+    """1-based line and column of position `at` (text or bytes)."""
+    return text[:at].count(newline) + 1, at - (text.rfind(newline, 0, at) + 1) + 1
+
+
+def _json_error(path, text: str, e: json.JSONDecodeError, line: int | None = None) -> DataError:
+    """An invalid-JSON error with line and column; 'truncated' is suggested only when the text stops early."""
+    ends_early = e.pos >= len(text.rstrip()) - 1 or e.msg.startswith("Unterminated")
+    hint = "; is the file truncated?" if ends_early else ""
+    if e.msg.startswith("Invalid control character"):
+        hint = f" (character 0x{ord(text[e.pos]):02x} inside a string: write it escaped, e.g. \\n or \\t)"
+    return DataError(f"{path}, line {line or e.lineno}: invalid JSON ({e.msg} at column {e.colno}){hint}",
+                     reason="invalid JSON")
+
+
+def _records_under(data: dict) -> str | None:
+    """The key of a JSON object that holds the records as an array of objects, if there is one."""
+    return next((k for k, v in data.items() if isinstance(v, list) and v and isinstance(v[0], dict)), None)
+
+
+def _object_not_array(path, data: dict) -> DataError:
+    key = _records_under(data)
+    inside = f"; the records seem to be under {key!r}: save that array as the file" if key else ""
+    return DataError(f"{path}: expected a JSON array of records (or JSONL: one object per line), got one JSON object "
+                     f"(keys: {', '.join(map(str, list(data)[:6]))}){inside}")
+
+
+def iter_json_records(path: str | Path, strict: bool = True) -> Iterator[tuple[str, dict | DataError]]:
+    """(location, record) from a JSON array ('index N') or JSONL ('line N') file. With strict=False a JSONL line
+    that is not valid JSON comes as (location, DataError), for the caller to count and skip."""
     text = read_text(path)
     if text.lstrip().startswith("["):
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
-            raise DataError(f"{path}, line {e.lineno}: invalid JSON ({e.msg}); is the file truncated?") from None
+            raise _json_error(path, text, e) from None
         for i, rec in enumerate(data):
             if not isinstance(rec, dict):
                 raise DataError(f"{path}, index {i}: expected a JSON object, got {type(rec).__name__}")
             yield f"index {i}", rec
         return
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
+    lines = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    if text.lstrip().startswith("{"):
+        try:  # one object over the whole file: a pretty-printed record, or {"data": [...]}
+            whole = json.loads(text)
+        except json.JSONDecodeError:
+            whole = None
+        if isinstance(whole, dict) and (len(lines) > 1 or _records_under(whole)):
+            raise _object_not_array(path, whole)
+    for n, line in lines:
         try:
             rec = json.loads(line)
         except json.JSONDecodeError as e:
-            raise DataError(f"{path}, line {n}: invalid JSON ({e.msg}); is the line truncated?") from None
+            error = _json_error(path, line, e, n)
+            if strict:
+                raise error from None
+            yield f"line {n}", error
+            continue
         if not isinstance(rec, dict):
             raise DataError(f"{path}, line {n}: expected a JSON object, got {type(rec).__name__}")
         yield f"line {n}", rec
@@ -123,6 +181,8 @@ def _collect(path, rows: Iterator[tuple[str, dict]], parse, strict: bool) -> tup
     for where, rec in rows:
         stats.read += 1
         try:
+            if isinstance(rec, DataError):  # a record the reader could not parse (lenient mode only)
+                raise rec
             out.append(parse(rec, f"{path}, {where}"))
         except DataError as e:
             if strict:
@@ -156,7 +216,7 @@ class ClassificationData:
              label_field: str = "label", strict: bool = True) -> "ClassificationData":
         """Read a TSV (`label<TAB>text`, split on the first tab), CSV (header row) or JSON/JSONL file."""
         p = Path(path)
-        rows = _classification_rows(p, text_field, label_field)
+        rows = _classification_rows(p, text_field, label_field, strict)
         known = list(labels) if labels else None
 
         def parse(rec: dict, where: str) -> tuple[str, str]:
@@ -167,9 +227,12 @@ class ClassificationData:
             return text, label
 
         pairs, stats = _collect(p, rows, parse, strict)
-        names = known or sorted({lab for _, lab in pairs})
-        if len(names) < 2:
-            raise DataError(f"{p}: found only the label(s) {names}; classification needs at least two")
+        counts = Counter(lab for _, lab in pairs)
+        names = known or sorted(counts)
+        if len(counts) < 2:
+            found = ", ".join(f"{name} {counts[name]:,}" for name in (names if known else counts))
+            raise DataError(f"{p}: every record has the same label ({found} of {len(pairs):,} kept records); "
+                            "a classifier needs examples of at least two labels")
         ids = {n: i for i, n in enumerate(names)}
         return cls([TextExample(t, ids[lab]) for t, lab in pairs], names, stats)
 
@@ -178,10 +241,11 @@ class ClassificationData:
         return stratified_split(self.examples, lambda e: e.label, fractions, seed)
 
 
-def _classification_rows(p: Path, text_field: str, label_field: str) -> Iterator[tuple[str, dict]]:
+def _classification_rows(p: Path, text_field: str, label_field: str,
+                         strict: bool = True) -> Iterator[tuple[str, dict]]:
     suffix = p.suffix.lower()
     if suffix in (".json", ".jsonl"):
-        yield from iter_json_records(p)
+        yield from iter_json_records(p, strict)
         return
     text = read_text(p)
     if suffix == ".csv":
@@ -319,7 +383,7 @@ class InstructionData(PromptData):
             output = get_text(rec, "output", where)
             return PromptExample(inp, output, instruction, [output])
 
-        examples, stats = _collect(path, iter_json_records(path), parse, strict)
+        examples, stats = _collect(path, iter_json_records(path, strict), parse, strict)
         return cls(examples, stats)
 
 
@@ -336,5 +400,5 @@ class SummarizationData(PromptData):
                 refs = [get_text(rec, k, where) for k in sorted(rec) if k.startswith("summary")]
             return PromptExample(dialogue, refs[0], SUMMARY_INSTRUCTION, refs)
 
-        examples, stats = _collect(path, iter_json_records(path), parse, strict)
+        examples, stats = _collect(path, iter_json_records(path, strict), parse, strict)
         return cls(examples, stats)

@@ -3,3 +3,16 @@
 
 class UserError(ValueError):
     """A mistake in the user's input (config, file, model name); the message says what and where."""
+
+
+class TrainingStopped(UserError):
+    """Training stopped before its end on purpose (a signal, a non-finite loss), after saving what it could; the
+    message says where things are and how to go on, and `exit_code` is what the command exits with."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class LorakitWarning(UserWarning):
+    """Something the user should know that does not stop the command (the CLI prints it as one line)."""

@@ -9,6 +9,7 @@ objects (frozen), so the base part of a state dict keeps its key names.
 from __future__ import annotations
 
 import math
+import re
 import warnings
 from dataclasses import dataclass, fields
 from typing import Sequence
@@ -31,6 +32,15 @@ except ImportError:  # pragma: no cover - transformers is a dependency, this gua
 
 class LoRAError(UserError):
     """A mistake in LoRA configuration or use; the message says what to do."""
+
+
+def regex_problem(pattern: str) -> str | None:
+    """Why `pattern` is not a regular expression Python can compile, or None when it is."""
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        return str(e)
+    return None
 
 
 @dataclass
@@ -63,6 +73,9 @@ class LoRAConfig:
             self.targets = tuple(self.targets)
             if not self.targets:
                 raise LoRAError("targets is empty: use 'all-linear', a list of module names, or a regex string")
+        elif self.targets != "all-linear" and (problem := regex_problem(self.targets)):
+            raise LoRAError(f"targets {self.targets!r} is not a valid regular expression ({problem}); use "
+                            "'all-linear', module names like q_proj,v_proj, or a regex such as '.*(q|v)_proj'")
         self.exclude = (self.exclude,) if isinstance(self.exclude, str) else tuple(self.exclude)
         self.trainable = (self.trainable,) if isinstance(self.trainable, str) else tuple(self.trainable)
 

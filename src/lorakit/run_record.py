@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import TrainState
+from .files import write_text_atomic
 
 
 def peak_memory() -> dict:
@@ -35,7 +36,8 @@ def metrics(state: TrainState) -> dict:
     """The training metrics of run.json: last train loss, best validation loss and where, the validation curve."""
     return {"final_train_loss": state.train_loss[-1][1] if state.train_loss else None,
             "best_val_loss": state.best_val, "best_step": state.best_step,
-            "val_history": state.val_history, "stopped_early": state.stopped_early}
+            "val_history": state.val_history, "stopped_early": state.stopped_early,
+            "stopped_by": state.stopped_by or None}
 
 
 def timings(state: TrainState, total_s: float) -> dict:
@@ -46,7 +48,7 @@ def timings(state: TrainState, total_s: float) -> dict:
 def write_run_record(out: Path, record: dict, state: TrainState, title: str) -> None:
     """run.json (`record` plus the state's metrics, timings and loss curve) and loss.png, in `out`."""
     record = record | {"metrics": metrics(state), "train_loss": state.train_loss}
-    (out / "run.json").write_text(json.dumps(record, indent=2) + "\n")
+    write_text_atomic(out / "run.json", json.dumps(record, indent=2) + "\n")
     plot_losses(state, out / "loss.png", title)
 
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +28,8 @@ from .checkpoint import CHECKPOINT, TrainState, load_checkpoint, load_weights_st
 from .config import RunConfig
 from .data import DataError
 from .distributed import all_sum, rank_share, wrap_model
-from .errors import UserError
+from .errors import TrainingStopped, UserError
+from .files import atomic_dir
 from .inject import ParameterReport, add_lora, parameter_report
 from .kernels import compile_blocks, fuse_swiglu
 from .lora import LoRAConfig
@@ -135,9 +138,10 @@ def save_full_model(model, tokenizer, path: Path, meta: dict, state: dict | None
     """A whole fine-tuned model as a transformers directory (safetensors) with lorakit.json beside it."""
     if state is not None:
         load_weights_state(model, state, full=True)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    (path / "lorakit.json").write_text(json.dumps(meta, indent=2) + "\n")
+    with atomic_dir(path) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "lorakit.json").write_text(json.dumps(meta, indent=2) + "\n")
 
 
 @dataclass
@@ -238,6 +242,11 @@ def set_up(cfg: RunConfig, accelerator, strategy: str) -> Run:
         log(f"data: {stats}")
     if not splits.train:
         raise DataError(f"{cfg.data}: the training split is empty")
+    empty = [name for name, part in (("validation", splits.val), ("test", splits.test)) if not part]
+    if empty:
+        log(f"lorakit: note: {len(splits.train):,} training records and no {' or '.join(empty)} records "
+            f"(split {'/'.join(f'{x:g}' for x in cfg.split)}): nothing to validate or test on; add records or give "
+            "val_data / test_data")
     model, tokenizer, head = build_model(cfg, splits.labels)
     report = parameter_report(model)
     log(f"lorakit: {cfg.name}: {cfg.model} ({type(model).__name__}), task {cfg.task}")
@@ -255,7 +264,7 @@ def set_up(cfg: RunConfig, accelerator, strategy: str) -> Run:
     wrapped, fsdp = wrap_model(model, accelerator, strategy)  # FSDP swaps in sharded parameters: build AdamW after
     model = accelerator.unwrap_model(wrapped)
     trained = [p for p in model.parameters() if p.requires_grad]
-    return Run(cfg, Path(cfg.out or Path("runs") / cfg.name), accelerator, model, wrapped, tokenizer, splits, data,
+    return Run(cfg, run_dir(cfg), accelerator, model, wrapped, tokenizer, splits, data,
                report, trained, head_params, strategy, fsdp, label_only, started)
 
 
@@ -295,6 +304,7 @@ def start_state(run: Run, optimizer, scheduler, resume: bool) -> tuple[TrainStat
         raise UserError(f"--resume: no checkpoint in {run.out / CHECKPOINT}; train without --resume first")
     state, best_state = load_checkpoint(run.out, run.model, optimizer, scheduler, run.accelerator, run.fsdp,
                                         run.full)
+    state.stopped_by = ""  # what stopped it last time (a signal, a non-finite loss) is over
     run.log(f"lorakit: resumed at step {state.step} (epoch {state.epoch}, batch {state.micro})")
     return state, best_state
 
@@ -313,7 +323,7 @@ def log_plan(run: Run, plan: Plan) -> None:
 
 def train_step(run: Run, optimizer, scheduler, group: list[list[int]]) -> tuple[float, int]:
     """One optimizer step over the micro-batches of `group` (gradient accumulation); returns the step's mean loss
-    and its tokens, summed over all processes."""
+    and its tokens, summed over all processes. A non-finite loss is returned without stepping."""
     loss_sum, tokens = 0.0, 0
     for rows in group:
         rows = rank_share(rows, run.accelerator.process_index, run.world) if run.world > 1 else rows
@@ -323,12 +333,15 @@ def train_step(run: Run, optimizer, scheduler, group: list[list[int]]) -> tuple[
         run.accelerator.backward(loss)
         loss_sum += loss.item()
         tokens += batch_tokens(batch)
+    loss_sum, tokens = all_sum([loss_sum / run.world, tokens], run.accelerator)
+    if not math.isfinite(loss_sum):  # never apply it: the weights stay those of the last good step
+        optimizer.zero_grad(set_to_none=True)
+        return loss_sum, int(tokens)
     if run.cfg.max_grad_norm:
         run.accelerator.clip_grad_norm_(run.trained, run.cfg.max_grad_norm)
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    loss_sum, tokens = all_sum([loss_sum / run.world, tokens], run.accelerator)
     return loss_sum, int(tokens)
 
 
@@ -352,9 +365,11 @@ def validate_and_keep_best(run: Run, state: TrainState, best_state: dict | None)
     return best_state
 
 
-def fit(run: Run, plan: Plan, optimizer, scheduler, state: TrainState, best_state: dict | None) -> dict | None:
+def fit(run: Run, plan: Plan, optimizer, scheduler, state: TrainState, best_state: dict | None,
+        stop: StopRequest) -> dict | None:
     """The loop: epochs of length-grouped micro-batches drawn from (seed, epoch), an optimizer step per
-    `grad_accum` of them, validation and checkpoints on their schedules. Returns the best validation weights."""
+    `grad_accum` of them, validation and checkpoints on their schedules, until the last step, early stopping, a
+    non-finite loss or a stop request. Returns the best validation weights."""
     cfg = run.cfg
     bar = tqdm(total=plan.total, initial=state.step, desc=f"train {cfg.name}", disable=not run.main,
                dynamic_ncols=True, mininterval=1.0)
@@ -366,6 +381,10 @@ def fit(run: Run, plan: Plan, optimizer, scheduler, state: TrainState, best_stat
         while state.micro < len(order) and state.step < plan.total:
             group = order[state.micro:state.micro + cfg.grad_accum]
             loss, tokens = train_step(run, optimizer, scheduler, group)
+            if not math.isfinite(loss):
+                state.stopped_by = "loss"
+                run.log(f"lorakit: step {state.step + 1}: the loss is {loss}; stopped before applying it")
+                break
             state.micro, state.step, state.tokens = state.micro + len(group), state.step + 1, state.tokens + tokens
             state.train_loss.append([state.step, loss])
             state.train_seconds = time.perf_counter() - loop_started
@@ -379,18 +398,57 @@ def fit(run: Run, plan: Plan, optimizer, scheduler, state: TrainState, best_stat
             if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0:
                 save_checkpoint(run.out, run.model, optimizer, scheduler, state, best_state, run.accelerator,
                                 run.fsdp, run.full)
+            if (signal_name := stop.asked(run.accelerator)):
+                state.stopped_by = signal_name
+                break
+        if state.stopped_by:
+            break
         if state.micro >= len(order):
             state.epoch, state.micro = state.epoch + 1, 0
     bar.close()
     return best_state
 
 
+class StopRequest:
+    """SIGINT (Ctrl-C) or SIGTERM while training: the current step finishes, a checkpoint is written, the run stops
+    and says how to resume. A second Ctrl-C stops at once. On several processes every rank stops at the same step."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, log) -> None:
+        self.name, self.log, self.previous = "", log, {}
+
+    def __enter__(self) -> "StopRequest":
+        if threading.current_thread() is threading.main_thread():  # signal handlers can only be set there
+            self.previous = {sig: signal.signal(sig, self.handle) for sig in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def handle(self, signum: int, frame) -> None:
+        if self.name and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.name = signal.Signals(signum).name
+        self.log(f"lorakit: {self.name}: finishing this step, then writing a checkpoint (Ctrl-C again: stop now)")
+
+    def asked(self, accelerator) -> str:
+        """The signal's name once one came (to any rank), else ''."""
+        if accelerator.num_processes == 1:
+            return self.name
+        return (self.name or "SIGTERM") if all_sum([float(bool(self.name))], accelerator)[0] else ""
+
+
 def finish(run: Run, optimizer, scheduler, state: TrainState, best_state: dict | None) -> None:
     """The last checkpoint; the adapter (or model/) of the best validation step; run.json and loss.png."""
     cfg, what = run.cfg, "model" if run.full else "adapter"
-    if cfg.checkpoint_every:
+    if cfg.checkpoint_every or state.stopped_by:
         save_checkpoint(run.out, run.model, optimizer, scheduler, state, best_state, run.accelerator, run.fsdp,
                         run.full)
+    if state.stopped_by and state.stopped_by != "loss":
+        run.accelerator.wait_for_everyone()
+        return  # interrupted: the checkpoint is the result; --resume finishes the run
     keep_best = best_state is not None and state.best_step != state.step
     result = best_state if keep_best else weights_state(run.model, run.full)  # collective under FSDP
     if run.main:
@@ -414,7 +472,7 @@ def finish(run: Run, optimizer, scheduler, state: TrainState, best_state: dict |
     run.accelerator.wait_for_everyone()
 
 
-def train(cfg: RunConfig, resume: bool = False) -> Path:
+def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> Path:
     """Train `cfg`'s adapter (or, with method=full, the whole model); returns the run directory (adapter/ or
     model/, run.json, loss.png).
 
@@ -423,11 +481,46 @@ def train(cfg: RunConfig, resume: bool = False) -> Path:
     """
     accelerator = make_accelerator(cfg)
     strategy = check_launch(cfg, accelerator.num_processes)
+    check_run_dir(run_dir(cfg), resume, overwrite)
     run = set_up(cfg, accelerator, strategy)
     plan = plan_steps(run)
     optimizer, scheduler = build_optimizer(run, plan)
     state, best_state = start_state(run, optimizer, scheduler, resume)
     log_plan(run, plan)
-    best_state = fit(run, plan, optimizer, scheduler, state, best_state)
+    with StopRequest(run.log) as stop:
+        best_state = fit(run, plan, optimizer, scheduler, state, best_state, stop)
     finish(run, optimizer, scheduler, state, best_state)
+    if state.stopped_by:
+        raise stopped(run, state)
     return run.out
+
+
+def run_dir(cfg: RunConfig) -> Path:
+    return Path(cfg.out or Path("runs") / cfg.name)
+
+
+def check_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
+    """Never train over a finished run or an unfinished one's checkpoint without being told to."""
+    if resume or overwrite:
+        return
+    if (out / "run.json").is_file():
+        raise UserError(f"{out} already holds a finished run (run.json); pass --out NEW_DIR for a new run or "
+                        "--overwrite to replace it")
+    if (out / CHECKPOINT).is_dir():
+        raise UserError(f"{out} holds the checkpoint of an unfinished run; pass --resume to continue it, "
+                        "--out NEW_DIR for a new run, or --overwrite to start again")
+
+
+def stopped(run: Run, state: TrainState) -> TrainingStopped:
+    """The one-line account of a run that stopped early on purpose, with the exit code that goes with it."""
+    where = f"checkpoint in {run.out / CHECKPOINT}"
+    if state.stopped_by == "loss":
+        kept = (f"the adapter of step {state.best_step} (best validation loss)" if state.best_step else
+                f"the weights of step {state.step}, the last good one")
+        return TrainingStopped(
+            f"step {state.step + 1}: the training loss is not finite (nan or inf), so training stopped before "
+            f"applying it. Likely causes: a learning rate too high (lr {run.cfg.lr:g}: try 10x lower), fp16 overflow "
+            f"(use bf16 or no mixed precision), or broken records. Saved: {kept} in {run.out}, {where}", 1)
+    code = 128 + getattr(signal, state.stopped_by, signal.SIGINT)
+    return TrainingStopped(f"interrupted ({state.stopped_by}) after step {state.step} of the run; {where}; "
+                           "continue with the same command and --resume", code)
