@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml constraints.txt
 setup: $(STAMP)
 
 run: setup
-	$(VENV)/bin/lorakit train recipes/spam.yaml --out runs/spam
+	$(VENV)/bin/lorakit train recipes/spam.yaml --out runs/spam --overwrite
 	$(VENV)/bin/lorakit eval runs/spam
 
 # Debian's Chromium for the web page's browser test (skipped without it, except under CI where it must be there)
