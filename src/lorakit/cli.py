@@ -8,7 +8,8 @@ import sys
 import warnings
 from pathlib import Path
 
-from .config import METHODS, OPTIMIZERS, PRECISIONS, QUANT_BACKENDS, QUANTIZE, STRATEGIES, TASKS, TEMPLATES
+from .config import (FIELDS, METHODS, OPTIMIZERS, PRECISIONS, QUANT_BACKENDS, QUANTIZE, STRATEGIES, TASKS, TEMPLATES,
+                     load_recipe)
 from .errors import LorakitWarning, TrainingStopped, UserError
 
 RECIPES = Path(os.environ.get("LORAKIT_RECIPES") or Path(__file__).resolve().parents[2] / "recipes")
@@ -77,7 +78,6 @@ def recipe_path(name: str) -> Path:
 def _overrides(args: argparse.Namespace) -> dict:
     """The recipe keys the command line sets: every RunConfig field whose flag was given (flags are None unless
     given), plus --set pairs."""
-    from .config import FIELDS
     out = {k: getattr(args, k) for k in FIELDS if getattr(args, k, None) is not None}
     if out.get("method") in ("full", "lora") and "quantize" not in out:
         out["quantize"] = ""  # --method lora on a QLoRA recipe: plain LoRA
@@ -99,7 +99,6 @@ def _set_pairs(items: list[str] | None) -> dict:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Train a LoRA adapter from a recipe; flags override the recipe's values."""
-    from .config import load_recipe
     from .train import train
     cfg = load_recipe(recipe_path(args.recipe), _overrides(args))
     try:
@@ -129,7 +128,6 @@ def cmd_compare(args: argparse.Namespace) -> int:
     """Train and evaluate full fine-tuning, LoRA and QLoRA on the same recipe, data and seed; write compare.md,
     compare.json and compare.png (a method that cannot run here is listed with the reason)."""
     from .compare import compare
-    from .config import load_recipe
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
     bad = [m for m in methods if m not in METHODS]
     if bad or not methods:

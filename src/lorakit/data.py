@@ -61,14 +61,14 @@ class LoadStats:
                 "notes": dict(self.notes)}
 
 
-DATA_SUFFIXES = (".tsv", ".txt", ".csv", ".json", ".jsonl", "")
+DATA_SUFFIXES = (".tsv", ".txt", ".csv", ".json", ".jsonl")
 
 
 def _not_a_file(p: Path) -> DataError:
     """What to say when `p` is not a readable file: missing, or a directory (naming the data file it holds)."""
     if not p.is_dir():
         return DataError(f"{p}: no such file")
-    files = sorted(f.name for f in p.iterdir() if f.is_file() and f.suffix.lower() in DATA_SUFFIXES[:-1])
+    files = sorted(f.name for f in p.iterdir() if f.is_file() and f.suffix.lower() in DATA_SUFFIXES)
     if len(files) == 1:
         return DataError(f"{p}: is a directory; it holds one data file: pass --data {p / files[0]}")
     listed = f" (it holds {', '.join(files[:5])}{', ...' if len(files) > 5 else ''})" if files else ""

@@ -334,13 +334,11 @@ def train_step(run: Run, optimizer, scheduler, group: list[list[int]]) -> tuple[
         loss_sum += loss.item()
         tokens += batch_tokens(batch)
     loss_sum, tokens = all_sum([loss_sum / run.world, tokens], run.accelerator)
-    if not math.isfinite(loss_sum):  # never apply it: the weights stay those of the last good step
-        optimizer.zero_grad(set_to_none=True)
-        return loss_sum, int(tokens)
-    if run.cfg.max_grad_norm:
-        run.accelerator.clip_grad_norm_(run.trained, run.cfg.max_grad_norm)
-    optimizer.step()
-    scheduler.step()
+    if math.isfinite(loss_sum):  # a non-finite loss is never applied: the weights stay those of the last good step
+        if run.cfg.max_grad_norm:
+            run.accelerator.clip_grad_norm_(run.trained, run.cfg.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return loss_sum, int(tokens)
 
