@@ -4,7 +4,9 @@ Each case runs in its own subprocess so its peak RSS is its own. Prints a table 
     python bench/step.py [--steps 5] [--dropout 0.05] [--cases peft,lorakit,lorakit-label,...]
 A case is the library (peft or lorakit) and options: -label, lorakit's label-only chunked LM loss (loss.py) instead
 of transformers' full-logits loss; -compile, torch.compile of each decoder block (lorakit.kernels.compile_blocks), for
-PEFT as for lorakit; its compile happens in the warm-up steps, which are not timed.
+PEFT as for lorakit; its compile happens in the warm-up steps, which are not timed; -dora, DoRA adapters (PEFT's
+use_dora, lorakit's dora): compare them at --dropout 0, where both compute the same function (with dropout PEFT
+also runs the base matmul on the dropped input).
 Then (--interleave, the default) all cases again in one process, a step each in turn, for speed ratios that the
 machine's drift does not skew.
 On a GPU: --device cuda --precision bf16 (autocast to bf16 over fp32 weights, as transformers' Trainer does with
@@ -42,12 +44,13 @@ def build(case: str, dropout: float, device: str = "cpu"):
     from lorakit.models import load_model
     model, _ = load_model("smollm2", "instruct")
     model.to(device)
+    dora = "dora" in case.split("-")
     if case.startswith("peft"):
         from peft import LoraConfig, get_peft_model
-        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout,
+        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, use_dora=dora,
                                                  target_modules=PROJECTIONS, task_type="CAUSAL_LM"))
     elif case.startswith("lorakit"):
-        model = add_lora(model, LoRAConfig(r=8, alpha=16, dropout=dropout, targets=PROJECTIONS))
+        model = add_lora(model, LoRAConfig(r=8, alpha=16, dropout=dropout, targets=PROJECTIONS, dora=dora))
         fuse_swiglu(model)  # as `lorakit train` does by default
     else:
         raise SystemExit(f"unknown case {case!r}")

@@ -163,3 +163,72 @@ def test_tensor_file_is_plain_safetensors(tmp_path):
     tensors = load_file(tmp_path / WEIGHTS_NAME)
     save_file(tensors, tmp_path / WEIGHTS_NAME)
     assert torch.equal(_logits(load_adapter(TINY["llama"](), tmp_path), "llama"), _logits(model, "llama"))
+
+
+def _bert_classifier():
+    from transformers import BertConfig, BertForSequenceClassification
+    torch.manual_seed(0)
+    return BertForSequenceClassification(BertConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2,
+                                                    num_attention_heads=4, intermediate_size=64, num_labels=3)).eval()
+
+
+@pytest.mark.parametrize("build", [_tiny_classifier, _bert_classifier], ids=["llama", "bert"])
+def test_each_adapter_has_its_own_trained_head_and_the_base_keeps_its_own(build, tmp_path):
+    """Two adapters that each train the head (modules_to_save): each adapter's output is that adapter alone, the
+    base's is the untouched model's, a mixed-row batch is each row's own, and PEFT's two-adapter model agrees."""
+    from peft import PeftModel
+
+    from lorakit import adapters_by_row, delete_adapter, disable_adapters, merge_and_unload, set_adapter
+    from lorakit.models import head_name
+    head = head_name(build())
+    ids = {"input_ids": torch.randint(1, 128, (4, 9), generator=torch.Generator().manual_seed(3))}
+    logits = lambda m: m(**ids).logits.detach()  # noqa: E731
+    base = logits(build())
+    for i, name in enumerate(("a", "b")):  # two adapters trained apart: heads and LoRA of their own
+        alone = add_lora(build(), LoRAConfig(r=4, trainable=[head]))
+        randomize_lora(alone, seed=i)
+        with torch.no_grad():
+            getattr(alone, head).weight.normal_(generator=torch.Generator().manual_seed(10 + i))
+        save_adapter(alone, tmp_path / name)
+    refs = {name: logits(load_adapter(build(), tmp_path / name)) for name in ("a", "b")}
+    assert (refs["a"] - refs["b"]).abs().max() > 0.1 and (refs["a"] - base).abs().max() > 0.1
+
+    model = load_adapter(build(), tmp_path / "a", adapter="a")
+    load_adapter(model, tmp_path / "b", adapter="b")
+    for name in ("a", "b", "a"):
+        set_adapter(model, name)
+        torch.testing.assert_close(logits(model), refs[name], atol=1e-6, rtol=0)
+    with disable_adapters(model):
+        torch.testing.assert_close(logits(model), base, atol=1e-6, rtol=0)
+    rows = ["a", "b", None, "b"]
+    with adapters_by_row(model, rows):
+        mixed = logits(model)
+    for i, name in enumerate(rows):
+        torch.testing.assert_close(mixed[i], (refs[name] if name else base)[i], atol=1e-6, rtol=0)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n}
+    assert trainable == {n for n, _ in model.named_parameters() if n.startswith(f"{head}.copies.a.")}
+
+    peft_model = PeftModel.from_pretrained(build(), str(tmp_path / "a"), adapter_name="a").eval()
+    peft_model.load_adapter(str(tmp_path / "b"), adapter_name="b")
+    for name in ("a", "b"):
+        peft_model.set_adapter(name)
+        torch.testing.assert_close(logits(peft_model), refs[name], atol=1e-5, rtol=0)
+    with peft_model.disable_adapter():
+        torch.testing.assert_close(logits(peft_model), base, atol=1e-5, rtol=0)
+
+    save_adapter(model, tmp_path / "b-again", adapter="b")  # saved from the shared model: b's own head
+    torch.testing.assert_close(logits(load_adapter(build(), tmp_path / "b-again")), refs["b"], atol=1e-6, rtol=0)
+    delete_adapter(model, "a")
+    set_adapter(model, "b")
+    torch.testing.assert_close(logits(model), refs["b"], atol=1e-6, rtol=0)
+    plain = merge_and_unload(model)
+    assert type(getattr(plain, head)).__name__ == "Linear"
+    torch.testing.assert_close(logits(plain), refs["b"], atol=1e-5, rtol=0)
+
+
+def test_deleting_the_last_adapter_that_trains_a_module_puts_the_original_back():
+    from lorakit import delete_adapter
+    model = add_lora(_tiny_classifier(), LoRAConfig(r=4, trainable=["score"]))
+    original = model.score.original
+    delete_adapter(model, "default")
+    assert model.score is original

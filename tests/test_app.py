@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from conftest import REPO, randomize_lora, save_tiny
 from lorakit import LoRAConfig, add_lora, save_adapter
@@ -102,15 +103,17 @@ def test_workbench_classifier_heads_are_switched_with_their_adapters(tiny_runs):
         assert list(got) == ["ham", "spam"] and sum(got.values()) == pytest.approx(1.0)
         assert [got["ham"], got["spam"]] == pytest.approx(ref.tolist(), abs=1e-5)
     assert wb.classify("spam1", text) == pytest.approx(first)
-    # the base: adapters off and the head it had before any adapter was loaded, not the last adapter's
-    assert set(wb.base_extra) == {"score.weight"}
+    # the base: adapters off and the head it had before any adapter was loaded (each adapter has its own copy)
+    head = wb.model.get_submodule("score")
+    assert set(head.copies) == {"spam1", "spam2"}
     fresh, tok = load_model(str(tiny_runs["llama"]), "classify", num_labels=2)
     with torch.no_grad():
-        fresh.score.weight.copy_(wb.base_extra["score.weight"])
+        fresh.score.weight.copy_(head.original.weight)
         ref = fresh.eval()(**tok([text], return_tensors="pt")).logits.softmax(-1)[0]
     base = wb.classify(BASE, text)
     assert [base["ham"], base["spam"]] == pytest.approx(ref.tolist(), abs=1e-5) and base != pytest.approx(first)
-    assert not torch.equal(wb.base_extra["score.weight"], wb.adapters["spam1"].extra["score.weight"])
+    saved = load_file(tiny_runs["c1"] / "adapter" / "adapter_model.safetensors")["base_model.model.score.weight"]
+    assert torch.equal(head.copies["spam1"].weight, saved) and not torch.equal(head.original.weight, saved)
 
 
 def test_workbench_errors_name_the_problem_and_it_keeps_serving(tiny_runs, tmp_path):

@@ -190,7 +190,7 @@ def test_config_errors_say_what_is_wrong():
     model = TINY["llama"]()
     with pytest.raises(LoRAError, match=r"target 'q_prj' matches no module; closest names: .*q_proj"):
         add_lora(model, LoRAConfig(targets=["q_prj"]))
-    with pytest.raises(LoRAError, match="is a LlamaAttention; LoRA wraps nn.Linear and Conv1D only"):
+    with pytest.raises(LoRAError, match="is a LlamaAttention; LoRA wraps nn.Linear, Conv1D and nn.Embedding"):
         add_lora(model, LoRAConfig(targets=["self_attn"]))
     with pytest.raises(LoRAError, match=r"trainable module 'scores' not found; closest names: .*"):
         add_lora(model, LoRAConfig(trainable=["scores"]))
@@ -221,7 +221,8 @@ def test_training_changes_only_lora_and_trainable_parameters():
     add_lora(model, LoRAConfig(r=4, dropout=0.1, trainable=["lm_head"]))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable == {n for n in before if "lora_" in n} | {"lm_head.weight"}
+    assert trainable == {n for n in before if "lora_" in n} | {"lm_head.copies.default.weight"}
+    assert "lm_head.original.weight" in before  # the base's own head stays, frozen
     losses = lm_train_steps(model, 5)
     assert losses[-1] < losses[0]
     for n, p in model.named_parameters():

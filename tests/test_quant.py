@@ -198,7 +198,7 @@ def test_bitsandbytes_backend_trains_merges_and_matches_ours():
     assert (_round_trip(w, "bitsandbytes") - _round_trip(w, "torch")).abs().max() < 2e-3 * w.abs().max() / 0.02
     model = add_lora(TINY["llama"](), LoRAConfig(r=4, dropout=0.05, quantize="nf4", quant_backend="bitsandbytes"))
     layer = model.get_submodule("model.layers.0.self_attn.q_proj")
-    assert type(layer.base4).__name__ == "Linear4bit"
+    assert type(layer.frozen.linear).__name__ == "Linear4bit"
     from lorakit.quant import bnb_linear4bit, bnb_nbytes
     assert 0.125 < bnb_nbytes(bnb_linear4bit(torch.randn(1536, 576))) / (4 * 1536 * 576) < 0.135  # ~4.13 bits/weight
     losses = lm_train_steps(model, 6)
@@ -216,10 +216,10 @@ def test_bitsandbytes_layers_keep_the_standard_layout_in_eval_mode():
     from lorakit.quant import bnb_dequantize
     model = add_lora(TINY["llama"](), LoRAConfig(r=4, quantize="nf4", quant_backend="bitsandbytes"))
     layer = model.get_submodule("model.layers.0.self_attn.q_proj")
-    before = bnb_dequantize(layer.base4).clone()
+    before = bnb_dequantize(layer.frozen.linear).clone()
     ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         evaluated = model.eval()(ids).logits  # the path bitsandbytes repacks on
     trained = model.train()(ids).logits.detach()
     torch.testing.assert_close(evaluated, trained, atol=1e-5, rtol=0)
-    torch.testing.assert_close(bnb_dequantize(layer.base4), before, atol=0, rtol=0)
+    torch.testing.assert_close(bnb_dequantize(layer.frozen.linear), before, atol=0, rtol=0)

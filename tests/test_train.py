@@ -142,11 +142,14 @@ def test_seq2seq_summarize_with_rouge(tmp_path):
                test_data=str(test), targets=["q", "v"], epochs=3)
     assert main(["train", r, "--out", str(run), "--eval"]) == 0
     ev = json.loads((run / "eval.json").read_text())
-    assert set(ev["metrics"]["lora"]) == {"rouge1", "rouge2", "rougeL", "rougeLsum"}
+    assert set(ev["metrics"]["lora"]) == {"rouge1", "rouge2", "rougeL", "rougeLsum", "bertscore_f1"}
     g = ev["gains"]["rouge1"]
     assert g["absolute"] == pytest.approx(ev["metrics"]["lora"]["rouge1"] - ev["metrics"]["base"]["rouge1"])
     sample = json.loads((run / "eval_samples.jsonl").read_text().splitlines()[0])
     assert len(sample["references"]) == 3 and {"base", "lora", "dialogue"} <= set(sample)
+    assert {"bertscore_f1 base", "bertscore_f1 lora"} <= set(sample)
+    assert ev["gains"]["bertscore_f1"]["absolute"] == pytest.approx(
+        ev["metrics"]["lora"]["bertscore_f1"] - ev["metrics"]["base"]["bertscore_f1"])
 
 
 def test_rouge_matches_rouge_score_directly():
@@ -350,3 +353,59 @@ def test_validation_loss_is_the_eval_loss_token_weighted(tmp_path, llama_dir, pa
     got = validate(model, encoded, lambda rows: pad_batch(rows, tok.pad_token_id), 4, "cpu",
                    __import__("contextlib").nullcontext)
     assert got["loss"] == pytest.approx(total / count, abs=1e-6)
+
+
+def test_loraplus_groups_and_steps_equal_peft_create_loraplus_optimizer():
+    """LoRA+ (loraplus_lr_ratio): lorakit's parameter groups train a LoRA model exactly as PEFT's
+    create_loraplus_optimizer trains the same PEFT model (same initial A and B, same batches, AdamW)."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+    from peft.optimizers import create_loraplus_optimizer
+
+    from conftest import TINY
+    from lorakit import LoRAConfig, add_lora
+    from lorakit.config import RunConfig
+    from lorakit.train import param_groups
+    ours = add_lora(TINY["llama"](), LoRAConfig(r=4, alpha=8, targets=["q_proj", "v_proj"]))
+    theirs = get_peft_model(TINY["llama"](), PeftLoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in ours.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+                peft_name = "base_model.model." + name.replace(".lora_A.default", ".lora_A.default.weight").replace(
+                    ".lora_B.default", ".lora_B.default.weight")
+                theirs.get_parameter(peft_name).copy_(p)
+    cfg = RunConfig(lr=1e-3, loraplus_lr_ratio=16.0, weight_decay=0.0)
+    groups = param_groups(ours, cfg, set())
+    assert [g["lr"] for g in groups[1:]] == [16e-3] and all(
+        any(p is q for q in groups[1]["params"]) == (".lora_B." in n) for n, p in ours.named_parameters() if p.requires_grad)
+    opt_ours = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=0.0)
+    opt_theirs = create_loraplus_optimizer(theirs, torch.optim.AdamW, lr=1e-3, loraplus_lr_ratio=16.0, weight_decay=0.0)
+    ids = torch.randint(0, 128, (2, 10), generator=g)
+    for model, opt in ((ours, opt_ours), (theirs, opt_theirs)):
+        for _ in range(3):
+            model(input_ids=ids, labels=ids).loss.backward()
+            opt.step()
+            opt.zero_grad()
+    for name, p in ours.named_parameters():
+        if "lora_" in name:
+            peft_name = "base_model.model." + name.replace(".lora_A.default", ".lora_A.default.weight").replace(
+                ".lora_B.default", ".lora_B.default.weight")
+            torch.testing.assert_close(p, theirs.get_parameter(peft_name), atol=1e-6, rtol=0)
+    plain = torch.optim.AdamW(param_groups(ours, RunConfig(lr=1e-3), set()), lr=1e-3)
+    assert len(plain.param_groups) == 1  # without the ratio: one group at lr
+
+
+def test_loraplus_ratio_is_recorded_and_bad_values_refused(tmp_path, llama_dir, capsys):
+    r = recipe(tmp_path, model=llama_dir, task="instruct", data=str(write_instruct(tmp_path / "a.jsonl", n=12)),
+               max_steps=1)
+    assert main(["train", r, "--out", str(tmp_path / "run"), "--loraplus-lr-ratio", "16"]) == 0
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["config"]["loraplus_lr_ratio"] == 16.0
+    assert "LoRA+ B matrices at lr x 16" in capsys.readouterr().out
+    for value, words in (("0", "must be > 0"), ("-2", "must be > 0")):
+        assert main(["train", r, "--out", str(tmp_path / "x"), "--loraplus-lr-ratio", value]) == 2
+        err = capsys.readouterr().err
+        assert "loraplus_lr_ratio" in err and words in err and "Traceback" not in err
+    assert main(["train", r, "--out", str(tmp_path / "x"), "--method", "full", "--loraplus-lr-ratio", "16"]) == 2
+    assert "a full fine-tune has none" in capsys.readouterr().err

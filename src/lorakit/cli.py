@@ -8,17 +8,19 @@ import sys
 import warnings
 from pathlib import Path
 
-from .config import (FIELDS, METHODS, OPTIMIZERS, PRECISIONS, QUANT_BACKENDS, QUANTIZE, STRATEGIES, TASKS, TEMPLATES,
-                     load_recipe)
+from .config import (COMBINE_METHODS, FIELDS, INITS, METHODS, OPTIMIZERS, PRECISIONS, QUANT_BACKENDS, QUANTIZE,
+                     STRATEGIES, TARGET_PRESETS, TASKS, TEMPLATES, load_recipe)
 from .errors import LorakitWarning, TrainingStopped, UserError
 
 RECIPES = Path(os.environ.get("LORAKIT_RECIPES") or Path(__file__).resolve().parents[2] / "recipes")
 
 
 def _targets(value: str | None):
-    """--targets: 'all-linear', a comma-separated list of names, or 're:<regex>'."""
-    if value is None or value == "all-linear":
+    """--targets: a preset (all-linear, attention, mlp), a comma-separated list of names, or 're:<regex>'."""
+    if value is None:
         return "all-linear"
+    if value in TARGET_PRESETS:
+        return value
     if value.startswith("re:"):
         return value[3:]
     return [t.strip() for t in value.split(",") if t.strip()]
@@ -36,16 +38,21 @@ def add_lora_flags(p: argparse.ArgumentParser, defaults: bool = True) -> None:
     g.add_argument("--alpha", type=float, default=d(16), help="scale numerator: update = B·A·x·alpha/r (default 16)")
     g.add_argument("--dropout", type=float, default=d(0.0), help="dropout on the LoRA input")
     g.add_argument("--targets", default=d("all-linear"),
-                   help="'all-linear' (every linear but the head), names like q_proj,v_proj, or re:<regex>")
+                   help="all-linear (every linear but the head), attention or mlp (the block's attention or MLP "
+                        "linears, per architecture), names like q_proj,v_proj, or re:<regex>")
     g.add_argument("--exclude", default=d(""), help="comma-separated module names to leave alone")
     g.add_argument("--rslora", action="store_true", default=d(False), help="scale by alpha/sqrt(r) (rank-stabilised)")
+    g.add_argument("--init", choices=INITS, default=d("kaiming"),
+                   help="A and B at the start: kaiming (default), gaussian, pissa or olora (from the base's SVD/QR)")
+    g.add_argument("--dora", action="store_true", default=d(False),
+                   help="DoRA: a trained magnitude per output feature times the direction of W + B·A")
 
 
 def lora_config_from_args(args: argparse.Namespace, trainable: tuple[str, ...] = ()):
     from .lora import LoRAConfig
     return LoRAConfig(r=args.r, alpha=args.alpha, dropout=args.dropout, targets=_targets(args.targets),
                       exclude=_split(args.exclude), trainable=_split(getattr(args, "trainable", "")) + trainable,
-                      rslora=args.rslora)
+                      rslora=args.rslora, dora=args.dora, init=args.init)
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -139,6 +146,19 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    """Train and evaluate every combination of the --grid values on one recipe (same data, seed and test split),
+    each cell in its own process; a finished cell is kept when the sweep runs again. Writes sweep.md, sweep.json
+    and sweep.png (the metric against trainable parameters) and names the best cell."""
+    from .sweep import parse_grid, sweep
+    grid = parse_grid(args.grid or [])
+    path = str(recipe_path(args.recipe))
+    overrides = _set_pairs(args.set)
+    out = args.out or str(Path("runs") / f"{load_recipe(path, overrides).name}-sweep")
+    sweep(path, grid, out, quick=args.quick, overrides=overrides, yes=args.yes, overwrite=args.overwrite)
+    return 0
+
+
 def _load_for_generation(args):
     from .models import load_model
     from .trained import load_adapted
@@ -226,6 +246,44 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_combine(args: argparse.Namespace) -> int:
+    """Combine trained adapters of one base and task into one (PEFT's add_weighted_adapter methods) and write it as
+    an ordinary adapter directory."""
+    from .adapters import load_adapter, read_adapter_config, read_metadata, save_adapter
+    from .combine import combine_adapters
+    from .files import atomic_dir
+    from .models import same_model
+    from .trained import adapter_dir, load_adapted
+    dirs = [adapter_dir(p) for p in args.runs]
+    try:
+        weights = [float(w) for w in args.weights.split(",")] if args.weights else [1.0 / len(dirs)] * len(dirs)
+    except ValueError:
+        raise UserError(f"--weights {args.weights!r}: give numbers separated by commas, e.g. 0.5,0.5") from None
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.force:
+        raise UserError(f"{out} exists and is not empty; pass an empty or new directory, or --force to replace it")
+    metas = [read_metadata(d) | {"base": read_metadata(d).get("model") or read_adapter_config(d).get(
+        "base_model_name_or_path")} for d in dirs]
+    for d, meta in zip(dirs[1:], metas[1:]):
+        for key, same in (("base", same_model), ("task", str.__eq__)):
+            if meta.get(key) and metas[0].get(key) and not same(meta[key], metas[0][key]):
+                raise UserError(f"{d} is for {key} {meta[key]!r} but {dirs[0]} for {metas[0][key]!r}: only adapters "
+                                f"of one {key} can be combined")
+    model, _, meta = load_adapted(dirs[0], adapter="a0")
+    names = ["a0"] + [f"a{i}" for i in range(1, len(dirs))]
+    for name, d in zip(names[1:], dirs[1:]):
+        load_adapter(model, d, name, quantize=meta.get("quantize"))
+    combine_adapters(model, names, weights, "combined", method=args.method, density=args.density,
+                     svd_rank=args.svd_rank, seed=args.seed)
+    meta = meta | {"combined": {"from": [str(d) for d in dirs], "weights": weights, "method": args.method,
+                                "density": args.density, "seed": args.seed}}
+    with atomic_dir(out) as tmp:
+        save_adapter(model, tmp, base_model_name_or_path=read_adapter_config(dirs[0]).get("base_model_name_or_path"),
+                     adapter="combined", metadata=meta)
+    print(f"lorakit: {args.method} of {len(dirs)} adapters (weights {', '.join(f'{w:g}' for w in weights)}) -> {out}")
+    return 0
+
+
 def cmd_recipes(args: argparse.Namespace) -> int:
     """List the built-in recipes."""
     import yaml
@@ -256,6 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
             ("--batch-size", int, "examples per device per micro-batch"),
             ("--grad-accum", int, "micro-batches per optimizer step"),
             ("--lr", float, "peak learning rate"),
+            ("--loraplus-lr-ratio", float, "LoRA+: the B matrices train at lr x this ratio (e.g. 16)"),
             ("--seed", int, "seed for splits, initialisation, data order and dropout (default 42)"),
             ("--max-length", int, "tokens per example (or per packed row)"),
             ("--max-records", int, "train on the first N records of the split (quick runs)"),
@@ -301,6 +360,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key")
     p.set_defaults(func=cmd_compare)
 
+    p = sub.add_parser("sweep", help="every combination of rank, targets, ... on one recipe: one table and a plot",
+                       description=cmd_sweep.__doc__)
+    p.add_argument("recipe", help="a recipe file or a built-in recipe name")
+    p.add_argument("--grid", action="append", metavar="KEY=V1,V2",
+                   help="a recipe key and its values, e.g. r=4,8,16 or targets=attention,all-linear (a list of "
+                        "module names joins them with +: q_proj+v_proj); repeat for more keys")
+    p.add_argument("--out", help="output directory (default runs/NAME-sweep)")
+    p.add_argument("--quick", action="store_true", help="a few hundred records per cell: minutes each on a CPU")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key in every cell")
+    p.add_argument("--yes", action="store_true", help="run a grid of more than 32 cells")
+    p.add_argument("--overwrite", action="store_true", help="train cells again whose settings changed")
+    p.set_defaults(func=cmd_sweep)
+
     p = sub.add_parser("generate", help="generate text (or classify) with an adapter", description=cmd_generate.__doc__)
     p.add_argument("--adapter", help="adapter directory (runs/NAME/adapter)")
     p.add_argument("--model", help="base model (default: the one the adapter names, else smollm2)")
@@ -328,6 +400,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("adapter"), p.add_argument("out"), p.add_argument("--model")
     p.add_argument("--force", action="store_true", help="replace OUT even if it is not empty")
     p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("combine", help="one adapter from several: linear, cat, svd, ties, dare, magnitude_prune",
+                       description=cmd_combine.__doc__)
+    p.add_argument("runs", nargs="+", help="run or adapter directories (the same base model and task)")
+    p.add_argument("--weights", help="one weight per adapter, comma-separated (default: equal, summing to 1)")
+    p.add_argument("--method", default="svd", choices=COMBINE_METHODS, help="how to combine (default svd)")
+    p.add_argument("--density", type=float, default=1.0,
+                   help="ties, dare_*, magnitude_prune: the fraction of entries kept (e.g. 0.5)")
+    p.add_argument("--svd-rank", type=int, help="svd: the new adapter's rank (default: the largest)")
+    p.add_argument("--seed", type=int, default=0, help="dare_*: the seed of the random drops")
+    p.add_argument("--out", required=True, help="the new adapter directory")
+    p.add_argument("--force", action="store_true", help="replace OUT even if it is not empty")
+    p.set_defaults(func=cmd_combine)
 
     p = sub.add_parser("inspect", help="show which modules LoRA targets and the parameter report (no training)",
                        description=cmd_inspect.__doc__)

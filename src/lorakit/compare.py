@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from .config import METHODS, RunConfig, load_recipe
+from .files import write_text_atomic
 
 # a few hundred records; classification is cheap to score, so it gets a test split big enough to tell methods apart
 QUICK = {"classify": {"max_records": 500, "max_eval_records": 400, "epochs": 2.0},
@@ -63,7 +64,37 @@ def _count_params(cfg: RunConfig) -> int:
     return parameter_report(model).total
 
 
-def _run(cmd: list[str], log: Path) -> str | None:
+def quick_overrides(recipe: str, overrides: dict | None) -> dict:
+    """`overrides` plus the --quick sizes (a few hundred records), where the recipe does not ask for fewer."""
+    overrides = dict(overrides or {})
+    cfg = load_recipe(recipe, overrides)
+    for k, v in QUICK["classify" if cfg.task == "classify" else "generate"].items():
+        current = getattr(cfg, k)
+        overrides.setdefault(k, min(current, v) if current else v)
+    return overrides
+
+
+def set_flags(overrides: dict) -> list[str]:
+    """Recipe overrides as `lorakit train` flags."""
+    return [x for k, v in overrides.items() for x in ("--set", f"{k}={v}")]
+
+
+def run_row(run: Path) -> tuple[dict, dict]:
+    """What a trained and evaluated run measured (parameters, memory, time, size, its metrics) from run.json and
+    eval.json, and the other rows of its evaluation (the base's, where it was scored)."""
+    info = json.loads((run / "run.json").read_text())
+    ev = json.loads((run / "eval.json").read_text())
+    method = info["config"]["method"]
+    timings = info["timings"]
+    measured = {"trainable": info["parameters"]["trainable"], "total": info["parameters"]["total"],
+                "peak_memory_gb": timings.get("peak_memory_gb"), "memory_kind": timings.get("memory_kind"),
+                "lr": info["config"]["lr"], "train_s": timings["train_s"], "tokens_per_s": timings["tokens_per_s"],
+                "saved_bytes": dir_size(run / ("model" if method == "full" else "adapter")),
+                "metrics": ev["metrics"][method]}
+    return measured, {name: m for name, m in ev["metrics"].items() if name != method}
+
+
+def run_lorakit(cmd: list[str], log: Path) -> str | None:
     """Run a lorakit command in a child process, output to `log` and the terminal; the error line on failure."""
     with open(log, "a") as f:
         proc = subprocess.Popen([sys.executable, "-m", "lorakit.cli", *cmd], stdout=subprocess.PIPE,
@@ -84,14 +115,9 @@ def compare(recipe: str, out: str | Path, quick: bool = False, methods: tuple[st
     """Train and evaluate every method of `methods` on `recipe`; returns what compare.json holds."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    overrides = dict(overrides or {})
-    if quick:
-        cfg0 = load_recipe(recipe, overrides)
-        for k, v in QUICK["classify" if cfg0.task == "classify" else "generate"].items():
-            current = getattr(cfg0, k)
-            overrides.setdefault(k, min(current, v) if current else v)
+    overrides = quick_overrides(recipe, overrides) if quick else dict(overrides or {})
     cfg = load_recipe(recipe, overrides)
-    flags = [x for k, v in overrides.items() for x in ("--set", f"{k}={v}")]
+    flags = set_flags(overrides)
     n_params = _count_params(cfg)
     full_lr = cfg.full_lr or cfg.lr * FULL_LR_FACTOR
     rows, base = [], None
@@ -102,24 +128,18 @@ def compare(recipe: str, out: str | Path, quick: bool = False, methods: tuple[st
         if reason is None:
             own = {"qlora": ["--set", "quantize=nf4"], "lora": ["--set", "quantize="],
                    "full": ["--set", "quantize=", "--set", f"full_lr={full_lr:g}"]}[method]
-            reason = _run(["train", recipe, "--out", str(run), "--overwrite", "--method", method, *own, *flags], out / "compare.log")
+            reason = run_lorakit(["train", recipe, "--out", str(run), "--overwrite", "--method", method, *own, *flags], out / "compare.log")
         if reason is None:
-            reason = _run(["eval", str(run), *([] if base is None else ["--no-base"])], out / "compare.log")
+            reason = run_lorakit(["eval", str(run), *([] if base is None else ["--no-base"])], out / "compare.log")
         if reason is not None:
             print(f"lorakit: compare: {method} skipped: {reason}", flush=True)
             rows.append(row | {"skipped": reason})
             continue
-        info = json.loads((run / "run.json").read_text())
-        ev = json.loads((run / "eval.json").read_text())
+        measured, others = run_row(run)
         if base is None:
-            base = {name: m for name, m in ev["metrics"].items() if name != method}
-        saved = run / ("model" if method == "full" else "adapter")
-        rows.append(row | {
-            "trainable": info["parameters"]["trainable"], "total": info["parameters"]["total"],
-            "peak_memory_gb": info["timings"].get("peak_memory_gb"), "memory_kind": info["timings"].get("memory_kind"),
-            "lr": info["config"]["lr"], "train_s": info["timings"]["train_s"], "tokens_per_s": info["timings"]["tokens_per_s"],
-            "saved_bytes": dir_size(saved), "metrics": ev["metrics"][method]})
-    primary, lower = _primary(cfg.task)
+            base = others
+        rows.append(row | measured)
+    primary, lower = primary_metric(cfg.task)
     base_row = (base or {}).get(BASE_ROW[cfg.task])
     for r in rows:
         if "metrics" in r and base_row is not None:
@@ -127,20 +147,25 @@ def compare(recipe: str, out: str | Path, quick: bool = False, methods: tuple[st
             r["gain"] = -gain if lower else gain
     result = {"recipe": recipe, "name": cfg.name, "model": cfg.model, "task": cfg.task, "quick": quick,
               "primary": primary, "lower_is_better": lower, "base": base, "base_row": BASE_ROW[cfg.task],
-              "n_params": n_params, "rows": rows, "machine": _machine()}
-    (out / "compare.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / "compare.md").write_text(markdown(result))
-    plot(result, out / "compare.png")
-    print("\n" + markdown(result))
-    print(f"lorakit: compare.md, compare.json, compare.png in {out}")
+              "n_params": n_params, "rows": rows, "machine": machine()}
+    write_outputs(out, "compare", result, markdown, plot)
     return result
 
 
-def _primary(task: str) -> tuple[str, bool]:
+def write_outputs(out: Path, stem: str, result: dict, to_markdown, to_plot) -> None:
+    """STEM.json, STEM.md and STEM.png in `out`, and the table on the terminal."""
+    write_text_atomic(out / f"{stem}.json", json.dumps(result, indent=2) + "\n")
+    write_text_atomic(out / f"{stem}.md", to_markdown(result))
+    to_plot(result, out / f"{stem}.png")
+    print("\n" + to_markdown(result))
+    print(f"lorakit: {stem}.md, {stem}.json, {stem}.png in {out}")
+
+
+def primary_metric(task: str) -> tuple[str, bool]:
     return {"classify": ("accuracy", False), "summarize": ("rouge1", False), "instruct": ("loss", True)}[task]
 
 
-def _machine() -> dict:
+def machine() -> dict:
     import datetime
     import platform
     dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU, {os.cpu_count()} cores"

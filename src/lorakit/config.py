@@ -25,6 +25,9 @@ QUANT_BACKENDS = ("auto", "torch", "bitsandbytes")
 OPTIMIZERS = ("adamw", "paged_adamw_8bit")
 STRATEGIES = ("auto", "ddp", "fsdp")
 PRECISIONS = ("auto", "no", "bf16", "fp16")
+COMBINE_METHODS = ("linear", "cat", "svd", "ties", "dare_linear", "dare_ties", "magnitude_prune")  # combine.py
+TARGET_PRESETS = ("all-linear", "attention", "mlp")
+INITS = ("kaiming", "gaussian", "pissa", "olora")  # LoRA's starting A and B (lora.LoRALinear.add)  # resolved per architecture by inject.resolve_targets
 
 
 @dataclass
@@ -59,9 +62,11 @@ class RunConfig:
     r: int = 8
     alpha: float = 16
     dropout: float = 0.05
-    targets: str | list[str] = "all-linear"
+    targets: str | list[str] = "all-linear"  # or attention, mlp (TARGET_PRESETS), module names, a regex
     exclude: list[str] = field(default_factory=list)
     rslora: bool = False
+    dora: bool = False  # DoRA: magnitude per output feature x direction of W + s·B·A (lora.py)
+    init: str = "kaiming"  # kaiming, gaussian, pissa or olora: LoRA's starting A and B (INITS)
     quantize: str = ""  # "nf4": QLoRA (base weights of the adapted layers in 4-bit NormalFloat)
     quantize_all: bool = False  # with quantize: the non-adapted linears too
     quant_backend: str = "auto"  # torch (lorakit's NF4), bitsandbytes (Linear4bit); auto: bitsandbytes where installed
@@ -73,6 +78,7 @@ class RunConfig:
     lr: float = 2e-4
     optimizer: str = "adamw"  # or paged_adamw_8bit (bitsandbytes, CUDA)
     head_lr: float = 0.0  # 0: same as lr
+    loraplus_lr_ratio: float = 0.0  # LoRA+: B matrices at lr x ratio (PEFT's create_loraplus_optimizer); 0: off
     full_lr: float = 0.0  # lr when method is full (0: lr); `lorakit compare` defaults it to lr/10
     weight_decay: float = 0.0
     warmup: float = 0.05  # fraction of steps
@@ -141,9 +147,20 @@ def _coerce(key: str, value, where: str):
         raise ConfigError(f"{where}: {key} = {value!r} is not a valid {type(default).__name__}") from None
 
 
-def _unknown(key: str, where: str) -> ConfigError:
-    close = difflib.get_close_matches(key, list(FIELDS) + list(SECTIONS), n=3)
-    return ConfigError(f"{where}: unknown key {key!r}" + (f"; did you mean {', '.join(close)}?" if close else ""))
+# What PEFT, Axolotl and LLaMA-Factory call some of lorakit's keys
+OTHER_NAMES = {"rank": "r", "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "target_modules": "targets",
+               "learning_rate": "lr", "num_epochs": "epochs", "num_train_epochs": "epochs", "micro_batch_size": "batch_size",
+               "gradient_accumulation_steps": "grad_accum", "sequence_len": "max_length", "cutoff_len": "max_length"}
+
+
+def did_you_mean(key: str) -> str:
+    """'; did you mean ...?' with lorakit's name for another tool's key or the closest keys; '' if none is close."""
+    close = [OTHER_NAMES[key]] if key in OTHER_NAMES else difflib.get_close_matches(key, list(FIELDS) + list(SECTIONS), n=3)
+    return f"; did you mean {', '.join(close)}?" if close else ""
+
+
+def unknown_key(key: str, where: str) -> ConfigError:
+    return ConfigError(f"{where}: unknown key {key!r}{did_you_mean(key)}")
 
 
 def load_recipe(path: str | Path, overrides: dict | None = None) -> RunConfig:
@@ -162,12 +179,12 @@ def load_recipe(path: str | Path, overrides: dict | None = None) -> RunConfig:
         if key in SECTIONS and isinstance(value, dict):
             for k, v in value.items():
                 if k not in FIELDS:
-                    raise _unknown(k, f"{p}, section {key}")
+                    raise unknown_key(k, f"{p}, section {key}")
                 flat[k] = v
         elif key in FIELDS:
             flat[key] = value
         else:
-            raise _unknown(key, str(p))
+            raise unknown_key(key, str(p))
     cfg = make_config(flat, str(p))
     cfg.recipe_path = str(p)
     if not cfg.name:
@@ -179,7 +196,7 @@ def make_config(values: dict, where: str = "config") -> RunConfig:
     cfg = RunConfig()
     for k, v in values.items():
         if k not in FIELDS:
-            raise _unknown(k, where)
+            raise unknown_key(k, where)
         setattr(cfg, k, _coerce(k, v, where))
     return validate(cfg, where)
 
@@ -189,10 +206,13 @@ def apply_overrides(cfg: RunConfig, overrides: dict) -> RunConfig:
         if v is None:
             continue
         if k not in FIELDS:
-            raise _unknown(k, "command line")
+            raise unknown_key(k, "command line")
         setattr(cfg, k, _coerce(k, v, "command line"))
         if k == "max_steps" and cfg.max_steps == 0:  # in a recipe 0 is the default, "no limit"; given, a mistake
             raise ConfigError("command line: max_steps must be >= 1, got 0 (leave --max-steps out for no limit)")
+        if k == "loraplus_lr_ratio" and cfg.loraplus_lr_ratio == 0:  # the same: 0 is "off", given it is a mistake
+            raise ConfigError("command line: loraplus_lr_ratio must be > 0 (B matrices train at lr x ratio; LoRA+ "
+                              "suggests 16), got 0; leave it out for plain LoRA")
     return validate(cfg, "command line")
 
 
@@ -208,8 +228,8 @@ def _one_of(choices: tuple[str, ...]) -> str:
 
 def validate(cfg: RunConfig, where: str) -> RunConfig:
     for key, choices in (("task", TASKS), ("schedule", SCHEDULES), ("template", TEMPLATES), ("method", METHODS),
-                         ("quant_backend", QUANT_BACKENDS), ("optimizer", OPTIMIZERS), ("strategy", STRATEGIES),
-                         ("mixed_precision", PRECISIONS)):
+                         ("quant_backend", QUANT_BACKENDS), ("optimizer", OPTIMIZERS), ("init", INITS),
+                         ("strategy", STRATEGIES), ("mixed_precision", PRECISIONS)):
         _check_choice(cfg, key, choices, where)
     if cfg.quantize not in ("",) + QUANTIZE:
         raise ConfigError(f"{where}: quantize {cfg.quantize!r} must be {_one_of(QUANTIZE)} or empty")
@@ -226,12 +246,20 @@ def validate(cfg: RunConfig, where: str) -> RunConfig:
         raise ConfigError(f"{where}: lr must be > 0, got {cfg.lr}")
     if isinstance(cfg.targets, str) and "," in cfg.targets:
         cfg.targets = [t.strip() for t in cfg.targets.split(",") if t.strip()]
-    if isinstance(cfg.targets, str) and cfg.targets != "all-linear":
+    if isinstance(cfg.targets, str) and cfg.targets not in TARGET_PRESETS:
         try:
             re.compile(cfg.targets)
         except re.error as e:
             raise ConfigError(f"{where}: targets {cfg.targets!r} is not a valid regular expression ({e}); use "
-                              "all-linear, names like q_proj,v_proj, or a regex such as re:.*(q|v)_proj") from None
+                              f"{_one_of(TARGET_PRESETS)}, names like q_proj,v_proj, or a regex such as "
+                              "re:.*(q|v)_proj") from None
+    if cfg.init in ("pissa", "olora") and (cfg.quantize or cfg.method == "full"):
+        raise ConfigError(f"{where}: init {cfg.init} rewrites the base weights from their SVD or QR: it needs method "
+                          f"lora on a full-precision base, not {'quantize=nf4' if cfg.quantize else 'method full'}")
+    if cfg.loraplus_lr_ratio < 0 or (cfg.loraplus_lr_ratio and cfg.method == "full"):
+        raise ConfigError(f"{where}: loraplus_lr_ratio {cfg.loraplus_lr_ratio:g}: " + (
+            "LoRA+ sets the LoRA B matrices' learning rate; a full fine-tune has none" if cfg.method == "full" else
+            "must be > 0 (B matrices train at lr x ratio; LoRA+ suggests 16), or leave it out for plain LoRA"))
     if cfg.epochs <= 0:
         raise ConfigError(f"{where}: epochs must be > 0, got {cfg.epochs:g}")
     if cfg.max_steps < 0:

@@ -2,8 +2,9 @@
 
 classify   accuracy, macro-F1, confusion matrix: base (its new head is untrained: chance), a head-only baseline
            (the head trained on frozen base features), and the adapted model
-summarize  ROUGE-1/2/L/Lsum (rouge-score, stemmed, best over all references), absolute and relative gains
-instruct   mean loss and perplexity on held-out responses, plus sample generations
+summarize  ROUGE-1/2/L/Lsum (rouge-score, stemmed, best over all references) and BERTScore F1 (bertscore.py),
+           absolute and relative gains
+instruct   mean loss and perplexity on held-out responses, plus sample generations with their BERTScore F1
 Writes eval.json, report.html (see report.py) and the generations as JSONL into the run directory. The trained
 row is named by the run's method (lora, qlora or full); for a full fine-tune the base is a separately loaded copy.
 with_base=False leaves the base rows out (`lorakit compare` computes them once for all methods).
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from .bertscore import SETUP, bertscore_f1
 from .config import RunConfig, validate
 from .data import format_prompt
 from .generate import Sampling, generate, generate_base_and_adapted
@@ -147,14 +149,21 @@ def eval_summarize(model, tok, splits, cfg, tuned: str = "lora", with_base: bool
     prompts = _prompts(model, tok, splits.test, cfg)
     base, adapted = _base_and_tuned(model, base_model, tok, prompts, sampling, cfg, with_base, progress=True)
     refs = [e.references for e in splits.test]
-    rows = {"base": rouge(base, refs)} if with_base else {}
-    rows[tuned] = rouge(adapted, refs)
+    generations = ({"base": base} if with_base else {}) | {tuned: adapted}
+    per_example = {name: bertscore_f1(texts, refs) for name, texts in generations.items()}
+    rows = {name: rouge(texts, refs) | {"bertscore_f1": _mean(per_example[name])} for name, texts in generations.items()}
     gains = {k: {"absolute": rows[tuned][k] - rows["base"][k],
                  "relative": (rows[tuned][k] - rows["base"][k]) / rows["base"][k] if rows["base"][k] else None}
-             for k in ROUGE_KEYS} if with_base else {}
-    samples = [{"dialogue": e.prompt_input, "references": e.references} | ({"base": b} if with_base else {})
-               | {tuned: a} for e, b, a in zip(splits.test, base or adapted, adapted)]
-    return {"metrics": rows, "gains": gains, "primary": "rouge1", "samples": samples}
+             for k in rows[tuned]} if with_base else {}
+    samples = [{"dialogue": e.prompt_input, "references": e.references}
+               | {name: texts[i] for name, texts in generations.items()}
+               | {f"bertscore_f1 {name}": scores[i] for name, scores in per_example.items()}
+               for i, e in enumerate(splits.test)]
+    return {"metrics": rows, "gains": gains, "primary": "rouge1", "bertscore": SETUP, "samples": samples}
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / max(len(values), 1)
 
 
 @torch.no_grad()
@@ -181,9 +190,15 @@ def eval_instruct(model, tok, splits, cfg, tuned: str = "lora", with_base: bool 
     sampling = Sampling(max_new_tokens=cfg.max_new_tokens)
     prompts = _prompts(model, tok, chosen, cfg)
     gen_b, gen_a = _base_and_tuned(model, base_model, tok, prompts, sampling, cfg, with_base)
+    generations = ({"base": gen_b} if with_base else {}) | {tuned: gen_a}
+    refs = [[e.response] for e in chosen]
+    per_example = {name: bertscore_f1(texts, refs) for name, texts in generations.items()}
     samples = [{"instruction": e.instruction, "input": e.prompt_input, "reference": e.response}
-               | ({"base": b} if with_base else {}) | {tuned: a} for e, b, a in zip(chosen, gen_b or gen_a, gen_a)]
-    return {"metrics": rows, "primary": "loss", "lower_is_better": True, "samples": samples}
+               | {name: texts[i] for name, texts in generations.items()}
+               | {f"bertscore_f1 {name}": scores[i] for name, scores in per_example.items()}
+               for i, e in enumerate(chosen)]
+    return {"metrics": rows, "primary": "loss", "lower_is_better": True, "samples": samples, "bertscore": SETUP,
+            "sample_bertscore_f1": {name: _mean(scores) for name, scores in per_example.items()}}
 
 
 def run_config(run_dir: Path) -> RunConfig:

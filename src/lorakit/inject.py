@@ -5,18 +5,37 @@ nn.Module works: a HF model, a custom wrapper around one, or a model written fro
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import difflib
 import re
+import warnings
 from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
 from torch import nn
 
+from .errors import LorakitWarning
+from .frozen_base import FrozenBase
 from .lora import LoRAConfig, LoRAError, LoRALinear, is_lora_target_type, linear_features
+from .lora_embedding import LoRAEmbedding
+from .trained_copies import TrainedCopies, trained_copies
 
 HEAD_NAMES = ("lm_head", "out_head", "classifier", "score")
+
+# The `attention` and `mlp` target presets: per architecture family, a regex over the qualified module name.
+# BERT's attention preset is query/key/value (the projection after attention, attention.output.dense, is in none).
+PRESET_PATTERNS = {
+    "llama": {"attention": r".*self_attn\.(q|k|v|o)_proj", "mlp": r".*mlp\.(gate|up|down)_proj"},
+    "gpt2": {"attention": r".*attn\.(c_attn|c_proj)", "mlp": r".*mlp\.(c_fc|c_proj)"},
+    "t5": {"attention": r".*(SelfAttention|EncDecAttention)\.(q|k|v|o)", "mlp": r".*DenseReluDense\.(wi|wi_0|wi_1|wo)"},
+    "bert": {"attention": r".*attention\.self\.(query|key|value)",
+             "mlp": r".*layer\.\d+\.(intermediate\.dense|output\.dense)"},
+}
+FAMILIES = {"llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "llama", "gemma": "llama",
+            "gemma2": "llama", "olmo2": "llama", "gpt2": "gpt2", "t5": "t5", "mt5": "t5", "bert": "bert",
+            "roberta": "bert", "xlm-roberta": "bert"}
 REGISTRY = "lorakit_adapters"
 
 
@@ -53,8 +72,16 @@ def vocab_size(model: nn.Module) -> int | None:
     return max(sizes) if sizes else None
 
 
-def _is_head(qualified: str, module: nn.Module, vocab: int | None) -> bool:
-    return qualified.split(".")[-1] in HEAD_NAMES or (vocab is not None and linear_features(module)[1] == vocab)
+def output_layer(model: nn.Module) -> nn.Module | None:
+    get_output = getattr(model, "get_output_embeddings", None)
+    return get_output() if callable(get_output) else None
+
+
+def _is_head(qualified: str, module: nn.Module, vocab: int | None, output: nn.Module | None) -> bool:
+    """A head: named like one, the model's output layer, or (a model that does not say which) vocab-sized."""
+    if qualified.split(".")[-1] in HEAD_NAMES or (output is not None and module is output):
+        return True
+    return output is None and vocab is not None and linear_features(module)[1] == vocab
 
 
 def _closest(wanted: str, names: list[str]) -> str:
@@ -63,11 +90,23 @@ def _closest(wanted: str, names: list[str]) -> str:
     return ", ".join(close) if close else ", ".join(pool[:8])
 
 
+def preset_pattern(model: nn.Module, preset: str) -> str:
+    """The regex the `attention` or `mlp` preset means for this model's architecture; an unknown one is an error."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    family = FAMILIES.get(model_type)
+    if family is None:
+        raise LoRAError(f"targets {preset!r} is defined for model types {', '.join(FAMILIES)}; this model's is "
+                        f"{model_type!r}: use all-linear or name the modules (e.g. q_proj,v_proj)")
+    return PRESET_PATTERNS[family][preset]
+
+
 def resolve_targets(model: nn.Module, config: LoRAConfig) -> list[str]:
     """Qualified names of the modules `config` puts LoRA on, in model order; errors name what went wrong."""
     all_names = [n for n, _ in model.named_modules() if n]
+    preset = config.targets if config.targets in ("attention", "mlp") else None
+    wanted = preset_pattern(model, preset) if preset else config.targets
     trainable = set(resolve_modules(model, config.trainable)) if config.trainable else set()
-    vocab = vocab_size(model)
+    vocab, output = vocab_size(model), output_layer(model)
     chosen, inner = [], _inside_lora(model)
     for name, m in model.named_modules():
         if not name or name in inner or name in trainable or any(name.startswith(t + ".") for t in trainable):
@@ -76,11 +115,12 @@ def resolve_targets(model: nn.Module, config: LoRAConfig) -> list[str]:
             continue
         linear = is_lora_target_type(m) or isinstance(m, LoRALinear)
         if config.targets == "all-linear":
-            if linear and not _is_head(name, m, vocab):
+            if linear and not _is_head(name, m, vocab, output):
                 chosen.append(name)
-        elif _matches_any(name, config.targets):
-            if not linear:
-                raise LoRAError(f"target {name!r} is a {type(m).__name__}; LoRA wraps nn.Linear and Conv1D only")
+        elif _matches_any(name, wanted):
+            if not (linear or (preset is None and isinstance(m, (nn.Embedding, LoRAEmbedding)))):
+                raise LoRAError(f"target {name!r} is a {type(m).__name__}; LoRA wraps nn.Linear, Conv1D and "
+                                "nn.Embedding (an embedding when named)")
             chosen.append(name)
     if isinstance(config.targets, tuple):
         for t in config.targets:
@@ -93,8 +133,10 @@ def resolve_targets(model: nn.Module, config: LoRAConfig) -> list[str]:
 
 
 def _inside_lora(model: nn.Module) -> set[str]:
-    """Modules held inside a LoRALinear (a bitsandbytes Linear4bit base): never targets themselves."""
-    return {f"{n}.{c}" for n, layer in lora_layers(model) for c, _ in layer.named_modules() if c}
+    """Modules held inside a LoRALinear (a bitsandbytes Linear4bit base) or inside a module trained in full per
+    adapter (its original and copies): never targets themselves."""
+    wrappers = [*lora_layers(model), *trained_copies(model)]
+    return {f"{n}.{c}" for n, wrapper in wrappers for c, _ in wrapper.named_modules() if c}
 
 
 def resolve_modules(model: nn.Module, names: tuple[str, ...]) -> list[str]:
@@ -114,9 +156,10 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
-def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
+def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear | LoRAEmbedding]]:
+    """(qualified name, layer) for every layer holding LoRA adapters: linear and embedding layers alike."""
     for name, m in model.named_modules():
-        if isinstance(m, LoRALinear):
+        if isinstance(m, (LoRALinear, LoRAEmbedding)):
             yield name, m
 
 
@@ -146,14 +189,23 @@ def add_lora(model: nn.Module, config: LoRAConfig, adapter: str = "default", tar
         raise LoRAError(f"adapter {adapter!r} already exists; pick a new name or delete_adapter() it first")
     names = targets if targets is not None else resolve_targets(model, config)
     trainable = resolve_modules(model, config.trainable) if config.trainable else []
+    for name in trainable:
+        wrapper = model.get_submodule(name)
+        if not isinstance(wrapper, TrainedCopies):
+            wrapper = TrainedCopies(wrapper)
+            _set_submodule(model, name, wrapper)
+        wrapper.add(adapter)
     for name in names:
         layer = model.get_submodule(name)
-        if not isinstance(layer, LoRALinear):
+        if isinstance(layer, nn.Embedding):
+            layer = LoRAEmbedding(layer)
+            _set_submodule(model, name, layer)
+        elif not isinstance(layer, (LoRALinear, LoRAEmbedding)):
             layer = LoRALinear(layer)
             _set_submodule(model, name, layer)
-        if config.quantize == "nf4" and not layer.quantized:
+        if config.quantize == "nf4" and isinstance(layer, LoRALinear) and not layer.quantized:
             layer.quantize_(config.quant_backend)
-        layer.add(adapter, config.r, config.alpha, config.dropout, config.rslora)
+        layer.add(adapter, config.r, config.alpha, config.dropout, config.rslora, config.dora, config.init)
     if config.quantize and config.quantize_all:
         _quantize_rest(model, config, set(names), trainable)
     if config.quantize:
@@ -163,33 +215,71 @@ def add_lora(model: nn.Module, config: LoRAConfig, adapter: str = "default", tar
     return model
 
 
+def _packed_params(model: nn.Module) -> set[int]:
+    """ids of the parameters that hold bitsandbytes' packed 4-bit bytes (not weights to count or copy)."""
+    return {id(p) for _, layer in lora_layers(model) if layer.quant_backend == "bitsandbytes"
+            for p in layer.frozen.parameters()}
+
+
 @torch.no_grad()
 def _detach_from_checkpoint(model: nn.Module) -> None:
     """Copy the remaining full-precision tensors into memory of their own.
 
     transformers memory-maps safetensors checkpoints: while one tensor (the embedding, a norm) still views the mapped
     file, every page the quantiser read stays resident, and a QLoRA model would use as much RAM as the fp32 one."""
-    packed = {id(layer.base4.weight) for _, layer in lora_layers(model) if layer.quant_backend == "bitsandbytes"}
+    packed = _packed_params(model)
     for p in model.parameters():
         if id(p) not in packed:
             p.data = p.data.clone()
     for m in model.modules():
+        if isinstance(m, FrozenBase):  # NF4 codes are new tensors already
+            continue
         for k, b in m._buffers.items():
-            if b is not None and not k.startswith("nf4_"):
+            if b is not None:
                 m._buffers[k] = b.clone()
 
 
 def _quantize_rest(model: nn.Module, config: LoRAConfig, adapted: set[str], trainable: list[str]) -> None:
     """Store every other linear in NF4 as well: an adapter-less LoRALinear, frozen, that only holds the codes."""
-    vocab, inner = vocab_size(model), _inside_lora(model)
+    vocab, inner, output = vocab_size(model), _inside_lora(model), output_layer(model)
     for name, m in list(model.named_modules()):
-        if name in adapted or name in inner or not is_lora_target_type(m) or _is_head(name, m, vocab):
+        if name in adapted or name in inner or not is_lora_target_type(m) or _is_head(name, m, vocab, output):
             continue
         if any(name == t or name.startswith(t + ".") for t in trainable):
             continue
         layer = LoRALinear(m)
         layer.quantize_(config.quant_backend)
         _set_submodule(model, name, layer)
+
+
+PEFT_PREFIX = "base_model.model."  # PEFT's keys: base_model.model.<module path>.lora_A.weight, ...
+
+
+def peft_keys(path: str, layer: nn.Module) -> dict[str, str]:
+    """The PEFT keys of a LoRA layer's tensors: lora_A.weight / lora_B.weight (an embedding's lora_embedding_A /
+    lora_embedding_B) and DoRA's lora_magnitude_vector."""
+    embedding = isinstance(layer, LoRAEmbedding)
+    a, b = ("lora_embedding_A", "lora_embedding_B") if embedding else ("lora_A.weight", "lora_B.weight")
+    return {"lora_A": f"{PEFT_PREFIX}{path}.{a}", "lora_B": f"{PEFT_PREFIX}{path}.{b}",
+            "lora_magnitude": f"{PEFT_PREFIX}{path}.lora_magnitude_vector"}
+
+
+def adapter_params(model: nn.Module, name: str) -> dict[str, nn.Parameter]:
+    """Adapter `name`'s parameters keyed as PEFT saves them: `<path>.lora_A.weight` (r, in) and `.lora_B.weight`
+    (out, r) per adapted module (and DoRA's `<path>.lora_magnitude_vector`, (out,)), `<path>.<param>` for a module it trains in full (its own copy), each behind
+    PEFT_PREFIX. Save, load, checkpoints and set_adapter all go through this one map."""
+    info = _info(model, name)
+    params = {}
+    for path in info.modules:
+        layer = model.get_submodule(path)
+        keys = peft_keys(path, layer)
+        params[keys["lora_A"]], params[keys["lora_B"]] = layer.lora_A[name], layer.lora_B[name]
+        if name in layer.lora_magnitude:
+            params[keys["lora_magnitude"]] = layer.lora_magnitude[name]
+    for path in info.trainable:
+        for pname, p in model.get_submodule(path).copies[name].named_parameters():
+            params[f"{PEFT_PREFIX}{path}.{pname}"] = p
+    return params
 
 
 def set_adapter(model: nn.Module, name: str) -> None:
@@ -201,11 +291,10 @@ def set_adapter(model: nn.Module, name: str) -> None:
         layer.active = name if name in layer.lora_A else None
         if layer.merged is not None and layer.merged != layer.active:
             layer.unmerge()
-        if name in layer.lora_A:
-            layer.lora_A[name].requires_grad_(True)
-            layer.lora_B[name].requires_grad_(True)
-    for t in info.trainable:
-        model.get_submodule(t).requires_grad_(True)
+    for _, wrapper in trained_copies(model):
+        wrapper.active = name if name in wrapper.copies else None
+    for p in adapter_params(model, name).values():
+        p.requires_grad_(True)
     model.__dict__["lorakit_active"] = name
 
 
@@ -230,6 +319,7 @@ def _unmerged_with(model: nn.Module, attr: str, value, reset) -> Iterator[nn.Mod
     remerge = [layer for layer in layers if layer.merged is not None]
     for layer in remerge:
         layer.unmerge()
+    layers += [wrapper for _, wrapper in trained_copies(model)]
     for layer in layers:
         setattr(layer, attr, value)
     try:
@@ -249,6 +339,11 @@ def delete_adapter(model: nn.Module, name: str) -> None:
             layer.remove(name)
             if not layer.lora_A:
                 _set_submodule(model, lname, layer.unwrap())
+    for wname, wrapper in list(trained_copies(model)):
+        if name in wrapper.copies:
+            wrapper.remove(name)
+            if not wrapper.copies:
+                _set_submodule(model, wname, wrapper.original)
     del adapters(model)[name]
     if active_adapter(model) == name:
         model.__dict__["lorakit_active"] = None
@@ -256,11 +351,20 @@ def delete_adapter(model: nn.Module, name: str) -> None:
             p.requires_grad_(False)
 
 
+def tied_weights(model: nn.Module) -> set[int]:
+    """ids of the parameters more than one module holds (an input embedding tied to the LM head)."""
+    counts = collections.Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
+    return {i for i, n in counts.items() if n > 1}
+
+
 def merge(model: nn.Module, requantize: bool = False) -> None:
     """Fold the active adapter into the base weights in place (undo with unmerge). NF4 bases are dequantised
-    first and stay in full precision unless requantize=True (which rounds the merged weights)."""
+    first and stay in full precision unless requantize=True (which rounds the merged weights). A layer whose
+    weight is tied to another module stays unmerged (merging would change the other): the output is the same."""
+    tied = tied_weights(model)
     for _, layer in lora_layers(model):
-        layer.merge(requantize)
+        if layer.weight is None or id(layer.weight) not in tied:
+            layer.merge(requantize)
 
 
 def unmerge(model: nn.Module) -> None:
@@ -269,10 +373,19 @@ def unmerge(model: nn.Module) -> None:
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
-    """Merge the active adapter and put the original layer classes back: a plain model with no LoRA left."""
+    """Merge the active adapter and put the original layer classes back: a plain model with no LoRA left (a module
+    the active adapter trained in full becomes that adapter's copy; others their original)."""
+    tied = tied_weights(model)
     for name, layer in list(lora_layers(model)):
+        if layer.weight is not None and id(layer.weight) in tied and layer.active is not None:
+            warnings.warn(f"{name}: its weight is tied to another module's (an input embedding and the LM head "
+                          f"share one); {name} gets a merged copy of its own and the other keeps the original",
+                          LorakitWarning, stacklevel=2)
+            layer.untie()
         layer.merge()
         _set_submodule(model, name, layer.unwrap())
+    for name, wrapper in list(trained_copies(model)):
+        _set_submodule(model, name, wrapper.module_for(active_adapter(model)))
     model.__dict__.pop(REGISTRY, None)
     model.__dict__.pop("lorakit_active", None)
     return model
@@ -320,24 +433,26 @@ class ParameterReport:
 
 def parameter_report(model: nn.Module) -> ParameterReport:
     """Count trainable and total parameters (shared weights once) and list what is trained, module by module."""
-    packed = {id(layer.base4.weight) for _, layer in lora_layers(model) if layer.quant_backend == "bitsandbytes"}
+    packed = _packed_params(model)
     unique = [p for i, p in {id(p): p for p in model.parameters()}.items() if i not in packed]  # 4-bit: counted below
     trainable = sum(p.numel() for p in unique if p.requires_grad)
-    nf4 = sum(layer.nf4_shape.numel() for _, layer in lora_layers(model) if layer.quantized)  # 4-bit base weights
+    nf4 = sum(layer.frozen.numel() for _, layer in lora_layers(model) if layer.quantized)  # 4-bit base weights
     total = sum(p.numel() for p in unique) + nf4
     rows = []
     for name, layer in lora_layers(model):
         if layer.active is None:
             continue
         A, B = layer.lora_A[layer.active], layer.lora_B[layer.active]
-        n = A.numel() + B.numel()
-        rows.append({"module": name, "kind": f"LoRA({'Conv1D' if layer.fan_in_fan_out else 'Linear'})",
+        dora = layer.active in layer.lora_magnitude
+        n = A.numel() + B.numel() + (layer.out_features if dora else 0)
+        kind = "Embedding" if isinstance(layer, LoRAEmbedding) else "Conv1D" if layer.fan_in_fan_out else "Linear"
+        rows.append({"module": name, "kind": f"{'DoRA' if dora else 'LoRA'}({kind})",
                      "shape": f"{layer.in_features}x{layer.out_features}", "r": A.shape[0],
                      "trainable": n if A.requires_grad else 0, "total": n + layer.in_features * layer.out_features
                      + (layer.bias.numel() if layer.bias is not None else 0)})
     active = active_adapter(model)
     for t in (adapters(model)[active].trainable if active else []):
-        m = model.get_submodule(t)
+        m = model.get_submodule(t).module_for(active)
         n = sum(p.numel() for p in m.parameters())
         w = getattr(m, "weight", None)
         shape = "x".join(str(d) for d in w.shape[::-1]) if isinstance(w, nn.Parameter) else ""  # in x out

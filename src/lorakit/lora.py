@@ -20,9 +20,8 @@ from torch import nn
 
 from .dropout import dropout_drops, dropout_scale, zero_at, zeroed
 from .errors import UserError
-from .config import QUANT_BACKENDS
-from .quant import (NF4Matmul, NF4Weight, bnb_dequantize, bnb_linear4bit, bnb_nbytes, dequantize_nf4,
-                    quantize_nf4, resolve_backend)
+from .config import INITS, QUANT_BACKENDS, TARGET_PRESETS
+from .frozen_base import DenseBase, FrozenBase, quantized_base
 
 try:  # GPT-2 style linear with a transposed (in, out) weight; optional so a plain-torch model needs no transformers
     from transformers.pytorch_utils import Conv1D
@@ -50,10 +49,12 @@ class LoRAConfig:
     r: int = 8
     alpha: float = 16
     dropout: float = 0.0
-    targets: str | Sequence[str] = "all-linear"
+    targets: str | Sequence[str] = "all-linear"  # a preset (all-linear, attention, mlp), module names or a regex
     exclude: Sequence[str] = ()
     trainable: Sequence[str] = ()
     rslora: bool = False
+    dora: bool = False  # DoRA: a trained magnitude per output feature times the direction of W + s·B·A
+    init: str = "kaiming"  # A and B at the start: kaiming, gaussian, pissa or olora (INITS; PEFT's init_lora_weights)
     quantize: str | None = None  # "nf4": QLoRA, the adapted layers' base weights stored in 4-bit NormalFloat
     quantize_all: bool = False  # with quantize: every other linear too (not the heads, not `trainable` modules)
     quant_backend: str = "auto"  # "torch" (quant.py), "bitsandbytes" (Linear4bit), "auto": bitsandbytes where installed
@@ -67,15 +68,22 @@ class LoRAConfig:
             raise LoRAError(f"dropout must be in [0, 1), got {self.dropout!r}")
         if self.quantize not in (None, "nf4"):
             raise LoRAError(f"quantize must be None or 'nf4', got {self.quantize!r}")
+        if self.init not in INITS:
+            raise LoRAError(f"init {self.init!r} is not one of {', '.join(INITS)}")
+        if self.init in ("pissa", "olora") and self.quantize:
+            raise LoRAError(f"init {self.init} rewrites the base weights from their SVD or QR; it needs a "
+                            "full-precision base, not quantize=nf4 (train PiSSA/OLoRA with method lora)")
         if self.quant_backend not in QUANT_BACKENDS:
             raise LoRAError(f"quant_backend must be one of {', '.join(QUANT_BACKENDS)}, got {self.quant_backend!r}")
         if not isinstance(self.targets, str):
             self.targets = tuple(self.targets)
             if not self.targets:
-                raise LoRAError("targets is empty: use 'all-linear', a list of module names, or a regex string")
-        elif self.targets != "all-linear" and (problem := regex_problem(self.targets)):
+                raise LoRAError(f"targets is empty: use {', '.join(TARGET_PRESETS)}, a list of module names, or a "
+                                "regex string")
+        elif self.targets not in TARGET_PRESETS and (problem := regex_problem(self.targets)):
             raise LoRAError(f"targets {self.targets!r} is not a valid regular expression ({problem}); use "
-                            "'all-linear', module names like q_proj,v_proj, or a regex such as '.*(q|v)_proj'")
+                            f"{', '.join(TARGET_PRESETS)}, module names like q_proj,v_proj, or a regex such as "
+                            "'.*(q|v)_proj'")
         self.exclude = (self.exclude,) if isinstance(self.exclude, str) else tuple(self.exclude)
         self.trainable = (self.trainable,) if isinstance(self.trainable, str) else tuple(self.trainable)
 
@@ -177,10 +185,11 @@ class LoRALinear(nn.Module):
             raise LoRAError(f"LoRA wraps nn.Linear or Conv1D, not {type(base).__name__}")
         self.fan_in_fan_out = is_conv1d(base)  # Conv1D stores its weight as (in, out)
         self.in_features, self.out_features = linear_features(base)
-        self.weight = base.weight
+        self.frozen: FrozenBase = DenseBase(base.weight, transposed=self.fan_in_fan_out)  # the base weight's storage
         self.bias = base.bias
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
+        self.lora_magnitude = nn.ParameterDict()  # DoRA adapters only: m, one per output feature
         self.scaling: dict[str, float] = {}
         self.dropout: dict[str, float] = {}
         self.active: str | None = None
@@ -192,81 +201,145 @@ class LoRALinear(nn.Module):
         base.weight, base.bias = None, None
         object.__setattr__(self, "_base_module", base)
 
-    def add(self, name: str, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False) -> None:
-        """Add adapter `name`: A Kaiming-uniform (as nn.Linear inits its weight), B zero."""
+    def add(self, name: str, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False,
+            dora: bool = False, init: str = "kaiming") -> None:
+        """Add adapter `name`: A Kaiming-uniform (as nn.Linear inits its weight) or Gaussian (std 1/r) and B zero,
+        so the layer starts as the base; or PiSSA / OLoRA (see `init_from_base`). With DoRA, the magnitude
+        m = ‖W + s·B·A‖ per output feature, so the layer starts as it was."""
         if name in self.lora_A:
             raise LoRAError(f"adapter {name!r} already exists on this layer")
         dev, dt = self._device(), self._lora_dtype()
         A = torch.empty(r, self.in_features, device=dev, dtype=dt)
-        nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+        if init == "gaussian":
+            nn.init.normal_(A, std=1 / r)
+        else:
+            nn.init.kaiming_uniform_(A, a=math.sqrt(5))
         self.lora_A[name] = nn.Parameter(A)
         self.lora_B[name] = nn.Parameter(torch.zeros(self.out_features, r, device=dev, dtype=dt))
         self.scaling[name] = lora_scaling(r, alpha, rslora)
         self.dropout[name] = dropout
+        if init in ("pissa", "olora"):
+            self.init_from_base(name, init)
+        if dora:
+            self.lora_magnitude[name] = nn.Parameter(self.weight_norm(name))
+
+    @torch.no_grad()
+    def init_from_base(self, name: str, init: str) -> None:
+        """PiSSA (Meng et al., 2024): A, B from the r principal singular directions of W, W keeping the rest; OLoRA
+        (Büyükakyüz, 2024): B, A from the first r columns of W's QR decomposition. Either way W becomes
+        W_res = W - s·B₀·A₀ (the layer's output is unchanged), and the first A₀, B₀ are kept: the saved adapter is
+        then written for the original W (`initial_pair`). PEFT's pissa_init / olora_init, on the (out, in) layout."""
+        if self.quantized:
+            raise LoRAError(f"init {init} needs a full-precision base weight, not an NF4 one")
+        s, r = self.scaling[name], self.lora_A[name].shape[0]
+        w = self.dense_weight().float()
+        if init == "pissa":
+            U, S, Vh = torch.linalg.svd(w, full_matrices=False)
+            root = torch.diag(torch.sqrt(S[:r] / s))
+            A, B = root @ Vh[:r], U[:, :r] @ root
+        else:
+            Q, R = torch.linalg.qr(w)
+            A, B = R[:r], Q[:, :r]
+        self.lora_A[name].copy_(A)
+        self.lora_B[name].copy_(B)
+        self.dense_weight().copy_((w - s * B @ A).to(self.weight.dtype))
+        self._base_changed()
+        self.__dict__.setdefault("initial", {})[name] = (A.clone(), B.clone())
+
+    def initial_pair(self, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(A₀, B₀) of an adapter initialised from the base (PiSSA, OLoRA), else None."""
+        return self.__dict__.get("initial", {}).get(name)
+
+    # ---- DoRA (Liu et al., 2024): W' = m ⊙ (W + s·B·A) / ‖W + s·B·A‖, the norm per output feature (a row of the
+    # (out, in) weight) and, as in the paper and PEFT, treated as a constant in backward. The norm is never formed
+    # from the (out, in) matrix W + s·B·A, which PEFT builds in every forward: per row,
+    #   ‖W + s·B·A‖² = ‖W‖² + 2s·(W·Aᵀ ⊙ B)·1 + s²·(B·(A·Aᵀ) ⊙ B)·1,
+    # with ‖W‖² per row kept (W is frozen) and W·Aᵀ (out, r) one base matmul over the r rows of A: O(out·in·r),
+    # on a dense or NF4 base alike, and no (out, in) temporary.
+
+    @torch.no_grad()
+    def weight_norm(self, name: str) -> torch.Tensor:
+        """‖W + s·B·A‖ per output feature, for DoRA adapter `name` (no gradient). Kept until A, B or the base
+        change (in-place updates bump a tensor's version), so decoding does not recompute it per token."""
+        A, B, s = self.lora_A[name], self.lora_B[name], self.scaling[name]
+        key = (name, A._version, B._version, id(A), id(B), s, self.__dict__.get("_base_epoch", 0))
+        cached = self.__dict__.setdefault("_norms", {}).get(name)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        wa = self.base_forward(A.to(self.frozen.dtype))  # (r, out) = A·Wᵀ (+ bias)
+        if self.bias is not None:
+            wa = wa - self.bias
+        cross = (wa.t().to(B.dtype) * B).sum(1)
+        lora_sq = ((B @ (A @ A.t())) * B).sum(1)
+        norm = (self._row_sq_norm() + 2 * s * cross + s * s * lora_sq).clamp_min(0).sqrt()
+        self._norms[name] = (key, norm)
+        return norm
+
+    def _row_sq_norm(self) -> torch.Tensor:
+        """‖W‖² per output feature of the frozen base, computed once per state of the base (`_base_changed`)."""
+        if getattr(self, "_w_sq", None) is None:
+            self._w_sq = self.frozen.dense().float().pow(2).sum(1)
+        return self._w_sq
+
+    def _base_changed(self) -> None:
+        """The base weight changed (merge, quantisation, PiSSA): what DoRA keeps of it is out of date."""
+        self._w_sq = None
+        self._base_epoch = self.__dict__.get("_base_epoch", 0) + 1
+
+    def dora_scale(self, name: str) -> torch.Tensor:
+        """m / ‖W + s·B·A‖ per output feature: what multiplies (W + s·B·A)·x."""
+        return self.lora_magnitude[name] / self.weight_norm(name)
 
     def _lora_dtype(self) -> torch.dtype:
         # Adapters stay in full precision even when the base is half precision or quantised.
-        dt = self.nf4_dtype if self.quantized else self.weight.dtype
+        dt = self.frozen.dtype
         return dt if dt.is_floating_point and dt.itemsize >= 4 else torch.float32
 
     def _device(self) -> torch.device:
-        if self.quant_backend == "bitsandbytes":
-            return self.base4.weight.device
-        return self.nf4_codes.device if self.quantized else self.weight.device
+        return self.frozen.device
 
-    # ---- QLoRA: the frozen base weight in NF4, rebuilt block by block in each forward: by quant.py ("torch") or by
-    # a bitsandbytes Linear4bit child ("bitsandbytes", the CUDA default)
+    @property
+    def weight(self) -> nn.Parameter | None:
+        """The dense base weight as the original layer stored it; None while it is quantised."""
+        return self.frozen.weight if self.frozen.kind == "dense" else None
 
     @property
     def quantized(self) -> bool:
-        return getattr(self, "nf4_codes", None) is not None or getattr(self, "base4", None) is not None
+        return self.frozen.kind != "dense"
 
     @property
     def quant_backend(self) -> str | None:
-        if getattr(self, "base4", None) is not None:
-            return "bitsandbytes"
-        return "torch" if self.quantized else None
+        """None (dense), "torch" (lorakit's NF4) or "bitsandbytes" (Linear4bit)."""
+        return None if self.frozen.kind == "dense" else self.frozen.kind
 
     @torch.no_grad()
     def quantize_(self, backend: str = "auto") -> None:
-        """Store the base weight in NF4 and drop the dense weight: as buffers (.to(device) moves them) or a
-        bitsandbytes Linear4bit child."""
-        w = self.dense_weight().detach()
-        self.nf4_shape, self.nf4_dtype = w.shape, w.dtype
-        self.weight = None
-        if resolve_backend(backend) == "bitsandbytes":
-            self.base4 = bnb_linear4bit(w)
-            return
-        q = quantize_nf4(w)
-        for k in ("codes", "scale_codes", "scale_scale", "scale_mean"):
-            self.register_buffer(f"nf4_{k}", getattr(q, k))
+        """Store the base weight in NF4 (QLoRA) and drop the dense one (frozen_base.py)."""
+        self.frozen = quantized_base(self.dense_weight().detach(), backend)
+        self._base_changed()
 
     def nf4_nbytes(self) -> int:
         """Bytes the quantised base weight takes (codes and scales); 0 when not quantised."""
-        if self.quant_backend == "bitsandbytes":
-            return bnb_nbytes(self.base4)
-        return self.nf4().nbytes() if self.quantized else 0
-
-    def nf4(self) -> NF4Weight:
-        return NF4Weight(self.nf4_codes, self.nf4_scale_codes, self.nf4_scale_scale, self.nf4_scale_mean,
-                         self.nf4_shape, self.nf4_dtype)
+        return self.frozen.nbytes() if self.quantized else 0
 
     @torch.no_grad()
     def dequantize_(self) -> None:
         """Back to a dense (full-precision) base weight; NF4 rounding stays in it."""
-        if self.quant_backend == "bitsandbytes":
-            w = bnb_dequantize(self.base4).to(self.nf4_dtype)
-            del self.base4
-        else:
-            w = dequantize_nf4(self.nf4())
-            for k in ("codes", "scale_codes", "scale_scale", "scale_mean"):
-                delattr(self, f"nf4_{k}")
-        self.weight = nn.Parameter(w.t().contiguous() if self.fan_in_fan_out else w, requires_grad=False)
+        w = self.frozen.dense().to(self.frozen.dtype)
+        w = nn.Parameter(w.t().contiguous() if self.fan_in_fan_out else w, requires_grad=False)
+        self.frozen = DenseBase(w, transposed=self.fan_in_fan_out)
+        self._base_changed()
+
+    def untie(self) -> None:
+        """Give this layer a copy of its dense weight of its own (it was shared with another module)."""
+        self.frozen = DenseBase(nn.Parameter(self.weight.detach().clone(), requires_grad=False), self.fan_in_fan_out)
 
     def remove(self, name: str) -> None:
         if self.merged == name:
             self.unmerge()
         del self.lora_A[name], self.lora_B[name], self.scaling[name], self.dropout[name]
+        if name in self.lora_magnitude:
+            del self.lora_magnitude[name]
         if self.active == name:
             self.active = None
 
@@ -289,8 +362,13 @@ class LoRALinear(nn.Module):
         backend = self.quant_backend or "auto"
         if self.quantized:
             self.dequantize_()
+        if self.active in self.lora_magnitude:  # DoRA: W' = (W + s·B·A) · m/‖W + s·B·A‖, row by row
+            self._merged_scale = self.dora_scale(self.active)
         self.weight.data += self.delta_weight(self.active).to(self.weight.dtype)
+        if self.active in self.lora_magnitude:  # dense_weight() is a view: the change lands in the stored weight
+            self.dense_weight().mul_(self._merged_scale.to(self.weight.dtype)[:, None])
         self.merged = self.active
+        self._base_changed()
         if requantize:
             warnings.warn("re-quantising the merged weight to NF4 rounds it: outputs move slightly", stacklevel=2)
             self.quantize_(backend)
@@ -300,20 +378,20 @@ class LoRALinear(nn.Module):
         if self.merged is not None:
             if self.quantized:
                 self.dequantize_()
+            dense = self.dense_weight()
+            if self.merged in self.lora_magnitude:
+                dense.div_(self._merged_scale.to(dense.dtype)[:, None])
             self.weight.data -= self.delta_weight(self.merged).to(self.weight.dtype)
             self.merged = None
+            self._base_changed()
 
     def dense_weight(self) -> torch.Tensor:
-        """The dense base weight laid out (out, in), as F.linear takes it (a view for Conv1D)."""
-        return self.weight.t() if self.fan_in_fan_out else self.weight
+        """The base weight laid out (out, in), as F.linear takes it: a view of a dense one (in-place changes land
+        in it), a dequantised copy of an NF4 one."""
+        return self.frozen.dense()
 
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.weight is not None:  # dense: what nn.Linear / Conv1D computes, checked first (decoding calls it often)
-            return F.linear(x, self.dense_weight(), self.bias)
-        if self.quant_backend == "bitsandbytes":
-            out = self.base4(x)
-            return out if self.bias is None else out.add_(self.bias)
-        return NF4Matmul.apply(x, self.nf4(), self.bias)
+        return self.frozen.matmul(x, self.bias)
 
     @property
     def row_adapters(self) -> list[str | None] | None:
@@ -334,12 +412,16 @@ class LoRALinear(nn.Module):
         r, any_A = max(self.lora_A[n].shape[0] for n in names), self.lora_A[names[0]]
         A = any_A.new_zeros(len(rows), r, self.in_features)
         B = any_A.new_zeros(len(rows), self.out_features, r)
+        dora = any(n in self.lora_magnitude for n in names)
+        scale = any_A.new_ones(len(rows), 1, self.out_features) if dora else None  # DoRA rows: m/‖W + s·B·A‖
         for i, n in enumerate(rows):
             if n in names:
                 k = self.lora_A[n].shape[0]
                 A[i, :k] = self.lora_A[n]
                 B[i, :, :k] = self.lora_B[n] * self.scaling[n]
-        return A, B
+                if n in self.lora_magnitude:
+                    scale[i, 0] = self.dora_scale(n)
+        return A, B, scale
 
     def mixed_forward(self, x: torch.Tensor, rows: list[str | None]) -> torch.Tensor:
         """A batch whose row i uses adapter rows[i]: the base matmul plus one batched rank-r product (bmm) over
@@ -352,10 +434,14 @@ class LoRALinear(nn.Module):
             self._row_weights = self._stack_rows(rows)
         if not self._row_weights:
             return out
-        A, B = self._row_weights
+        A, B, scale = self._row_weights
         x3 = x.reshape(x.shape[0], -1, x.shape[-1]).to(A.dtype)  # (rows, tokens, in)
         delta = torch.bmm(torch.bmm(x3, A.transpose(1, 2)), B.transpose(1, 2))
-        return out.add_(delta.view(out.shape).to(out.dtype))
+        if scale is None:
+            return out.add_(delta.view(out.shape).to(out.dtype))
+        no_bias = (out if self.bias is None else out - self.bias).view(delta.shape).to(delta.dtype)
+        mixed = (no_bias + delta) * scale
+        return (mixed.view(out.shape) if self.bias is None else mixed.view(out.shape) + self.bias).to(out.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         name = self.active
@@ -363,6 +449,15 @@ class LoRALinear(nn.Module):
             return self.mixed_forward(x, self.row_adapters)
         if self.disabled or name is None or name == self.merged:
             return self.base_forward(x)
+        y = self.lora_forward(x, name)
+        if name not in self.lora_magnitude:
+            return y
+        # DoRA: m/‖W + s·B·A‖ ⊙ (W·x + s·B·A·x) + bias, from the LoRA output W·x + bias + s·B·A·x
+        scale = self.dora_scale(name).to(y.dtype)
+        return y * scale if self.bias is None else (y - self.bias) * scale + self.bias
+
+    def lora_forward(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        """W·x + bias + s·B·A·dropout(x) for adapter `name`: fused into one Function when the base is dense."""
         A, B = self.lora_A[name], self.lora_B[name]
         p = self.dropout[name] if self.training else 0.0
         fused = self._fusable(x, A)  # base matmul and LoRA term in one; else the base runs on its own (NF4, bf16)
@@ -383,7 +478,7 @@ class LoRALinear(nn.Module):
                 and (b is None or not b.requires_grad) and not torch.is_autocast_enabled(x.device.type))
 
     def extra_repr(self) -> str:
-        ranks = {n: a.shape[0] for n, a in self.lora_A.items()}
+        ranks = {n: f"{a.shape[0]}{' dora' if n in self.lora_magnitude else ''}" for n, a in self.lora_A.items()}
         return (f"in={self.in_features}, out={self.out_features}, adapters={ranks}, active={self.active!r}"
                 f"{', conv1d' if self.fan_in_fan_out else ''}{f', nf4 ({self.quant_backend})' if self.quantized else ''}")
 

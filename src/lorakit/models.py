@@ -89,6 +89,17 @@ def resolve_spec(spec: str) -> tuple[str, str]:
     return spec, spec
 
 
+def same_model(a: str, b: str) -> bool:
+    """Whether two model specs name the same base: the same embedded alias, hub id or resolved directory."""
+    if a == b:
+        return True
+    if a in EMBEDDED or b in EMBEDDED:
+        alias = {spec: hub for spec, (_, _, hub) in EMBEDDED.items()}
+        return alias.get(a, a) == alias.get(b, b)
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
+
+
 def _offline_hint(spec: str, err: Exception) -> ModelError:
     return ModelError(f"model {spec!r} could not be loaded ({type(err).__name__}: {str(err).splitlines()[0][:200]}). "
                       f"Hub ids need the hub or a local cache; offline choices: {', '.join(EMBEDDED)}, "

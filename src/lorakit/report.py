@@ -12,17 +12,33 @@ def _metric_names(result: dict) -> list[str]:
     return [k for k, v in first.items() if isinstance(v, (int, float))]
 
 
+def bertscore_note(result: dict) -> str | None:
+    """Which encoder and layer made the BERTScores (they are comparable only with scores made the same way)."""
+    setup = result.get("bertscore")
+    if not setup:
+        return None
+    on_samples = result.get("sample_bertscore_f1")
+    scores = (" on the sample generations: " + ", ".join(f"{k} {v:.4f}" for k, v in on_samples.items())
+              if on_samples else "")
+    return (f"BERTScore F1{scores} ({setup['model']}, layer {setup['layer']}, "
+            f"{'idf' if setup['idf'] else 'no idf'}, {'rescaled' if setup['baseline_rescaled'] else 'not rescaled'}; "
+            "comparable only with scores from the same encoder and layer)")
+
+
 def print_table(result: dict) -> None:
     names = _metric_names(result)
     print(f"\n{result['run']}: {result['model']}, task {result['task']}, {result['test_examples']:,} test examples")
-    print(f"{'':<22}" + "".join(f"{n:>12}" for n in names))
+    widths = [max(12, len(n) + 2) for n in names]
+    print(f"{'':<22}" + "".join(f"{n:>{w}}" for n, w in zip(names, widths)))
     for row, values in result["metrics"].items():
-        print(f"{row:<22}" + "".join(f"{values[n]:>12.4f}" for n in names))
+        print(f"{row:<22}" + "".join(f"{values[n]:>{w}.4f}" for n, w in zip(names, widths)))
     for k, g in (result.get("gains") or {}).items():
         rel = f"{100 * g['relative']:+.1f}%" if g["relative"] is not None else "n/a"
         print(f"gain {k:<17}{g['absolute']:>+12.4f} ({rel})")
     key, rows, tuned = result["primary"], result["metrics"], result.get("tuned", "lora")
     others = ", ".join(f"{name} {v[key]:.4f}" for name, v in rows.items() if name != tuned)
+    if note := bertscore_note(result):
+        print(note)
     print(f"\ntest {key}: {tuned} {rows[tuned][key]:.4f}" + (f" vs {others}" if others else ""))
 
 
@@ -103,6 +119,7 @@ vertical-align:top;white-space:pre-wrap;font-size:14px}}img{{max-width:100%}}</s
 ({100 * params.get('fraction', 0):.2f}%); training {timings.get('train_s', 0):.0f} s,
 {timings.get('steps', 0)} steps, {timings.get('tokens_per_s', 0):.0f} tokens/s.</p>
 <h2>Metrics</h2><table><tr><th></th>{head}</tr>{body}</table>
+{f'<p>{html.escape(note)}</p>' if (note := bertscore_note(result)) else ''}
 {f'<h2>Gain of {html.escape(result.get("tuned", "lora"))} over base</h2><table><tr><th></th><th>absolute</th><th>relative</th></tr>{gains}</table>' if gains else ''}
 <h2>Plots</h2>{_img(run_dir / 'eval.png')}{_img(run_dir / 'loss.png')}
 <h2>Examples, side by side</h2><table><tr>{''.join(f'<th>{html.escape(c)}</th>' for c in cols)}</tr>{examples}</table>

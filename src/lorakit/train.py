@@ -222,8 +222,8 @@ def build_model(cfg: RunConfig, labels: list[str] | None):
     else:
         add_lora(model, LoRAConfig(r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, targets=cfg.targets,
                                    exclude=cfg.exclude, trainable=(head,) if head else (), rslora=cfg.rslora,
-                                   quantize=cfg.quantize or None, quantize_all=cfg.quantize_all,
-                                   quant_backend=cfg.quant_backend))
+                                   dora=cfg.dora, init=cfg.init, quantize=cfg.quantize or None,
+                                   quantize_all=cfg.quantize_all, quant_backend=cfg.quant_backend))
     if cfg.fuse_swiglu:
         fuse_swiglu(model)
     if cfg.gradient_checkpointing:
@@ -280,14 +280,25 @@ def plan_steps(run: Run) -> Plan:
     return Plan(global_batch, micro_per_epoch, total, cfg.eval_every or steps_per_epoch)
 
 
+def param_groups(model: torch.nn.Module, cfg: RunConfig, head_params: set[str]) -> list[dict]:
+    """The optimizer's groups: everything trained at lr; a classifier head at head_lr; with loraplus_lr_ratio
+    (LoRA+, Hayou et al. 2024) the LoRA B matrices, and 1-D parameters as PEFT's create_loraplus_optimizer
+    groups them, at lr x ratio: B starts at zero and learns best with the larger step."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    ratio = cfg.loraplus_lr_ratio
+    faster = {n for n, p in named if ratio and n not in head_params and (".lora_B." in n or p.ndim == 1)}
+    groups = [{"params": [p for n, p in named if n not in head_params and n not in faster]}]
+    if faster:
+        groups.append({"params": [p for n, p in named if n in faster], "lr": cfg.lr * ratio})
+    if head_params:
+        groups.append({"params": [p for n, p in named if n in head_params], "lr": cfg.head_lr or cfg.lr})
+    return groups
+
+
 def build_optimizer(run: Run, plan: Plan):
-    """AdamW (a classifier head at head_lr) and the warmup-then-decay schedule over the planned steps."""
+    """AdamW over `param_groups` and the warmup-then-decay schedule over the planned steps."""
     cfg = run.cfg
-    named = [(n, p) for n, p in run.model.named_parameters() if p.requires_grad]
-    groups = [{"params": [p for n, p in named if n not in run.head_params]}]
-    if run.head_params:
-        groups.append({"params": [p for n, p in named if n in run.head_params], "lr": cfg.head_lr or cfg.lr})
-    optimizer = make_optimizer(cfg, groups)
+    optimizer = make_optimizer(cfg, param_groups(run.model, cfg, run.head_params))
     if not run.fsdp:
         optimizer = run.accelerator.prepare_optimizer(optimizer)
     schedule = lr_lambda(cfg.schedule, int(cfg.warmup * plan.total), plan.total)
@@ -311,8 +322,9 @@ def start_state(run: Run, optimizer, scheduler, resume: bool) -> tuple[TrainStat
 
 def log_plan(run: Run, plan: Plan) -> None:
     cfg, world = run.cfg, run.world
+    loraplus = f", LoRA+ B matrices at lr x {cfg.loraplus_lr_ratio:g}" if cfg.loraplus_lr_ratio else ""
     run.log(f"lorakit: {len(run.data.train):,} training rows, {plan.total} optimizer steps, lr {cfg.lr:g} "
-            f"({cfg.schedule}), precision {mixed_precision(cfg)}")
+            f"({cfg.schedule}{loraplus}), precision {mixed_precision(cfg)}")
     run.log(f"lorakit: global batch {plan.global_batch * cfg.grad_accum} = {cfg.batch_size} per device x "
             f"{world} process{'es' if world > 1 else ''}{f' ({run.strategy})' if world > 1 else ''} x "
             f"{cfg.grad_accum} accumulation step{'s' if cfg.grad_accum > 1 else ''}")

@@ -13,6 +13,14 @@ from .adapters import load_adapter, read_adapter_config, read_metadata
 from .models import ModelError, load_model
 
 
+def adapter_dir(path: str | Path) -> Path:
+    """An adapter directory, given it or the run directory that holds it (RUN/adapter)."""
+    p = Path(str(path).strip()).expanduser()
+    if (p / "adapter").is_dir() and not (p / "adapter_config.json").is_file():
+        return p / "adapter"
+    return p
+
+
 def load_trained(path: str | Path, model: str | None = None) -> tuple[nn.Module, object, dict]:
     """A trained result: an adapter directory (see load_adapted) or a full fine-tune's model directory."""
     p = Path(path)

@@ -8,7 +8,7 @@ import contextlib
 import json
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -17,7 +17,8 @@ from torch import nn
 
 from ..errors import UserError
 from ..generate import Sampling, generate, stream
-from ..models import EMBEDDED, is_seq2seq, load_model
+from ..models import EMBEDDED, is_seq2seq, load_model, same_model
+from ..trained import adapter_dir
 
 BASE = "base"
 
@@ -31,7 +32,6 @@ class LoadedAdapter:
     meta: dict
     run: dict | None
     eval: dict | None
-    extra: dict[str, torch.Tensor] = field(default_factory=dict)  # its own copy of modules it trains in full (a head)
 
 
 @dataclass
@@ -50,25 +50,6 @@ class Answer:
             return f"error: {self.error}"
         rate = self.tokens / self.seconds if self.seconds > 0 else 0.0
         return f"{self.seconds:.2f} s · {self.tokens} tokens · {rate:.1f} tokens/s{'' if self.done else ' …'}"
-
-
-def same_model(a: str, b: str) -> bool:
-    """Whether two model specs name the same base: the same embedded alias, hub id or resolved directory."""
-    if a == b:
-        return True
-    if a in EMBEDDED or b in EMBEDDED:
-        alias = {spec: hub for spec, (_, _, hub) in EMBEDDED.items()}
-        return alias.get(a, a) == alias.get(b, b)
-    pa, pb = Path(a).expanduser(), Path(b).expanduser()
-    return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
-
-
-def adapter_dir(path: str | Path) -> Path:
-    """An adapter directory, given it or the run directory that holds it (RUN/adapter)."""
-    p = Path(str(path).strip()).expanduser()
-    if (p / "adapter").is_dir() and not (p / "adapter_config.json").is_file():
-        return p / "adapter"
-    return p
 
 
 def _read_json(path: Path) -> dict | None:
@@ -97,7 +78,6 @@ class Workbench:
         self.model.eval()
         self.template = first.get("template") or ("chat" if getattr(self.tok, "chat_template", None) else "alpaca")
         self.adapters: dict[str, LoadedAdapter] = {}
-        self.base_extra: dict[str, torch.Tensor] = {}  # the base's own values of modules adapters train (its head)
         self.lock = threading.Lock()
         for path in adapters:
             self.add(path)
@@ -114,8 +94,6 @@ class Workbench:
         """Load the adapter at `path` onto the shared base; its name. UserError (the page shows it) if it does not
         fit: not an adapter, trained on another base model or for another task, or shapes that do not match."""
         from ..adapters import load_adapter, read_adapter_config, read_metadata
-        from ..inject import adapters as registry
-        from ..inject import name_matches
         if not str(path).strip():
             raise UserError("give an adapter directory")
         p = adapter_dir(path)
@@ -132,27 +110,13 @@ class Workbench:
         if self.task == "classify" and list(meta.get("labels") or []) != self.labels:
             raise UserError(f"{p}: labels {meta.get('labels')} differ from this page's {self.labels}")
         name = self._name_for(p)
-        with self.lock:
-            saved = cfg.get("modules_to_save") or ()  # the base's own values of what the adapter overwrites
-            shared = [n for n, _ in self.model.named_modules() if n and any(name_matches(n, w) for w in saved)]
-            for key, value in self._params_of(shared).items():
-                self.base_extra.setdefault(key, value)
+        with self.lock:  # a head the adapter trains is its own copy: the base's and other adapters' stay as they are
             load_adapter(self.model, p, name, quantize=meta.get("quantize"))
-            extra = self._params_of(registry(self.model)[name].trainable)
             self.model.eval()
         run_dir = p.parent
         self.adapters[name] = LoadedAdapter(name, p, meta, _read_json(run_dir / "run.json"),
-                                            _read_json(run_dir / "eval.json"), extra)
+                                            _read_json(run_dir / "eval.json"))
         return name
-
-    def _params_of(self, modules: list[str]) -> dict[str, torch.Tensor]:
-        """Copies of the parameters of `modules`, keyed by qualified parameter name."""
-        return {f"{m}.{k}": v.detach().clone() for m in modules for k, v in self.model.get_submodule(m).named_parameters()}
-
-    @torch.no_grad()
-    def _put(self, params: dict[str, torch.Tensor]) -> None:
-        for key, value in params.items():
-            self.model.get_parameter(key).copy_(value)
 
     def remove(self, name: str) -> None:
         from ..inject import delete_adapter
@@ -167,12 +131,10 @@ class Workbench:
         self._check(column)
         with self.lock:
             if column == BASE:
-                self._put(self.base_extra)
                 with disable_adapters(self.model):
                     yield self.model
                 return
             set_adapter(self.model, column)
-            self._put(self.adapters[column].extra)
             yield self.model
 
     def _check(self, column: str) -> None:
