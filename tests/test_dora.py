@@ -178,3 +178,19 @@ def test_dora_training_steps_follow_peft():
         for param, p in (("A", layer.lora_A["default"]), ("B", layer.lora_B["default"]),
                          ("m", layer.lora_magnitude["default"])):
             torch.testing.assert_close(p, theirs.get_parameter(_peft_name(name, param)), atol=1e-5, rtol=1e-4)
+
+
+def test_a_zero_magnitude_row_keeps_finite_gradients():
+    """A row whose magnitude is 0 (a dead output feature) still gets PEFT's finite gradients."""
+    ours, theirs = _pair("llama", seed=5)
+    name, layer = next(iter(lora_layers(ours)))
+    with torch.no_grad():
+        layer.lora_magnitude["default"][0] = 0.0
+        theirs.get_parameter(_peft_name(name, "m"))[0] = 0.0
+    ids = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(6))
+    for model in (ours, theirs):
+        model.eval()
+        model(input_ids=ids, labels=ids).loss.backward()
+    g = layer.lora_magnitude["default"].grad
+    assert torch.isfinite(g).all()
+    torch.testing.assert_close(g, theirs.get_parameter(_peft_name(name, "m")).grad, atol=1e-5, rtol=1e-4)

@@ -266,20 +266,26 @@ def peft_keys(path: str, layer: nn.Module) -> dict[str, str]:
 
 def adapter_params(model: nn.Module, name: str) -> dict[str, nn.Parameter]:
     """Adapter `name`'s parameters keyed as PEFT saves them: `<path>.lora_A.weight` (r, in) and `.lora_B.weight`
-    (out, r) per adapted module (and DoRA's `<path>.lora_magnitude_vector`, (out,)), `<path>.<param>` for a module it trains in full (its own copy), each behind
-    PEFT_PREFIX. Save, load, checkpoints and set_adapter all go through this one map."""
+    (out, r) per adapted module (and DoRA's `<path>.lora_magnitude_vector`, (out,)), `<path>.<param>` for a module
+    it trains in full (its own copy), each behind PEFT_PREFIX. Save, load, checkpoints, set_adapter and the
+    parameter report all go through this one map."""
+    return {key: p for params in adapter_params_by_module(model, name).values() for key, p in params.items()}
+
+
+def adapter_params_by_module(model: nn.Module, name: str) -> dict[str, dict[str, nn.Parameter]]:
+    """`adapter_params`, grouped by the module path they belong to (adapted modules first, in model order)."""
     info = _info(model, name)
-    params = {}
+    grouped: dict[str, dict[str, nn.Parameter]] = {}
     for path in info.modules:
         layer = model.get_submodule(path)
         keys = peft_keys(path, layer)
-        params[keys["lora_A"]], params[keys["lora_B"]] = layer.lora_A[name], layer.lora_B[name]
+        params = grouped[path] = {keys["lora_A"]: layer.lora_A[name], keys["lora_B"]: layer.lora_B[name]}
         if name in layer.lora_magnitude:
             params[keys["lora_magnitude"]] = layer.lora_magnitude[name]
     for path in info.trainable:
-        for pname, p in model.get_submodule(path).copies[name].named_parameters():
-            params[f"{PEFT_PREFIX}{path}.{pname}"] = p
-    return params
+        grouped[path] = {f"{PEFT_PREFIX}{path}.{pname}": p
+                         for pname, p in model.get_submodule(path).copies[name].named_parameters()}
+    return grouped
 
 
 def set_adapter(model: nn.Module, name: str) -> None:
@@ -439,23 +445,20 @@ def parameter_report(model: nn.Module) -> ParameterReport:
     nf4 = sum(layer.frozen.numel() for _, layer in lora_layers(model) if layer.quantized)  # 4-bit base weights
     total = sum(p.numel() for p in unique) + nf4
     rows = []
-    for name, layer in lora_layers(model):
-        if layer.active is None:
-            continue
-        A, B = layer.lora_A[layer.active], layer.lora_B[layer.active]
-        dora = layer.active in layer.lora_magnitude
-        n = A.numel() + B.numel() + (layer.out_features if dora else 0)
-        kind = "Embedding" if isinstance(layer, LoRAEmbedding) else "Conv1D" if layer.fan_in_fan_out else "Linear"
-        rows.append({"module": name, "kind": f"{'DoRA' if dora else 'LoRA'}({kind})",
-                     "shape": f"{layer.in_features}x{layer.out_features}", "r": A.shape[0],
-                     "trainable": n if A.requires_grad else 0, "total": n + layer.in_features * layer.out_features
-                     + (layer.bias.numel() if layer.bias is not None else 0)})
     active = active_adapter(model)
-    for t in (adapters(model)[active].trainable if active else []):
-        m = model.get_submodule(t).module_for(active)
-        n = sum(p.numel() for p in m.parameters())
-        w = getattr(m, "weight", None)
-        shape = "x".join(str(d) for d in w.shape[::-1]) if isinstance(w, nn.Parameter) else ""  # in x out
-        rows.append({"module": t, "kind": f"full({type(m).__name__})", "shape": shape, "r": 0,
-                     "trainable": sum(p.numel() for p in m.parameters() if p.requires_grad), "total": n})
+    for path, params in (adapter_params_by_module(model, active) if active else {}).items():
+        m = model.get_submodule(path)
+        n = sum(p.numel() for p in params.values())
+        trained = sum(p.numel() for p in params.values() if p.requires_grad)
+        if isinstance(m, TrainedCopies):
+            w = getattr(m.copies[active], "weight", None)
+            shape = "x".join(str(d) for d in w.shape[::-1]) if isinstance(w, nn.Parameter) else ""  # in x out
+            rows.append({"module": path, "kind": f"full({type(m.original).__name__})", "shape": shape, "r": 0,
+                         "trainable": trained, "total": n})
+            continue
+        kind = "Embedding" if isinstance(m, LoRAEmbedding) else "Conv1D" if m.fan_in_fan_out else "Linear"
+        rows.append({"module": path, "kind": f"{'DoRA' if active in m.lora_magnitude else 'LoRA'}({kind})",
+                     "shape": f"{m.in_features}x{m.out_features}", "r": m.lora_A[active].shape[0],
+                     "trainable": trained, "total": n + m.in_features * m.out_features
+                     + (m.bias.numel() if m.bias is not None else 0)})
     return ParameterReport(trainable, total, rows)
