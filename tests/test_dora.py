@@ -92,16 +92,18 @@ def test_dora_adapters_saved_by_either_load_in_the_other(kind, tmp_path):
         torch.testing.assert_close(loaded(**inputs).logits, theirs(**inputs).logits, atol=1e-5, rtol=0)
 
 
-def test_dora_on_an_nf4_base_is_dora_on_the_dequantised_weights():
-    from lorakit.quant import dequantize_nf4, quantize_nf4
+@pytest.mark.parametrize("backend", ["torch", "bitsandbytes"])
+def test_dora_on_an_nf4_base_is_dora_on_the_dequantised_weights(backend):
+    from lorakit.quant import bitsandbytes_available
+    if backend == "bitsandbytes" and not bitsandbytes_available():
+        pytest.skip("bitsandbytes is not installed")
     kind = "llama"
     ours = add_lora(TINY[kind](), LoRAConfig(r=4, targets=TARGETS[kind], dora=True, quantize="nf4",
-                                             quant_backend="torch")).eval()
+                                             quant_backend=backend)).eval()
     dense = TINY[kind]().eval()
-    with torch.no_grad():  # the independent account: dense weights replaced by their NF4 round trip
-        for name, _ in lora_layers(ours):
-            w = dense.get_submodule(name).weight
-            w.copy_(dequantize_nf4(quantize_nf4(w)))
+    with torch.no_grad():  # the independent account: dense weights replaced by what the NF4 storage holds
+        for name, layer in lora_layers(ours):
+            dense.get_submodule(name).weight.copy_(layer.frozen.dense())
     dense = add_lora(dense, LoRAConfig(r=4, targets=TARGETS[kind], dora=True)).eval()
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
