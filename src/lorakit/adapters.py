@@ -29,7 +29,6 @@ from .trained_copies import TrainedCopies
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 METADATA_NAME = "lorakit.json"
-PREFIX = PEFT_PREFIX
 
 
 def task_type(model: nn.Module) -> str | None:
@@ -120,7 +119,8 @@ def for_the_original_base(model: nn.Module, name: str, state: dict[str, torch.Te
         return state, cfg.r, cfg.alpha
     state = dict(state)
     for path, (A0, B0) in pairs.items():
-        a_key, b_key = f"{PREFIX}{path}.lora_A.weight", f"{PREFIX}{path}.lora_B.weight"
+        keys = peft_keys(path, model.get_submodule(path))
+        a_key, b_key = keys["lora_A"], keys["lora_B"]
         state[a_key] = torch.cat([state[a_key], A0.to(state[a_key])])
         state[b_key] = torch.cat([state[b_key], -B0.to(state[b_key])], dim=1)
     return state, 2 * cfg.r, cfg.alpha * (2 ** 0.5 if cfg.rslora else 2)
@@ -214,7 +214,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter: str = "defa
             layer.remove(adapter)
             layer.add(adapter, r_mod, a_mod, config.dropout, config.rslora, config.dora)
     saved = {peft_keys(m, model.get_submodule(m))[part]: t for m, pair in lora.items() for part, t in pair.items()}
-    saved |= {f"{PREFIX}{k}": t for k, t in full.items()}
+    saved |= {f"{PEFT_PREFIX}{k}": t for k, t in full.items()}
     load_adapter_state(model, saved, adapter)
     set_adapter(model, adapter)
     return model
@@ -227,7 +227,7 @@ def split_tensors(tensors: dict[str, torch.Tensor], d: Path) -> tuple[dict[str, 
     lora: dict[str, dict[str, torch.Tensor]] = {}
     full: dict[str, torch.Tensor] = {}
     for key, t in tensors.items():
-        k = key[len(PREFIX):] if key.startswith(PREFIX) else key
+        k = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
         for part, suffix in (("lora_A", ".lora_A.weight"), ("lora_B", ".lora_B.weight"),
                              ("lora_A", ".lora_embedding_A"), ("lora_B", ".lora_embedding_B"),
                              ("lora_magnitude", ".lora_magnitude_vector")):

@@ -131,6 +131,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _recipe_overrides_out(args: argparse.Namespace, command: str) -> tuple[str, dict, str]:
+    """compare's and sweep's recipe path, --set overrides, and --out (default runs/NAME-<command>)."""
+    path = str(recipe_path(args.recipe))
+    overrides = _set_pairs(args.set)
+    return path, overrides, args.out or str(Path("runs") / f"{load_recipe(path, overrides).name}-{command}")
+
+
+def _check_out_free(out: Path, force: bool) -> None:
+    """merge and combine write a directory: refuse one that holds something unless --force."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        raise UserError(f"{out} exists and is not empty; pass an empty or new directory, or --force to replace it")
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     """Train and evaluate full fine-tuning, LoRA and QLoRA on the same recipe, data and seed; write compare.md,
     compare.json and compare.png (a method that cannot run here is listed with the reason)."""
@@ -139,9 +152,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     bad = [m for m in methods if m not in METHODS]
     if bad or not methods:
         raise UserError(f"--methods: {', '.join(bad) or 'nothing given'}: choose from {', '.join(METHODS)}")
-    path = str(recipe_path(args.recipe))
-    overrides = _set_pairs(args.set)
-    out = args.out or str(Path("runs") / f"{load_recipe(path, overrides).name}-compare")
+    path, overrides, out = _recipe_overrides_out(args, "compare")
     compare(path, out, quick=args.quick, methods=methods, overrides=overrides)
     return 0
 
@@ -152,9 +163,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     and sweep.png (the metric against trainable parameters) and names the best cell."""
     from .sweep import parse_grid, sweep
     grid = parse_grid(args.grid or [])
-    path = str(recipe_path(args.recipe))
-    overrides = _set_pairs(args.set)
-    out = args.out or str(Path("runs") / f"{load_recipe(path, overrides).name}-sweep")
+    path, overrides, out = _recipe_overrides_out(args, "sweep")
     sweep(path, grid, out, quick=args.quick, overrides=overrides, yes=args.yes, overwrite=args.overwrite)
     return 0
 
@@ -235,8 +244,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from .inject import merge_and_unload
     from .trained import load_adapted
     out = Path(args.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.force:
-        raise UserError(f"{out} exists and is not empty; pass an empty or new directory, or --force to replace it")
+    _check_out_free(out, args.force)
     model, tok, meta = load_adapted(args.adapter, model=args.model)
     model = merge_and_unload(model)
     with atomic_dir(out) as tmp:  # a failure midway leaves whatever was at OUT as it was
@@ -260,10 +268,10 @@ def cmd_combine(args: argparse.Namespace) -> int:
     except ValueError:
         raise UserError(f"--weights {args.weights!r}: give numbers separated by commas, e.g. 0.5,0.5") from None
     out = Path(args.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.force:
-        raise UserError(f"{out} exists and is not empty; pass an empty or new directory, or --force to replace it")
-    metas = [read_metadata(d) | {"base": read_metadata(d).get("model") or read_adapter_config(d).get(
-        "base_model_name_or_path")} for d in dirs]
+    _check_out_free(out, args.force)
+    peft_configs = [read_adapter_config(d) for d in dirs]
+    metas = [(meta := read_metadata(d)) | {"base": meta.get("model") or cfg.get("base_model_name_or_path")}
+             for d, cfg in zip(dirs, peft_configs)]
     for d, meta in zip(dirs[1:], metas[1:]):
         for key, same in (("base", same_model), ("task", str.__eq__)):
             if meta.get(key) and metas[0].get(key) and not same(meta[key], metas[0][key]):
@@ -278,7 +286,7 @@ def cmd_combine(args: argparse.Namespace) -> int:
     meta = meta | {"combined": {"from": [str(d) for d in dirs], "weights": weights, "method": args.method,
                                 "density": args.density, "seed": args.seed}}
     with atomic_dir(out) as tmp:
-        save_adapter(model, tmp, base_model_name_or_path=read_adapter_config(dirs[0]).get("base_model_name_or_path"),
+        save_adapter(model, tmp, base_model_name_or_path=peft_configs[0].get("base_model_name_or_path"),
                      adapter="combined", metadata=meta)
     print(f"lorakit: {args.method} of {len(dirs)} adapters (weights {', '.join(f'{w:g}' for w in weights)}) -> {out}")
     return 0

@@ -26,8 +26,8 @@ OPTIMIZERS = ("adamw", "paged_adamw_8bit")
 STRATEGIES = ("auto", "ddp", "fsdp")
 PRECISIONS = ("auto", "no", "bf16", "fp16")
 COMBINE_METHODS = ("linear", "cat", "svd", "ties", "dare_linear", "dare_ties", "magnitude_prune")  # combine.py
-TARGET_PRESETS = ("all-linear", "attention", "mlp")
-INITS = ("kaiming", "gaussian", "pissa", "olora")  # LoRA's starting A and B (lora.LoRALinear.add)  # resolved per architecture by inject.resolve_targets
+TARGET_PRESETS = ("all-linear", "attention", "mlp")  # resolved per architecture by inject.resolve_targets
+INITS = ("kaiming", "gaussian", "pissa", "olora")  # LoRA's starting A and B (lora.LoRALinear.add)
 
 
 @dataclass

@@ -150,20 +150,23 @@ def eval_summarize(model, tok, splits, cfg, tuned: str = "lora", with_base: bool
     base, adapted = _base_and_tuned(model, base_model, tok, prompts, sampling, cfg, with_base, progress=True)
     refs = [e.references for e in splits.test]
     generations = ({"base": base} if with_base else {}) | {tuned: adapted}
-    per_example = {name: bertscore_f1(texts, refs) for name, texts in generations.items()}
-    rows = {name: rouge(texts, refs) | {"bertscore_f1": _mean(per_example[name])} for name, texts in generations.items()}
+    bertscores, samples = scored_samples([{"dialogue": e.prompt_input, "references": e.references}
+                                          for e in splits.test], generations, refs)
+    rows = {name: rouge(texts, refs) | {"bertscore_f1": bertscores[name]} for name, texts in generations.items()}
     gains = {k: {"absolute": rows[tuned][k] - rows["base"][k],
                  "relative": (rows[tuned][k] - rows["base"][k]) / rows["base"][k] if rows["base"][k] else None}
              for k in rows[tuned]} if with_base else {}
-    samples = [{"dialogue": e.prompt_input, "references": e.references}
-               | {name: texts[i] for name, texts in generations.items()}
-               | {f"bertscore_f1 {name}": scores[i] for name, scores in per_example.items()}
-               for i, e in enumerate(splits.test)]
     return {"metrics": rows, "gains": gains, "primary": "rouge1", "bertscore": SETUP, "samples": samples}
 
 
-def _mean(values: list[float]) -> float:
-    return sum(values) / max(len(values), 1)
+def scored_samples(records: list[dict], generations: dict[str, list[str]], refs: list[list[str]]
+                   ) -> tuple[dict[str, float], list[dict]]:
+    """({row: mean BERTScore F1}, the samples): each record with every row's generation and its BERTScore F1."""
+    per_example = {name: bertscore_f1(texts, refs) for name, texts in generations.items()}
+    samples = [record | {name: texts[i] for name, texts in generations.items()}
+               | {f"bertscore_f1 {name}": scores[i] for name, scores in per_example.items()}
+               for i, record in enumerate(records)]
+    return {name: sum(scores) / max(len(scores), 1) for name, scores in per_example.items()}, samples
 
 
 @torch.no_grad()
@@ -191,14 +194,11 @@ def eval_instruct(model, tok, splits, cfg, tuned: str = "lora", with_base: bool 
     prompts = _prompts(model, tok, chosen, cfg)
     gen_b, gen_a = _base_and_tuned(model, base_model, tok, prompts, sampling, cfg, with_base)
     generations = ({"base": gen_b} if with_base else {}) | {tuned: gen_a}
-    refs = [[e.response] for e in chosen]
-    per_example = {name: bertscore_f1(texts, refs) for name, texts in generations.items()}
-    samples = [{"instruction": e.instruction, "input": e.prompt_input, "reference": e.response}
-               | {name: texts[i] for name, texts in generations.items()}
-               | {f"bertscore_f1 {name}": scores[i] for name, scores in per_example.items()}
-               for i, e in enumerate(chosen)]
+    bertscores, samples = scored_samples([{"instruction": e.instruction, "input": e.prompt_input,
+                                           "reference": e.response} for e in chosen],
+                                         generations, [[e.response] for e in chosen])
     return {"metrics": rows, "primary": "loss", "lower_is_better": True, "samples": samples, "bertscore": SETUP,
-            "sample_bertscore_f1": {name: _mean(scores) for name, scores in per_example.items()}}
+            "sample_bertscore_f1": bertscores}
 
 
 def run_config(run_dir: Path) -> RunConfig:

@@ -443,11 +443,10 @@ class LoRALinear(nn.Module):
         A, B, scale = self._row_weights
         x3 = x.reshape(x.shape[0], -1, x.shape[-1]).to(A.dtype)  # (rows, tokens, in)
         delta = torch.bmm(torch.bmm(x3, A.transpose(1, 2)), B.transpose(1, 2))
+        out = out.add_(delta.view(out.shape).to(out.dtype))
         if scale is None:
-            return out.add_(delta.view(out.shape).to(out.dtype))
-        no_bias = (out if self.bias is None else out - self.bias).view(delta.shape).to(delta.dtype)
-        mixed = (no_bias + delta) * scale
-        return (mixed.view(out.shape) if self.bias is None else mixed.view(out.shape) + self.bias).to(out.dtype)
+            return out
+        return dora_scale_(out.view(delta.shape), scale.to(out.dtype), self.bias).view(out.shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         name = self.active
@@ -459,9 +458,7 @@ class LoRALinear(nn.Module):
         if name not in self.lora_magnitude:
             return y
         # DoRA: m/‖W + s·B·A‖ ⊙ (W·x + s·B·A·x) + bias, from the LoRA output W·x + bias + s·B·A·x, in place
-        m = self.lora_magnitude[name]
-        norm = self.weight_norm(name)
-        scale = (m / norm).to(y.dtype)
+        scale = self.dora_scale(name).to(y.dtype)
         if not torch.is_grad_enabled():
             return dora_scale_(y, scale, self.bias)
         # autograd keeps y - bias for m's gradient; a hand-written Function that works in place measured no faster
