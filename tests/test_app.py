@@ -26,8 +26,8 @@ PROMPT = "w5 w6 w7"
 
 @pytest.fixture(scope="module")
 def tiny_runs(tmp_path_factory):
-    """A tiny Llama, two instruction adapters (run directories with run.json/eval.json), two spam classifiers,
-    and an adapter of a tiny GPT-2 (another base)."""
+    """A tiny Llama, two instruction adapters (run directories with run.json/eval.json), two spam classifiers, a
+    chat adapter, and an adapter of a tiny GPT-2 (another base)."""
     root = tmp_path_factory.mktemp("serve")
     llama = save_tiny("llama", root / "llama")
     gpt2 = save_tiny("gpt2", root / "gpt2")
@@ -40,7 +40,8 @@ def tiny_runs(tmp_path_factory):
         if trainable:
             torch.manual_seed(seed)
             torch.nn.init.normal_(model.score.weight, std=1.0)
-        meta = {"task": task, "model": str(model_dir), "template": "alpaca", "labels": labels, "max_length": 64}
+        meta = {"task": task, "model": str(model_dir), "template": "chat" if task == "chat" else "alpaca",
+                "labels": labels, "max_length": 64}
         save_adapter(model, root / name / "adapter", metadata=meta)
         (root / name / "run.json").write_text(json.dumps({
             "config": {"data": "data/alpaca.jsonl", "r": 4, "alpha": 16, "targets": "all-linear"},
@@ -50,7 +51,8 @@ def tiny_runs(tmp_path_factory):
         return root / name
     return {"llama": llama, "a": run("alpha", llama, "instruct", 1), "b": run("beta", llama, "instruct", 2),
             "c1": run("spam1", llama, "classify", 3, ["ham", "spam"]),
-            "c2": run("spam2", llama, "classify", 4, ["ham", "spam"]), "gpt2": run("g", gpt2, "instruct", 5)}
+            "c2": run("spam2", llama, "classify", 4, ["ham", "spam"]), "gpt2": run("g", gpt2, "instruct", 5),
+            "chat": run("talk", llama, "chat", 6)}
 
 
 GREEDY = Sampling(max_new_tokens=12)
@@ -214,3 +216,43 @@ def test_page_in_headless_chromium(tiny_runs):
     finally:
         page_app.close()
     assert (ARTIFACTS / "serve.png").stat().st_size > 10_000
+
+
+def test_chat_page_in_headless_chromium(tiny_runs):
+    """Each column a conversation of its own: two messages sent, each column shows both turns and its two replies."""
+    pytest.importorskip("gradio")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    from lorakit.app.page import serve
+    wb = Workbench(str(tiny_runs["llama"]), [str(tiny_runs["chat"])])
+    assert wb.task == "chat"
+    port = free_port()
+    page_app = serve(wb, port=port, block=False)
+    done = ("previous => { const s = document.querySelector('#stats-1'); return s && s.innerText !== previous"
+            " && s.innerText.includes('tokens/s') && !s.innerText.includes('…'); }")
+    try:
+        with sync_api.sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=chromium(), args=[
+                "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync"])
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(f"http://127.0.0.1:{port}/", wait_until="load", timeout=60_000)
+            page.locator("#instruction textarea").wait_for(timeout=60_000)
+            for message in ("w21 w22", "w33 w34"):
+                previous = page.locator("#stats-1").inner_text()  # the last reply's stats: wait for new ones
+                page.locator("#instruction textarea").fill(message)
+                page.locator("#generate").click()
+                page.wait_for_function(done, arg=previous, timeout=60_000)
+                page.wait_for_function(f"() => document.querySelector('#answer-1').innerText.includes('{message}')",
+                                       timeout=30_000)
+            for column in ("#answer-0", "#answer-1"):
+                text = page.locator(column).inner_text()
+                assert "w21 w22" in text and "w33 w34" in text
+            base = wb.reply(BASE, [{"role": "user", "content": "w21 w22"}], GREEDY)
+            first_reply = list(base)[-1].text
+            assert first_reply and first_reply.split()[0] in page.locator("#answer-0").inner_text()
+            assert page.locator("#instruction textarea").input_value() == ""  # sent: the box is cleared
+            ARTIFACTS.mkdir(exist_ok=True)
+            page.screenshot(path=str(ARTIFACTS / "serve-chat.png"), full_page=True)
+            browser.close()
+    finally:
+        page_app.close()

@@ -18,6 +18,7 @@ from test_train import recipe, write_instruct, write_sms
 
 SMS = b"".join(b"%s\tw10 w11 w%d\n" % (b"spam" if i % 3 == 0 else b"ham", 20 + i) for i in range(30))
 ALPACA_ROW = b'{"instruction": "w5 w6", "input": "w8", "output": "w9 w10"}'
+CHAT_ROW = b'{"messages": [{"role": "user", "content": "w5 w6"}, {"role": "assistant", "content": "w9 w10"}]}\n'
 
 
 @pytest.fixture(scope="module")
@@ -112,6 +113,18 @@ CASES = {
                                         "embed_tokens,q_proj"], 2, ["DoRA is for Linear and Conv1D", "Embedding"]),
     "an embedding the model does not have": (lambda r: ["train", str(r / "instruct.yaml"), "--targets", "wte"], 2,
                                              ["target 'wte' matches no module", "closest names"]),
+    "an unknown role in a conversation": (lambda r: ["train", str(r / "instruct.yaml"), "--set", "task=chat", "--data",
+                                                  _file(r, "roles.jsonl", CHAT_ROW + b'{"messages": [{"role": "user", '
+                                                        b'"content": "a"}, {"role": "tool", "content": "b"}]}\n')], 2,
+                                          ["roles.jsonl, line 2, messages[1]: field 'role': unknown role 'tool'",
+                                           "--skip-invalid"]),
+    "a conversation with nothing to train on": (lambda r: ["train", str(r / "instruct.yaml"), "--set", "task=chat",
+                                                           "--data", _file(r, "none.jsonl", CHAT_ROW * 3 + b'{"conver'
+                                                                           b'sations": [{"from": "human", "value": "a"}]}'
+                                                                           b'\n')], 2,
+                                                ["none.jsonl, line 4: no assistant turn to train on"]),
+    "a chat run in the Alpaca template": (lambda r: ["train", str(r / "instruct.yaml"), "--set", "task=chat",
+                                                     "--template", "alpaca"], 2, ["task chat", "template chat"]),
     "resume without a checkpoint": (lambda r: ["train", str(r / "instruct.yaml"), "--out", str(r / "none"),
                                                "--resume"], 2, ["no checkpoint"]),
 }

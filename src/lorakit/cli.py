@@ -9,7 +9,7 @@ import warnings
 from pathlib import Path
 
 from .config import (COMBINE_METHODS, FIELDS, INITS, METHODS, OPTIMIZERS, PRECISIONS, QUANT_BACKENDS, QUANTIZE,
-                     STRATEGIES, TARGET_PRESETS, TASKS, TEMPLATES, load_recipe)
+                     STRATEGIES, TARGET_PRESETS, TASKS, TEMPLATES, TRAIN_ON, load_recipe)
 from .errors import LorakitWarning, TrainingStopped, UserError
 
 RECIPES = Path(os.environ.get("LORAKIT_RECIPES") or Path(__file__).resolve().parents[2] / "recipes")
@@ -117,6 +117,26 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise
     if args.eval:
         return cmd_eval(argparse.Namespace(run=str(out), max_records=0))
+    return 0
+
+
+def add_data_flags(p: argparse.ArgumentParser) -> None:
+    """The flags that decide what the data becomes: shared by train and data, so `lorakit data` shows what a
+    `lorakit train` with the same flags trains on."""
+    p.add_argument("--data", type=str, help="training data file (or an embedded data set: sharegpt)")
+    p.add_argument("--max-length", type=int, help="tokens per example (or per packed row)")
+    p.add_argument("--max-records", type=int, help="train on the first N records of the split (quick runs)")
+    p.add_argument("--template", choices=TEMPLATES, help="alpaca, chat (the model's own chat template) or chatml")
+    p.add_argument("--train-on", choices=TRAIN_ON, help="chat: the loss on all assistant turns or on the last one")
+    p.add_argument("--skip-invalid", action="store_true", default=None,
+                   help="skip (and count) invalid records instead of failing")
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    """Show what training will see: the records read, kept and skipped (by reason), what encoding changed, tokens
+    and trained tokens, and examples as the model sees them with the trained text marked."""
+    from .preview import show_data
+    show_data(load_recipe(recipe_path(args.recipe), _overrides(args)), args.show, args.json)
     return 0
 
 
@@ -315,7 +335,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe", help="a recipe file or a built-in recipe name (see `lorakit recipes`)")
     for flag, kind, text in (
             ("--model", str, "base model: smollm2, minilm, a directory, a .gguf file or a hub id"),
-            ("--data", str, "training data file"),
             ("--out", str, "run directory (default runs/NAME)"),
             ("--epochs", float, "passes over the training split (fractions allowed)"),
             ("--max-steps", int, "stop after this many optimizer steps (overrides epochs)"),
@@ -324,8 +343,6 @@ def build_parser() -> argparse.ArgumentParser:
             ("--lr", float, "peak learning rate"),
             ("--loraplus-lr-ratio", float, "LoRA+: the B matrices train at lr x this ratio (e.g. 16)"),
             ("--seed", int, "seed for splits, initialisation, data order and dropout (default 42)"),
-            ("--max-length", int, "tokens per example (or per packed row)"),
-            ("--max-records", int, "train on the first N records of the split (quick runs)"),
             ("--max-eval-records", int, "cap the test (and validation) examples"),
             ("--eval-every", int, "validate every N optimizer steps (default: once per epoch)"),
             ("--checkpoint-every", int, "write a resumable checkpoint every N optimizer steps")):
@@ -339,11 +356,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quant-backend", choices=QUANT_BACKENDS,
                    help="NF4 implementation: auto (bitsandbytes Linear4bit where installed, else lorakit's own)")
     p.add_argument("--optimizer", choices=OPTIMIZERS, help="paged 8-bit AdamW needs CUDA")
+    add_data_flags(p)
     p.add_argument("--pack", action="store_true", default=None, help="pack short examples into full rows")
     p.add_argument("--no-share-prefix", dest="share_prefix", action="store_false", default=None,
                    help="packed rows: repeat a prompt preamble the examples share instead of keeping it once")
     p.add_argument("--gradient-checkpointing", action="store_true", default=None, help="recompute activations in backward: less memory")
-    p.add_argument("--skip-invalid", action="store_true", default=None, help="skip (and count) invalid records instead of failing")
     p.add_argument("--compile", action="store_true", default=None,
                    help="torch.compile each decoder block: faster steps after a one-time compile (CPU: needs g++)")
     p.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
@@ -352,6 +369,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any recipe key")
     add_lora_flags(p, defaults=False)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("data", help="what training sees: counts and examples with the trained text marked",
+                       description=cmd_data.__doc__)
+    p.add_argument("recipe", help="a recipe file or a built-in recipe name")
+    p.add_argument("--show", type=int, default=3, help="examples to show (default 3)")
+    p.add_argument("--json", action="store_true", help="one JSON object per example (counts go to stderr)")
+    p.add_argument("--model", help="base model whose tokenizer and template to use")
+    add_data_flags(p)
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any recipe key")
+    p.set_defaults(func=cmd_data)
 
     p = sub.add_parser("eval", help="evaluate a run: base vs adapted", description=cmd_eval.__doc__)
     p.add_argument("run", help="run directory written by `lorakit train`")

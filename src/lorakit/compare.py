@@ -21,7 +21,7 @@ from .files import write_text_atomic
 QUICK = {"classify": {"max_records": 500, "max_eval_records": 400, "epochs": 2.0},
          "generate": {"max_records": 300, "max_eval_records": 60, "epochs": 1.0}}
 FULL_LR_FACTOR = 0.1  # without a recipe full_lr: LoRA's lr is typically ~10x what a full fine-tune of the model takes
-BASE_ROW = {"classify": "base (untrained head)", "summarize": "base", "instruct": "base"}
+BASE_ROW = {"classify": "base (untrained head)", "summarize": "base", "instruct": "base", "chat": "base"}
 
 
 def dir_size(path: Path) -> int:
@@ -162,7 +162,8 @@ def write_outputs(out: Path, stem: str, result: dict, to_markdown, to_plot) -> N
 
 
 def primary_metric(task: str) -> tuple[str, bool]:
-    return {"classify": ("accuracy", False), "summarize": ("rouge1", False), "instruct": ("loss", True)}[task]
+    return {"classify": ("accuracy", False), "summarize": ("rouge1", False), "instruct": ("loss", True),
+            "chat": ("loss", True)}[task]
 
 
 def machine() -> dict:

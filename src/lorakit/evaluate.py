@@ -5,6 +5,8 @@ classify   accuracy, macro-F1, confusion matrix: base (its new head is untrained
 summarize  ROUGE-1/2/L/Lsum (rouge-score, stemmed, best over all references) and BERTScore F1 (bertscore.py),
            absolute and relative gains
 instruct   mean loss and perplexity on held-out responses, plus sample generations with their BERTScore F1
+chat       the same on held-out conversations: loss on their assistant turns, and replies to each one's last user
+           turn (the history before it as context) scored against the conversation's own reply
 Writes eval.json, report.html (see report.py) and the generations as JSONL into the run directory. The trained
 row is named by the run's method (lora, qlora or full); for a full fine-tune the base is a separately loaded copy.
 with_base=False leaves the base rows out (`lorakit compare` computes them once for all methods).
@@ -21,7 +23,8 @@ import torch
 
 from .bertscore import SETUP, bertscore_f1
 from .config import RunConfig, validate
-from .data import format_prompt
+from .conversations import heldout_reply
+from .data import IGNORE, format_prompt
 from .generate import Sampling, generate, generate_base_and_adapted
 from .errors import UserError
 from .inject import disable_adapters
@@ -180,7 +183,20 @@ def response_loss(model, examples, collate, batch_size: int) -> float:
     return total / max(count, 1)
 
 
+def _reply_samples(tok, examples, cfg) -> tuple[list[str], list[dict], list[str]]:
+    """(prompts, sample records, references) for scoring sample replies: instructions, or conversations' last turns."""
+    if cfg.task == "chat":
+        held = [heldout_reply(tok, conv, cfg.template, cfg.max_length) for conv in examples]
+        return ([prompt for prompt, _, _ in held],
+                [{"conversation": [f"{m['role']}: {m['content']}" for m in history], "reference": ref}
+                 for _, history, ref in held], [ref for _, _, ref in held])
+    return ([format_prompt(tok, e.instruction, e.prompt_input, cfg.template) for e in examples],
+            [{"instruction": e.instruction, "input": e.prompt_input, "reference": e.response} for e in examples],
+            [e.response for e in examples])
+
+
 def eval_instruct(model, tok, splits, cfg, tuned: str = "lora", with_base: bool = True, base_model=None) -> dict:
+    """Instruction tuning and chat: held-out loss base vs tuned, and sample replies with their BERTScore F1."""
     encoded = encode_prompts(cfg, splits.test, tok, model)
     collate = collate_for(cfg, tok, model)
     losses = {}
@@ -189,16 +205,15 @@ def eval_instruct(model, tok, splits, cfg, tuned: str = "lora", with_base: bool 
             losses["base"] = response_loss(base_model or model, encoded, collate, cfg.batch_size)
     losses[tuned] = response_loss(model, encoded, collate, cfg.batch_size)
     rows = {name: {"loss": v, "perplexity": math.exp(min(v, 50))} for name, v in losses.items()}
-    chosen = splits.test[: cfg.num_samples]
+    prompts, records, references = _reply_samples(tok, splits.test[: cfg.num_samples], cfg)
     sampling = Sampling(max_new_tokens=cfg.max_new_tokens)
-    prompts = _prompts(model, tok, chosen, cfg)
     gen_b, gen_a = _base_and_tuned(model, base_model, tok, prompts, sampling, cfg, with_base)
     generations = ({"base": gen_b} if with_base else {}) | {tuned: gen_a}
-    bertscores, samples = scored_samples([{"instruction": e.instruction, "input": e.prompt_input,
-                                           "reference": e.response} for e in chosen],
-                                         generations, [[e.response] for e in chosen])
+    bertscores, samples = scored_samples(records, generations, [[ref] for ref in references])
     return {"metrics": rows, "primary": "loss", "lower_is_better": True, "samples": samples, "bertscore": SETUP,
-            "sample_bertscore_f1": bertscores}
+            "sample_bertscore_f1": bertscores, "heldout": {"examples": len(encoded),
+                                                           "tokens": sum(sum(lab != IGNORE for lab in e.labels)
+                                                                         for e in encoded)}}
 
 
 def run_config(run_dir: Path) -> RunConfig:

@@ -36,7 +36,8 @@ class Sampling:
 def _encode(tok, prompts: list[str], template: str, device) -> dict:
     side, tok.padding_side = tok.padding_side, "left"  # decoder-only models continue from the last real token
     try:
-        enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=template != "chat")
+        # a chat template writes its own special tokens; the Alpaca prompt gets the tokenizer's (a BOS)
+        enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=template == "alpaca")
     finally:
         tok.padding_side = side
     return {k: v.to(device) for k, v in enc.items()}

@@ -158,9 +158,21 @@ def load_model(spec: str, task: str = "instruct", num_labels: int | None = None,
     return model, tok
 
 
-def is_seq2seq(model: nn.Module) -> bool:
-    """Whether the model is an encoder-decoder (T5): the input goes to the encoder, the target to the decoder."""
-    return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+def is_seq2seq(model) -> bool:
+    """Whether a model (or its config) is an encoder-decoder (T5): the input goes to the encoder, the target to
+    the decoder."""
+    return bool(getattr(getattr(model, "config", model), "is_encoder_decoder", False))
+
+
+def load_tokenizer_and_config(spec: str):
+    """(tokenizer, config) of a model spec without loading its weights: enough to encode data the way it will."""
+    from transformers import AutoConfig
+    path, _ = resolve_spec(spec)
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise _offline_hint(spec, e) from None
+    return load_tokenizer(path, spec), config
 
 
 def head_name(model: nn.Module) -> str | None:

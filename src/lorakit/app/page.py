@@ -1,4 +1,5 @@
-"""The web page (Gradio): base and adapted answers side by side, streaming, with the adapters' run summaries.
+"""The web page (Gradio): base and adapted answers side by side, streaming, with the adapters' run summaries. For a
+chat adapter each column is a conversation of its own (the base's and each adapter's), continued turn by turn.
 
 Gradio over Streamlit: a generator handler streams into several output boxes of one page (Streamlit reruns the whole
 script per interaction and writes one stream at a time), events are plain Python functions we test directly, and
@@ -32,6 +33,11 @@ def column_updates(wb: Workbench, selected: list[str]) -> list:
     return updates
 
 
+def _sampling(temperature: float, top_p: float, top_k: float, max_new_tokens: float, seed: float) -> Sampling:
+    return Sampling(max_new_tokens=int(max_new_tokens), temperature=float(temperature), top_p=float(top_p),
+                    top_k=int(top_k), seed=int(seed))
+
+
 def run_generation(wb: Workbench, instruction: str, temperature: float, top_p: float, top_k: float,
                    max_new_tokens: float, seed: float, selected: list[str]) -> Iterator[list[str]]:
     """Stream the base's answer, then each ticked adapter's, into [status, text0, stats0, text1, stats1, ...].
@@ -40,8 +46,7 @@ def run_generation(wb: Workbench, instruction: str, temperature: float, top_p: f
     values = [""] * (1 + 2 * (1 + ADAPTER_SLOTS))
     if len(selected) > ADAPTER_SLOTS:
         values[0] = f"showing the first {ADAPTER_SLOTS} of {len(selected)} ticked adapters"
-    sampling = Sampling(max_new_tokens=int(max_new_tokens), temperature=float(temperature), top_p=float(top_p),
-                        top_k=int(top_k), seed=int(seed))
+    sampling = _sampling(temperature, top_p, top_k, max_new_tokens, seed)
     for i, column in enumerate(columns):
         try:
             for answer in wb.answer(column, instruction, sampling):
@@ -51,6 +56,37 @@ def run_generation(wb: Workbench, instruction: str, temperature: float, top_p: f
             values[0] = _error(e)
             yield list(values)
             return
+
+
+def run_chat(wb: Workbench, message: str, histories: dict | None, temperature: float, top_p: float, top_k: float,
+             max_new_tokens: float, seed: float, selected: list[str]) -> Iterator[list]:
+    """Send `message` to the base and to each ticked adapter, each continuing its own conversation (histories:
+    {column: messages}); stream the replies into [status, message box, histories, chat0, stats0, chat1, ...]."""
+    columns = [BASE] + list(selected)[:ADAPTER_SLOTS]
+    histories = {name: list(turns) for name, turns in (histories or {}).items()}
+    status, boxes = "", [None] * (2 * (1 + ADAPTER_SLOTS))
+    for i, column in enumerate(columns):
+        boxes[2 * i], boxes[2 * i + 1] = histories.get(column, []), ""
+    if not message.strip():
+        yield [_error(UserError("type a message first")), message, histories, *boxes]
+        return
+    sampling = _sampling(temperature, top_p, top_k, max_new_tokens, seed)
+    for i, column in enumerate(columns):
+        asked = histories.get(column, []) + [{"role": "user", "content": message}]
+        try:
+            for answer in wb.reply(column, asked, sampling):
+                histories[column] = asked + [{"role": "assistant", "content": answer.text}]
+                boxes[2 * i], boxes[2 * i + 1] = histories[column], answer.stats
+                yield [status, "", histories, *boxes]
+        except Exception as e:  # shown on the page; the server stays up
+            yield [_error(e), message, histories, *boxes]
+            return
+
+
+def slot_conversations(selected: list[str], histories: dict) -> list[list[dict]]:
+    """The conversation each adapter column shows once the ticked adapters change: that adapter's own, kept."""
+    shown = list(selected)[:ADAPTER_SLOTS]
+    return [histories.get(shown[i], []) if i < len(shown) else [] for i in range(ADAPTER_SLOTS)]
 
 
 def run_classification(wb: Workbench, text: str, selected: list[str]) -> list:
@@ -92,11 +128,15 @@ def build_page(wb: Workbench, selected: list[str] | None = None):
             path = gr.Textbox(label="load another adapter (directory)", placeholder="runs/alpaca/adapter",
                               elem_id="adapter-path", scale=3)
             load = gr.Button("Load", elem_id="load-adapter", scale=1)
-        generating = wb.task != "classify"
+        generating, chatting = wb.task != "classify", wb.task == "chat"
         with gr.Row():
-            prompt = gr.Textbox(label="instruction" if generating else "text to classify", lines=3,
-                                elem_id="instruction", scale=4)
-            go = gr.Button("Generate" if generating else "Classify", variant="primary", elem_id="generate", scale=1)
+            prompt = gr.Textbox(label="message" if chatting else "instruction" if generating else "text to classify",
+                                lines=3, elem_id="instruction", scale=4)
+            go = gr.Button("Send" if chatting else "Generate" if generating else "Classify", variant="primary",
+                           elem_id="generate", scale=1)
+            if chatting:
+                clear = gr.Button("New conversation", elem_id="clear", scale=1)
+                histories = gr.State({})
         if generating:
             with gr.Accordion("sampling", open=False):
                 with gr.Row():
@@ -111,7 +151,11 @@ def build_page(wb: Workbench, selected: list[str] | None = None):
                 name = BASE if i == 0 else (selected[i - 1] if i - 1 < len(selected) else None)
                 with gr.Column(visible=name is not None, elem_id=f"column-{i}") as col:
                     title = gr.Markdown(f"#### {name or ''}" if i else "#### base (adapters off)")
-                    if generating:
+                    if chatting:
+                        boxes.append(gr.Chatbot(label="conversation", height=360, elem_id=f"answer-{i}",
+                                                buttons=["copy"]))
+                        boxes.append(gr.Markdown("", elem_id=f"stats-{i}", elem_classes="stats"))
+                    elif generating:
                         boxes.append(gr.Textbox(label="answer", lines=10, interactive=False, elem_id=f"answer-{i}",
                                                 elem_classes="answer", buttons=["copy"]))
                         boxes.append(gr.Markdown("", elem_id=f"stats-{i}", elem_classes="stats"))
@@ -127,7 +171,14 @@ def build_page(wb: Workbench, selected: list[str] | None = None):
         chosen.change(lambda sel: column_updates(wb, sel), chosen, slot_outputs)
         which.change(lambda n: wb.summary(n) if n else "", which, summary)
         load.click(lambda p, sel: load_adapter(wb, p, sel), [path, chosen], [status, chosen, which])
-        if generating:
+        if chatting:
+            def chat_handler(*args):  # a named generator: Gradio streams each yield
+                yield from run_chat(wb, *args)
+            go.click(chat_handler, [prompt, histories, temperature, top_p, top_k, max_new, seed, chosen],
+                     [status, prompt, histories, *boxes])
+            clear.click(lambda: [{}] + [[] if i % 2 == 0 else "" for i in range(len(boxes))], None, [histories, *boxes])
+            chosen.change(slot_conversations, [chosen, histories], boxes[2::2])
+        elif generating:
             def generate_handler(*args):  # a named generator: Gradio streams each yield
                 yield from run_generation(wb, *args)
             go.click(generate_handler, [prompt, temperature, top_p, top_k, max_new, seed, chosen], [status, *boxes])

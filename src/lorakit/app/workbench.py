@@ -105,7 +105,7 @@ class Workbench:
         if base and not same_model(base, self.spec) and not same_model(base, self.model.config._name_or_path):
             raise UserError(f"{p}: this adapter was trained on base model {base!r}; this page serves {self.spec!r}")
         task = meta.get("task")
-        if task and task != self.task and {task, self.task} != {"instruct", "summarize"}:
+        if task and task != self.task and {task, self.task} != {"instruct", "summarize"}:  # chat only with chat
             raise UserError(f"{p}: this adapter is for task {task!r}; this page serves task {self.task!r}")
         if self.task == "classify" and list(meta.get("labels") or []) != self.labels:
             raise UserError(f"{p}: labels {meta.get('labels')} differ from this page's {self.labels}")
@@ -155,8 +155,18 @@ class Workbench:
         """Stream `column`'s answer to `instruction`: the Answer grows piece by piece, timed from the first call."""
         if not instruction.strip():
             raise UserError("type an instruction first")
-        out, counts = Answer(), {"tokens": 0}
-        text, template = self.prompt_for(column, instruction), self.template_for(column)
+        yield from self._stream(column, self.prompt_for(column, instruction), sampling)
+
+    def reply(self, column: str, history: list[dict], sampling: Sampling) -> Iterator[Answer]:
+        """Stream `column`'s next assistant turn after `history` (which ends with the user's), in the column's chat
+        template: each column continues its own conversation."""
+        from ..conversations import reply_prompt
+        if not history or history[-1]["role"] != "user" or not str(history[-1]["content"]).strip():
+            raise UserError("type a message first")
+        yield from self._stream(column, reply_prompt(self.tok, history, self.template_for(column)), sampling)
+
+    def _stream(self, column: str, text: str, sampling: Sampling) -> Iterator[Answer]:
+        out, counts, template = Answer(), {"tokens": 0}, self.template_for(column)
         with self.using(column) as model:
             t0 = time.perf_counter()
             if is_seq2seq(model):  # one piece: encoder-decoder answers are short, and counted after the fact
