@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.lorakit-installed
 
-.PHONY: setup browser run test bench clean
+.PHONY: setup browser llama-cpp run test bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -15,6 +15,20 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 setup: $(STAMP)
+
+# llama.cpp for Python, for the GGUF export tests (skipped without it): PyPI has llama-cpp-python only as source, so
+# this builds llama.cpp with cmake and the C++ compiler, once per venv. Built for x86-64 with AVX2 (no -march=native:
+# llama.cpp's AMX kernels crash on quantised models on some AVX-512 machines, and the wheel stays portable).
+LLAMA_CPP_STAMP := $(VENV)/.llama-cpp-built
+LLAMA_CPP_CMAKE := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON \
+	-DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_CURL=OFF
+
+$(LLAMA_CPP_STAMP): $(STAMP)
+	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) CMAKE_ARGS="$(LLAMA_CPP_CMAKE)" \
+	  $(PY) -m pip install -q --no-cache-dir -c constraints.txt --no-deps llama-cpp-python diskcache
+	touch $@
+
+llama-cpp: $(LLAMA_CPP_STAMP)
 
 run: setup
 	$(VENV)/bin/lorakit train recipes/spam.yaml --out runs/spam --overwrite

@@ -8,8 +8,8 @@ import sys
 import warnings
 from pathlib import Path
 
-from .config import (COMBINE_METHODS, FIELDS, INITS, METHODS, OPTIMIZERS, PRECISIONS, QUANT_BACKENDS, QUANTIZE,
-                     STRATEGIES, TARGET_PRESETS, TASKS, TEMPLATES, TRAIN_ON, load_recipe)
+from .config import (COMBINE_METHODS, EXPORT_FORMATS, EXPORT_QUANTS, FIELDS, INITS, METHODS, OPTIMIZERS, PRECISIONS,
+                     QUANT_BACKENDS, QUANTIZE, STRATEGIES, TARGET_PRESETS, TASKS, TEMPLATES, TRAIN_ON, load_recipe)
 from .errors import LorakitWarning, TrainingStopped, UserError
 
 RECIPES = Path(os.environ.get("LORAKIT_RECIPES") or Path(__file__).resolve().parents[2] / "recipes")
@@ -274,6 +274,32 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """Export a run for llama.cpp / Ollama / LM Studio: the merged model as GGUF, the adapter as llama.cpp's LoRA
+    GGUF, or an Ollama directory (GGUF + Modelfile)."""
+    from .export import export_run
+    out = Path(args.out)
+    if args.format == "ollama":
+        _check_out_free(out, args.force)
+    elif out.is_dir():
+        raise UserError(f"--out {out} is a directory; --format {args.format} writes one file (e.g. {out / 'model.gguf'})")
+    elif out.exists() and not args.force:
+        raise UserError(f"--out {out} exists; choose another path or pass --force to replace it")
+    if args.base and args.format == "gguf-lora":
+        raise UserError("--base exports the base model without the adapter; use it with --format gguf or ollama")
+    written = export_run(args.run, args.format, out, args.quant, base_only=args.base)
+    what = {"gguf": "model", "gguf-lora": "LoRA adapter", "ollama": "Ollama model"}[args.format]
+    print(f"lorakit: {what} -> {written}")
+    if args.format == "gguf":
+        print(f"lorakit: run it: llama-cli -m {written} -cnv")
+    elif args.format == "gguf-lora":
+        print(f"lorakit: run it on the base's GGUF (lorakit export RUN --base --format gguf --out base.gguf): "
+              f"llama-cli -m base.gguf --lora {written} -cnv")
+    else:
+        print(f"lorakit: load it: cd {written} && ollama create NAME -f Modelfile && ollama run NAME")
+    return 0
+
+
 def cmd_combine(args: argparse.Namespace) -> int:
     """Combine trained adapters of one base and task into one (PEFT's add_weighted_adapter methods) and write it as
     an ordinary adapter directory."""
@@ -435,6 +461,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("adapter"), p.add_argument("out"), p.add_argument("--model")
     p.add_argument("--force", action="store_true", help="replace OUT even if it is not empty")
     p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("export", help="GGUF for llama.cpp / Ollama: the merged model, the LoRA alone, or a Modelfile",
+                       description=cmd_export.__doc__)
+    p.add_argument("run", help="run directory written by `lorakit train` (or its adapter/ or model/ directory)")
+    p.add_argument("--format", default="gguf", choices=EXPORT_FORMATS,
+                   help="gguf: merged model; gguf-lora: the adapter for llama.cpp's --lora; ollama: a directory")
+    p.add_argument("--quant", default="f32", choices=EXPORT_QUANTS, help="gguf/ollama weights (default f32)")
+    p.add_argument("--out", required=True, help="the .gguf file (a directory for --format ollama)")
+    p.add_argument("--base", action="store_true", help="the run's base model without its adapter")
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("combine", help="one adapter from several: linear, cat, svd, ties, dare, magnitude_prune",
                        description=cmd_combine.__doc__)

@@ -28,6 +28,8 @@ STRATEGIES = ("auto", "ddp", "fsdp")
 PRECISIONS = ("auto", "no", "bf16", "fp16")
 COMBINE_METHODS = ("linear", "cat", "svd", "ties", "dare_linear", "dare_ties", "magnitude_prune")  # combine.py
 TARGET_PRESETS = ("all-linear", "attention", "mlp")  # resolved per architecture by inject.resolve_targets
+EXPORT_FORMATS = ("gguf", "gguf-lora", "ollama")  # lorakit export (export.py)
+EXPORT_QUANTS = ("f32", "f16", "q8_0", "q4_0")
 INITS = ("kaiming", "gaussian", "pissa", "olora")  # LoRA's starting A and B (lora.LoRALinear.add)
 
 
