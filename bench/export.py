@@ -32,6 +32,11 @@ PROMPTS = ["What is the capital of France?", "Write a short poem about the sea."
 QUANTS = ("f16", "q8_0", "q4_0")
 
 
+def last_logits(llm) -> np.ndarray:
+    """The logits after the last evaluated token (llama-cpp-python keeps `scores` only with logits_all=True)."""
+    return np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),))
+
+
 def llama_cpp_case(path: Path, prompts: list[list[int]], new_tokens: int, threads: int) -> dict:
     """Prefill and decode tokens/s of llama.cpp on one file (its defaults: f16 KV cache)."""
     import llama_cpp
@@ -44,7 +49,7 @@ def llama_cpp_case(path: Path, prompts: list[list[int]], new_tokens: int, thread
         llm.eval(ids)
         t1 = time.perf_counter()
         for _ in range(new_tokens):
-            llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
+            llm.eval([int(np.argmax(last_logits(llm)))])
         decode_s += time.perf_counter() - t1
         prefill_s += t1 - t0
         prefill_n += len(ids)

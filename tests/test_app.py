@@ -256,3 +256,27 @@ def test_chat_page_in_headless_chromium(tiny_runs):
             browser.close()
     finally:
         page_app.close()
+
+
+def test_batched_generation_sorts_by_length_and_keeps_the_order(tiny_runs):
+    """Batches are formed from prompts of similar length; each completion is the one transformers' generate gives
+    for that batch, returned in the prompts' order."""
+    from lorakit.data import format_prompt
+    from lorakit.generate import _encode, generate, new_token_counts
+    model, tok = load_model(str(tiny_runs["llama"]))
+    prompts = [format_prompt(tok, " ".join(f"w{5 + k}" for k in range(n)), "", "alpaca") for n in (9, 1, 5, 2, 8)]
+    got = generate(model, tok, prompts, GREEDY, batch_size=2)
+    lengths = [len(tok(p)["input_ids"]) for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: lengths[i])
+    assert order == [1, 3, 2, 4, 0]
+    want = [None] * len(prompts)
+    for i in range(0, len(order), 2):
+        rows = order[i:i + 2]
+        enc = _encode(tok, [prompts[j] for j in rows], "alpaca", "cpu")
+        with torch.no_grad():
+            new = model.generate(**enc, **GREEDY.kwargs(tok))[:, enc["input_ids"].shape[1]:]
+        for j, text in zip(rows, tok.batch_decode(new, skip_special_tokens=True)):
+            want[j] = text.strip()
+    assert got == want
+    eos = tok.eos_token_id
+    assert new_token_counts(torch.tensor([[5, 6, eos, eos], [5, 6, 7, 8], [eos, eos, eos, eos]]), eos) == [3, 4, 1]

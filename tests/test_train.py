@@ -99,10 +99,11 @@ def test_instruct_train_eval_generate_merge(tmp_path, llama_dir, capsys):
 
     assert main(["generate", "--adapter", str(run / "adapter"), "--prompt", "w5 w6", "--input", "w9 w10",
                  "--max-new-tokens", "6"]) == 0
-    streamed = capsys.readouterr().out
+    streamed, speed = capsys.readouterr()
     assert main(["generate", "--adapter", str(run / "adapter"), "--prompt", "w5 w6", "--input", "w9 w10",
                  "--max-new-tokens", "6", "--no-stream", "--merge"]) == 0
     assert capsys.readouterr().out.strip() == streamed.strip() != ""  # greedy: merged and streamed agree
+    assert "lorakit: 6 tokens in" in speed and "tokens/s)" in speed  # on stderr: stdout is the text alone
 
     merged_dir = tmp_path / "merged"
     assert main(["merge", str(run / "adapter"), str(merged_dir)]) == 0
@@ -409,3 +410,45 @@ def test_loraplus_ratio_is_recorded_and_bad_values_refused(tmp_path, llama_dir, 
         assert "loraplus_lr_ratio" in err and words in err and "Traceback" not in err
     assert main(["train", r, "--out", str(tmp_path / "x"), "--method", "full", "--loraplus-lr-ratio", "16"]) == 2
     assert "a full fine-tune has none" in capsys.readouterr().err
+
+
+def test_eval_on_another_file(tmp_path, llama_dir, capsys):
+    """`lorakit eval RUN --data FILE`: the adapter scored on a new file of its task's format, into its own directory,
+    its loss the one computed directly; never over another file's evaluation; a label the run never saw refused."""
+    from lorakit.evaluate import response_loss, run_config
+    from lorakit.tasks import collate_for, encode_prompts
+    from lorakit.trained import load_trained
+    from lorakit.data import InstructionData
+    run = tmp_path / "run"
+    r = recipe(tmp_path, model=llama_dir, task="instruct", data=str(write_instruct(tmp_path / "a.jsonl")),
+               max_steps=2, split=[0.6, 0.2, 0.2])
+    assert main(["train", r, "--out", str(run)]) == 0
+    new = write_instruct(tmp_path / "new.jsonl", n=7, seed=5)
+    assert main(["eval", str(run), "--data", str(new), "--no-base"]) == 0
+    ev = json.loads((run / "eval-new" / "eval.json").read_text())
+    assert ev["test_examples"] == 7 and ev["test_data"] == str(new) and not (run / "eval.json").exists()
+    assert (run / "eval-new" / "report.html").is_file()
+    cfg = run_config(run)
+    model, tok, _ = load_trained(run / "adapter")
+    examples = InstructionData.load(new).examples
+    direct = response_loss(model, encode_prompts(cfg, examples, tok, model), collate_for(cfg, tok, model),
+                           cfg.batch_size)
+    assert ev["metrics"]["lora"]["loss"] == pytest.approx(direct, abs=1e-6)
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    write_instruct(other / "new.jsonl", n=3, seed=6)
+    capsys.readouterr()
+    assert main(["eval", str(run), "--data", str(other / "new.jsonl")]) == 2
+    assert "holds the evaluation of another file; pass --out NEW_DIR" in capsys.readouterr().err
+    assert json.loads((run / "eval-new" / "eval.json").read_text())["test_examples"] == 7  # untouched
+
+
+def test_eval_on_another_file_refuses_a_label_the_run_never_saw(tmp_path, llama_dir, capsys):
+    run = tmp_path / "run"
+    r = recipe(tmp_path, model=llama_dir, task="classify", data=str(write_sms(tmp_path / "sms.tsv")), max_steps=1)
+    assert main(["train", r, "--out", str(run)]) == 0
+    (tmp_path / "new.tsv").write_text("ham\tw10 w11\nphishing\tw100 w101\n")
+    capsys.readouterr()
+    assert main(["eval", str(run), "--data", str(tmp_path / "new.tsv")]) == 2
+    err = capsys.readouterr().err
+    assert "new.tsv, line 2: field 'label': unknown label 'phishing' (known: ham, spam)" in err

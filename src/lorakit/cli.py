@@ -5,6 +5,7 @@ import argparse
 import os
 import shlex
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -141,13 +142,14 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    """Evaluate a trained run against its base model on the run's test split."""
+    """Evaluate a trained run against its base model on the run's test split, or on another file (--data)."""
     from .evaluate import evaluate_run
-    evaluate_run(args.run, max_records=args.max_records, with_base=not getattr(args, "no_base", False))
+    _, written = evaluate_run(args.run, max_records=args.max_records, with_base=not getattr(args, "no_base", False),
+                              data=getattr(args, "data", None), out=getattr(args, "out", None))
     run = Path(args.run)
     saved = "model    " + str(run / "model") if (run / "model").is_dir() else "adapter  " + str(run / "adapter")
-    print(f"\nlorakit: {saved}\nlorakit: report   {run / 'report.html'} (eval.json, "
-          f"eval_samples.jsonl)\nlorakit: plots    {run / 'loss.png'}, {run / 'eval.png'}")
+    print(f"\nlorakit: {saved}\nlorakit: report   {written / 'report.html'} (eval.json, "
+          f"eval_samples.jsonl)\nlorakit: plots    {run / 'loss.png'}, {written / 'eval.png'}")
     return 0
 
 
@@ -223,12 +225,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
         text = prompt if seq2seq else format_prompt(tok, prompt, args.input or "", template)
         sampling = Sampling(args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.repetition_penalty,
                             args.seed)
+        counts, t0 = {"tokens": 0}, time.perf_counter()
         if args.no_stream or seq2seq:
-            print(generate(model, tok, [text], sampling, template)[0])
+            answer = generate(model, tok, [text], sampling, template)[0]
+            print(answer)
+            counts["tokens"] = len(tok(answer, add_special_tokens=False)["input_ids"])
         else:
-            for piece in stream(model, tok, text, sampling, template):
+            for piece in stream(model, tok, text, sampling, template, stats=counts):
                 print(piece, end="", flush=True)
             print()
+        seconds = time.perf_counter() - t0
+        print(f"lorakit: {counts['tokens']} tokens in {seconds:.1f} s ({counts['tokens'] / seconds:.1f} tokens/s)",
+              file=sys.stderr)
     return 0
 
 
@@ -410,6 +418,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="run directory written by `lorakit train`")
     p.add_argument("--max-records", type=int, default=0, help="evaluate on the first N test examples")
     p.add_argument("--no-base", action="store_true", help="score only the trained model, not the base")
+    p.add_argument("--data", help="evaluate on this file (the run's task format) instead of the run's test split")
+    p.add_argument("--out", help="with --data: where eval.json and the report go (default RUN_DIR/eval-<file name>)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("compare", help="full fine-tuning vs LoRA vs QLoRA on one recipe: one table",

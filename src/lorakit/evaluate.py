@@ -30,7 +30,7 @@ from .errors import UserError
 from .inject import disable_adapters
 from .loss import heldout_loss_sum
 from .models import head_name, is_seq2seq, load_model
-from .tasks import collate_for, encode_prompts, load_splits
+from .tasks import Splits, collate_for, data_path, encode_prompts, examples_of, load_file, load_splits
 from .trained import load_trained
 
 ROUGE_KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
@@ -224,8 +224,11 @@ def run_config(run_dir: Path) -> RunConfig:
     return validate(RunConfig(**json.loads(f.read_text())["config"]), str(f))
 
 
-def evaluate_run(run_dir: str | Path, max_records: int = 0, with_base: bool = True) -> dict:
-    """Evaluate a trained run on its test split; writes eval.json, report.html and samples into run_dir."""
+def evaluate_run(run_dir: str | Path, max_records: int = 0, with_base: bool = True, data: str | None = None,
+                 out: str | Path | None = None) -> tuple[dict, Path]:
+    """Evaluate a trained run on its test split, or on `data` (any file in the run's task format); writes eval.json,
+    report.html and samples into run_dir (with `data`: into `out`, default RUN/eval-<file name>). Returns the
+    result and the directory written."""
     from .report import print_table, write_report
     run_dir = Path(run_dir)
     cfg = run_config(run_dir)
@@ -233,6 +236,10 @@ def evaluate_run(run_dir: str | Path, max_records: int = 0, with_base: bool = Tr
         cfg.max_eval_records = max_records
     t0 = time.perf_counter()
     splits = load_splits(cfg)
+    out_dir = run_dir
+    if data:
+        out_dir = Path(out) if out else run_dir / f"eval-{Path(data).stem}"
+        splits = with_test_file(cfg, splits, data, out_dir, max_records)
     for stats in splits.loaded.values():
         print(f"data: {stats}")
     full = cfg.method == "full"
@@ -245,11 +252,29 @@ def evaluate_run(run_dir: str | Path, max_records: int = 0, with_base: bool = Tr
         result = fn(model, tok, splits, cfg, cfg.method, with_base, base)
     samples = result.pop("samples")
     result.update(task=cfg.task, run=cfg.name, model=cfg.model, method=cfg.method, tuned=cfg.method,
-                  test_examples=len(splits.test), seconds=time.perf_counter() - t0)
-    (run_dir / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
-    with open(run_dir / "eval_samples.jsonl", "w") as f:
+                  test_examples=len(splits.test), seconds=time.perf_counter() - t0,
+                  test_data=str(data_path(cfg, data)) if data else "the run's test split")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+    with open(out_dir / "eval_samples.jsonl", "w") as f:
         for s in samples:
             f.write(json.dumps(s) + "\n")
-    write_report(run_dir, result, samples)
+    write_report(run_dir, result, samples, out_dir=out_dir)
     print_table(result)
-    return result
+    return result, out_dir
+
+
+def with_test_file(cfg: RunConfig, splits: Splits, data: str, out_dir: Path, max_records: int = 0) -> Splits:
+    """The run's splits with `data` (read in the run's task format and labels; all of it, or its first
+    max_records) as the test split. An evaluation of another file already in out_dir is a UserError: it is never
+    overwritten."""
+    previous = out_dir / "eval.json"
+    path = data_path(cfg, data)
+    if previous.is_file() and json.loads(previous.read_text()).get("test_data") != str(path):
+        raise UserError(f"{out_dir} holds the evaluation of another file; pass --out NEW_DIR")
+    if cfg.task == "classify":
+        cfg.labels = list(splits.labels)  # the run's label ids; a label it was not trained on is an error
+    extra = load_file(cfg, path)
+    splits.test = examples_of(extra)[: max_records or None]
+    splits.loaded = {"eval_data": extra.stats}
+    return splits

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -55,27 +56,48 @@ def merged(model, enabled: bool = True):
             unmerge(model)
 
 
+def new_token_counts(new: torch.Tensor, eos_id: int | None) -> list[int]:
+    """Tokens each row generated: up to and including its first EOS (the rest is padding after it stopped)."""
+    if eos_id is None:
+        return [new.shape[1]] * new.shape[0]
+    ended = (new == eos_id).int().cumsum(1)
+    return ((ended == 0) | ((ended == 1) & (new == eos_id))).sum(1).tolist()
+
+
 @torch.no_grad()
 def generate(model, tok, prompts: list[str], sampling: Sampling, template: str = "alpaca",
-             batch_size: int = 8, progress: str | None = None) -> list[str]:
-    """Completions for `prompts` (already templated for causal models; raw inputs for seq2seq)."""
+             batch_size: int = 16, progress: str | None = None) -> list[str]:
+    """Completions for `prompts` (already templated for causal models; raw inputs for seq2seq), in their order.
+
+    Batches are formed from prompts of similar length (sorted by token count): far less padding in each, so fewer
+    wasted positions per step. 16 rows a batch by default: a decode step reads every weight once for all its rows,
+    and on a CPU a 16-row step costs little more than an 8-row one. With `progress`, a bar with the ETA and the
+    generated tokens/s."""
     from tqdm.auto import tqdm
     model.eval()
     seq2seq = is_seq2seq(model)
     if sampling.seed is not None:
         torch.manual_seed(sampling.seed)
     device = next(model.parameters()).device
-    out = []
+    lengths = [len(ids) for ids in tok(prompts, add_special_tokens=False)["input_ids"]] if prompts else []
+    order = sorted(range(len(prompts)), key=lambda i: lengths[i])
+    out: list[str | None] = [None] * len(prompts)
     starts = range(0, len(prompts), batch_size)
-    for i in tqdm(starts, desc=f"generate {progress}", disable=progress is None or len(starts) < 2, mininterval=2.0):
-        chunk = prompts[i:i + batch_size]
+    bar = tqdm(starts, desc=f"generate {progress}", disable=progress is None or len(starts) < 2, mininterval=2.0)
+    tokens, t0 = 0, time.perf_counter()
+    for i in bar:
+        rows = order[i:i + batch_size]
+        chunk = [prompts[j] for j in rows]
         if seq2seq:
             enc = {k: v.to(device) for k, v in tok(chunk, return_tensors="pt", padding=True, truncation=True).items()}
         else:
             enc = _encode(tok, chunk, template, device)
         ids = model.generate(**enc, **sampling.kwargs(tok))
         new = ids if seq2seq else ids[:, enc["input_ids"].shape[1]:]
-        out += [t.strip() for t in tok.batch_decode(new, skip_special_tokens=True)]
+        for j, text in zip(rows, tok.batch_decode(new, skip_special_tokens=True)):
+            out[j] = text.strip()
+        tokens += sum(new_token_counts(new, tok.eos_token_id))
+        bar.set_postfix(tok_s=f"{tokens / (time.perf_counter() - t0):.1f}", refresh=False)
     return out
 
 

@@ -93,9 +93,12 @@ def _cell(v) -> str:
     return f"<td>{html.escape(str(v))}</td>"
 
 
-def write_report(run_dir: Path, result: dict, samples: list[dict], n_samples: int = 8) -> Path:
-    """report.html: metrics, loss and evaluation plots, the run's parameter report, side-by-side examples."""
-    plot_eval(result, run_dir / "eval.png")
+def write_report(run_dir: Path, result: dict, samples: list[dict], n_samples: int = 8,
+                 out_dir: Path | None = None) -> Path:
+    """report.html: metrics, loss and evaluation plots, the run's parameter report, side-by-side examples (into
+    out_dir, default the run directory)."""
+    out_dir = out_dir or run_dir
+    plot_eval(result, out_dir / "eval.png")
     run = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").is_file() else {}
     names = _metric_names(result)
     head = "".join(f"<th>{html.escape(n)}</th>" for n in names)
@@ -121,10 +124,10 @@ vertical-align:top;white-space:pre-wrap;font-size:14px}}img{{max-width:100%}}</s
 <h2>Metrics</h2><table><tr><th></th>{head}</tr>{body}</table>
 {f'<p>{html.escape(note)}</p>' if (note := bertscore_note(result)) else ''}
 {f'<h2>Gain of {html.escape(result.get("tuned", "lora"))} over base</h2><table><tr><th></th><th>absolute</th><th>relative</th></tr>{gains}</table>' if gains else ''}
-<h2>Plots</h2>{_img(run_dir / 'eval.png')}{_img(run_dir / 'loss.png')}
+<h2>Plots</h2>{_img(out_dir / 'eval.png')}{_img(run_dir / 'loss.png')}
 <h2>Examples, side by side</h2><table><tr>{''.join(f'<th>{html.escape(c)}</th>' for c in cols)}</tr>{examples}</table>
 </body></html>
 """
-    out = run_dir / "report.html"
+    out = out_dir / "report.html"
     out.write_text(page)
     return out

@@ -1,0 +1,154 @@
+"""Generation speed on this CPU against what its memory bandwidth allows (the measurement behind issue #21).
+
+A batch-1 decode step reads every weight once, so memory bandwidth bounds it: the bench times a 1 GiB read and one
+F.linear over all of SmolLM2-135M's weight matrices at M=1 (the step's weight traffic, with nothing else), and
+reports each case as a fraction of that bound. Cases, taking turns over several rounds (median): transformers'
+`generate` at batch 1 and at batch 8 (left-padded), greedy, 64 new tokens, on DialogSum test dialogues in the
+`dialogsum` recipe's prompt; a prefill of 8 x 256 tokens; and llama.cpp on an f16 export where llama-cpp-python is
+built. Writes bench/results/generate.json and prints a Markdown table.
+
+    python bench/generate.py [--rounds 3] [--new-tokens 64]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "bench"))
+from lorakit.compare import machine  # noqa: E402
+from lorakit.data import SummarizationData, format_prompt  # noqa: E402
+from lorakit.models import load_model  # noqa: E402
+
+DIALOGSUM_TEST = ROOT.parent / "shared" / "data" / "dialogsum" / "dialogsum.test.jsonl"
+
+
+def read_bandwidth(gib: float = 1.0) -> float:
+    """GB/s of summing a `gib` GiB fp32 tensor (one pass over memory), best of 3."""
+    x = torch.ones(int(gib * 2 ** 30 / 4))
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t0)
+    return x.numel() * 4 / best / 1e9
+
+
+def weight_bound(model) -> dict:
+    """Steps/s if a decode step did nothing but one batch-1 F.linear per weight matrix (the LM head included)."""
+    mats = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    x = {w.shape[1]: torch.randn(1, w.shape[1]) for w in mats}
+    nbytes = sum(w.numel() * 4 for w in mats)
+    best = float("inf")
+    with torch.no_grad():
+        for _ in range(5):
+            t0 = time.perf_counter()
+            for w in mats:
+                F.linear(x[w.shape[1]], w)
+            best = min(best, time.perf_counter() - t0)
+    return {"matrices": len(mats), "weight_mb": nbytes / 1e6, "linear_pass_ms": best * 1e3,
+            "bound_steps_s": 1 / best, "linear_gb_s": nbytes / best / 1e9}
+
+
+@torch.no_grad()
+def hf_generate(model, tok, prompts: list[str], batch: int, new_tokens: int) -> dict:
+    """Decode tokens/s of transformers' generate over `prompts` in batches (prefill timed apart and taken out)."""
+    side, tok.padding_side = tok.padding_side, "left"
+    prefill_s = total_s = 0.0
+    rows = 0
+    try:
+        for i in range(0, len(prompts), batch):
+            enc = tok(prompts[i:i + batch], return_tensors="pt", padding=True)
+            kw = dict(do_sample=False, pad_token_id=tok.pad_token_id)
+            t0 = time.perf_counter()
+            model.generate(**enc, max_new_tokens=1, **kw)
+            t1 = time.perf_counter()
+            model.generate(**enc, max_new_tokens=new_tokens + 1, min_new_tokens=new_tokens + 1, **kw)
+            t2 = time.perf_counter()
+            prefill_s += t1 - t0
+            total_s += t2 - t1
+            rows += enc["input_ids"].shape[0]
+    finally:
+        tok.padding_side = side
+    steps_s = (len(range(0, len(prompts), batch)) * new_tokens) / (total_s - prefill_s)
+    return {"decode_tok_s": rows * new_tokens / (total_s - prefill_s), "decode_steps_s": steps_s}
+
+
+@torch.no_grad()
+def prefill(model, rows: int = 8, length: int = 256) -> dict:
+    ids = torch.randint(100, 40000, (rows, length), generator=torch.Generator().manual_seed(0))
+    t0 = time.perf_counter()
+    model(input_ids=ids, logits_to_keep=1)
+    return {"prefill_tok_s": rows * length / (time.perf_counter() - t0)}
+
+
+def batch_one(row: dict) -> dict:
+    """At batch 1 a decode step makes one token: steps/s are tokens/s."""
+    return row | {"decode_steps_s": row["decode_tok_s"]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "generate.json"))
+    args = ap.parse_args()
+    model, tok = load_model("smollm2")
+    model.eval()
+    data = SummarizationData.load(DIALOGSUM_TEST)
+    prompts = [format_prompt(tok, e.instruction, e.prompt_input, "alpaca") for e in data.examples[:8]]
+    cases = {"transformers generate, batch 1": lambda: hf_generate(model, tok, prompts, 1, args.new_tokens),
+             "transformers generate, batch 8": lambda: hf_generate(model, tok, prompts, 8, args.new_tokens),
+             "transformers prefill 8 x 256": lambda: prefill(model)}
+    tmp = tempfile.TemporaryDirectory()
+    try:
+        import llama_cpp  # noqa: F401
+        from export import llama_cpp_case
+        from lorakit.export import write_model_gguf
+        f16 = write_model_gguf(model, tok, Path(tmp.name) / "smollm2-f16.gguf", "f16")
+        ids = [tok(p)["input_ids"] for p in prompts]
+        cases["llama.cpp f16, batch 1"] = lambda: batch_one(llama_cpp_case(f16, ids, args.new_tokens,
+                                                                         torch.get_num_threads()))
+    except ImportError:
+        print("llama-cpp-python is not built (make llama-cpp): its row is left out")
+    runs = {name: [] for name in cases}
+    bound = {"read_gb_s": [], "weights": []}
+    for r in range(args.rounds):
+        bound["read_gb_s"].append(read_bandwidth())
+        bound["weights"].append(weight_bound(model))
+        for name, case in cases.items():  # taking turns: the machine's drift hits every case alike
+            runs[name].append(case())
+            print(f"round {r + 1} {name}: {runs[name][-1]}", flush=True)
+    tmp.cleanup()
+    rows = {name: {k: statistics.median(run[k] for run in rs) for k in rs[0]} for name, rs in runs.items()}
+    steps_bound = statistics.median(b["bound_steps_s"] for b in bound["weights"])
+    for name, row in rows.items():
+        if "decode_steps_s" in row:
+            row["fraction_of_bound"] = row["decode_steps_s"] / steps_bound
+    result = {"machine": machine(), "threads": torch.get_num_threads(), "rounds": args.rounds,
+              "new_tokens": args.new_tokens, "prompt_tokens": [len(tok(p)["input_ids"]) for p in prompts],
+              "read_gb_s": statistics.median(bound["read_gb_s"]), "weight_bound": bound["weights"][-1] |
+              {"bound_steps_s": steps_bound}, "rows": rows, "runs": runs}
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nmemory read {result['read_gb_s']:.1f} GB/s; all weight matrices at M=1: "
+          f"{result['weight_bound']['linear_pass_ms']:.1f} ms = {steps_bound:.1f} decode steps/s at best\n")
+    print("| case | tokens/s | decode steps/s | fraction of the bound |\n|---|---:|---:|---:|")
+    for name, row in rows.items():
+        rate = row.get("decode_tok_s") or row.get("prefill_tok_s")
+        steps = f"{row['decode_steps_s']:.1f}" if "decode_steps_s" in row else ""
+        fraction = f"{row['fraction_of_bound']:.0%}" if "fraction_of_bound" in row else ""
+        print(f"| {name} | {rate:.1f} | {steps} | {fraction} |")
+    print(f"\n-> {args.out}")
+
+
+if __name__ == "__main__":
+    main()
