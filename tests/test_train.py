@@ -452,3 +452,16 @@ def test_eval_on_another_file_refuses_a_label_the_run_never_saw(tmp_path, llama_
     assert main(["eval", str(run), "--data", str(tmp_path / "new.tsv")]) == 2
     err = capsys.readouterr().err
     assert "new.tsv, line 2: field 'label': unknown label 'phishing' (known: ham, spam)" in err
+
+
+def test_data_command_on_a_classifier_and_alpaca(tmp_path, llama_dir, capsys):
+    r = recipe(tmp_path, model=llama_dir, task="classify", data=str(write_sms(tmp_path / "sms.tsv")))
+    assert main(["data", r, "--show", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "read 60, kept 60, skipped 0" in out and "a classifier trains on the label" in out
+    assert "[[\n→ label ham]]" in out or "[[\n→ label spam]]" in out
+    r = recipe(tmp_path, model=llama_dir, task="instruct", data=str(write_instruct(tmp_path / "a.jsonl")))
+    assert main(["data", r, "--show", "2", "--json"]) == 0
+    objects = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(objects) == 2 and all(o["text"].endswith(o["trained"][-1]) for o in objects)  # the response + EOS
+    assert all(o["trained"][-1].endswith("</s>") and 0 < o["trained_tokens"] < o["tokens"] for o in objects)
