@@ -85,7 +85,10 @@ def previews(cfg: RunConfig, show: int) -> tuple[dict, list[Preview]]:
     return counts, shown
 
 
-def print_counts(counts: dict, file=sys.stdout) -> None:
+def print_counts(counts: dict, file=None) -> None:
+    """The counts as lines, to `file` (the current standard output when None: looked up at call time, so a
+    redirected or captured stdout is the one written to)."""
+    file = file or sys.stdout
     for name, stats in counts["files"].items():
         line = (f"{name}: {stats['path']}: read {stats['read']:,}, kept {stats['kept']:,}, skipped "
                 f"{sum(stats['skipped'].values()):,}")
