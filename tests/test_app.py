@@ -180,6 +180,14 @@ def chromium() -> str:
     return path
 
 
+def open_page(pw):
+    """(browser, a 1400x1000 page) in Debian's Chromium, headless and offline."""
+    browser = pw.chromium.launch(executable_path=chromium(), args=[
+        "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync"])
+    return browser, browser.new_page(viewport={"width": 1400, "height": 1000})
+
+
 def test_page_in_headless_chromium(tiny_runs):
     pytest.importorskip("gradio")
     sync_api = pytest.importorskip("playwright.sync_api")
@@ -189,10 +197,7 @@ def test_page_in_headless_chromium(tiny_runs):
     page_app = serve(wb, port=port, block=False)
     try:
         with sync_api.sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path=chromium(), args=[
-                "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                "--disable-background-networking", "--disable-component-update", "--disable-sync"])
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            browser, page = open_page(pw)
             page.goto(f"http://127.0.0.1:{port}/", wait_until="networkidle", timeout=60_000)
             page.locator("#instruction textarea").fill(PROMPT)
             page.locator("#generate").click()
@@ -231,10 +236,7 @@ def test_chat_page_in_headless_chromium(tiny_runs):
             " && s.innerText.includes('tokens/s') && !s.innerText.includes('…'); }")
     try:
         with sync_api.sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path=chromium(), args=[
-                "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                "--disable-background-networking", "--disable-component-update", "--disable-sync"])
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            browser, page = open_page(pw)
             page.goto(f"http://127.0.0.1:{port}/", wait_until="load", timeout=60_000)
             page.locator("#instruction textarea").wait_for(timeout=60_000)
             for message in ("w21 w22", "w33 w34"):

@@ -245,6 +245,12 @@ def test_parquet_records_with_the_same_checks(tmp_path):
         ChatData.load(path)
     data = ChatData.load(path, strict=False)
     assert data.stats.kept == 2 and data.conversations[0].messages[1].content == "yes"
+    from lorakit.data import ClassificationData
+    pq.write_table(pa.Table.from_pylist([{"text": "hello", "label": "ham"}, {"text": "WIN", "label": "spam"},
+                                         {"text": "", "label": "ham"}]), tmp_path / "sms.parquet")
+    with pytest.raises(DataError, match=r"sms\.parquet, row 2: field 'text' is empty"):
+        ClassificationData.load(tmp_path / "sms.parquet")  # Parquet for every task, with the same record checks
+    assert [e.label for e in ClassificationData.load(tmp_path / "sms.parquet", strict=False).examples] == [0, 1]
     (tmp_path / "bad.parquet").write_bytes(b"PAR1 not really")
     with pytest.raises(DataError, match=r"bad\.parquet: not a readable Parquet file"):
         ChatData.load(tmp_path / "bad.parquet")

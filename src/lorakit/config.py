@@ -238,9 +238,9 @@ def validate(cfg: RunConfig, where: str) -> RunConfig:
     if cfg.task == "chat" and cfg.template == "alpaca":
         raise ConfigError(f"{where}: task chat renders conversations in a chat template: template chat (the model's "
                           "own) or chatml, not alpaca")
-    for key, choices in (("train_on", TRAIN_ON), ("task", TASKS), ("schedule", SCHEDULES), ("template", TEMPLATES), ("method", METHODS),
-                         ("quant_backend", QUANT_BACKENDS), ("optimizer", OPTIMIZERS), ("init", INITS),
-                         ("strategy", STRATEGIES), ("mixed_precision", PRECISIONS)):
+    for key, choices in (("task", TASKS), ("schedule", SCHEDULES), ("template", TEMPLATES), ("train_on", TRAIN_ON),
+                         ("method", METHODS), ("quant_backend", QUANT_BACKENDS), ("optimizer", OPTIMIZERS),
+                         ("init", INITS), ("strategy", STRATEGIES), ("mixed_precision", PRECISIONS)):
         _check_choice(cfg, key, choices, where)
     if cfg.quantize not in ("",) + QUANTIZE:
         raise ConfigError(f"{where}: quantize {cfg.quantize!r} must be {_one_of(QUANTIZE)} or empty")

@@ -366,7 +366,7 @@ class ClassificationData:
 def _classification_rows(p: Path, text_field: str, label_field: str,
                          strict: bool = True) -> Iterator[tuple[str, dict]]:
     suffix = p.suffix.lower()
-    if suffix in (".json", ".jsonl"):
+    if suffix in (".json", ".jsonl", ".parquet"):
         yield from iter_records(p, strict)
         return
     text = read_text(p)

@@ -253,7 +253,7 @@ def evaluate_run(run_dir: str | Path, max_records: int = 0, with_base: bool = Tr
     samples = result.pop("samples")
     result.update(task=cfg.task, run=cfg.name, model=cfg.model, method=cfg.method, tuned=cfg.method,
                   test_examples=len(splits.test), seconds=time.perf_counter() - t0,
-                  test_data=str(data_path(cfg, data)) if data else "the run's test split")
+                  test_data=splits.loaded["eval_data"].path if data else "the run's test split")
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
     with open(out_dir / "eval_samples.jsonl", "w") as f:

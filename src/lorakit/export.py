@@ -60,16 +60,17 @@ def permute_rows(weight: torch.Tensor, n_head: int) -> torch.Tensor:
             .swapaxes(1, 2).reshape(weight.shape))
 
 
-def _heads_for(hf_name: str, config) -> int | None:
-    """The head count a q/k weight (or LoRA B) is permuted by; None for other tensors."""
-    if hf_name.endswith("q_proj.weight"):
-        return config.num_attention_heads
-    if hf_name.endswith("k_proj.weight"):
-        return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    return None
+def llama_cpp_rows(hf_name: str, tensor: torch.Tensor, config, permute: bool) -> torch.Tensor:
+    """`tensor` (the weight `hf_name`, or a LoRA B for it) in llama.cpp's row order: q/k permuted by their head
+    counts where the architecture is converted that way, anything else as it is."""
+    if permute and hf_name.endswith("q_proj.weight"):
+        return permute_rows(tensor, config.num_attention_heads)
+    if permute and hf_name.endswith("k_proj.weight"):
+        return permute_rows(tensor, getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
+    return tensor
 
 
-def _hparams(writer, config, arch: str) -> None:
+def _hparams(writer, config) -> None:
     rope = getattr(config, "rope_parameters", None) or {}
     theta = rope.get("rope_theta") or getattr(config, "rope_theta", 10000.0)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -131,7 +132,7 @@ def _tokenizer(writer, tokenizer, vocab_size: int, tmp: Path) -> None:
         writer.add_chat_template(tokenizer.chat_template)
 
 
-def _tensor(hf_name: str, tensor: torch.Tensor, quant: str):
+def _tensor(tensor: torch.Tensor, quant: str):
     """(data, raw dtype) for the writer: 1-D tensors in f32, matrices in `quant` (f16 where rows do not split
     into the quantisation's blocks)."""
     gguf = _gguf()
@@ -161,7 +162,7 @@ def write_model_gguf(model: nn.Module, tokenizer, path: Path, quant: str = "f32"
     writer = gguf.GGUFWriter(str(path), arch)
     writer.add_type("model")
     writer.add_name(name or Path(path).stem)
-    _hparams(writer, config, arch)
+    _hparams(writer, config)
     writer.add_file_type(FILE_TYPES[quant])
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     with tempfile.TemporaryDirectory() as tmp:
@@ -176,8 +177,7 @@ def write_model_gguf(model: nn.Module, tokenizer, path: Path, quant: str = "f32"
         gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if gguf_name is None:
             raise ExportError(f"{hf_name}: no GGUF tensor name for it in llama.cpp's {arch} mapping")
-        heads = _heads_for(hf_name, config) if permute else None
-        data, kind = _tensor(hf_name, permute_rows(tensor, heads) if heads else tensor, quant)
+        data, kind = _tensor(llama_cpp_rows(hf_name, tensor, config, permute), quant)
         writer.add_tensor(gguf_name, data, raw_dtype=kind)
     _finish(writer)
     return path
@@ -225,9 +225,9 @@ def write_lora_gguf(adapter_dir: Path, config, path: Path) -> Path:
         gguf_name = names.get_name(f"{module}.weight", try_suffixes=(".weight",))
         if gguf_name is None:
             raise ExportError(f"{module}: no GGUF tensor name for it in llama.cpp's {arch} mapping")
-        heads = _heads_for(f"{module}.weight", config) if permute else None
         writer.add_tensor(f"{gguf_name}.lora_a", a.float().numpy())
-        writer.add_tensor(f"{gguf_name}.lora_b", (permute_rows(b, heads) if heads else b).float().numpy())
+        b = llama_cpp_rows(f"{module}.weight", b, config, permute)
+        writer.add_tensor(f"{gguf_name}.lora_b", b.float().numpy())
     _finish(writer)
     return path
 
@@ -292,7 +292,6 @@ def export_run(run: str | Path, fmt: str, out: str | Path, quant: str = "f32", b
         model, tokenizer, meta = load_trained(source)
         if not full:
             model = merge_and_unload(model)  # a QLoRA base: dequantised NF4 + the adapter, what was evaluated
-    architecture(model.config)
     name = meta.get("name") or run.name
     if fmt == "gguf":
         with atomic_file(out) as tmp:
