@@ -3,15 +3,18 @@
 A batch-1 decode step reads every weight once, so memory bandwidth bounds it: the bench times a 1 GiB read and one
 F.linear over all of SmolLM2-135M's weight matrices at M=1 (the step's weight traffic, with nothing else), and
 reports each case as a fraction of that bound. Cases, taking turns over several rounds (median): transformers'
-`generate` at batch 1 and at batch 8 (left-padded), greedy, 64 new tokens, on DialogSum test dialogues in the
-`dialogsum` recipe's prompt; a prefill of 8 x 256 tokens; and llama.cpp on an f16 export where llama-cpp-python is
-built. Writes bench/results/generate.json and prints a Markdown table.
+`generate` and lorakit's decode loop at batch 1 and at batch 8 (left-padded), greedy, 64 new tokens, on DialogSum
+test dialogues in the `dialogsum` recipe's prompt; a prefill of 8 x 256 tokens by each; and llama.cpp on an f16
+export where llama-cpp-python is built. Then greedy tokens of the loop against `generate`'s on 20 further prompts x
+64 tokens at batch 1 and 8: the base, a random adapter unmerged and merged, and adapters mixed by row. Writes
+bench/results/generate.json and prints a Markdown table.
 
     python bench/generate.py [--rounds 3] [--new-tokens 64]
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -27,6 +30,7 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "bench"))
 from lorakit.compare import machine  # noqa: E402
 from lorakit.data import SummarizationData, format_prompt  # noqa: E402
+from lorakit.decode import Choice, decode  # noqa: E402
 from lorakit.models import load_model  # noqa: E402
 
 DIALOGSUM_TEST = ROOT.parent / "shared" / "data" / "dialogsum" / "dialogsum.test.jsonl"
@@ -83,12 +87,99 @@ def hf_generate(model, tok, prompts: list[str], batch: int, new_tokens: int) -> 
     return {"decode_tok_s": rows * new_tokens / (total_s - prefill_s), "decode_steps_s": steps_s}
 
 
+def loop_generate(model, tok, prompts: list[str], batch: int, new_tokens: int) -> dict:
+    """The same measurement through lorakit's decode loop (static cache; `batch` slots; no EOS, so every row makes
+    exactly `new_tokens` and the batch stays whole, as in the transformers case)."""
+    ids = [tok(p)["input_ids"] for p in prompts]
+    prefill_s = total_s = 0.0
+    for i in range(0, len(ids), batch):
+        t0 = time.perf_counter()
+        for _ in decode(model, ids[i:i + batch], Choice.greedy(1), set(), tok.pad_token_id, slots=batch):
+            pass
+        t1 = time.perf_counter()
+        for _ in decode(model, ids[i:i + batch], Choice.greedy(new_tokens + 1), set(), tok.pad_token_id, slots=batch):
+            pass
+        t2 = time.perf_counter()
+        prefill_s += t1 - t0
+        total_s += t2 - t1
+    steps = len(range(0, len(ids), batch)) * new_tokens
+    decode_s = total_s - prefill_s
+    return {"decode_tok_s": len(ids) * new_tokens / decode_s, "decode_steps_s": steps / decode_s}
+
+
+def prefill_ids(rows: int = 8, length: int = 256) -> torch.Tensor:
+    return torch.randint(100, 40000, (rows, length), generator=torch.Generator().manual_seed(0))
+
+
 @torch.no_grad()
 def prefill(model, rows: int = 8, length: int = 256) -> dict:
-    ids = torch.randint(100, 40000, (rows, length), generator=torch.Generator().manual_seed(0))
+    ids = prefill_ids(rows, length)
     t0 = time.perf_counter()
     model(input_ids=ids, logits_to_keep=1)
     return {"prefill_tok_s": rows * length / (time.perf_counter() - t0)}
+
+
+def loop_prefill(model, rows: int = 8, length: int = 256) -> dict:
+    """lorakit's prefill: the model's forward plus the copy of its keys and values into the static cache."""
+    ids = prefill_ids(rows, length).tolist()
+    t0 = time.perf_counter()
+    for _ in decode(model, ids, Choice.greedy(1), set(), 0, slots=rows):
+        pass
+    return {"prefill_tok_s": rows * length / (time.perf_counter() - t0)}
+
+
+def identical_tokens(model, tok, prompts: list[str], batch: int, new_tokens: int, setting=None) -> dict:
+    """Greedy tokens of the decode loop against transformers' `generate`, batch by batch (left-padded), each batch
+    under `setting(rows)` (a context manager: an adapter merged, unmerged or mixed by row; None: as the model is)."""
+    side, tok.padding_side = tok.padding_side, "left"
+    same = 0
+    try:
+        for i in range(0, len(prompts), batch):
+            chunk = prompts[i:i + batch]
+            with setting(len(chunk)) if setting else contextlib.nullcontext(), torch.no_grad():
+                enc = tok(chunk, return_tensors="pt", padding=True)
+                out = model.generate(**enc, max_new_tokens=new_tokens, do_sample=False, pad_token_id=tok.pad_token_id,
+                                     eos_token_id=tok.eos_token_id)
+                expected = [r[:r.index(tok.eos_token_id) + 1] if tok.eos_token_id in r else r
+                            for r in out[:, enc["input_ids"].shape[1]:].tolist()]
+                got: list[list[int]] = [[] for _ in expected]
+                ids = [tok(p)["input_ids"] for p in chunk]
+                eos = {tok.eos_token_id}
+                for j, token in decode(model, ids, Choice.greedy(new_tokens), eos, tok.pad_token_id, batch):
+                    got[j].append(token)
+            same += sum(a == b for a, b in zip(got, expected))
+    finally:
+        tok.padding_side = side
+    return {"prompts": len(prompts), "new_tokens": new_tokens, "batch": batch, "identical": same}
+
+
+def identity_checks(model, tok, prompts: list[str], new_tokens: int) -> list[dict]:
+    """The token-identity checks of #21: batch 1 and 8, base and a random adapter (B nonzero) unmerged, merged and
+    (batch 8) mixed by row with a second adapter and rows without one."""
+    from lorakit import LoRAConfig, adapters_by_row, add_lora, disable_adapters, set_adapter
+    from lorakit.generate import merged
+    from lorakit.inject import lora_layers
+    add_lora(model, LoRAConfig(r=8, alpha=16, targets="all-linear"), "a")
+    add_lora(model, LoRAConfig(r=4, alpha=8, targets="attention"), "b")
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for _, layer in lora_layers(model):
+            for B in layer.lora_B.values():
+                B.copy_(torch.randn(B.shape, generator=g) * 0.1)
+    set_adapter(model, "a")
+    settings = {"base": lambda rows: disable_adapters(model),
+                "adapter unmerged": lambda rows: contextlib.nullcontext(),
+                "adapter merged": lambda rows: merged(model),
+                "adapters mixed by row": lambda rows: adapters_by_row(model, (["a", None, "b"] * rows)[:rows])}
+    checks = []
+    for batch in (1, 8):
+        for name, setting in settings.items():
+            if batch == 1 and name == "adapters mixed by row":
+                continue
+            checks.append({"setting": name} | identical_tokens(model, tok, prompts, batch, new_tokens, setting))
+            print(f"greedy tokens identical to transformers' generate, {name}, batch {batch}: "
+                  f"{checks[-1]['identical']}/{len(prompts)} prompts x {new_tokens} tokens", flush=True)
+    return checks
 
 
 def batch_one(row: dict) -> dict:
@@ -100,6 +191,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--check-prompts", type=int, default=20, help="prompts for the token-identity check (0: none)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "generate.json"))
     args = ap.parse_args()
     model, tok = load_model("smollm2")
@@ -108,7 +200,10 @@ def main() -> None:
     prompts = [format_prompt(tok, e.instruction, e.prompt_input, "alpaca") for e in data.examples[:8]]
     cases = {"transformers generate, batch 1": lambda: hf_generate(model, tok, prompts, 1, args.new_tokens),
              "transformers generate, batch 8": lambda: hf_generate(model, tok, prompts, 8, args.new_tokens),
-             "transformers prefill 8 x 256": lambda: prefill(model)}
+             "lorakit decode loop, batch 1": lambda: loop_generate(model, tok, prompts, 1, args.new_tokens),
+             "lorakit decode loop, batch 8": lambda: loop_generate(model, tok, prompts, 8, args.new_tokens),
+             "transformers prefill 8 x 256": lambda: prefill(model),
+             "lorakit prefill 8 x 256": lambda: loop_prefill(model)}
     tmp = tempfile.TemporaryDirectory()
     try:
         import llama_cpp  # noqa: F401
@@ -120,6 +215,9 @@ def main() -> None:
                                                                          torch.get_num_threads()))
     except ImportError:
         print("llama-cpp-python is not built (make llama-cpp): its row is left out")
+    for batch in (1, 8):  # first calls allocate and pick kernels: not timed
+        hf_generate(model, tok, prompts[:batch], batch, 2)
+        loop_generate(model, tok, prompts[:batch], batch, 2)
     runs = {name: [] for name in cases}
     bound = {"read_gb_s": [], "weights": []}
     for r in range(args.rounds):
@@ -130,6 +228,9 @@ def main() -> None:
             print(f"round {r + 1} {name}: {runs[name][-1]}", flush=True)
     tmp.cleanup()
     rows = {name: {k: statistics.median(run[k] for run in rs) for k in rs[0]} for name, rs in runs.items()}
+    check_prompts = [format_prompt(tok, e.instruction, e.prompt_input, "alpaca")
+                     for e in data.examples[8:8 + args.check_prompts]]
+    identity = identity_checks(model, tok, check_prompts, args.new_tokens) if check_prompts else []
     steps_bound = statistics.median(b["bound_steps_s"] for b in bound["weights"])
     for name, row in rows.items():
         if "decode_steps_s" in row:
@@ -137,16 +238,20 @@ def main() -> None:
     result = {"machine": machine(), "threads": torch.get_num_threads(), "rounds": args.rounds,
               "new_tokens": args.new_tokens, "prompt_tokens": [len(tok(p)["input_ids"]) for p in prompts],
               "read_gb_s": statistics.median(bound["read_gb_s"]), "weight_bound": bound["weights"][-1] |
-              {"bound_steps_s": steps_bound}, "rows": rows, "runs": runs}
+              {"bound_steps_s": steps_bound}, "rows": rows, "identical_to_transformers": identity, "runs": runs}
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(f"\nmemory read {result['read_gb_s']:.1f} GB/s; all weight matrices at M=1: "
           f"{result['weight_bound']['linear_pass_ms']:.1f} ms = {steps_bound:.1f} decode steps/s at best\n")
-    print("| case | tokens/s | decode steps/s | fraction of the bound |\n|---|---:|---:|---:|")
+    print("| case | tokens/s | decode steps/s | fraction of the bound | vs transformers |\n|---|---:|---:|---:|---:|")
     for name, row in rows.items():
         rate = row.get("decode_tok_s") or row.get("prefill_tok_s")
         steps = f"{row['decode_steps_s']:.1f}" if "decode_steps_s" in row else ""
         fraction = f"{row['fraction_of_bound']:.0%}" if "fraction_of_bound" in row else ""
-        print(f"| {name} | {rate:.1f} | {steps} | {fraction} |")
+        rival = rows.get(name.replace("lorakit decode loop", "transformers generate").replace("lorakit",
+                                                                                             "transformers"))
+        rival = rival if name.startswith("lorakit") else None
+        versus = f"{rate / (rival.get('decode_tok_s') or rival['prefill_tok_s']):.2f}x" if rival else ""
+        print(f"| {name} | {rate:.1f} | {steps} | {fraction} | {versus} |")
     print(f"\n-> {args.out}")
 
 

@@ -393,7 +393,9 @@ def test_loraplus_groups_and_steps_equal_peft_create_loraplus_optimizer():
         if "lora_" in name:
             peft_name = "base_model.model." + name.replace(".lora_A.default", ".lora_A.default.weight").replace(
                 ".lora_B.default", ".lora_B.default.weight")
-            torch.testing.assert_close(p, theirs.get_parameter(peft_name), atol=1e-6, rtol=0)
+            # Adam divides by sqrt(v): the two backward passes' rounding (~1e-7) shows up to ~1e-5 in the update;
+            # a wrong learning rate for A or B moves the weights by ~1e-2
+            torch.testing.assert_close(p, theirs.get_parameter(peft_name), atol=1e-5, rtol=0)
     plain = torch.optim.AdamW(param_groups(ours, RunConfig(lr=1e-3), set()), lr=1e-3)
     assert len(plain.param_groups) == 1  # without the ratio: one group at lr
 

@@ -4,34 +4,14 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from dataclasses import dataclass
 from typing import Iterator
 
 import torch
 
-from .inject import disable_adapters, merge, unmerge
+from .decode import Choice, Sampling, decode, supports
+from .inject import disable_adapters, lora_layers, merge, unmerge
+from .lora import LoRAError
 from .models import is_seq2seq
-
-
-@dataclass
-class Sampling:
-    """Decoding settings; temperature 0 means greedy."""
-
-    max_new_tokens: int = 128
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    repetition_penalty: float = 1.0
-    seed: int | None = None
-
-    def kwargs(self, tok) -> dict:
-        kw = {"max_new_tokens": self.max_new_tokens, "repetition_penalty": self.repetition_penalty,
-              "pad_token_id": tok.pad_token_id, "eos_token_id": tok.eos_token_id}
-        if self.temperature > 0:
-            kw.update(do_sample=True, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)  # 0: off
-        else:
-            kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        return kw
 
 
 def _encode(tok, prompts: list[str], template: str, device) -> dict:
@@ -64,28 +44,84 @@ def new_token_counts(new: torch.Tensor, eos_id: int | None) -> list[int]:
     return ((ended == 0) | ((ended == 1) & (new == eos_id))).sum(1).tolist()
 
 
-@torch.no_grad()
+def _prompt_ids(tok, prompts: list[str], template: str) -> list[list[int]]:
+    # a chat template writes its own special tokens; the Alpaca prompt gets the tokenizer's (a BOS)
+    return tok(prompts, add_special_tokens=template == "alpaca")["input_ids"]
+
+
+def rows_in_use(model) -> list[str | None] | None:
+    """The adapter of each row while `adapters_by_row` is in effect (the batch must keep those rows), else None."""
+    for _, layer in lora_layers(model):
+        if layer.row_adapters is not None:
+            return layer.row_adapters
+    return None
+
+
+def _choice(sampling: Sampling, device) -> Choice:
+    return Choice(sampling, None if sampling.seed is None else torch.Generator(device).manual_seed(sampling.seed))
+
+
 def generate(model, tok, prompts: list[str], sampling: Sampling, template: str = "alpaca",
-             batch_size: int = 16, progress: str | None = None) -> list[str]:
+             batch_size: int = 16, progress: str | None = None, engine: str = "auto") -> list[str]:
     """Completions for `prompts` (already templated for causal models; raw inputs for seq2seq), in their order.
 
-    Batches are formed from prompts of similar length (sorted by token count): far less padding in each, so fewer
-    wasted positions per step. 16 rows a batch by default: a decode step reads every weight once for all its rows,
-    and on a CPU a 16-row step costs little more than an 8-row one. With `progress`, a bar with the ETA and the
+    Llama-family decoders run lorakit's decode loop (`decode.py`): a static KV cache and continuous batching over
+    `batch_size` rows, prompts taken shortest first. Other models (or engine="transformers") run transformers'
+    `generate` in batches of similar-length prompts. With `progress`, a bar over the prompts with the ETA and the
     generated tokens/s."""
     from tqdm.auto import tqdm
     model.eval()
-    seq2seq = is_seq2seq(model)
     if sampling.seed is not None:
         torch.manual_seed(sampling.seed)
+    bar = tqdm(total=len(prompts), desc=f"generate {progress}", disable=progress is None or len(prompts) < 2,
+               mininterval=2.0)
+    t0 = time.perf_counter()
+
+    def count(done: int, tokens: int) -> None:
+        bar.update(done)
+        bar.set_postfix(tok_s=f"{tokens / (time.perf_counter() - t0):.1f}", refresh=False)
+    try:
+        ids = [] if is_seq2seq(model) or not prompts else _prompt_ids(tok, prompts, template)
+        longest = max(map(len, ids), default=0) + sampling.max_new_tokens
+        if engine == "transformers" or is_seq2seq(model) or not supports(model, longest):
+            return _generate_with_transformers(model, tok, prompts, sampling, template, batch_size, count)
+        return _generate_with_decode_loop(model, tok, ids, sampling, batch_size, count)
+    finally:
+        bar.close()
+
+
+@torch.no_grad()
+def _generate_with_decode_loop(model, tok, ids: list[list[int]], sampling, batch_size, count) -> list[str]:
+    fixed_rows = rows_in_use(model)
+    if fixed_rows is not None:  # row i is adapter i's: keep the given order, all rows in one batch
+        if len(fixed_rows) != len(ids):
+            raise LoRAError(f"{len(ids)} prompts for adapters_by_row over {len(fixed_rows)} rows")
+        order, batch_size = list(range(len(ids))), len(ids)
+    else:
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    made: list[list[int]] = [[] for _ in ids]
+    eos = set() if tok.eos_token_id is None else {tok.eos_token_id}
+    tokens = 0
+    events = decode(model, [ids[i] for i in order], _choice(sampling, next(model.parameters()).device), eos,
+                    _pad_id(tok), slots=batch_size)
+    for j, token in events:
+        made[order[j]].append(token)
+        tokens += 1
+        if token in eos or len(made[order[j]]) == sampling.max_new_tokens:
+            count(1, tokens)
+    return [tok.decode(t, skip_special_tokens=True).strip() for t in made]
+
+
+@torch.no_grad()
+def _generate_with_transformers(model, tok, prompts, sampling, template, batch_size, count) -> list[str]:
+    """transformers' `generate` over batches of similar-length prompts: less padding in each, fewer wasted steps."""
+    seq2seq = is_seq2seq(model)
     device = next(model.parameters()).device
     lengths = [len(ids) for ids in tok(prompts, add_special_tokens=False)["input_ids"]] if prompts else []
     order = sorted(range(len(prompts)), key=lambda i: lengths[i])
     out: list[str | None] = [None] * len(prompts)
-    starts = range(0, len(prompts), batch_size)
-    bar = tqdm(starts, desc=f"generate {progress}", disable=progress is None or len(starts) < 2, mininterval=2.0)
-    tokens, t0 = 0, time.perf_counter()
-    for i in bar:
+    tokens = 0
+    for i in range(0, len(prompts), batch_size):
         rows = order[i:i + batch_size]
         chunk = [prompts[j] for j in rows]
         if seq2seq:
@@ -97,8 +133,12 @@ def generate(model, tok, prompts: list[str], sampling: Sampling, template: str =
         for j, text in zip(rows, tok.batch_decode(new, skip_special_tokens=True)):
             out[j] = text.strip()
         tokens += sum(new_token_counts(new, tok.eos_token_id))
-        bar.set_postfix(tok_s=f"{tokens / (time.perf_counter() - t0):.1f}", refresh=False)
+        count(len(rows), tokens)
     return out
+
+
+def _pad_id(tok) -> int:
+    return tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
 
 
 def generate_base_and_adapted(model, tok, prompts: list[str], sampling: Sampling, template: str = "alpaca",
@@ -115,15 +155,36 @@ def stream(model, tok, prompt: str, sampling: Sampling, template: str = "alpaca"
            stats: dict | None = None) -> Iterator[str]:
     """Yield the completion piece by piece as it is generated; stops at EOS or max_new_tokens.
     `stats["tokens"]`, if given, counts the new tokens so far (the pieces are text, not tokens)."""
-    from transformers import TextIteratorStreamer
     model.eval()
     if sampling.seed is not None:
         torch.manual_seed(sampling.seed)
+    counts = stats if stats is not None else {}
+    counts["tokens"] = 0
+    ids = [] if is_seq2seq(model) else _prompt_ids(tok, [prompt], template)
+    if not ids or not supports(model, len(ids[0]) + sampling.max_new_tokens):
+        yield from _stream_with_transformers(model, tok, prompt, sampling, template, counts)
+        return
+    made: list[int] = []
+    shown = ""
+    events = decode(model, ids, _choice(sampling, next(model.parameters()).device),
+                    set() if tok.eos_token_id is None else {tok.eos_token_id}, _pad_id(tok), slots=1)
+    for _, token in events:  # decode's steps run without autograd; nothing is held across a yield here
+        made.append(token)
+        counts["tokens"] = len(made)
+        text = tok.decode(made, skip_special_tokens=True)
+        if text.endswith("\ufffd"):  # a character cut between tokens: wait for the rest of its bytes
+            continue
+        if len(text) > len(shown):
+            yield text[len(shown):]
+            shown = text
+
+
+def _stream_with_transformers(model, tok, prompt: str, sampling: Sampling, template: str,
+                              counts: dict) -> Iterator[str]:
+    from transformers import TextIteratorStreamer
     device = next(model.parameters()).device
     enc = _encode(tok, [prompt], template, device)
     streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
-    counts = stats if stats is not None else {}
-    counts["tokens"] = 0
     put = streamer.put
 
     def counting_put(value: torch.Tensor) -> None:

@@ -1,0 +1,60 @@
+"""A generative evaluation's generation, old path against new, on a trained run (the measurement behind #21's
+DialogSum target): transformers' `generate` over batches of 16 length-sorted prompts, against lorakit's decode
+loop (static KV cache, continuous batching over 16 rows), for the adapted model (merged) and the base (adapter
+off), greedy, the run's eval settings; ROUGE of each against the references. Cases take turns, the order reversed
+in each round. Writes bench/results/generate-eval.json.
+
+    python bench/generate_eval.py RUN_DIR [--records 400] [--rounds 1]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+from lorakit.trained import load_trained  # noqa: E402
+from lorakit.compare import machine  # noqa: E402
+from lorakit.evaluate import _prompts, rouge, run_config  # noqa: E402
+from lorakit.generate import Sampling, generate, merged  # noqa: E402
+from lorakit.inject import disable_adapters  # noqa: E402
+from lorakit.tasks import load_splits  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("run")
+    ap.add_argument("--records", type=int, default=400)
+    ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "generate-eval.json"))
+    args = ap.parse_args()
+    cfg = run_config(Path(args.run))
+    cfg.max_eval_records = args.records
+    test = load_splits(cfg).test
+    model, tok, _ = load_trained(Path(args.run) / "adapter", model=cfg.model)
+    prompts = _prompts(model, tok, test, cfg)
+    references = [e.references for e in test]
+    sampling = Sampling(max_new_tokens=cfg.max_new_tokens)
+    cases = [(engine, which) for engine in ("transformers", "auto") for which in ("adapted", "base")]
+    results: dict[str, list[dict]] = {}
+    for r in range(args.rounds):
+        for engine, which in (cases if r % 2 == 0 else cases[::-1]):
+            name = f"{'transformers generate, batches of 16' if engine == 'transformers' else 'decode loop'}: {which}"
+            context = merged(model) if which == "adapted" else disable_adapters(model)
+            t0 = time.perf_counter()
+            with context:
+                texts = generate(model, tok, prompts, sampling, cfg.template, progress=name, engine=engine)
+            seconds = time.perf_counter() - t0
+            results.setdefault(name, []).append({"seconds": seconds, **rouge(texts, references)})
+            print(f"round {r + 1} {name}: {results[name][-1]}", flush=True)
+    out = {"what": __doc__.split("\n\n")[0].replace("\n", " "), "run": cfg.name, "records": len(prompts),
+           "max_new_tokens": cfg.max_new_tokens, "machine": machine(), "cases": results}
+    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+    print(f"-> {args.out}")
+
+
+if __name__ == "__main__":
+    main()

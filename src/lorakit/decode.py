@@ -1,0 +1,292 @@
+"""A lean decode loop for GPT-2 and Llama-family models: a static KV cache, one Python pass over the model's own
+modules per token, and continuous batching (a row that ends is refilled from the queue instead of idling).
+
+Why not transformers' `generate`: each of its decode steps grows a DynamicCache by concatenation (every cached key
+and value copied, every step), builds a 4-D mask and runs the logits processors and stopping criteria over the whole
+batch; and a fixed batch waits for its longest row while the rows that ended compute padding. Here a step writes
+one key/value per row into a preallocated cache, attends over a strided view of it, and calls the model's own
+norm, projection and MLP modules, so LoRA layers work as they are: unmerged, merged, or mixed by row.
+
+The arithmetic is the model's: the same modules, the same rotary embedding, the same SDPA call transformers makes
+for one query token. With the same rows in a batch, greedy tokens equal `generate`'s (tested at batch 1 and at
+batch 8 with left padding). A GEMM's rounding depends on how many rows it has, so a batch that refills rows is
+exact to that rounding, not token for token against any fixed batch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def supports(model, length: int = 0) -> bool:
+    """Whether this loop can drive `model` (GPT-2 or the Llama family, as transformers builds them) for sequences
+    of up to `length` tokens (a sliding attention window shorter than that, or GPT-2's position table, would not
+    hold them)."""
+    config = getattr(model, "config", None)
+    kind = getattr(config, "model_type", None)
+    if not hasattr(model, "lm_head") or getattr(config, "is_encoder_decoder", False):
+        return False
+    if kind == "gpt2":
+        return hasattr(model, "transformer") and length <= config.n_positions
+    window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
+    if kind not in LLAMA_FAMILY or (window and window < length):
+        return False
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    return bool(layers) and all(hasattr(layers[0], m) for m in ("self_attn", "mlp", "input_layernorm",
+                                                                "post_attention_layernorm"))
+
+
+@dataclass
+class Sampling:
+    """Decoding settings; temperature 0 means greedy."""
+
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+
+    def kwargs(self, tok) -> dict:
+        """The same settings as transformers' `generate` arguments."""
+        kw = {"max_new_tokens": self.max_new_tokens, "repetition_penalty": self.repetition_penalty,
+              "pad_token_id": tok.pad_token_id, "eos_token_id": tok.eos_token_id}
+        if self.temperature > 0:
+            kw.update(do_sample=True, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)  # 0: off
+        else:
+            kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        return kw
+
+
+@dataclass
+class Choice:
+    """How the next token is picked from a row's logits under `sampling` (transformers' order: repetition penalty,
+    temperature, top-k, top-p), drawing from `generator` (None: torch's global one)."""
+
+    sampling: Sampling = field(default_factory=Sampling)
+    generator: torch.Generator | None = None
+
+    @classmethod
+    def greedy(cls, max_new_tokens: int) -> Choice:
+        return cls(Sampling(max_new_tokens=max_new_tokens))
+
+    def scores(self, logits: torch.Tensor, seen: torch.Tensor | None) -> torch.Tensor:
+        """The logits the next token is drawn from: -inf for tokens top-k or top-p rule out."""
+        s = self.sampling
+        if seen is not None:  # tokens already in a row: positive logits divided, negative multiplied
+            p = s.repetition_penalty
+            logits = torch.where(seen, torch.where(logits < 0, logits * p, logits / p), logits)
+        if s.temperature <= 0:
+            return logits
+        logits = logits / s.temperature
+        if 0 < s.top_k < logits.shape[-1]:
+            kth = logits.topk(s.top_k, dim=-1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if s.top_p < 1.0:  # the smallest set of most likely tokens whose probability reaches top_p (at least 1)
+            ordered, index = logits.sort(dim=-1, descending=False)
+            cut = ordered.softmax(-1).cumsum(-1) <= 1 - s.top_p
+            cut[:, -1] = False
+            logits = logits.masked_fill(cut.scatter(1, index, cut), float("-inf"))
+        return logits
+
+    def __call__(self, logits: torch.Tensor, seen: torch.Tensor | None) -> torch.Tensor:
+        """The next token of each row: the best one (greedy), or one drawn from `scores`' softmax."""
+        logits = self.scores(logits, seen)
+        if self.sampling.temperature <= 0:
+            return logits.argmax(-1)
+        return torch.multinomial(logits.softmax(-1), 1, generator=self.generator).squeeze(1)
+
+
+class Slots(NamedTuple):
+    """One step's view of the cache: row b's new key/value goes to column[b]; attention spans [0, width)."""
+
+    rows: torch.Tensor
+    column: torch.Tensor
+    width: int
+    mask: torch.Tensor | None
+
+
+class KVCache:
+    """Keys and values of every layer for `rows` slots of up to `length` positions. Slot b holds its tokens at
+    positions [start[b], end[b]); a new token goes to end[b]. Prefilled batches keep transformers' left-padded layout
+    (start = padding), so their attention sees exactly the positions `generate` would."""
+
+    def __init__(self, layers: int, rows: int, kv_heads: int, length: int, head_dim: int, like: torch.Tensor):
+        shape = (layers, rows, kv_heads, length, head_dim)
+        self.keys = like.new_zeros(shape)
+        self.values = like.new_zeros(shape)
+        self.start = torch.zeros(rows, dtype=torch.long, device=like.device)
+        self.end = torch.zeros(rows, dtype=torch.long, device=like.device)
+        self.length = length
+
+    def advance(self) -> Slots:
+        """Where each slot's next token goes, and what it attends to; moves end past it. A slot whose prompt ended,
+        with nothing queued, computes padding like `generate`'s ended rows: it stops at the last column."""
+        column = self.end.clamp(max=self.length - 1)
+        self.end = column + 1
+        width = int(self.end.max())
+        return Slots(torch.arange(len(column), device=column.device), column, width, self.attention_mask(width))
+
+    def load(self, slots: list[int], past, pads: torch.Tensor) -> None:
+        """Copy a prefilled batch's cache (transformers' DynamicCache, one row per slot) into `slots`."""
+        length = past.layers[0].keys.shape[2]
+        index = torch.tensor(slots, device=self.start.device)
+        for i, layer in enumerate(past.layers):
+            self.keys[i, index, :, :length] = layer.keys
+            self.values[i, index, :, :length] = layer.values
+        self.start[index] = pads
+        self.end[index] = length
+
+    def attention_mask(self, width: int) -> torch.Tensor | None:
+        """[rows, 1, 1, width] True where a slot holds a token; None when every slot fills [0, width) (as
+        transformers passes no mask then, and SDPA runs its grouped-query path)."""
+        if bool((self.start == 0).all()) and bool((self.end == width).all()):
+            return None
+        positions = torch.arange(width, device=self.start.device)
+        return ((positions >= self.start[:, None]) & (positions < self.end[:, None]))[:, None, None, :]
+
+
+@torch.no_grad()
+def prefill(model, cache: KVCache, slots: list[int], ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Run left-padded prompts (rows of `ids`) through the model as `generate` does, store their keys and values in
+    `slots`, and return the logits of each row's last token."""
+    positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+    cache.load(slots, out.past_key_values, (mask == 0).sum(1))
+    return out.logits[:, -1].float()
+
+
+@torch.no_grad()
+def step(model, cache: KVCache, tokens: torch.Tensor) -> torch.Tensor:
+    """One token per slot through every layer; returns the next-token logits [rows, vocab]. Each token's position
+    is its count of real tokens before it, as left-padded `generate` counts."""
+    positions = (cache.end - cache.start)[:, None]
+    slots = cache.advance()
+    if model.config.model_type == "gpt2":
+        core = model.transformer
+        hidden = core.wte(tokens[:, None]) + core.wpe(positions)
+        for i, layer in enumerate(core.h):
+            hidden = _gpt2_layer(layer, hidden, cache, i, slots)
+        return model.lm_head(core.ln_f(hidden))[:, -1].float()
+    core = model.model
+    hidden = core.embed_tokens(tokens[:, None])
+    rotation = core.rotary_emb(hidden, position_ids=positions)
+    for i, layer in enumerate(core.layers):
+        hidden = _llama_layer(layer, hidden, rotation, cache, i, slots)
+    return model.lm_head(core.norm(hidden))[:, -1].float()
+
+
+def _llama_layer(layer, hidden, rotation, cache: KVCache, i: int, slots: Slots) -> torch.Tensor:
+    """x + Attn(RMSNorm(x)), then + MLP(RMSNorm(x)), as transformers' Llama layer; q and k rotated (RoPE)."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+    attn = layer.self_attn
+    x = layer.input_layernorm(hidden)
+    head = (x.shape[0], 1, -1, attn.head_dim)
+    q, k, v = attn.q_proj(x).view(head), attn.k_proj(x).view(head), attn.v_proj(x).view(head)
+    if hasattr(attn, "q_norm"):  # Qwen3 normalises q and k per head before the rotation
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    q, k = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), *rotation)
+    out = _attend(cache, i, q, k, v.transpose(1, 2), slots, attn.scaling)
+    hidden = hidden + attn.o_proj(out)
+    return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+
+
+def _gpt2_layer(layer, hidden, cache: KVCache, i: int, slots: Slots) -> torch.Tensor:
+    """x + Attn(LayerNorm(x)), then + MLP(LayerNorm(x)), as transformers' GPT-2 block; q, k, v from one Conv1D."""
+    attn = layer.attn
+    head = (hidden.shape[0], 1, -1, attn.head_dim)
+    q, k, v = (t.view(head).transpose(1, 2) for t in attn.c_attn(layer.ln_1(hidden)).split(attn.split_size, dim=2))
+    hidden = attn.c_proj(_attend(cache, i, q, k, v, slots, attn.scaling)) + hidden
+    return hidden + layer.mlp(layer.ln_2(hidden))
+
+
+def _attend(cache: KVCache, i: int, q, k, v, slots: Slots, scaling: float) -> torch.Tensor:
+    """Store the new k, v ([rows, kv_heads, 1, head_dim]) of layer i at each slot's column and attend the one
+    query per row over the slot's positions: SDPA as transformers calls it for one query token."""
+    rows, heads, _, head_dim = q.shape
+    cache.keys[i][slots.rows, :, slots.column] = k[:, :, 0]
+    cache.values[i][slots.rows, :, slots.column] = v[:, :, 0]
+    keys, values = cache.keys[i, :, :, :slots.width], cache.values[i, :, :, :slots.width]
+    if slots.mask is None:
+        out = F.scaled_dot_product_attention(q, keys, values, scale=scaling, enable_gqa=heads != keys.shape[1])
+    else:  # the heads grouped by the key/value head they share: no copy of the keys
+        grouped = q.reshape(rows, keys.shape[1], -1, head_dim)
+        out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=slots.mask, scale=scaling)
+    return out.reshape(rows, heads, 1, head_dim).transpose(1, 2).reshape(rows, 1, -1)
+
+
+def _left_padded(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long, device=device)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[row, width - len(p):] = 1
+    return ids, mask
+
+
+def decode(model, prompts: list[list[int]], choose: Choice, eos_ids: set[int], pad_id: int, slots: int = 16,
+           on_prefill: Callable[[list[int]], None] | None = None) -> Iterator[tuple[int, int]]:
+    """Generate for token-id `prompts` in `slots` rows at once; yields (prompt index, token) as each is made.
+
+    The first `slots` prompts are prefilled together (left-padded, as `generate` batches them); when a row ends
+    (an EOS or max_new_tokens) the next queued prompt is prefilled alone into its slot. With nothing left to
+    queue, an ended row stays in the batch, computing padding, so the batch keeps its row count (and rounding)."""
+    max_new_tokens = choose.sampling.max_new_tokens
+    if not prompts or max_new_tokens <= 0:
+        return
+    device = next(model.parameters()).device
+    config = model.config
+    rows = min(slots, len(prompts))
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    like = next(model.parameters())
+    like = like if like.is_floating_point() else torch.empty(0, dtype=torch.float32, device=device)
+    cache = KVCache(config.num_hidden_layers, rows, getattr(config, "num_key_value_heads", config.num_attention_heads),
+                    max(len(p) for p in prompts) + max_new_tokens, head_dim, like)
+    penalise = choose.sampling.repetition_penalty != 1.0
+    seen = torch.zeros(rows, config.vocab_size, dtype=torch.bool, device=device) if penalise else None
+    slot_prompt = list(range(rows))  # which prompt each slot is generating for (-1: none, finished)
+    made = [0] * rows
+    queue = iter(range(rows, len(prompts)))
+
+    def start(slot_list: list[int], indices: list[int]) -> torch.Tensor:
+        if on_prefill is not None:
+            on_prefill(list(indices))
+        ids, mask = _left_padded([prompts[j] for j in indices], pad_id, device)
+        if seen is not None:
+            seen[slot_list] = False
+            for s, j in zip(slot_list, indices):
+                seen[s, torch.tensor(prompts[j], device=device)] = True
+        return choose(prefill(model, cache, slot_list, ids, mask), None if seen is None else seen[slot_list])
+
+    def took(s: int, token: int) -> bool:
+        """Count slot s's new token; True when its prompt has ended."""
+        made[s] += 1
+        if seen is not None:
+            seen[s, token] = True
+        return token in eos_ids or made[s] >= max_new_tokens
+
+    tokens = start(list(range(rows)), slot_prompt)
+    while True:
+        ended = []
+        for s, token in enumerate(tokens.tolist()):
+            if slot_prompt[s] >= 0:
+                yield slot_prompt[s], token
+                if took(s, token):
+                    ended.append(s)
+        while ended:  # refill ended slots; a prompt may end on its first token, then its slot is filled again
+            s = ended.pop()
+            slot_prompt[s], made[s] = next(queue, -1), 0
+            if slot_prompt[s] >= 0:
+                tokens[s] = start([s], [slot_prompt[s]])[0]
+                yield slot_prompt[s], int(tokens[s])
+                if took(s, int(tokens[s])):
+                    ended.append(s)
+        if all(j < 0 for j in slot_prompt):
+            return
+        tokens = choose(step(model, cache, tokens), seen)
