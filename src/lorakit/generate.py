@@ -65,9 +65,9 @@ def generate(model, tok, prompts: list[str], sampling: Sampling, template: str =
              batch_size: int = 16, progress: str | None = None, engine: str = "auto") -> list[str]:
     """Completions for `prompts` (already templated for causal models; raw inputs for seq2seq), in their order.
 
-    Llama-family decoders run lorakit's decode loop (`decode.py`): a static KV cache and continuous batching over
-    `batch_size` rows, prompts taken shortest first. Other models (or engine="transformers") run transformers'
-    `generate` in batches of similar-length prompts. With `progress`, a bar over the prompts with the ETA and the
+    GPT-2 and Llama-family decoders run lorakit's decode loop (`decode.py`): a static KV cache and continuous
+    batching over `batch_size` rows, prompts taken shortest first. Other models (or engine="transformers") run
+    transformers' `generate` in batches of similar-length prompts. With `progress`, a bar over the prompts with the ETA and the
     generated tokens/s."""
     from tqdm.auto import tqdm
     model.eval()
