@@ -240,12 +240,12 @@ def decode(model, prompts: list[list[int]], choose: Choice, eos_ids: set[int], p
     max_new_tokens = choose.sampling.max_new_tokens
     if not prompts or max_new_tokens <= 0:
         return
-    device = next(model.parameters()).device
+    like = next(model.parameters())  # the cache's dtype and device (fp32 where the first parameter is quantised)
+    device = like.device
+    like = like if like.is_floating_point() else torch.empty(0, dtype=torch.float32, device=device)
     config = model.config
     rows = min(slots, len(prompts))
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    like = next(model.parameters())
-    like = like if like.is_floating_point() else torch.empty(0, dtype=torch.float32, device=device)
     cache = KVCache(config.num_hidden_layers, rows, getattr(config, "num_key_value_heads", config.num_attention_heads),
                     max(len(p) for p in prompts) + max_new_tokens, head_dim, like)
     penalise = choose.sampling.repetition_penalty != 1.0

@@ -14,11 +14,15 @@ from .lora import LoRAError
 from .models import is_seq2seq
 
 
+def _adds_special_tokens(template: str) -> bool:
+    """A chat template writes its own special tokens; the Alpaca prompt gets the tokenizer's (a BOS)."""
+    return template == "alpaca"
+
+
 def _encode(tok, prompts: list[str], template: str, device) -> dict:
     side, tok.padding_side = tok.padding_side, "left"  # decoder-only models continue from the last real token
     try:
-        # a chat template writes its own special tokens; the Alpaca prompt gets the tokenizer's (a BOS)
-        enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=template == "alpaca")
+        enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=_adds_special_tokens(template))
     finally:
         tok.padding_side = side
     return {k: v.to(device) for k, v in enc.items()}
@@ -45,8 +49,7 @@ def new_token_counts(new: torch.Tensor, eos_id: int | None) -> list[int]:
 
 
 def _prompt_ids(tok, prompts: list[str], template: str) -> list[list[int]]:
-    # a chat template writes its own special tokens; the Alpaca prompt gets the tokenizer's (a BOS)
-    return tok(prompts, add_special_tokens=template == "alpaca")["input_ids"]
+    return tok(prompts, add_special_tokens=_adds_special_tokens(template))["input_ids"]
 
 
 def rows_in_use(model) -> list[str | None] | None:
@@ -57,8 +60,17 @@ def rows_in_use(model) -> list[str | None] | None:
     return None
 
 
-def _choice(sampling: Sampling, device) -> Choice:
-    return Choice(sampling, None if sampling.seed is None else torch.Generator(device).manual_seed(sampling.seed))
+def _decode(model, tok, ids: list[list[int]], sampling: Sampling, slots: int) -> Iterator[tuple[int, int]]:
+    """The decode loop's (prompt index, token) events for token-id prompts, EOS and padding from `tok`, sampling
+    from a generator seeded by `sampling.seed`."""
+    device = next(model.parameters()).device
+    generator = None if sampling.seed is None else torch.Generator(device).manual_seed(sampling.seed)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    return decode(model, ids, Choice(sampling, generator), _eos_ids(tok), pad, slots=slots)
+
+
+def _eos_ids(tok) -> set[int]:
+    return set() if tok.eos_token_id is None else {tok.eos_token_id}
 
 
 def generate(model, tok, prompts: list[str], sampling: Sampling, template: str = "alpaca",
@@ -67,8 +79,8 @@ def generate(model, tok, prompts: list[str], sampling: Sampling, template: str =
 
     GPT-2 and Llama-family decoders run lorakit's decode loop (`decode.py`): a static KV cache and continuous
     batching over `batch_size` rows, prompts taken shortest first. Other models (or engine="transformers") run
-    transformers' `generate` in batches of similar-length prompts. With `progress`, a bar over the prompts with the ETA and the
-    generated tokens/s."""
+    transformers' `generate` in batches of similar-length prompts. With `progress`, a bar over the prompts with the
+    ETA and the generated tokens/s."""
     from tqdm.auto import tqdm
     model.eval()
     if sampling.seed is not None:
@@ -81,9 +93,10 @@ def generate(model, tok, prompts: list[str], sampling: Sampling, template: str =
         bar.update(done)
         bar.set_postfix(tok_s=f"{tokens / (time.perf_counter() - t0):.1f}", refresh=False)
     try:
-        ids = [] if is_seq2seq(model) or not prompts else _prompt_ids(tok, prompts, template)
+        seq2seq = is_seq2seq(model)
+        ids = [] if seq2seq or not prompts else _prompt_ids(tok, prompts, template)
         longest = max(map(len, ids), default=0) + sampling.max_new_tokens
-        if engine == "transformers" or is_seq2seq(model) or not supports(model, longest):
+        if engine == "transformers" or seq2seq or not supports(model, longest):
             return _generate_with_transformers(model, tok, prompts, sampling, template, batch_size, count)
         return _generate_with_decode_loop(model, tok, ids, sampling, batch_size, count)
     finally:
@@ -100,11 +113,9 @@ def _generate_with_decode_loop(model, tok, ids: list[list[int]], sampling, batch
     else:
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     made: list[list[int]] = [[] for _ in ids]
-    eos = set() if tok.eos_token_id is None else {tok.eos_token_id}
+    eos = _eos_ids(tok)
     tokens = 0
-    events = decode(model, [ids[i] for i in order], _choice(sampling, next(model.parameters()).device), eos,
-                    _pad_id(tok), slots=batch_size)
-    for j, token in events:
+    for j, token in _decode(model, tok, [ids[i] for i in order], sampling, batch_size):
         made[order[j]].append(token)
         tokens += 1
         if token in eos or len(made[order[j]]) == sampling.max_new_tokens:
@@ -137,10 +148,6 @@ def _generate_with_transformers(model, tok, prompts, sampling, template, batch_s
     return out
 
 
-def _pad_id(tok) -> int:
-    return tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-
-
 def generate_base_and_adapted(model, tok, prompts: list[str], sampling: Sampling, template: str = "alpaca",
                               progress: bool = False) -> tuple[list[str], list[str]]:
     """(base completions, adapted completions) for the same prompts: adapter merged for speed, then disabled."""
@@ -166,9 +173,7 @@ def stream(model, tok, prompt: str, sampling: Sampling, template: str = "alpaca"
         return
     made: list[int] = []
     shown = ""
-    events = decode(model, ids, _choice(sampling, next(model.parameters()).device),
-                    set() if tok.eos_token_id is None else {tok.eos_token_id}, _pad_id(tok), slots=1)
-    for _, token in events:  # decode's steps run without autograd; nothing is held across a yield here
+    for _, token in _decode(model, tok, ids, sampling, slots=1):  # decode's steps run without autograd; nothing is held across a yield here
         made.append(token)
         counts["tokens"] = len(made)
         text = tok.decode(made, skip_special_tokens=True)
