@@ -3,11 +3,11 @@
 A batch-1 decode step reads every weight once, so memory bandwidth bounds it: the bench times a 1 GiB read and one
 F.linear over all of SmolLM2-135M's weight matrices at M=1 (the step's weight traffic, with nothing else), and
 reports each case as a fraction of that bound. Cases, taking turns over several rounds (median): transformers'
-`generate` and lorakit's decode loop at batch 1 and at batch 8 (left-padded), greedy, 64 new tokens, on DialogSum
-test dialogues in the `dialogsum` recipe's prompt; a prefill of 8 x 256 tokens by each; and llama.cpp on an f16
-export where llama-cpp-python is built. Then greedy tokens of the loop against `generate`'s on 20 further prompts x
-64 tokens at batch 1 and 8: the base, a random adapter unmerged and merged, and adapters mixed by row. Writes
-bench/results/generate.json and prints a Markdown table.
+`generate` and lorakit's decode loop (its step in C++, and in Python) at batch 1 and at batch 8 (left-padded),
+greedy, 64 new tokens, on DialogSum test dialogues in the `dialogsum` recipe's prompt; a prefill of 8 x 256 tokens
+by each (best of 3 a round); and llama.cpp on an f16 export where llama-cpp-python is built. Then greedy tokens of
+the loop against `generate`'s on 20 further prompts x 64 tokens at batch 1 and 8: the base, a random adapter
+unmerged and merged, and adapters mixed by row. Writes bench/results/generate.json and prints a Markdown table.
 
     python bench/generate.py [--rounds 3] [--new-tokens 64]
 """
@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "bench"))
 from lorakit.compare import machine  # noqa: E402
+from lorakit.compiled_step import extension  # noqa: E402
 from lorakit.data import SummarizationData, format_prompt  # noqa: E402
 from lorakit.decode import Choice, decode  # noqa: E402
 from lorakit.models import load_model  # noqa: E402
@@ -87,17 +88,20 @@ def hf_generate(model, tok, prompts: list[str], batch: int, new_tokens: int) -> 
     return {"decode_tok_s": rows * new_tokens / (total_s - prefill_s), "decode_steps_s": steps_s}
 
 
-def loop_generate(model, tok, prompts: list[str], batch: int, new_tokens: int) -> dict:
+def loop_generate(model, tok, prompts: list[str], batch: int, new_tokens: int, compiled: bool = True) -> dict:
     """The same measurement through lorakit's decode loop (static cache; `batch` slots; no EOS, so every row makes
-    exactly `new_tokens` and the batch stays whole, as in the transformers case)."""
+    exactly `new_tokens` and the batch stays whole, as in the transformers case); its step in C++ (`compiled`) or
+    in Python."""
     ids = [tok(p)["input_ids"] for p in prompts]
     prefill_s = total_s = 0.0
     for i in range(0, len(ids), batch):
+        rows = ids[i:i + batch]
         t0 = time.perf_counter()
-        for _ in decode(model, ids[i:i + batch], Choice.greedy(1), set(), tok.pad_token_id, slots=batch):
+        for _ in decode(model, rows, Choice.greedy(1), set(), tok.pad_token_id, slots=batch, compiled=compiled):
             pass
         t1 = time.perf_counter()
-        for _ in decode(model, ids[i:i + batch], Choice.greedy(new_tokens + 1), set(), tok.pad_token_id, slots=batch):
+        for _ in decode(model, rows, Choice.greedy(new_tokens + 1), set(), tok.pad_token_id, slots=batch,
+                        compiled=compiled):
             pass
         t2 = time.perf_counter()
         prefill_s += t1 - t0
@@ -111,21 +115,27 @@ def prefill_ids(rows: int = 8, length: int = 256) -> torch.Tensor:
     return torch.randint(100, 40000, (rows, length), generator=torch.Generator().manual_seed(0))
 
 
+def best_of(repeats: int, run) -> float:
+    """The shortest of `repeats` timed calls of run() (a prefill is one call of a few seconds: noisy alone)."""
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
 @torch.no_grad()
-def prefill(model, rows: int = 8, length: int = 256) -> dict:
+def prefill(model, rows: int = 8, length: int = 256, repeats: int = 3) -> dict:
     ids = prefill_ids(rows, length)
-    t0 = time.perf_counter()
-    model(input_ids=ids, logits_to_keep=1)
-    return {"prefill_tok_s": rows * length / (time.perf_counter() - t0)}
+    return {"prefill_tok_s": rows * length / best_of(repeats, lambda: model(input_ids=ids, logits_to_keep=1))}
 
 
-def loop_prefill(model, rows: int = 8, length: int = 256) -> dict:
-    """lorakit's prefill: the model's forward plus the copy of its keys and values into the static cache."""
+def loop_prefill(model, rows: int = 8, length: int = 256, repeats: int = 3) -> dict:
+    """lorakit's prefill: the static cache allocated, the model's forward writing its keys and values into it."""
     ids = prefill_ids(rows, length).tolist()
-    t0 = time.perf_counter()
-    for _ in decode(model, ids, Choice.greedy(1), set(), 0, slots=rows):
-        pass
-    return {"prefill_tok_s": rows * length / (time.perf_counter() - t0)}
+    seconds = best_of(repeats, lambda: list(decode(model, ids, Choice.greedy(1), set(), 0, slots=rows)))
+    return {"prefill_tok_s": rows * length / seconds}
 
 
 def identical_tokens(model, tok, prompts: list[str], batch: int, new_tokens: int, setting=None) -> dict:
@@ -196,12 +206,18 @@ def main() -> None:
     args = ap.parse_args()
     model, tok = load_model("smollm2")
     model.eval()
+    if extension() is None:
+        sys.exit("the C++ decode step is not built here (see the line above): its rows would time the Python step")
     data = SummarizationData.load(DIALOGSUM_TEST)
     prompts = [format_prompt(tok, e.instruction, e.prompt_input, "alpaca") for e in data.examples[:8]]
     cases = {"transformers generate, batch 1": lambda: hf_generate(model, tok, prompts, 1, args.new_tokens),
              "transformers generate, batch 8": lambda: hf_generate(model, tok, prompts, 8, args.new_tokens),
              "lorakit decode loop, batch 1": lambda: loop_generate(model, tok, prompts, 1, args.new_tokens),
              "lorakit decode loop, batch 8": lambda: loop_generate(model, tok, prompts, 8, args.new_tokens),
+             "lorakit decode loop, Python step, batch 1": lambda: loop_generate(model, tok, prompts, 1,
+                                                                                args.new_tokens, compiled=False),
+             "lorakit decode loop, Python step, batch 8": lambda: loop_generate(model, tok, prompts, 8,
+                                                                                args.new_tokens, compiled=False),
              "transformers prefill 8 x 256": lambda: prefill(model),
              "lorakit prefill 8 x 256": lambda: loop_prefill(model)}
     tmp = tempfile.TemporaryDirectory()
@@ -218,6 +234,7 @@ def main() -> None:
     for batch in (1, 8):  # first calls allocate and pick kernels: not timed
         hf_generate(model, tok, prompts[:batch], batch, 2)
         loop_generate(model, tok, prompts[:batch], batch, 2)
+        loop_generate(model, tok, prompts[:batch], batch, 2, compiled=False)
     runs = {name: [] for name in cases}
     bound = {"read_gb_s": [], "weights": []}
     for r in range(args.rounds):
@@ -247,8 +264,8 @@ def main() -> None:
         rate = row.get("decode_tok_s") or row.get("prefill_tok_s")
         steps = f"{row['decode_steps_s']:.1f}" if "decode_steps_s" in row else ""
         fraction = f"{row['fraction_of_bound']:.0%}" if "fraction_of_bound" in row else ""
-        rival = rows.get(name.replace("lorakit decode loop", "transformers generate").replace("lorakit",
-                                                                                             "transformers"))
+        rival = rows.get(name.replace("lorakit decode loop", "transformers generate").replace(", Python step", "")
+                         .replace("lorakit", "transformers"))
         rival = rival if name.startswith("lorakit") else None
         versus = f"{rate / (rival.get('decode_tok_s') or rival['prefill_tok_s']):.2f}x" if rival else ""
         print(f"| {name} | {rate:.1f} | {steps} | {fraction} | {versus} |")

@@ -12,6 +12,7 @@ import torch
 from conftest import TINY, randomize_lora
 from lorakit import LoRAConfig, LoRAError, adapters_by_row, add_lora, disable_adapters, set_adapter
 from lorakit.data import format_prompt
+from lorakit.compiled_step import compiled_model, extension
 from lorakit.decode import Choice, decode, supports
 from lorakit.generate import Sampling, generate, merged, stream
 from lorakit.models import load_model
@@ -64,6 +65,8 @@ def test_greedy_tokens_equal_transformers_generate(smollm2, batch, count, adapte
     set_adapter(model, "a")
     context = disable_adapters(model) if adapter is None else merged(model, adapter == "merged")
     with context:
+        # where the C++ step is built (always under CI: tests/test_compiled_step.py), these run through it
+        assert extension() is None or compiled_model(model, torch.float32) is not None
         for chunk in batches(prompts[:count], batch):
             expected = transformers_tokens(model, tok, chunk, 64)
             assert loop_tokens(model, tok, chunk, 64, slots=batch) == expected

@@ -1,11 +1,12 @@
-"""A lean decode loop for GPT-2 and Llama-family models: a static KV cache, one Python pass over the model's own
-modules per token, and continuous batching (a row that ends is refilled from the queue instead of idling).
+"""A lean decode loop for GPT-2 and Llama-family models: a static KV cache, one pass over the model's own modules
+per token, and continuous batching (a row that ends is refilled from the queue instead of idling).
 
 Why not transformers' `generate`: each of its decode steps grows a DynamicCache by concatenation (every cached key
 and value copied, every step), builds a 4-D mask and runs the logits processors and stopping criteria over the whole
 batch; and a fixed batch waits for its longest row while the rows that ended compute padding. Here a step writes
 one key/value per row into a preallocated cache, attends over a strided view of it, and calls the model's own
-norm, projection and MLP modules, so LoRA layers work as they are: unmerged, merged, or mixed by row.
+norm, projection and MLP modules, so LoRA layers work as they are: unmerged, merged, or mixed by row. For the
+Llama family compiled_step runs the same pass in C++ where it can (the same operations, the same bits).
 
 The arithmetic is the model's: the same modules, the same rotary embedding, the same SDPA call transformers makes
 for one query token. With the same rows in a batch, greedy tokens equal `generate`'s (tested at batch 1 and at
@@ -19,6 +20,9 @@ from typing import Callable, Iterator, NamedTuple
 
 import torch
 import torch.nn.functional as F
+from transformers.cache_utils import Cache, DynamicLayer
+
+from .compiled_step import compiled_model, extension
 
 LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -132,15 +136,17 @@ class KVCache:
         width = int(self.end.max())
         return Slots(torch.arange(len(column), device=column.device), column, width, self.attention_mask(width))
 
-    def load(self, slots: list[int], past, pads: torch.Tensor) -> None:
-        """Copy a prefilled batch's cache (transformers' DynamicCache, one row per slot) into `slots`."""
-        length = past.layers[0].keys.shape[2]
-        index = torch.tensor(slots, device=self.start.device)
-        for i, layer in enumerate(past.layers):
-            self.keys[i, index, :, :length] = layer.keys
-            self.values[i, index, :, :length] = layer.values
-        self.start[index] = pads
-        self.end[index] = length
+    def prefill_cache(self, first: int, rows: int) -> Cache:
+        """A transformers Cache for the model's forward over a prefill of slots first..first+rows-1: its layers
+        write the keys and values straight into this cache (a DynamicCache would concatenate them into new
+        tensors, to be copied here after)."""
+        span = slice(first, first + rows)
+        return Cache(layers=[_SlotLayer(keys[span], values[span]) for keys, values in zip(self.keys, self.values)])
+
+    def filled(self, first: int, pads: torch.Tensor, length: int) -> None:
+        """Slots first.. now hold a prefill of `length` positions, the first pads[b] of row b padding."""
+        self.start[first:first + len(pads)] = pads
+        self.end[first:first + len(pads)] = length
 
     def attention_mask(self, width: int) -> torch.Tensor | None:
         """[rows, 1, 1, width] True where a slot holds a token; None when every slot fills [0, width) (as
@@ -151,20 +157,38 @@ class KVCache:
         return ((positions >= self.start[:, None]) & (positions < self.end[:, None]))[:, None, None, :]
 
 
+class _SlotLayer(DynamicLayer):
+    """One layer of a prefill's cache: keys and values written into `keys`/`values` (views of the static cache's
+    slots), which attention then reads, as it reads a DynamicLayer's."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor):
+        super().__init__()
+        self.storage = keys, values
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        length = key_states.shape[-2]
+        self.keys = self.storage[0][:, :, :length].copy_(key_states)
+        self.values = self.storage[1][:, :, :length].copy_(value_states)
+        self.dtype, self.device, self.is_initialized = key_states.dtype, key_states.device, True
+        return self.keys, self.values
+
+
 @torch.no_grad()
-def prefill(model, cache: KVCache, slots: list[int], ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Run left-padded prompts (rows of `ids`) through the model as `generate` does, store their keys and values in
-    `slots`, and return the logits of each row's last token."""
+def prefill(model, cache: KVCache, first: int, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Run left-padded prompts (rows of `ids`) through the model as `generate` does, their keys and values going
+    to slots first.., and return the logits of each row's last token."""
     positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
-    cache.load(slots, out.past_key_values, (mask == 0).sum(1))
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1,
+                past_key_values=cache.prefill_cache(first, len(ids)))
+    cache.filled(first, (mask == 0).sum(1), ids.shape[1])
     return out.logits[:, -1].float()
 
 
 @torch.no_grad()
-def step(model, cache: KVCache, tokens: torch.Tensor) -> torch.Tensor:
+def step(model, cache: KVCache, tokens: torch.Tensor, compiled=None) -> torch.Tensor:
     """One token per slot through every layer; returns the next-token logits [rows, vocab]. Each token's position
-    is its count of real tokens before it, as left-padded `generate` counts."""
+    is its count of real tokens before it, as left-padded `generate` counts. `compiled` (compiled_step's view of
+    a Llama-family model) runs the layers in C++: the same operations, the same bits."""
     positions = (cache.end - cache.start)[:, None]
     slots = cache.advance()
     if model.config.model_type == "gpt2":
@@ -176,6 +200,8 @@ def step(model, cache: KVCache, tokens: torch.Tensor) -> torch.Tensor:
     core = model.model
     hidden = core.embed_tokens(tokens[:, None])
     rotation = core.rotary_emb(hidden, position_ids=positions)
+    if compiled is not None:
+        return compiled.step(hidden, *rotation, cache.keys, cache.values, extension().Slots(*slots))
     for i, layer in enumerate(core.layers):
         hidden = _llama_layer(layer, hidden, rotation, cache, i, slots)
     return model.lm_head(core.norm(hidden))[:, -1].float()
@@ -231,12 +257,14 @@ def _left_padded(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.T
 
 
 def decode(model, prompts: list[list[int]], choose: Choice, eos_ids: set[int], pad_id: int, slots: int = 16,
-           on_prefill: Callable[[list[int]], None] | None = None) -> Iterator[tuple[int, int]]:
+           on_prefill: Callable[[list[int]], None] | None = None, compiled: bool = True
+           ) -> Iterator[tuple[int, int]]:
     """Generate for token-id `prompts` in `slots` rows at once; yields (prompt index, token) as each is made.
 
     The first `slots` prompts are prefilled together (left-padded, as `generate` batches them); when a row ends
     (an EOS or max_new_tokens) the next queued prompt is prefilled alone into its slot. With nothing left to
-    queue, an ended row stays in the batch, computing padding, so the batch keeps its row count (and rounding)."""
+    queue, an ended row stays in the batch, computing padding, so the batch keeps its row count (and rounding).
+    Llama-family steps run in C++ where compiled_step can (`compiled`; False: the Python step)."""
     max_new_tokens = choose.sampling.max_new_tokens
     if not prompts or max_new_tokens <= 0:
         return
@@ -248,21 +276,24 @@ def decode(model, prompts: list[list[int]], choose: Choice, eos_ids: set[int], p
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     cache = KVCache(config.num_hidden_layers, rows, getattr(config, "num_key_value_heads", config.num_attention_heads),
                     max(len(p) for p in prompts) + max_new_tokens, head_dim, like)
+    native = compiled_model(model, like.dtype) if compiled and config.model_type in LLAMA_FAMILY else None
     penalise = choose.sampling.repetition_penalty != 1.0
     seen = torch.zeros(rows, config.vocab_size, dtype=torch.bool, device=device) if penalise else None
     slot_prompt = list(range(rows))  # which prompt each slot is generating for (-1: none, finished)
     made = [0] * rows
     queue = iter(range(rows, len(prompts)))
 
-    def start(slot_list: list[int], indices: list[int]) -> torch.Tensor:
+    def start(first: int, indices: list[int]) -> torch.Tensor:
+        """Prefill prompts `indices` into slots first..; their first tokens."""
         if on_prefill is not None:
             on_prefill(list(indices))
         ids, mask = _left_padded([prompts[j] for j in indices], pad_id, device)
+        span = slice(first, first + len(indices))
         if seen is not None:
-            seen[slot_list] = False
-            for s, j in zip(slot_list, indices):
+            seen[span] = False
+            for s, j in enumerate(indices, first):
                 seen[s, torch.tensor(prompts[j], device=device)] = True
-        return choose(prefill(model, cache, slot_list, ids, mask), None if seen is None else seen[slot_list])
+        return choose(prefill(model, cache, first, ids, mask), None if seen is None else seen[span])
 
     def took(s: int, token: int) -> bool:
         """Count slot s's new token; True when its prompt has ended."""
@@ -271,7 +302,7 @@ def decode(model, prompts: list[list[int]], choose: Choice, eos_ids: set[int], p
             seen[s, token] = True
         return token in eos_ids or made[s] >= max_new_tokens
 
-    tokens = start(list(range(rows)), slot_prompt)
+    tokens = start(0, slot_prompt)
     while True:
         ended = []
         for s, token in enumerate(tokens.tolist()):
@@ -283,10 +314,10 @@ def decode(model, prompts: list[list[int]], choose: Choice, eos_ids: set[int], p
             s = ended.pop()
             slot_prompt[s], made[s] = next(queue, -1), 0
             if slot_prompt[s] >= 0:
-                tokens[s] = start([s], [slot_prompt[s]])[0]
+                tokens[s] = start(s, [slot_prompt[s]])[0]
                 yield slot_prompt[s], int(tokens[s])
                 if took(s, int(tokens[s])):
                     ended.append(s)
         if all(j < 0 for j in slot_prompt):
             return
-        tokens = choose(step(model, cache, tokens), seen)
+        tokens = choose(step(model, cache, tokens, native), seen)

@@ -468,7 +468,7 @@ class LoRALinear(nn.Module):
         """W·x + bias + s·B·A·dropout(x) for adapter `name`: fused into one Function when the base is dense."""
         A, B = self.lora_A[name], self.lora_B[name]
         p = self.dropout[name] if self.training else 0.0
-        fused = self._fusable(x, A)  # base matmul and LoRA term in one; else the base runs on its own (NF4, bf16)
+        fused = self._fusable(x.dtype, A)  # base matmul and LoRA term in one; else the base runs on its own (NF4, bf16)
         x2 = x.to(A.dtype).reshape(-1, x.shape[-1])  # (tokens, in); the output is viewed back
         args = (x2, self.dense_weight() if fused else None, self.bias if fused else None, A, B, self.scaling[name], p)
         y = (LoRAFunction.apply(*args) if torch.is_grad_enabled() else lora_linear(*args)[0]).view(*x.shape[:-1], -1)
@@ -478,12 +478,26 @@ class LoRALinear(nn.Module):
         out = self.base_forward(x)
         return out.add_(y.to(out.dtype))
 
-    def _fusable(self, x: torch.Tensor, A: torch.Tensor) -> bool:
-        """Whether base and branch can run as one LoRAFunction: a dense frozen base in the adapter's dtype, no
-        autocast (which would not reach the matmuls that write into the output)."""
+    def _fusable(self, dtype: torch.dtype, A: torch.Tensor) -> bool:
+        """Whether base and branch can run as one LoRAFunction on inputs of `dtype`: a dense frozen base in the
+        adapter's dtype, no autocast (which would not reach the matmuls that write into the output)."""
         w, b = self.weight, self.bias
-        return (w is not None and x.dtype == w.dtype == A.dtype and not w.requires_grad
-                and (b is None or not b.requires_grad) and not torch.is_autocast_enabled(x.device.type))
+        return (w is not None and dtype == w.dtype == A.dtype and not w.requires_grad
+                and (b is None or not b.requires_grad) and not torch.is_autocast_enabled(A.device.type))
+
+    def inference_terms(self, dtype: torch.dtype) -> tuple | None:
+        """(W, bias, A, B, scaling) when this layer's no-grad forward on inputs of `dtype` is x·Wᵀ + bias plus at
+        most one LoRA term s·(x·Aᵀ)·Bᵀ computed as `lora_linear` does (A, B None: no term): what the compiled decode
+        step computes. None for anything else: a quantised base, DoRA, adapters mixed by row, dropout in training."""
+        if self.row_adapters is not None and not self.disabled:
+            return None
+        name = self.active
+        if self.disabled or name is None or name == self.merged:
+            return (self.dense_weight(), self.bias, None, None, 0.0) if self.weight is not None else None
+        A, B = self.lora_A[name], self.lora_B[name]
+        if name in self.lora_magnitude or (self.training and self.dropout[name] > 0) or not self._fusable(dtype, A):
+            return None
+        return self.dense_weight(), self.bias, A, B, self.scaling[name]
 
     def extra_repr(self) -> str:
         ranks = {n: f"{a.shape[0]}{' dora' if n in self.lora_magnitude else ''}" for n, a in self.lora_A.items()}

@@ -1,0 +1,141 @@
+// One decode step of a Llama-family model (Llama, Mistral, Qwen2, Qwen3, SmolLM) through every layer, in C++.
+//
+// The same ATen calls, in the same order and on the same tensors, as the Python step in decode.py (which mirrors
+// transformers' modules), so the results are the same bits; what it saves is Python's cost for each of the dozens
+// of small operations a layer between the matrix products of a one-token step. compiled_step.py builds the structs
+// below from a model's modules and falls back to the Python step for anything they do not describe.
+#include <torch/extension.h>
+
+#include <vector>
+
+namespace {
+
+using at::Tensor;
+using c10::optional;
+
+// y = x·Wᵀ + b (nn.Linear, or a LoRA layer whose adapter is merged or off); with an unmerged LoRA adapter
+// y = x·Wᵀ + b + s·(x·Aᵀ)·Bᵀ, computed as lora.py's lora_linear does: the LoRA term added into the base product.
+struct Linear {
+  Tensor weight;
+  optional<Tensor> bias, lora_A, lora_B;
+  double scaling;
+
+  Tensor operator()(const Tensor& x) const {
+    if (!lora_A) return at::linear(x, weight, bias);
+    Tensor flat = x.to(lora_A->scalar_type()).reshape({-1, x.size(-1)});
+    Tensor h = at::linear(flat, *lora_A);
+    Tensor out = bias ? at::addmm(*bias, flat, weight.t()) : at::mm(flat, weight.t());
+    out.addmm_(h, lora_B->t(), 1, scaling);
+    std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+    shape.back() = -1;
+    return out.view(shape);
+  }
+};
+
+// transformers' LlamaRMSNorm: x / sqrt(mean(x²) + eps) in fp32, times the weight
+struct RMSNorm {
+  Tensor weight;
+  double eps;
+
+  Tensor operator()(const Tensor& x) const {
+    Tensor h = x.to(at::kFloat);
+    Tensor variance = h.pow(2).mean(-1, true);
+    h = h * at::rsqrt(variance + eps);
+    return weight * h.to(x.scalar_type());
+  }
+};
+
+struct Layer {
+  RMSNorm input_norm, post_attention_norm;
+  optional<RMSNorm> q_norm, k_norm;  // Qwen3 normalises q and k per head
+  Linear q, k, v, o, gate, up, down;
+  int64_t head_dim;
+  double scaling;
+};
+
+// The slots of decode.py's KVCache this step writes and reads (see Slots there)
+struct Slots {
+  Tensor rows, column;
+  int64_t width;
+  optional<Tensor> mask;
+};
+
+Tensor rotate_half(const Tensor& x) {
+  int64_t half = x.size(-1) / 2;
+  return at::cat({-x.slice(-1, half), x.slice(-1, 0, half)}, -1);
+}
+
+// Store layer i's new key and value at each slot's column, attend the one query per row over the slot's positions
+Tensor attend(Tensor keys_i, Tensor values_i, const Tensor& q, const Tensor& k, const Tensor& v,
+              const Slots& slots, double scaling) {
+  using at::indexing::Slice;
+  int64_t rows = q.size(0), heads = q.size(1), head_dim = q.size(3);
+  keys_i.index_put_({slots.rows, Slice(), slots.column}, k.select(2, 0));
+  values_i.index_put_({slots.rows, Slice(), slots.column}, v.select(2, 0));
+  Tensor keys = keys_i.slice(2, 0, slots.width), values = values_i.slice(2, 0, slots.width);
+  Tensor out;
+  if (!slots.mask) {
+    out = at::scaled_dot_product_attention(q, keys, values, {}, 0.0, false, scaling, heads != keys.size(1));
+  } else {
+    Tensor grouped = q.reshape({rows, keys.size(1), -1, head_dim});
+    out = at::scaled_dot_product_attention(grouped, keys, values, slots.mask, 0.0, false, scaling);
+  }
+  return out.reshape({rows, heads, 1, head_dim}).transpose(1, 2).reshape({rows, 1, -1});
+}
+
+Tensor layer_step(const Layer& layer, const Tensor& hidden, const Tensor& cos, const Tensor& sin,
+                  Tensor keys_i, Tensor values_i, const Slots& slots) {
+  Tensor x = layer.input_norm(hidden);
+  std::vector<int64_t> head = {x.size(0), 1, -1, layer.head_dim};
+  Tensor q = layer.q(x).view(head), k = layer.k(x).view(head), v = layer.v(x).view(head);
+  if (layer.q_norm) {
+    q = (*layer.q_norm)(q);
+    k = (*layer.k_norm)(k);
+  }
+  q = q.transpose(1, 2);
+  k = k.transpose(1, 2);
+  Tensor c = cos.unsqueeze(1), s = sin.unsqueeze(1);  // transformers' apply_rotary_pos_emb
+  Tensor q_rotated = (q * c) + (rotate_half(q) * s);
+  Tensor k_rotated = (k * c) + (rotate_half(k) * s);
+  Tensor out = attend(keys_i, values_i, q_rotated, k_rotated, v.transpose(1, 2), slots, layer.scaling);
+  Tensor h = hidden + layer.o(out);
+  Tensor y = layer.post_attention_norm(h);
+  return h + layer.down(at::silu(layer.gate(y)) * layer.up(y));
+}
+
+// Every layer, the final norm and the LM head: the next-token logits [rows, vocab] in fp32
+struct Model {
+  std::vector<Layer> layers;
+  RMSNorm norm;
+  Linear lm_head;
+
+  Tensor step(Tensor hidden, const Tensor& cos, const Tensor& sin, const Tensor& keys, const Tensor& values,
+              const Slots& slots) const {
+    for (size_t i = 0; i < layers.size(); ++i) {
+      hidden = layer_step(layers[i], hidden, cos, sin, keys.select(0, i), values.select(0, i), slots);
+    }
+    return lm_head(norm(hidden)).select(1, -1).to(at::kFloat);
+  }
+};
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  namespace py = pybind11;
+  py::class_<Linear>(m, "Linear")
+      .def(py::init<Tensor, optional<Tensor>, optional<Tensor>, optional<Tensor>, double>(), py::arg("weight"),
+           py::arg("bias"), py::arg("lora_A"), py::arg("lora_B"), py::arg("scaling"));
+  py::class_<RMSNorm>(m, "RMSNorm").def(py::init<Tensor, double>(), py::arg("weight"), py::arg("eps"));
+  py::class_<Layer>(m, "Layer")
+      .def(py::init<RMSNorm, RMSNorm, optional<RMSNorm>, optional<RMSNorm>, Linear, Linear, Linear, Linear, Linear,
+                    Linear, Linear, int64_t, double>(),
+           py::arg("input_norm"), py::arg("post_attention_norm"), py::arg("q_norm"), py::arg("k_norm"), py::arg("q"),
+           py::arg("k"), py::arg("v"), py::arg("o"), py::arg("gate"), py::arg("up"), py::arg("down"),
+           py::arg("head_dim"), py::arg("scaling"));
+  py::class_<Slots>(m, "Slots")
+      .def(py::init<Tensor, Tensor, int64_t, optional<Tensor>>(), py::arg("rows"), py::arg("column"),
+           py::arg("width"), py::arg("mask"));
+  py::class_<Model>(m, "Model")
+      .def(py::init<std::vector<Layer>, RMSNorm, Linear>(), py::arg("layers"), py::arg("norm"), py::arg("lm_head"))
+      .def("step", &Model::step, py::call_guard<py::gil_scoped_release>());
+}

@@ -1,0 +1,131 @@
+"""The C++ decode step against decode.py's Python step: the same logits and the same cache, bit for bit, for the
+Llama family (Llama, Mistral, Qwen2, Qwen3) with and without LoRA, at one row and at rows of different lengths
+(the masked path a refill makes); what it does not describe keeps the Python step; a failed build says why."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from conftest import randomize_lora
+from lorakit import LoRAConfig, adapters_by_row, add_lora, disable_adapters, set_adapter
+from lorakit import compiled_step
+from lorakit.compiled_step import compiled_model, extension
+from lorakit.decode import Choice, KVCache, _left_padded, decode, prefill, step
+from lorakit.generate import merged
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built():
+    if extension() is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI must build the C++ decode step (a C++ compiler and ninja)")
+        pytest.skip("the C++ decode step could not be built here (see the line above)")
+
+
+def tiny_decoder(name: str, seed: int = 0):
+    """Two layers, grouped-query attention (4 heads over 2), fp32, random weights; Qwen2 has q/k/v biases."""
+    import transformers
+    kind = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}[name]
+    torch.manual_seed(seed)
+    config = getattr(transformers, f"{kind}Config")(
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, head_dim=8, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64)
+    return getattr(transformers, f"{kind}ForCausalLM")(config).eval()
+
+
+def with_lora(model):
+    add_lora(model, LoRAConfig(r=4, alpha=8, targets="all-linear"), "a")
+    randomize_lora(model, seed=1)
+    set_adapter(model, "a")
+    return model
+
+
+@torch.no_grad()
+def steps(model, compiled, prompts: list[list[int]], refill: bool, count: int = 6):
+    """Logits of `count` steps after prefilling `prompts` (together; or the last one apart, as a refill is, so
+    the rows hold different spans and the step takes its masked path), and the cache at the end."""
+    config = model.config
+    cache = KVCache(config.num_hidden_layers, len(prompts), config.num_key_value_heads, 40, config.head_dim,
+                    next(model.parameters()))
+    groups = [list(range(len(prompts) - 1)), [len(prompts) - 1]] if refill else [list(range(len(prompts)))]
+    logits = torch.empty(len(prompts), config.vocab_size)
+    for slots in groups:
+        ids, mask = _left_padded([prompts[s] for s in slots], 0, "cpu")
+        logits[slots] = prefill(model, cache, slots[0], ids, mask)
+    out = []
+    for _ in range(count):
+        logits = step(model, cache, logits.argmax(-1), compiled)
+        out.append(logits)
+    return torch.stack(out), cache
+
+
+PROMPTS = [[5, 9, 3, 7], [11, 2, 8, 4, 6, 10, 12], [3, 3, 14], [20, 21, 22, 23, 24]]
+
+
+@pytest.mark.parametrize("name", ["llama", "mistral", "qwen2", "qwen3"])
+@pytest.mark.parametrize("adapter", [None, "unmerged", "merged", "disabled"])
+def test_compiled_step_equals_python_step_bit_for_bit(name, adapter):
+    model = tiny_decoder(name) if adapter is None else with_lora(tiny_decoder(name))
+    state = {"merged": lambda: merged(model), "disabled": lambda: disable_adapters(model)}.get(adapter)
+    with state() if state else torch.no_grad():
+        compiled = compiled_model(model, torch.float32)
+        assert compiled is not None
+        for prompts, refill in ((PROMPTS[:1], False), (PROMPTS, False), (PROMPTS, True)):
+            python_logits, python_cache = steps(model, None, prompts, refill)
+            compiled_logits, compiled_cache = steps(model, compiled, prompts, refill)
+            assert torch.equal(compiled_logits, python_logits)
+            assert torch.equal(compiled_cache.keys, python_cache.keys)
+            assert torch.equal(compiled_cache.values, python_cache.values)
+    if adapter == "unmerged":  # the adapter really is in the compiled step's sums
+        with disable_adapters(model):
+            base_logits, _ = steps(model, compiled_model(model, torch.float32), PROMPTS, True)
+        assert (base_logits - compiled_logits).abs().max() > 1e-3
+
+
+def test_what_the_compiled_step_does_not_describe_keeps_the_python_step():
+    model = with_lora(tiny_decoder("llama"))
+    assert compiled_model(model, torch.float32) is not None
+    assert compiled_model(model, torch.float64) is None  # hidden states of another dtype than the weights
+    with adapters_by_row(model, ["a", None]):
+        assert compiled_model(model, torch.float32) is None
+    handle = model.model.layers[1].mlp.register_forward_hook(lambda *args: None)
+    assert compiled_model(model, torch.float32) is None
+    handle.remove()
+    model.train()  # LoRA dropout is random in training: not the compiled step's
+    add_lora(model, LoRAConfig(r=2, alpha=4, dropout=0.1, targets="attention"), "dropped")
+    set_adapter(model, "dropped")
+    assert compiled_model(model, torch.float32) is None
+    dora = tiny_decoder("qwen2")
+    add_lora(dora, LoRAConfig(r=2, alpha=4, dora=True, targets="attention"), "d")
+    set_adapter(dora, "d")
+    assert compiled_model(dora, torch.float32) is None
+    qlora = tiny_decoder("mistral")
+    add_lora(qlora, LoRAConfig(r=2, alpha=4, quantize="nf4", quant_backend="torch"), "q")
+    set_adapter(qlora, "q")
+    assert compiled_model(qlora, torch.float32) is None
+
+
+def test_a_failed_build_says_why_and_decodes_with_the_python_step(monkeypatch, capsys):
+    from torch.utils import cpp_extension
+    model = tiny_decoder("qwen3")
+    expected = [t for _, t in decode(model, PROMPTS, Choice.greedy(5), set(), 0, slots=2)]
+
+    def no_ninja(*args, **kwargs):
+        raise RuntimeError("Ninja is required to load C++ extensions")
+
+    monkeypatch.setattr(cpp_extension, "load", no_ninja)
+    extension.cache_clear()
+    try:
+        assert extension() is None
+        err = capsys.readouterr().err
+        assert "the C++ decode step could not be built (Ninja is required to load C++ extensions)" in err
+        assert [t for _, t in decode(model, PROMPTS, Choice.greedy(5), set(), 0, slots=2)] == expected
+        monkeypatch.setenv("LORAKIT_COMPILED_STEP", "0")
+        extension.cache_clear()
+        assert extension() is None and "could not be built" not in capsys.readouterr().err
+    finally:
+        monkeypatch.undo()
+        extension.cache_clear()
+    assert compiled_step.extension() is not None
