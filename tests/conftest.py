@@ -87,6 +87,18 @@ def tiny_t5():
 TINY = {"llama": tiny_llama, "gpt2": tiny_gpt2, "t5": tiny_t5}
 
 
+def tiny_llama_family(kind: str):
+    """A Llama-family decoder ("llama", "mistral", "qwen2", "qwen3") of tiny_llama's size: two layers, grouped-query
+    attention (4 heads over 2, head_dim 8), random weights; Qwen2 has q/k/v biases, Qwen3 q/k norms."""
+    import transformers
+    name = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}[kind]
+    torch.manual_seed(0)
+    config = getattr(transformers, f"{name}Config")(
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, head_dim=8, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64)
+    return getattr(transformers, f"{name}ForCausalLM")(config).eval()
+
+
 def model_inputs(name: str, seed: int = 1) -> dict:
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, 128, (2, 12), generator=g)

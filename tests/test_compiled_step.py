@@ -8,9 +8,8 @@ import os
 import pytest
 import torch
 
-from conftest import randomize_lora
+from conftest import randomize_lora, tiny_llama_family
 from lorakit import LoRAConfig, adapters_by_row, add_lora, disable_adapters, set_adapter
-from lorakit import compiled_step
 from lorakit.compiled_step import compiled_model, extension
 from lorakit.decode import Choice, KVCache, _left_padded, decode, prefill, step
 from lorakit.generate import merged
@@ -22,17 +21,6 @@ def built():
         if os.environ.get("CI"):
             pytest.fail("CI must build the C++ decode step (a C++ compiler and ninja)")
         pytest.skip("the C++ decode step could not be built here (see the line above)")
-
-
-def tiny_decoder(name: str, seed: int = 0):
-    """Two layers, grouped-query attention (4 heads over 2), fp32, random weights; Qwen2 has q/k/v biases."""
-    import transformers
-    kind = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}[name]
-    torch.manual_seed(seed)
-    config = getattr(transformers, f"{kind}Config")(
-        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, head_dim=8, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64)
-    return getattr(transformers, f"{kind}ForCausalLM")(config).eval()
 
 
 def with_lora(model):
@@ -67,7 +55,7 @@ PROMPTS = [[5, 9, 3, 7], [11, 2, 8, 4, 6, 10, 12], [3, 3, 14], [20, 21, 22, 23, 
 @pytest.mark.parametrize("name", ["llama", "mistral", "qwen2", "qwen3"])
 @pytest.mark.parametrize("adapter", [None, "unmerged", "merged", "disabled"])
 def test_compiled_step_equals_python_step_bit_for_bit(name, adapter):
-    model = tiny_decoder(name) if adapter is None else with_lora(tiny_decoder(name))
+    model = tiny_llama_family(name) if adapter is None else with_lora(tiny_llama_family(name))
     state = {"merged": lambda: merged(model), "disabled": lambda: disable_adapters(model)}.get(adapter)
     with state() if state else torch.no_grad():
         compiled = compiled_model(model, torch.float32)
@@ -85,7 +73,7 @@ def test_compiled_step_equals_python_step_bit_for_bit(name, adapter):
 
 
 def test_what_the_compiled_step_does_not_describe_keeps_the_python_step():
-    model = with_lora(tiny_decoder("llama"))
+    model = with_lora(tiny_llama_family("llama"))
     assert compiled_model(model, torch.float32) is not None
     assert compiled_model(model, torch.float64) is None  # hidden states of another dtype than the weights
     with adapters_by_row(model, ["a", None]):
@@ -97,11 +85,11 @@ def test_what_the_compiled_step_does_not_describe_keeps_the_python_step():
     add_lora(model, LoRAConfig(r=2, alpha=4, dropout=0.1, targets="attention"), "dropped")
     set_adapter(model, "dropped")
     assert compiled_model(model, torch.float32) is None
-    dora = tiny_decoder("qwen2")
+    dora = tiny_llama_family("qwen2")
     add_lora(dora, LoRAConfig(r=2, alpha=4, dora=True, targets="attention"), "d")
     set_adapter(dora, "d")
     assert compiled_model(dora, torch.float32) is None
-    qlora = tiny_decoder("mistral")
+    qlora = tiny_llama_family("mistral")
     add_lora(qlora, LoRAConfig(r=2, alpha=4, quantize="nf4", quant_backend="torch"), "q")
     set_adapter(qlora, "q")
     assert compiled_model(qlora, torch.float32) is None
@@ -109,7 +97,7 @@ def test_what_the_compiled_step_does_not_describe_keeps_the_python_step():
 
 def test_a_failed_build_says_why_and_decodes_with_the_python_step(monkeypatch, capsys):
     from torch.utils import cpp_extension
-    model = tiny_decoder("qwen3")
+    model = tiny_llama_family("qwen3")
     expected = [t for _, t in decode(model, PROMPTS, Choice.greedy(5), set(), 0, slots=2)]
 
     def no_ninja(*args, **kwargs):
@@ -128,4 +116,4 @@ def test_a_failed_build_says_why_and_decodes_with_the_python_step(monkeypatch, c
     finally:
         monkeypatch.undo()
         extension.cache_clear()
-    assert compiled_step.extension() is not None
+    assert extension() is not None

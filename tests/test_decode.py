@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY, randomize_lora
+from conftest import TINY, randomize_lora, tiny_llama_family
 from lorakit import LoRAConfig, LoRAError, adapters_by_row, add_lora, disable_adapters, set_adapter
 from lorakit.data import format_prompt
 from lorakit.compiled_step import compiled_model, extension
@@ -113,13 +113,7 @@ def test_continuous_batching_equals_one_prompt_at_a_time(name):
 
 
 def tiny_decoder(name: str):
-    if name in ("llama", "gpt2"):
-        return TINY[name]()
-    from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
-    torch.manual_seed(0)
-    config, cls = (Qwen2Config, Qwen2ForCausalLM) if name == "qwen2" else (Qwen3Config, Qwen3ForCausalLM)
-    return cls(config(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, head_dim=8,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)).eval()
+    return TINY[name]() if name in ("llama", "gpt2") else tiny_llama_family(name)
 
 
 def test_models_the_loop_cannot_drive_keep_transformers_path():
