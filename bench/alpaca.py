@@ -31,9 +31,9 @@ CASES = "peft-padded,lorakit-padded,lorakit-packed,lorakit-packed-shared,lorakit
 
 def batches(case: str, a: argparse.Namespace) -> list[dict]:
     """The case's batches over the first --records Alpaca records (the lorakit pipeline's own encoding)."""
-    from lorakit.collate import pack, packed_batch, pad_batch
-    from lorakit.data import InstructionData
-    from lorakit.models import load_tokenizer, resolve_spec
+    from lorakit.data.collate import pack, packed_batch, pad_batch
+    from lorakit.data.prompts import InstructionData
+    from lorakit.models.loading import load_tokenizer, resolve_spec
     tok = load_tokenizer(resolve_spec("smollm2")[0])
     data = InstructionData.load(ALPACA, strict=False)  # the recipe skips its few empty outputs too
     data.examples = data.examples[:a.records]

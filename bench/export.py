@@ -22,9 +22,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from lorakit.compare import machine  # noqa: E402
-from lorakit.export import write_model_gguf  # noqa: E402
-from lorakit.models import load_model  # noqa: E402
+from lorakit.evaluation.runs import machine  # noqa: E402
+from lorakit.export.gguf import write_model_gguf  # noqa: E402
+from lorakit.models.loading import load_model  # noqa: E402
 
 PROMPTS = ["What is the capital of France?", "Write a short poem about the sea.",
            "Explain what a neural network is to a child.", "Give me three tips for learning to cook.",

@@ -28,11 +28,12 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "bench"))
-from lorakit.compare import machine  # noqa: E402
-from lorakit.compiled_step import extension  # noqa: E402
-from lorakit.data import SummarizationData, format_prompt  # noqa: E402
-from lorakit.decode import Choice, decode  # noqa: E402
-from lorakit.models import load_model  # noqa: E402
+from lorakit.evaluation.runs import machine  # noqa: E402
+from lorakit.inference.compiled_step import extension  # noqa: E402
+from lorakit.data.prompts import SummarizationData, format_prompt  # noqa: E402
+from lorakit.inference.sampling import Choice  # noqa: E402
+from lorakit.inference.decode import decode  # noqa: E402
+from lorakit.models.loading import load_model  # noqa: E402
 
 DIALOGSUM_TEST = ROOT.parent / "shared" / "data" / "dialogsum" / "dialogsum.test.jsonl"
 
@@ -167,8 +168,8 @@ def identity_checks(model, tok, prompts: list[str], new_tokens: int) -> list[dic
     """The token-identity checks of #21: batch 1 and 8, base and a random adapter (B nonzero) unmerged, merged and
     (batch 8) mixed by row with a second adapter and rows without one."""
     from lorakit import LoRAConfig, adapters_by_row, add_lora, disable_adapters, set_adapter
-    from lorakit.generate import merged
-    from lorakit.inject import lora_layers
+    from lorakit.inference.generate import merged
+    from lorakit.engine.registry import lora_layers
     add_lora(model, LoRAConfig(r=8, alpha=16, targets="all-linear"), "a")
     add_lora(model, LoRAConfig(r=4, alpha=8, targets="attention"), "b")
     g = torch.Generator().manual_seed(3)
@@ -224,7 +225,7 @@ def main() -> None:
     try:
         import llama_cpp  # noqa: F401
         from export import llama_cpp_case
-        from lorakit.export import write_model_gguf
+        from lorakit.export.gguf import write_model_gguf
         f16 = write_model_gguf(model, tok, Path(tmp.name) / "smollm2-f16.gguf", "f16")
         ids = [tok(p)["input_ids"] for p in prompts]
         cases["llama.cpp f16, batch 1"] = lambda: batch_one(llama_cpp_case(f16, ids, args.new_tokens,

@@ -16,12 +16,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
-from lorakit.trained import load_trained  # noqa: E402
-from lorakit.compare import machine  # noqa: E402
-from lorakit.evaluate import _prompts, rouge, run_config  # noqa: E402
-from lorakit.generate import Sampling, generate, merged  # noqa: E402
-from lorakit.inject import disable_adapters  # noqa: E402
-from lorakit.tasks import load_splits  # noqa: E402
+from lorakit.models.trained import load_trained  # noqa: E402
+from lorakit.evaluation.runs import machine  # noqa: E402
+from lorakit.evaluation.generative import _prompts  # noqa: E402
+from lorakit.evaluation.metrics import rouge  # noqa: E402
+from lorakit.evaluation.evaluate import run_config  # noqa: E402
+from lorakit.inference.sampling import Sampling  # noqa: E402
+from lorakit.inference.generate import generate, merged  # noqa: E402
+from lorakit.engine.inject import disable_adapters  # noqa: E402
+from lorakit.data.pipeline import load_splits  # noqa: E402
 
 
 def main() -> None:

@@ -58,8 +58,8 @@ def main() -> None:
     torch.set_num_threads(2)
     torch.manual_seed(0)
     from lorakit import LoRAConfig, adapters_by_row, add_lora, disable_adapters, merge, set_adapter
-    from lorakit.inject import lora_layers
-    from lorakit.models import load_model
+    from lorakit.engine.registry import lora_layers
+    from lorakit.models.loading import load_model
 
     plain, _ = load_model("smollm2", "instruct")
     names = ["a", "b", "c"]

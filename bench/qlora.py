@@ -26,8 +26,8 @@ def build(case: str, dropout: float):
     """(model, trainable params, bytes of the quantised linears' weights, fp32 bytes of the same weights)."""
     import torch
     from lorakit import LoRAConfig, add_lora
-    from lorakit.inject import lora_layers
-    from lorakit.models import load_model, resolve_spec
+    from lorakit.engine.registry import lora_layers
+    from lorakit.models.loading import load_model, resolve_spec
     if case == "peft-bnb":
         from peft import LoraConfig, get_peft_model
         from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -36,7 +36,7 @@ def build(case: str, dropout: float):
         model = AutoModelForCausalLM.from_pretrained(resolve_spec("smollm2")[0], quantization_config=q,
                                                      dtype=torch.float32, device_map="cpu")
         model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, target_modules=PROJECTIONS))
-        from lorakit.quant import bnb_nbytes
+        from lorakit.engine.quant import bnb_nbytes
         import bitsandbytes as bnb
         lin4 = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]  # not peft's wrappers of them
         qbytes = sum(bnb_nbytes(m) for m in lin4)

@@ -40,8 +40,8 @@ def build(case: str, dropout: float, device: str = "cpu"):
     """SmolLM2 with r=8 LoRA on the 7 projections by peft or lorakit (the case's first word), on `device`;
     -compile: compiled."""
     from lorakit import LoRAConfig, add_lora
-    from lorakit.kernels import compile_blocks, fuse_swiglu
-    from lorakit.models import load_model
+    from lorakit.models.kernels import compile_blocks, fuse_swiglu
+    from lorakit.models.loading import load_model
     model, _ = load_model("smollm2", "instruct")
     model.to(device)
     dora = "dora" in case.split("-")
@@ -104,7 +104,7 @@ def vm_hwm_gb() -> float:
 def loss_of(case: str):
     """How a case computes its loss: transformers' `model(...).loss`, or lorakit's label-only chunked loss."""
     if "label" in case.split("-"):
-        from lorakit.loss import causal_lm_loss
+        from lorakit.training.loss import causal_lm_loss
         return causal_lm_loss
     return lambda model, batch: model(**batch).loss
 
@@ -305,8 +305,10 @@ def bench_args(doc: str, name: str, cases: str, steps: int | None = None) -> arg
 def machine(bench: str, a: argparse.Namespace, results: list[dict]) -> None:
     """Write bench/results/<bench>.json with the machine, versions, date and settings next to the results."""
     import torch
+
+    from lorakit.evaluation.runs import cpu_model
     out = {"bench": bench, "date": datetime.date.today().isoformat(), "machine": platform.machine(),
-           "processor": platform.processor(), "cpus": os.cpu_count(), "torch": torch.__version__,
+           "processor": cpu_model(), "cpus": os.cpu_count(), "torch": torch.__version__,
            "python": platform.python_version(), "config": {k: v for k, v in vars(a).items() if k not in ("case", "json")},
            "results": results}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)

@@ -109,7 +109,7 @@ def model_inputs(name: str, seed: int = 1) -> dict:
 
 def randomize_lora(model: nn.Module, seed: int = 0) -> None:
     """Give every LoRA B (and A) random values, so an adapter changes the output."""
-    from lorakit.inject import lora_layers
+    from lorakit.engine.registry import lora_layers
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for _, layer in lora_layers(model):

@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import TINY, model_inputs, randomize_lora
 from lorakit import LoRAConfig, LoRAError, add_lora, load_adapter, parameter_report, save_adapter
-from lorakit.adapters import CONFIG_NAME, WEIGHTS_NAME
+from lorakit.engine.peft_format import CONFIG_NAME, WEIGHTS_NAME
 
 
 def _logits(model, name):
@@ -179,7 +179,7 @@ def test_each_adapter_has_its_own_trained_head_and_the_base_keeps_its_own(build,
     from peft import PeftModel
 
     from lorakit import adapters_by_row, delete_adapter, disable_adapters, merge_and_unload, set_adapter
-    from lorakit.models import head_name
+    from lorakit.models.loading import head_name
     head = head_name(build())
     ids = {"input_ids": torch.randint(1, 128, (4, 9), generator=torch.Generator().manual_seed(3))}
     logits = lambda m: m(**ids).logits.detach()  # noqa: E731

@@ -14,11 +14,11 @@ from safetensors.torch import load_file
 
 from conftest import REPO, randomize_lora, save_tiny
 from lorakit import LoRAConfig, add_lora, save_adapter
-from lorakit.app import BASE, Workbench
+from lorakit.serve import BASE, Workbench
 from lorakit.errors import UserError
-from lorakit.generate import Sampling
-from lorakit.models import load_model
-from lorakit.trained import load_adapted
+from lorakit.inference.sampling import Sampling
+from lorakit.models.loading import load_model
+from lorakit.models.trained import load_adapted
 
 ARTIFACTS = REPO / "test-artifacts"
 PROMPT = "w5 w6 w7"
@@ -60,7 +60,7 @@ GREEDY = Sampling(max_new_tokens=12)
 
 def reference(adapter: Path | None, llama: Path, prompt: str) -> tuple[str, int]:
     """Greedy answer and its token count from a separately loaded model and transformers' generate."""
-    from lorakit.data import format_prompt
+    from lorakit.data.prompts import format_prompt
     model, tok, _ = load_adapted(adapter) if adapter else (*load_model(str(llama)), {})
     ids = tok(format_prompt(tok, prompt, "", "alpaca"), return_tensors="pt")
     with torch.no_grad():
@@ -147,7 +147,7 @@ def test_summary_shows_task_data_parameters_and_metrics(tiny_runs):
 
 def test_page_handlers_stream_and_report_errors_on_the_page(tiny_runs):
     pytest.importorskip("gradio")
-    from lorakit.app.page import ADAPTER_SLOTS, load_adapter, run_generation
+    from lorakit.serve.page import ADAPTER_SLOTS, load_adapter, run_generation
     wb = Workbench(str(tiny_runs["llama"]), [str(tiny_runs["a"])])
     updates = list(run_generation(wb, PROMPT, 0.0, 1.0, 0, 12, 42, ["alpha"]))
     assert len(updates) > 4 and len(updates[-1]) == 1 + 2 * (1 + ADAPTER_SLOTS)
@@ -191,7 +191,7 @@ def open_page(pw):
 def test_page_in_headless_chromium(tiny_runs):
     pytest.importorskip("gradio")
     sync_api = pytest.importorskip("playwright.sync_api")
-    from lorakit.app.page import serve
+    from lorakit.serve.page import serve
     wb = Workbench(str(tiny_runs["llama"]), [str(tiny_runs["a"])])
     port = free_port()
     page_app = serve(wb, port=port, block=False)
@@ -227,7 +227,7 @@ def test_chat_page_in_headless_chromium(tiny_runs):
     """Each column a conversation of its own: two messages sent, each column shows both turns and its two replies."""
     pytest.importorskip("gradio")
     sync_api = pytest.importorskip("playwright.sync_api")
-    from lorakit.app.page import serve
+    from lorakit.serve.page import serve
     wb = Workbench(str(tiny_runs["llama"]), [str(tiny_runs["chat"])])
     assert wb.task == "chat"
     port = free_port()
@@ -263,8 +263,8 @@ def test_chat_page_in_headless_chromium(tiny_runs):
 def test_batched_generation_sorts_by_length_and_keeps_the_order(tiny_runs):
     """Batches are formed from prompts of similar length; each completion is the one transformers' generate gives
     for that batch, returned in the prompts' order."""
-    from lorakit.data import format_prompt
-    from lorakit.generate import _encode, generate, new_token_counts
+    from lorakit.data.prompts import format_prompt
+    from lorakit.inference.generate import _encode, generate, new_token_counts
     model, tok = load_model(str(tiny_runs["llama"]))
     prompts = [format_prompt(tok, " ".join(f"w{5 + k}" for k in range(n)), "", "alpaca") for n in (9, 1, 5, 2, 8)]
     got = generate(model, tok, prompts, GREEDY, batch_size=2)

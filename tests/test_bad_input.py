@@ -185,7 +185,7 @@ def test_serve_on_a_port_in_use(capsys):
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_checkpoints_and_resume_reaches_the_same_adapter_bit_for_bit(tmp_path, world, monkeypatch, capsys, sig):
-    import lorakit.train as train_mod
+    import lorakit.training.loop as train_mod
     r = recipe(tmp_path, model=str(world / "llama"), task="instruct", data=str(world / "a.jsonl"), epochs=2,
                eval_every=2, split=[0.8, 0.2, 0.0])
     straight, broken = tmp_path / "straight", tmp_path / "broken"
@@ -213,7 +213,7 @@ def test_a_signal_checkpoints_and_resume_reaches_the_same_adapter_bit_for_bit(tm
 
 
 def test_a_non_finite_loss_stops_keeps_the_last_good_adapter_and_a_checkpoint(tmp_path, world, monkeypatch, capsys):
-    import lorakit.train as train_mod
+    import lorakit.training.loop as train_mod
     r = recipe(tmp_path, model=str(world / "llama"), task="instruct", data=str(world / "a.jsonl"), epochs=3,
                eval_every=100, split=[1.0, 0.0, 0.0], dropout=0.0)
     real, calls = train_mod.causal_lm_loss, []
@@ -238,7 +238,7 @@ def test_a_non_finite_loss_stops_keeps_the_last_good_adapter_and_a_checkpoint(tm
 
 
 def test_saving_that_fails_halfway_leaves_the_previous_adapter(tmp_path, monkeypatch):
-    import lorakit.adapters as adapters_mod
+    import lorakit.engine.peft_format as adapters_mod
     from conftest import TINY, randomize_lora
     from lorakit import LoRAConfig, add_lora, save_adapter
     model = add_lora(TINY["llama"](), LoRAConfig(r=4))

@@ -10,9 +10,9 @@ import torch
 from conftest import TINY, model_inputs, randomize_lora, save_tiny
 from lorakit import LoRAConfig, LoRAError, add_lora, load_adapter, save_adapter
 from lorakit.cli import main
-from lorakit.combine import combine_adapters
-from lorakit.config import COMBINE_METHODS as METHODS
-from lorakit.inject import lora_layers
+from lorakit.engine.combine import combine_adapters
+from lorakit.config.choices import COMBINE_METHODS as METHODS
+from lorakit.engine.registry import lora_layers
 
 
 def _two_adapters(kind: str, tmp_path, ranks=(4, 4)):
@@ -110,7 +110,7 @@ def test_lorakit_combine_writes_an_adapter_equal_to_the_api_result(tmp_path, cap
     args = ["combine", *map(str, runs), "--weights", "0.6,0.4", "--method", "ties", "--density", "0.5", "--out", str(out)]
     assert main(args) == 0
     assert "ties of 2 adapters (weights 0.6, 0.4)" in capsys.readouterr().out
-    from lorakit.trained import load_adapted
+    from lorakit.models.trained import load_adapted
     written, _, meta = load_adapted(out)
     assert meta["task"] == "instruct" and meta["combined"]["method"] == "ties"
     api = load_adapter(load_adapted(runs[0] / "adapter", adapter="a0")[0], runs[1] / "adapter", adapter="a1")

@@ -17,8 +17,8 @@ def llama_dir(tmp_path):
 
 
 def test_method_full_trains_every_parameter_and_saves_a_model(tmp_path, llama_dir):
-    from lorakit.models import load_model
-    from lorakit.trained import load_trained
+    from lorakit.models.loading import load_model
+    from lorakit.models.trained import load_trained
     r = recipe(tmp_path, model=str(llama_dir), task="instruct", data=str(write_instruct(tmp_path / "a.jsonl")),
                split=[0.6, 0.2, 0.2], max_length=64, lr=3e-3)
     run = tmp_path / "full"
@@ -39,7 +39,8 @@ def test_method_full_trains_every_parameter_and_saves_a_model(tmp_path, llama_di
 
 
 def test_method_flag_and_recipe_key_agree(tmp_path):
-    from lorakit.config import ConfigError, load_recipe
+    from lorakit.config.run_config import ConfigError
+    from lorakit.config.recipes import load_recipe
     r = recipe(tmp_path, model="x", data="d.jsonl", method="qlora")
     assert load_recipe(r).quantize == "nf4"
     assert load_recipe(r, {"method": "lora", "quantize": ""}).method == "lora"
@@ -52,7 +53,7 @@ def test_method_flag_and_recipe_key_agree(tmp_path):
 
 
 def test_compare_produces_every_row_and_matches_each_runs_eval(tmp_path, llama_dir):
-    from lorakit.inject import parameter_report
+    from lorakit.engine.report import parameter_report
     data = write_sms(tmp_path / "sms.tsv", n=48)
     r = recipe(tmp_path, model=str(llama_dir), task="classify", data=str(data), epochs=1, batch_size=8, name="tiny")
     out = tmp_path / "cmp"
@@ -64,7 +65,7 @@ def test_compare_produces_every_row_and_matches_each_runs_eval(tmp_path, llama_d
     md = (out / "compare.md").read_text()
     rows = {row["method"]: row for row in res["rows"]}
     # full: every parameter; LoRA: what the parameter report of the same LoRA model says
-    from lorakit.models import load_model
+    from lorakit.models.loading import load_model
     model, _ = load_model(str(llama_dir), "classify", num_labels=2)
     n = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     assert rows["full"]["trainable"] == rows["full"]["total"] == n
@@ -89,7 +90,7 @@ def test_compare_produces_every_row_and_matches_each_runs_eval(tmp_path, llama_d
 
 
 def test_compare_lists_a_method_that_cannot_run_and_runs_the_others(tmp_path, llama_dir, monkeypatch):
-    import lorakit.compare as cmp
+    import lorakit.evaluation.compare as cmp
     monkeypatch.setattr(cmp, "available_memory", lambda: (1e3, "RAM"))  # a machine where nothing full fits
     data = write_sms(tmp_path / "sms.tsv", n=48)
     r = recipe(tmp_path, model=str(llama_dir), task="classify", data=str(data), epochs=1, batch_size=8)

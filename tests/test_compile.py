@@ -8,8 +8,8 @@ import torch
 
 from conftest import TINY, randomize_lora
 from lorakit import LoRAConfig, add_lora
-from lorakit.loss import causal_lm_loss
-from lorakit.kernels import compile_blocks
+from lorakit.training.loss import causal_lm_loss
+from lorakit.models.kernels import compile_blocks
 
 
 def _loss_and_grads(model, ids, label_only: bool):

@@ -10,9 +10,11 @@ import torch
 
 from conftest import randomize_lora, tiny_llama_family
 from lorakit import LoRAConfig, adapters_by_row, add_lora, disable_adapters, set_adapter
-from lorakit.compiled_step import compiled_model, extension
-from lorakit.decode import Choice, KVCache, _left_padded, decode, prefill, step
-from lorakit.generate import merged
+from lorakit.inference.compiled_step import compiled_model, extension
+from lorakit.inference.sampling import Choice
+from lorakit.inference.kv_cache import KVCache
+from lorakit.inference.decode import _left_padded, decode, prefill, step
+from lorakit.inference.generate import merged
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -12,9 +12,11 @@ import torch
 
 from conftest import TINY, randomize_lora
 from lorakit import LoRAConfig, add_lora
-from lorakit.collate import pack, packed_batch, pad_batch, shared_prefix
-from lorakit.conversations import ChatData, Conversation, Message, encode_conversations, heldout_reply
-from lorakit.data import IGNORE, EncodedExample, LoadStats, embedded_data, iter_records
+from lorakit.data.collate import pack, packed_batch, pad_batch, shared_prefix
+from lorakit.data.conversations import ChatData, Conversation, Message, encode_conversations, heldout_reply
+from lorakit.data.examples import IGNORE, EncodedExample
+from lorakit.data.readers import LoadStats, iter_records
+from lorakit.config.paths import embedded_data
 from lorakit.errors import DataError
 
 # The templates as their tokenizer_config.json files ship them (Meta-Llama-3-8B-Instruct, Qwen2-7B-Instruct,
@@ -37,7 +39,7 @@ SHAREGPT_LINES = 604540  # the line the shipped file is cut off on
 
 @pytest.fixture(scope="module")
 def smol_tok():
-    from lorakit.models import load_tokenizer, resolve_spec
+    from lorakit.models.loading import load_tokenizer, resolve_spec
     return load_tokenizer(resolve_spec("smollm2")[0])
 
 
@@ -245,7 +247,7 @@ def test_parquet_records_with_the_same_checks(tmp_path):
         ChatData.load(path)
     data = ChatData.load(path, strict=False)
     assert data.stats.kept == 2 and data.conversations[0].messages[1].content == "yes"
-    from lorakit.data import ClassificationData
+    from lorakit.data.classification import ClassificationData
     pq.write_table(pa.Table.from_pylist([{"text": "hello", "label": "ham"}, {"text": "WIN", "label": "spam"},
                                          {"text": "", "label": "ham"}]), tmp_path / "sms.parquet")
     with pytest.raises(DataError, match=r"sms\.parquet, row 2: field 'text' is empty"):
@@ -271,8 +273,8 @@ def test_a_json_array_is_streamed_not_read_whole(tmp_path):
 
 
 def test_json_array_errors_name_the_line_across_chunks(tmp_path, monkeypatch):
-    import lorakit.data
-    monkeypatch.setattr(lorakit.data, "CHUNK", 64)  # every record spans chunks; lines counted across the cuts
+    import lorakit.data.readers
+    monkeypatch.setattr(lorakit.data.readers, "CHUNK", 64)  # every record spans chunks; lines counted across the cuts
     lines = ["["] + [f'  {{"messages": [{{"role": "user", "content": "q{i}"}}, {{"role": "assistant", "content": "a"}}]}},'
                      for i in range(40)] + ['  {"messages": [}', "]"]
     (tmp_path / "a.json").write_text("\n".join(lines))
@@ -315,7 +317,7 @@ def _tiny_ids(example: EncodedExample) -> EncodedExample:
 
 
 def test_packed_chat_with_a_shared_system_prompt_gives_the_unpacked_loss_and_gradients(smol_tok):
-    from lorakit.loss import causal_lm_loss
+    from lorakit.training.loss import causal_lm_loss
     convs = [Conversation([Message("system", "Be brief."), Message("user", f"q{k}?"), Message("assistant", f"a{k}.")]
                           + ([Message("user", "more"), Message("assistant", "done")] if k % 2 else []), "t")
              for k in range(5)]
@@ -362,10 +364,10 @@ def test_chat_train_eval_data_and_page(tmp_path, capsys):
     from conftest import save_tiny
     from test_train import recipe
 
-    from lorakit.app.page import ADAPTER_SLOTS, run_chat
-    from lorakit.app.workbench import BASE, Workbench
+    from lorakit.serve.page import ADAPTER_SLOTS, run_chat
+    from lorakit.serve.workbench import BASE, Workbench
     from lorakit.cli import main
-    from lorakit.generate import Sampling
+    from lorakit.inference.sampling import Sampling
     llama = str(save_tiny("llama", tmp_path / "llama"))
     data = write_chats(tmp_path / "chats.jsonl")
     r = recipe(tmp_path, model=llama, task="chat", data=data, split=[0.6, 0.2, 0.2], pack=True, max_length=64)

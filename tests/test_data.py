@@ -8,9 +8,11 @@ import pytest
 import torch
 
 from conftest import DATA, TINY, randomize_lora
-from lorakit.collate import pack, packed_batch, pad_batch, row_length, seq2seq_batch, shared_prefix
-from lorakit.data import (IGNORE, ClassificationData, DataError, EncodedExample, InstructionData, SummarizationData,
-                          balance)
+from lorakit.data.collate import pack, packed_batch, pad_batch, row_length, seq2seq_batch, shared_prefix
+from lorakit.data.examples import IGNORE, EncodedExample
+from lorakit.data.classification import ClassificationData, balance
+from lorakit.errors import DataError
+from lorakit.data.prompts import InstructionData, SummarizationData
 
 SMS = DATA / "sms_spam_collection" / "SMSSpamCollection"
 ALPACA = DATA / "alpaca" / "alpaca_data.json"
@@ -19,7 +21,7 @@ DIALOGSUM = DATA / "dialogsum"
 
 @pytest.fixture(scope="module")
 def smol_tok():
-    from lorakit.models import load_tokenizer, resolve_spec
+    from lorakit.models.loading import load_tokenizer, resolve_spec
     return load_tokenizer(resolve_spec("smollm2")[0])
 
 

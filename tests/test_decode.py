@@ -11,11 +11,13 @@ import torch
 
 from conftest import TINY, randomize_lora, tiny_llama_family
 from lorakit import LoRAConfig, LoRAError, adapters_by_row, add_lora, disable_adapters, set_adapter
-from lorakit.data import format_prompt
-from lorakit.compiled_step import compiled_model, extension
-from lorakit.decode import Choice, decode, supports
-from lorakit.generate import Sampling, generate, merged, stream
-from lorakit.models import load_model
+from lorakit.data.prompts import format_prompt
+from lorakit.inference.compiled_step import compiled_model, extension
+from lorakit.inference.sampling import Choice
+from lorakit.inference.decode import decode, supports
+from lorakit.inference.sampling import Sampling
+from lorakit.inference.generate import generate, merged, stream
+from lorakit.models.loading import load_model
 
 ALPACA = Path(__file__).resolve().parents[2] / "shared" / "data" / "alpaca" / "alpaca_data.json"
 

@@ -8,7 +8,7 @@ import torch
 
 from conftest import TINY, model_inputs
 from lorakit import LoRAConfig, add_lora, load_adapter, merge, save_adapter, unmerge
-from lorakit.inject import lora_layers
+from lorakit.engine.registry import lora_layers
 
 TARGETS = {"llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
            "gpt2": ["c_attn", "c_proj", "c_fc"], "t5": ["q", "k", "v", "o", "wi", "wo"]}
@@ -94,7 +94,7 @@ def test_dora_adapters_saved_by_either_load_in_the_other(kind, tmp_path):
 
 @pytest.mark.parametrize("backend", ["torch", "bitsandbytes"])
 def test_dora_on_an_nf4_base_is_dora_on_the_dequantised_weights(backend):
-    from lorakit.quant import bitsandbytes_available
+    from lorakit.engine.quant import bitsandbytes_available
     if backend == "bitsandbytes" and not bitsandbytes_available():
         pytest.skip("bitsandbytes is not installed")
     kind = "llama"

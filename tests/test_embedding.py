@@ -9,7 +9,8 @@ import torch
 from conftest import TINY, model_inputs
 from lorakit import LoRAConfig, LoRAError, add_lora, load_adapter, merge, merge_and_unload, save_adapter, unmerge
 from lorakit.errors import LorakitWarning
-from lorakit.inject import lora_layers, parameter_report
+from lorakit.engine.registry import lora_layers
+from lorakit.engine.report import parameter_report
 
 
 def tied_llama():

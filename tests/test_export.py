@@ -15,9 +15,11 @@ import torch
 from conftest import randomize_lora, save_tiny
 from lorakit import LoRAConfig, add_lora, save_adapter
 from lorakit.cli import main
-from lorakit.export import ollama_template, permute_rows
-from lorakit.inject import lora_layers, merge_and_unload
-from lorakit.models import load_model, load_tokenizer, resolve_spec
+from lorakit.export.ollama import ollama_template
+from lorakit.export.gguf import permute_rows
+from lorakit.engine.registry import lora_layers
+from lorakit.engine.inject import merge_and_unload
+from lorakit.models.loading import load_model, load_tokenizer, resolve_spec
 
 TEXTS = ["Hello there, how are you?", "The year 2024 had 366 days; 12 months.", "<|im_start|>user\nHi!<|im_end|>\n"]
 
@@ -67,7 +69,7 @@ def runs(tmp_path_factory):
 
 
 def merged_model(run_dir: Path):
-    from lorakit.trained import load_trained
+    from lorakit.models.trained import load_trained
     model, tok, _ = load_trained(run_dir / "adapter")
     return merge_and_unload(model), tok
 
@@ -107,12 +109,12 @@ def test_quantised_exports_agree_with_the_merged_model(runs, tmp_path, quant, ag
 
 
 def test_qlora_is_merged_into_the_dequantised_nf4_base(runs, tmp_path):
-    from lorakit.trained import load_trained
+    from lorakit.models.trained import load_trained
     out = tmp_path / "q.gguf"
     assert main(["export", str(runs["qlora"]), "--out", str(out)]) == 0
     qlora, tok, _ = load_trained(runs["qlora"] / "adapter")  # NF4 base + unmerged adapter: what was evaluated
     reread = read_gguf_model(out)
-    from lorakit.adapters import load_adapter
+    from lorakit.engine.peft_format import load_adapter
     naive, _ = load_model(runs["base"])  # the adapter merged into the original fp32 weights instead
     load_adapter(naive, runs["qlora"] / "adapter", "default")
     naive = merge_and_unload(naive)

@@ -9,7 +9,7 @@ import torch
 
 from conftest import TINY, model_inputs, lm_train_steps
 from lorakit import LoRAConfig, LoRAError, add_lora, load_adapter, save_adapter
-from lorakit.inject import lora_layers
+from lorakit.engine.registry import lora_layers
 
 TARGETS = {"llama": ["q_proj", "v_proj", "down_proj"], "gpt2": ["c_attn", "c_fc"]}
 

@@ -8,9 +8,9 @@ import torch
 from torch import nn
 
 from conftest import GPTModel, TINY, lm_train_steps, model_inputs, randomize_lora
-from lorakit import (LoRAConfig, LoRAError, LoRALinear, add_lora, delete_adapter, disable_adapters, merge,
-                     merge_and_unload, parameter_report, set_adapter, unmerge)
-from lorakit.inject import lora_layers, resolve_targets
+from lorakit import LoRAConfig, LoRAError, LoRALinear, add_lora, delete_adapter, disable_adapters, merge, merge_and_unload, parameter_report, set_adapter, unmerge
+from lorakit.engine.registry import lora_layers
+from lorakit.engine.targets import resolve_targets
 
 
 def gpt_small_meta() -> GPTModel:
@@ -237,8 +237,8 @@ def test_training_changes_only_lora_and_trainable_parameters():
 def test_lora_function_matches_plain_autograd(p, base):
     """The fused, memory-light Function gives the plain implementation's output and gradients, mask for mask:
     base matmul + LoRA term in one (the dense path), or the LoRA term alone (the quantised-base path)."""
-    from lorakit.dropout import dropout_drops
-    from lorakit.lora import LoRAFunction
+    from lorakit.engine.dropout import dropout_drops
+    from lorakit.engine.function import LoRAFunction
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, 7, 24, generator=g, requires_grad=True)
     A = torch.randn(4, 24, generator=g, requires_grad=True)
@@ -286,7 +286,7 @@ def test_dropout_drops_are_iid_bernoulli_and_reproducible():
     """The drops, drawn as geometric gaps, behave like an elementwise Bernoulli(p) mask: the rate, no run
     structure (a pair of neighbours both dropped at p^2), no drift along the tensor, every position dropped as
     often; padded with n at the end, never short of it; same seed, same drops."""
-    from lorakit.dropout import dropout_drops, zero_at
+    from lorakit.engine.dropout import dropout_drops, zero_at
     n, p = 2_000_000, 0.05
     torch.manual_seed(0)
     padded = dropout_drops(n, p)

@@ -6,9 +6,9 @@ import torch
 
 from conftest import TINY, randomize_lora
 from lorakit import LoRAConfig, add_lora
-from lorakit.collate import packed_batch
-from lorakit.data import IGNORE, EncodedExample
-from lorakit.loss import LinearCrossEntropy, causal_lm_loss, label_only_supported
+from lorakit.data.collate import packed_batch
+from lorakit.data.examples import IGNORE, EncodedExample
+from lorakit.training.loss import LinearCrossEntropy, causal_lm_loss, label_only_supported
 
 
 def batch(seed: int = 0) -> dict:

@@ -10,7 +10,7 @@ import torch
 from conftest import REPO, save_tiny
 from lorakit import LoRAConfig, add_lora, parameter_report
 from lorakit.cli import main
-from lorakit.models import ModelError, head_name, load_model
+from lorakit.models.loading import ModelError, head_name, load_model
 
 
 def test_local_directory_per_task(tmp_path):
@@ -50,12 +50,12 @@ def test_cli_inspect_prints_the_report(tmp_path, capsys):
 
 def test_cli_user_errors_are_one_line_without_traceback(tmp_path):
     d = save_tiny("llama", tmp_path / "m")
-    run = subprocess.run([sys.executable, "-m", "lorakit.cli", "inspect", "--model", str(d), "--targets", "q_prj"],
+    run = subprocess.run([sys.executable, "-m", "lorakit", "inspect", "--model", str(d), "--targets", "q_prj"],
                          capture_output=True, text=True, cwd=REPO)
     assert run.returncode == 2
     assert "lorakit: error: target 'q_prj' matches no module; closest names: q_proj" in run.stderr
     assert "Traceback" not in run.stderr
-    run = subprocess.run([sys.executable, "-m", "lorakit.cli", "inspect", "--model", str(d), "--r", "0"],
+    run = subprocess.run([sys.executable, "-m", "lorakit", "inspect", "--model", str(d), "--r", "0"],
                          capture_output=True, text=True, cwd=REPO)
     assert run.returncode == 2 and "r must be a positive integer" in run.stderr and "Traceback" not in run.stderr
 
@@ -111,7 +111,7 @@ def test_pad_token_falls_back_to_eos(tmp_path):
 
 def test_classifier_adapter_restores_head_and_labels(tmp_path):
     from lorakit import save_adapter
-    from lorakit.trained import load_adapted
+    from lorakit.models.trained import load_adapted
     d = save_tiny("llama", tmp_path / "base")
     model, tok = load_model(str(d), "classify", num_labels=3)
     add_lora(model, LoRAConfig(r=2, trainable=["score"]))
@@ -127,7 +127,7 @@ def test_classifier_adapter_restores_head_and_labels(tmp_path):
 
 
 def test_local_gguf_file_loads_and_shares_the_cache():
-    from lorakit.models import EMBEDDED, _package_path, resolve_spec
+    from lorakit.models.loading import EMBEDDED, _package_path, resolve_spec
     gguf = _package_path(*EMBEDDED["smollm2"][:2])
     path, name = resolve_spec(str(gguf))
     assert path == resolve_spec("smollm2")[0] and name == str(gguf)
@@ -138,7 +138,7 @@ def test_local_gguf_file_loads_and_shares_the_cache():
 
 def test_seq2seq_encoding_puts_the_dialogue_in_the_encoder(tmp_path):
     from conftest import word_tokenizer
-    from lorakit.data import SummarizationData
+    from lorakit.data.prompts import SummarizationData
     (tmp_path / "d.jsonl").write_text('{"dialogue": "w1 w2 w3 w4", "summary": "w5 w6"}\n')
     enc = SummarizationData.load(tmp_path / "d.jsonl").encode_seq2seq(word_tokenizer(), max_source=3)
     tok = word_tokenizer()

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lorakit.quant import NF4_LEVELS, NF4Matmul, block_scales, dequantize_nf4, quantize_nf4
+from lorakit.engine.quant import NF4_LEVELS, NF4Matmul, block_scales, dequantize_nf4, quantize_nf4
 
 
 def reference_levels(offset: float = 0.9677083) -> torch.Tensor:
@@ -71,7 +71,7 @@ def test_nf4_matmul_matches_dequantised_linear_and_keeps_no_weight():
 
 from conftest import TINY, lm_train_steps, model_inputs, randomize_lora  # noqa: E402
 from lorakit import LoRAConfig, add_lora, load_adapter, merge, merge_and_unload, parameter_report, save_adapter  # noqa: E402
-from lorakit.inject import lora_layers  # noqa: E402
+from lorakit.engine.registry import lora_layers  # noqa: E402
 
 
 def _logits(model, name="llama"):
@@ -81,13 +81,13 @@ def _logits(model, name="llama"):
 
 def _round_trip(w: torch.Tensor, backend: str) -> torch.Tensor:
     if backend == "bitsandbytes":
-        from lorakit.quant import bnb_dequantize, bnb_linear4bit
+        from lorakit.engine.quant import bnb_dequantize, bnb_linear4bit
         return bnb_dequantize(bnb_linear4bit(w))
     return dequantize_nf4(quantize_nf4(w))
 
 
 BACKENDS = ["torch", pytest.param("bitsandbytes", marks=pytest.mark.skipif(
-    not __import__("lorakit.quant").quant.bitsandbytes_available(), reason="bitsandbytes not installed"))]
+    not __import__("lorakit.engine.quant").engine.quant.bitsandbytes_available(), reason="bitsandbytes not installed"))]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -161,7 +161,7 @@ def test_qlora_run_end_to_end_and_eval_requantises(tmp_path):
 
     from conftest import save_tiny
     from lorakit.cli import main
-    from lorakit.trained import load_adapted
+    from lorakit.models.trained import load_adapted
     from test_train import recipe, write_instruct
     data = write_instruct(tmp_path / "a.jsonl")
     run = tmp_path / "run"
@@ -191,7 +191,7 @@ def test_quantize_all_puts_every_other_linear_in_nf4_but_not_the_head():
     assert all(type(m) is torch.nn.Linear for n, m in plain.named_modules() if n.endswith("proj"))
 
 
-@pytest.mark.skipif(not __import__("lorakit.quant").quant.bitsandbytes_available(), reason="bitsandbytes not installed")
+@pytest.mark.skipif(not __import__("lorakit.engine.quant").engine.quant.bitsandbytes_available(), reason="bitsandbytes not installed")
 def test_bitsandbytes_backend_trains_merges_and_matches_ours():
     w = torch.randn(96, 64, generator=torch.Generator().manual_seed(3)) * 0.02
     # the same format: both round trips land on the same NF4 levels, up to the 8-bit scale rounding
@@ -199,7 +199,7 @@ def test_bitsandbytes_backend_trains_merges_and_matches_ours():
     model = add_lora(TINY["llama"](), LoRAConfig(r=4, dropout=0.05, quantize="nf4", quant_backend="bitsandbytes"))
     layer = model.get_submodule("model.layers.0.self_attn.q_proj")
     assert type(layer.frozen.linear).__name__ == "Linear4bit"
-    from lorakit.quant import bnb_linear4bit, bnb_nbytes
+    from lorakit.engine.quant import bnb_linear4bit, bnb_nbytes
     assert 0.125 < bnb_nbytes(bnb_linear4bit(torch.randn(1536, 576))) / (4 * 1536 * 576) < 0.135  # ~4.13 bits/weight
     losses = lm_train_steps(model, 6)
     assert losses[-1] < losses[0]
@@ -209,11 +209,11 @@ def test_bitsandbytes_backend_trains_merges_and_matches_ours():
     torch.testing.assert_close(_logits(model), adapted, atol=1e-5, rtol=0)
 
 
-@pytest.mark.skipif(not __import__("lorakit.quant").quant.bitsandbytes_available(), reason="bitsandbytes not installed")
+@pytest.mark.skipif(not __import__("lorakit.engine.quant").engine.quant.bitsandbytes_available(), reason="bitsandbytes not installed")
 def test_bitsandbytes_layers_keep_the_standard_layout_in_eval_mode():
     """bitsandbytes repacks 4-bit weights for its AVX512-BF16 CPU kernel on an eval-mode forward; that fails on
     layers narrower than its blocks and changes the layout dequantise and merge read. Our layers opt out."""
-    from lorakit.quant import bnb_dequantize
+    from lorakit.engine.quant import bnb_dequantize
     model = add_lora(TINY["llama"](), LoRAConfig(r=4, quantize="nf4", quant_backend="bitsandbytes"))
     layer = model.get_submodule("model.layers.0.self_attn.q_proj")
     before = bnb_dequantize(layer.frozen.linear).clone()

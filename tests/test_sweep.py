@@ -11,8 +11,9 @@ from torch import nn
 from conftest import TINY, save_tiny
 from lorakit import LoRAConfig, add_lora
 from lorakit.cli import main
-from lorakit.inject import lora_layers, parameter_report
-from lorakit.lora import LoRAError
+from lorakit.engine.registry import lora_layers
+from lorakit.engine.report import parameter_report
+from lorakit.engine.config import LoRAError
 from test_train import recipe, write_dialogues
 
 
@@ -78,7 +79,7 @@ def _manual_bertscore(prediction: str, references: list[str]) -> float:
     weighs 0) takes its most similar token of the other text by cosine ([CLS] and [SEP] among the candidates);
     precision and recall are their means; the best F1 over the references."""
     from transformers import AutoModel, AutoTokenizer
-    from lorakit.models import resolve_spec
+    from lorakit.models.loading import resolve_spec
     path, _ = resolve_spec("minilm")
     tok, enc = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
 
@@ -97,7 +98,7 @@ def _manual_bertscore(prediction: str, references: list[str]) -> float:
 
 @pytest.mark.slow
 def test_bertscore_equals_a_computation_from_the_hidden_states():
-    from lorakit.bertscore import bertscore_f1
+    from lorakit.evaluation.bertscore import bertscore_f1
     preds = ["The man bought a red car yesterday.", "They talk about the weekend trip.", "", "Same words here."]
     refs = [["A man purchased a car.", "Yesterday he bought a red car from the dealer."],
             ["#Person1# and #Person2# plan a trip for the weekend."], ["Anything."], ["Same words here."]]
@@ -121,8 +122,8 @@ def swept(tmp_path_factory):
 
 @pytest.mark.slow
 def test_sweep_table_is_every_cells_own_run_and_eval(swept):
-    from lorakit.bertscore import bertscore_f1
-    from lorakit.models import load_model
+    from lorakit.evaluation.bertscore import bertscore_f1
+    from lorakit.models.loading import load_model
     root, _, out = swept
     res = json.loads((out / "sweep.json").read_text())
     cells = [(r["cell"]["r"], r["cell"]["targets"]) for r in res["rows"]]
@@ -178,8 +179,8 @@ def test_a_second_sweep_keeps_finished_cells_and_refuses_changed_settings(swept,
 
 
 def test_an_interrupted_cell_resumes_and_a_changed_one_is_retrained_with_overwrite(tmp_path, monkeypatch):
-    import lorakit.sweep as sweep_mod
-    from lorakit.config import RunConfig
+    import lorakit.evaluation.sweep as sweep_mod
+    from lorakit.config.run_config import RunConfig
     calls = []
     monkeypatch.setattr(sweep_mod, "run_lorakit", lambda cmd, log: calls.append(cmd) or None)
     cfg = RunConfig(model="m", data="d.jsonl")
@@ -204,7 +205,7 @@ def test_an_interrupted_cell_resumes_and_a_changed_one_is_retrained_with_overwri
 
 
 def test_grid_cells_names_and_overrides():
-    from lorakit.sweep import base_key, cell_name, cell_overrides, grid_cells, parse_grid
+    from lorakit.evaluation.sweep import base_key, cell_name, cell_overrides, grid_cells, parse_grid
     grid = parse_grid(["r=4,8", "targets=q_proj+v_proj,re:.*(q|v)_proj", "max-records=100"])
     cells = grid_cells(grid)
     assert [cell_name(c) for c in cells] == ["r=4_targets=q_proj+v_proj_max_records=100",

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from conftest import TINY, randomize_lora
 from lorakit import LoRAConfig, add_lora
-from lorakit.kernels import SwiGLU, fuse_swiglu
+from lorakit.models.kernels import SwiGLU, fuse_swiglu
 
 
 def test_swiglu_function_matches_autograd():

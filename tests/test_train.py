@@ -69,7 +69,7 @@ def llama_dir(tmp_path):
 def test_instruct_train_eval_generate_merge(tmp_path, llama_dir, capsys):
     from transformers import AutoModelForCausalLM
 
-    from lorakit.trained import load_adapted
+    from lorakit.models.trained import load_adapted
     data = write_instruct(tmp_path / "a.jsonl")
     run = tmp_path / "run"
     r = recipe(tmp_path, model=llama_dir, task="instruct", data=str(data), split=[0.6, 0.2, 0.2], pack=True,
@@ -156,7 +156,7 @@ def test_seq2seq_summarize_with_rouge(tmp_path):
 def test_rouge_matches_rouge_score_directly():
     from rouge_score import rouge_scorer
 
-    from lorakit.evaluate import rouge
+    from lorakit.evaluation.metrics import rouge
     preds = ["the cat sat on the mat", "dogs are running fast"]
     refs = [["a cat was sitting on the mat", "the cat sat"], ["the dog runs quickly"]]
     scorer = rouge_scorer.RougeScorer(["rouge1", "rougeL"], use_stemmer=True)
@@ -166,7 +166,7 @@ def test_rouge_matches_rouge_score_directly():
 
 
 def test_classification_metrics_against_hand_computation():
-    from lorakit.evaluate import classification_metrics
+    from lorakit.evaluation.metrics import classification_metrics
     m = classification_metrics([0, 1, 1, 0, 1], [0, 1, 0, 0, 0], 2)
     assert m["confusion"] == [[2, 2], [0, 1]] and m["accuracy"] == 0.6
     f1_0, f1_1 = 2 * 2 / (2 * 2 + 0 + 2), 2 * 1 / (2 * 1 + 2 + 0)
@@ -174,7 +174,7 @@ def test_classification_metrics_against_hand_computation():
 
 
 def test_resume_reaches_the_uninterrupted_result(tmp_path, llama_dir, monkeypatch):
-    import lorakit.train as train_mod
+    import lorakit.training.loop as train_mod
     data = write_instruct(tmp_path / "a.jsonl", n=30)
     common = dict(model=llama_dir, task="instruct", data=str(data), split=[0.8, 0.2, 0.0], epochs=2,
                   checkpoint_every=3, eval_every=2, grad_accum=2, batch_size=3, early_stopping=0)
@@ -221,8 +221,8 @@ def test_recipe_errors_name_file_and_key(tmp_path, capsys):
 
 
 def test_recipes_listed_and_valid(capsys):
-    from lorakit.cli import RECIPES
-    from lorakit.config import load_recipe
+    from lorakit.config.paths import RECIPES
+    from lorakit.config.recipes import load_recipe
     assert main(["recipes"]) == 0
     out = capsys.readouterr().out
     for name in ("spam", "alpaca", "dialogsum", "gpt2-spam", "gpt2-alpaca", "flan-t5-dialogsum",
@@ -230,7 +230,7 @@ def test_recipes_listed_and_valid(capsys):
         assert name in out
         load_recipe(RECIPES / f"{name}.yaml")  # every key known, every value of the right type
     spam = load_recipe(RECIPES / "spam.yaml")
-    assert spam.model == "minilm" and spam.task == "classify" and spam.resolve(spam.data).is_file()
+    assert spam.model == "minilm" and spam.task == "classify" and spam.data_file(spam.data).is_file()
     assert load_recipe(RECIPES / "gpt2-alpaca.yaml").targets == ["c_attn"]
     qlora = load_recipe(RECIPES / "llama-3.2-3b-qlora-dialogsum.yaml")
     assert (qlora.quantize, qlora.r, qlora.optimizer, qlora.gradient_checkpointing) == ("nf4", 16, "paged_adamw_8bit", True)
@@ -238,7 +238,7 @@ def test_recipes_listed_and_valid(capsys):
 
 
 def test_length_grouped_batches_cover_everything_once_and_pad_less():
-    from lorakit.train import epoch_order
+    from lorakit.training.loop import epoch_order
     rng = random.Random(0)
     lengths = [rng.randint(5, 200) for _ in range(1000)]
     plain = epoch_order(1000, 16, seed=1, epoch=0)
@@ -255,7 +255,8 @@ def test_length_grouped_batches_cover_everything_once_and_pad_less():
 
 def test_sampling_is_seeded_and_greedy_is_deterministic(tmp_path):
     from conftest import TINY, word_tokenizer
-    from lorakit.generate import Sampling, generate
+    from lorakit.inference.sampling import Sampling
+    from lorakit.inference.generate import generate
     model, tok = TINY["llama"](), word_tokenizer()
     prompts = ["w5 w6 w7", "w9"]
     hot = Sampling(max_new_tokens=8, temperature=1.5, top_p=0.95, top_k=0, seed=3)
@@ -297,19 +298,21 @@ def test_early_stopping_keeps_the_best_adapter(tmp_path, llama_dir):
     assert m["stopped_early"] and info["timings"]["steps"] < 30 * 6
     vals = [v["loss"] for v in m["val_history"]]
     assert m["best_val_loss"] == min(vals) and vals[-1] > min(vals) and vals[-2] > min(vals)
-    from lorakit.trained import load_adapted
-    from lorakit.tasks import encode_splits, load_splits
-    from lorakit.train import validate
-    cfg = __import__("lorakit.evaluate", fromlist=["run_config"]).run_config(run)
+    from lorakit.models.trained import load_adapted
+    from lorakit.data import encode, load_splits
+    from lorakit.evaluation import run_config
+    from lorakit.training.validation import validate
+    cfg = run_config(run)
     model, tok, _ = load_adapted(run / "adapter")
-    enc = encode_splits(cfg, load_splits(cfg), tok, model)
+    enc = encode(load_splits(cfg), cfg, tok, seq2seq=False)
     got = validate(model, enc.val, enc.collate, cfg.batch_size, "cpu", __import__("contextlib").nullcontext)
     assert got["loss"] == pytest.approx(m["best_val_loss"], abs=1e-5)  # the saved adapter is the best one
 
 
 def test_cli_share_prefix_flag_reaches_the_recipe(tmp_path):
-    from lorakit.cli import _overrides, build_parser
-    from lorakit.config import load_recipe
+    from lorakit.cli import build_parser
+    from lorakit.cli.common import overrides as _overrides
+    from lorakit.config.recipes import load_recipe
     r = recipe(tmp_path, task="instruct", pack=True)
     parse = build_parser().parse_args
     assert load_recipe(r, _overrides(parse(["train", r]))).share_prefix is True  # the default with pack
@@ -320,11 +323,11 @@ def test_cli_share_prefix_flag_reaches_the_recipe(tmp_path):
 def test_validation_loss_is_the_eval_loss_token_weighted(tmp_path, llama_dir, pack):
     """run.json's best validation loss, `lorakit eval`'s loss on the same file and the token-weighted mean of each
     example's own loss (computed one example at a time) are one number."""
-    from lorakit.collate import pad_batch
-    from lorakit.evaluate import run_config
-    from lorakit.tasks import encode_prompts, load_splits
-    from lorakit.trained import load_adapted
-    from lorakit.train import validate
+    from lorakit.data.collate import pad_batch
+    from lorakit.evaluation.evaluate import run_config
+    from lorakit.data import encode_examples, load_splits
+    from lorakit.models.trained import load_adapted
+    from lorakit.training.validation import validate
     data = write_instruct(tmp_path / "a.jsonl", n=24)
     rng = random.Random(3)
     held = tmp_path / "held.jsonl"  # responses of 1 to 12 words; 11 records: the last batch is short
@@ -341,7 +344,7 @@ def test_validation_loss_is_the_eval_loss_token_weighted(tmp_path, llama_dir, pa
 
     cfg = run_config(run)
     model, tok, _ = load_adapted(run / "adapter")
-    encoded = encode_prompts(cfg, load_splits(cfg).test, tok, model)
+    encoded = encode_examples(cfg, load_splits(cfg).test, tok, seq2seq=False)
     lengths = {sum(lab != -100 for lab in e.labels[1:]) for e in encoded}
     assert len(lengths) > 1  # examples of different lengths: a mean of batch means would differ
     total = count = 0.0
@@ -365,8 +368,8 @@ def test_loraplus_groups_and_steps_equal_peft_create_loraplus_optimizer():
 
     from conftest import TINY
     from lorakit import LoRAConfig, add_lora
-    from lorakit.config import RunConfig
-    from lorakit.train import param_groups
+    from lorakit.config.run_config import RunConfig
+    from lorakit.training.optim import param_groups
     ours = add_lora(TINY["llama"](), LoRAConfig(r=4, alpha=8, targets=["q_proj", "v_proj"]))
     theirs = get_peft_model(TINY["llama"](), PeftLoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
     g = torch.Generator().manual_seed(0)
@@ -417,10 +420,11 @@ def test_loraplus_ratio_is_recorded_and_bad_values_refused(tmp_path, llama_dir, 
 def test_eval_on_another_file(tmp_path, llama_dir, capsys):
     """`lorakit eval RUN --data FILE`: the adapter scored on a new file of its task's format, into its own directory,
     its loss the one computed directly; never over another file's evaluation; a label the run never saw refused."""
-    from lorakit.evaluate import response_loss, run_config
-    from lorakit.tasks import collate_for, encode_prompts
-    from lorakit.trained import load_trained
-    from lorakit.data import InstructionData
+    from lorakit.evaluation.generative import response_loss
+    from lorakit.evaluation.evaluate import run_config
+    from lorakit.data import batcher, encode_examples
+    from lorakit.models.trained import load_trained
+    from lorakit.data.prompts import InstructionData
     run = tmp_path / "run"
     r = recipe(tmp_path, model=llama_dir, task="instruct", data=str(write_instruct(tmp_path / "a.jsonl")),
                max_steps=2, split=[0.6, 0.2, 0.2])
@@ -433,7 +437,7 @@ def test_eval_on_another_file(tmp_path, llama_dir, capsys):
     cfg = run_config(run)
     model, tok, _ = load_trained(run / "adapter")
     examples = InstructionData.load(new).examples
-    direct = response_loss(model, encode_prompts(cfg, examples, tok, model), collate_for(cfg, tok, model),
+    direct = response_loss(model, encode_examples(cfg, examples, tok, False), batcher(cfg, tok, False),
                            cfg.batch_size)
     assert ev["metrics"]["lora"]["loss"] == pytest.approx(direct, abs=1e-6)
     other = tmp_path / "elsewhere"

@@ -1,0 +1,95 @@
+"""What the commands share: LoRA and data flags, recipe overrides from flags, and checks on output paths."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..config import FIELDS, INITS, TARGET_PRESETS, TEMPLATES, TRAIN_ON, load_recipe, recipe_file
+from ..engine import LoRAConfig
+from ..errors import UserError
+
+
+def targets_value(value: str | None):
+    """--targets: a preset (all-linear, attention, mlp), a comma-separated list of names, or 're:<regex>'."""
+    if value is None:
+        return "all-linear"
+    if value in TARGET_PRESETS:
+        return value
+    if value.startswith("re:"):
+        return value[3:]
+    return [t.strip() for t in value.split(",") if t.strip()]
+
+
+def split_names(value: str | None) -> tuple[str, ...]:
+    return tuple(t.strip() for t in (value or "").split(",") if t.strip())
+
+
+def add_lora_flags(p: argparse.ArgumentParser, defaults: bool = True) -> None:
+    """LoRA flags; with defaults=False they are None unless given, so a recipe's values stand."""
+    d = (lambda v: v) if defaults else (lambda v: None)
+    g = p.add_argument_group("LoRA")
+    g.add_argument("--r", type=int, default=d(8), help="rank of the update (default 8)")
+    g.add_argument("--alpha", type=float, default=d(16), help="scale numerator: update = B·A·x·alpha/r (default 16)")
+    g.add_argument("--dropout", type=float, default=d(0.0), help="dropout on the LoRA input")
+    g.add_argument("--targets", default=d("all-linear"),
+                   help="all-linear (every linear but the head), attention or mlp (the block's attention or MLP "
+                        "linears, per architecture), names like q_proj,v_proj, or re:<regex>")
+    g.add_argument("--exclude", default=d(""), help="comma-separated module names to leave alone")
+    g.add_argument("--rslora", action="store_true", default=d(False), help="scale by alpha/sqrt(r) (rank-stabilised)")
+    g.add_argument("--init", choices=INITS, default=d("kaiming"),
+                   help="A and B at the start: kaiming (default), gaussian, pissa or olora (from the base's SVD/QR)")
+    g.add_argument("--dora", action="store_true", default=d(False),
+                   help="DoRA: a trained magnitude per output feature times the direction of W + B·A")
+
+
+def lora_config_from_args(args: argparse.Namespace, trainable: tuple[str, ...] = ()):
+    return LoRAConfig(r=args.r, alpha=args.alpha, dropout=args.dropout, targets=targets_value(args.targets),
+                      exclude=split_names(args.exclude), trainable=split_names(getattr(args, "trainable", "")) + trainable,
+                      rslora=args.rslora, dora=args.dora, init=args.init)
+
+
+def overrides(args: argparse.Namespace) -> dict:
+    """The recipe keys the command line sets: every RunConfig field whose flag was given (flags are None unless
+    given), plus --set pairs."""
+    out = {k: getattr(args, k) for k in FIELDS if getattr(args, k, None) is not None}
+    if out.get("method") in ("full", "lora") and "quantize" not in out:
+        out["quantize"] = ""  # --method lora on a QLoRA recipe: plain LoRA
+    if "targets" in out:
+        out["targets"] = targets_value(out["targets"])
+    return out | set_pairs(args.set)
+
+
+def set_pairs(items: list[str] | None) -> dict:
+    """--set KEY=VALUE flags as a dict."""
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise UserError(f"--set {item!r}: use KEY=VALUE, e.g. --set warmup=0.1")
+        k, v = item.split("=", 1)
+        out[k.strip()] = v.strip()
+    return out
+
+
+def add_data_flags(p: argparse.ArgumentParser) -> None:
+    """The flags that decide what the data becomes: shared by train and data, so `lorakit data` shows what a
+    `lorakit train` with the same flags trains on."""
+    p.add_argument("--data", type=str, help="training data file (or an embedded data set: sharegpt)")
+    p.add_argument("--max-length", type=int, help="tokens per example (or per packed row)")
+    p.add_argument("--max-records", type=int, help="train on the first N records of the split (quick runs)")
+    p.add_argument("--template", choices=TEMPLATES, help="alpaca, chat (the model's own chat template) or chatml")
+    p.add_argument("--train-on", choices=TRAIN_ON, help="chat: the loss on all assistant turns or on the last one")
+    p.add_argument("--skip-invalid", action="store_true", default=None,
+                   help="skip (and count) invalid records instead of failing")
+
+
+def recipe_overrides_out(args: argparse.Namespace, command: str) -> tuple[str, dict, str]:
+    """compare's and sweep's recipe path, --set overrides, and --out (default runs/NAME-<command>)."""
+    path = str(recipe_file(args.recipe))
+    overrides = set_pairs(args.set)
+    return path, overrides, args.out or str(Path("runs") / f"{load_recipe(path, overrides).name}-{command}")
+
+
+def check_out_free(out: Path, force: bool) -> None:
+    """merge and combine write a directory: refuse one that holds something unless --force."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        raise UserError(f"{out} exists and is not empty; pass an empty or new directory, or --force to replace it")

@@ -1,0 +1,24 @@
+"""Every choice a recipe key or a flag takes, defined once: the config's validators, the engine's checks and the
+CLI's `choices=` all read these."""
+from __future__ import annotations
+
+TASKS = ("classify", "instruct", "summarize", "chat")
+TEMPLATES = ("alpaca", "chat", "chatml")  # chat: the tokenizer's own chat template (ChatML where it has none)
+TRAIN_ON = ("all", "last")  # chat: which assistant turns the loss covers
+METHODS = ("full", "lora", "qlora")
+SCHEDULES = ("cosine", "linear", "constant")
+QUANTIZE = ("nf4",)
+QUANT_BACKENDS = ("auto", "torch", "bitsandbytes")
+OPTIMIZERS = ("adamw", "paged_adamw_8bit")
+STRATEGIES = ("auto", "ddp", "fsdp")
+PRECISIONS = ("auto", "no", "bf16", "fp16")
+COMBINE_METHODS = ("linear", "cat", "svd", "ties", "dare_linear", "dare_ties", "magnitude_prune")  # engine.combine
+TARGET_PRESETS = ("all-linear", "attention", "mlp")  # resolved per architecture by engine.targets
+EXPORT_FORMATS = ("gguf", "gguf-lora", "ollama")  # lorakit export
+EXPORT_QUANTS = ("f32", "f16", "q8_0", "q4_0")
+INITS = ("kaiming", "gaussian", "pissa", "olora")  # LoRA's starting A and B (engine.init)
+
+
+def one_of(choices: tuple[str, ...]) -> str:
+    """'a, b or c': the choices as a message lists them."""
+    return ", ".join(choices[:-1]) + f" or {choices[-1]}" if len(choices) > 1 else choices[0]

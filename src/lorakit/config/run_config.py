@@ -1,0 +1,181 @@
+"""What a run is: `RunConfig`, every setting of one training run, each checked against its choices and ranges."""
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from ..errors import UserError
+from .paths import data_file, run_dir
+from .choices import (INITS, METHODS, OPTIMIZERS, PRECISIONS, QUANT_BACKENDS, QUANTIZE, SCHEDULES, STRATEGIES,
+                      TARGET_PRESETS, TASKS, TEMPLATES, TRAIN_ON, one_of)
+
+
+class ConfigError(UserError):
+    """A recipe or flag that cannot be used; the message names the file and key."""
+
+
+@dataclass
+class RunConfig:
+    """Everything one training run needs. YAML sections are only grouping: keys are unique across them."""
+
+    # model
+    model: str = "smollm2"
+    task: str = "instruct"
+    name: str = ""
+    # data
+    data: str = ""
+    val_data: str = ""
+    test_data: str = ""
+    labels: list[str] = field(default_factory=list)
+    text_field: str = "text"
+    label_field: str = "label"
+    split: list[float] = field(default_factory=lambda: [0.7, 0.1, 0.2])
+    balance: bool = False
+    max_records: int = 0  # 0: all; else the first N after shuffling, for quick runs
+    max_eval_records: int = 0  # caps test (and val, unless max_val_records is set)
+    max_val_records: int = 0
+    skip_invalid: bool = False
+    template: str = ""  # alpaca, chat or chatml; "": chat for task chat, else alpaca
+    train_on_prompt: bool = False
+    train_on: str = "all"  # chat: the loss on every assistant turn, or on the last one only
+    max_length: int = 256
+    pack: bool = False
+    share_prefix: bool = True  # packed rows keep a prompt preamble their examples share once (same loss, fewer tokens)
+    group_by_length: bool = True  # batch examples of similar length: far less padding
+    # lora
+    method: str = "lora"  # lora, qlora (lora on an NF4 base) or full (every parameter trained)
+    r: int = 8
+    alpha: float = 16
+    dropout: float = 0.05
+    targets: str | list[str] = "all-linear"  # or attention, mlp (TARGET_PRESETS), module names, a regex
+    exclude: list[str] = field(default_factory=list)
+    rslora: bool = False
+    dora: bool = False  # DoRA: magnitude per output feature x direction of W + s·B·A (lora.py)
+    init: str = "kaiming"  # kaiming, gaussian, pissa or olora: LoRA's starting A and B (INITS)
+    quantize: str = ""  # "nf4": QLoRA (base weights of the adapted layers in 4-bit NormalFloat)
+    quantize_all: bool = False  # with quantize: the non-adapted linears too
+    quant_backend: str = "auto"  # torch (lorakit's NF4), bitsandbytes (Linear4bit); auto: bitsandbytes where installed
+    # train
+    epochs: float = 1.0
+    max_steps: int = 0
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 2e-4
+    optimizer: str = "adamw"  # or paged_adamw_8bit (bitsandbytes, CUDA)
+    head_lr: float = 0.0  # 0: same as lr
+    loraplus_lr_ratio: float = 0.0  # LoRA+: B matrices at lr x ratio (PEFT's create_loraplus_optimizer); 0: off
+    full_lr: float = 0.0  # lr when method is full (0: lr); `lorakit compare` defaults it to lr/10
+    weight_decay: float = 0.0
+    warmup: float = 0.05  # fraction of steps
+    schedule: str = "cosine"
+    max_grad_norm: float = 1.0
+    mixed_precision: str = "auto"
+    gradient_checkpointing: bool = False
+    fuse_swiglu: bool = True  # Llama-style MLPs keep one activation fewer for backward (exact; see kernels.py)
+    label_only_loss: bool = True  # LM head + loss on labelled positions only, in chunks (exact; see loss.py)
+    compile: bool = False  # torch.compile each decoder block (CPU: needs a C++ compiler)
+    eval_every: int = 0  # 0: once per epoch
+    early_stopping: int = 0  # evaluations without val improvement before stopping; 0: off
+    checkpoint_every: int = 0
+    strategy: str = "auto"  # on several processes: ddp (auto) or fsdp
+    seed: int = 42
+    out: str = ""
+    # eval
+    max_new_tokens: int = 64
+    num_samples: int = 5
+
+    recipe_path: str = ""
+
+    def data_file(self, name: str) -> Path:
+        """One of this run's data files (`data`, `val_data`, `test_data`, or an evaluation's), resolved."""
+        return data_file(name, self.recipe_path)
+
+    @property
+    def out_dir(self) -> Path:
+        """The run directory: `out`, else runs/NAME."""
+        return run_dir(self.out, self.name)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+FIELDS = {f.name: f for f in fields(RunConfig)}
+SECTIONS = ("model", "data", "lora", "train", "eval")
+
+
+def coerce(key: str, value, where: str):
+    """Convert a YAML or command-line value to the field's type, with an error naming the key."""
+    default = getattr(RunConfig(), key)
+    try:
+        if isinstance(default, bool):
+            if isinstance(value, str):
+                if value.lower() not in ("true", "false", "yes", "no", "1", "0"):
+                    raise ValueError(value)
+                return value.lower() in ("true", "yes", "1")
+            return bool(value)
+        if isinstance(default, int):
+            return int(value)
+        if isinstance(default, float):
+            return float(value)
+        if isinstance(default, list):
+            if isinstance(value, str):
+                return [v.strip() for v in value.split(",") if v.strip()]
+            return list(value)
+        if key == "targets" and isinstance(value, list):
+            return value
+        return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: {key} = {value!r} is not a valid {type(default).__name__}") from None
+
+
+def _check_choice(cfg: RunConfig, key: str, choices: tuple[str, ...], where: str) -> None:
+    value = getattr(cfg, key)
+    if value not in choices:
+        raise ConfigError(f"{where}: {key} {value!r} must be {one_of(choices)}")
+
+
+def validate(cfg: RunConfig, where: str) -> RunConfig:
+    if not cfg.template:
+        cfg.template = "chat" if cfg.task == "chat" else "alpaca"
+    if cfg.task == "chat" and cfg.template == "alpaca":
+        raise ConfigError(f"{where}: task chat renders conversations in a chat template: template chat (the model's "
+                          "own) or chatml, not alpaca")
+    for key, choices in (("task", TASKS), ("schedule", SCHEDULES), ("template", TEMPLATES), ("train_on", TRAIN_ON),
+                         ("method", METHODS), ("quant_backend", QUANT_BACKENDS), ("optimizer", OPTIMIZERS),
+                         ("init", INITS), ("strategy", STRATEGIES), ("mixed_precision", PRECISIONS)):
+        _check_choice(cfg, key, choices, where)
+    if cfg.quantize not in ("",) + QUANTIZE:
+        raise ConfigError(f"{where}: quantize {cfg.quantize!r} must be {one_of(QUANTIZE)} or empty")
+    if cfg.method == "full" and cfg.quantize:
+        raise ConfigError(f"{where}: method full trains every weight in full precision; it cannot use quantize")
+    if cfg.method == "full" and cfg.full_lr > 0:  # a full fine-tune wants ~10x less than LoRA's lr
+        cfg.lr = cfg.full_lr
+    if cfg.method == "qlora" or cfg.quantize:  # one meaning each: qlora is lora with quantize=nf4
+        cfg.method, cfg.quantize = "qlora", cfg.quantize or "nf4"
+    for key in ("batch_size", "grad_accum", "max_length"):
+        if getattr(cfg, key) < 1:
+            raise ConfigError(f"{where}: {key} must be >= 1, got {getattr(cfg, key)}")
+    if cfg.lr <= 0:
+        raise ConfigError(f"{where}: lr must be > 0, got {cfg.lr}")
+    if isinstance(cfg.targets, str) and "," in cfg.targets:
+        cfg.targets = [t.strip() for t in cfg.targets.split(",") if t.strip()]
+    if isinstance(cfg.targets, str) and cfg.targets not in TARGET_PRESETS:
+        try:
+            re.compile(cfg.targets)
+        except re.error as e:
+            raise ConfigError(f"{where}: targets {cfg.targets!r} is not a valid regular expression ({e}); use "
+                              f"{one_of(TARGET_PRESETS)}, names like q_proj,v_proj, or a regex such as "
+                              "re:.*(q|v)_proj") from None
+    if cfg.init in ("pissa", "olora") and (cfg.quantize or cfg.method == "full"):
+        raise ConfigError(f"{where}: init {cfg.init} rewrites the base weights from their SVD or QR: it needs method "
+                          f"lora on a full-precision base, not {'quantize=nf4' if cfg.quantize else 'method full'}")
+    if cfg.loraplus_lr_ratio < 0 or (cfg.loraplus_lr_ratio and cfg.method == "full"):
+        raise ConfigError(f"{where}: loraplus_lr_ratio {cfg.loraplus_lr_ratio:g}: " + (
+            "LoRA+ sets the LoRA B matrices' learning rate; a full fine-tune has none" if cfg.method == "full" else
+            "must be > 0 (B matrices train at lr x ratio; LoRA+ suggests 16), or leave it out for plain LoRA"))
+    if cfg.epochs <= 0:
+        raise ConfigError(f"{where}: epochs must be > 0, got {cfg.epochs:g}")
+    if cfg.max_steps < 0:
+        raise ConfigError(f"{where}: max_steps must be >= 1 (or 0 in a recipe: no limit), got {cfg.max_steps}")
+    return cfg

@@ -1,0 +1,112 @@
+"""The frozen base weight of a LoRA layer, stored one of three ways behind one interface.
+
+DenseBase     the layer's own full-precision weight (nn.Linear's (out, in), or Conv1D's (in, out))
+NF4Base       lorakit's NF4 (quant.py): 4-bit codes and double-quantised scales, rebuilt block by block per matmul
+Bnb4bitBase   a bitsandbytes Linear4bit (NF4 too), the CUDA default
+Each gives `matmul(x, bias)` (x·Wᵀ + bias), `dense()` (the (out, in) full-precision weight: a view of the stored one
+for DenseBase, a dequantised copy otherwise), `nbytes()`, `numel()`, `dtype` (the full-precision dtype) and
+`device`. The LoRA layer (layer.py) holds one and never asks which it is, except to merge (which needs a dense one).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .quant import (NF4Matmul, NF4Weight, bnb_dequantize, bnb_linear4bit, bnb_nbytes, dequantize_nf4, quantize_nf4,
+                    resolve_backend)
+
+
+class FrozenBase(nn.Module):
+    """What every storage of a frozen base weight offers (see the module docstring)."""
+
+    kind = ""  # "dense", or the quantisation backend: "torch", "bitsandbytes"
+
+    def __init__(self, shape: torch.Size, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.shape, self.dtype = torch.Size(shape), dtype  # (out, in) and the full-precision dtype
+
+    def numel(self) -> int:
+        return self.shape.numel()
+
+
+class DenseBase(FrozenBase):
+    """The weight as the original layer stored it; `transposed` for Conv1D's (in, out) layout."""
+
+    kind = "dense"
+
+    def __init__(self, weight: nn.Parameter, transposed: bool = False) -> None:
+        super().__init__(weight.shape[::-1] if transposed else weight.shape, weight.dtype)
+        self.weight = weight
+        self.transposed = transposed
+
+    @property
+    def device(self) -> torch.device:
+        return self.weight.device
+
+    def dense(self) -> torch.Tensor:
+        """(out, in): a view, so in-place changes (merge) land in the stored weight."""
+        return self.weight.t() if self.transposed else self.weight
+
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        return F.linear(x, self.dense(), bias)
+
+    def nbytes(self) -> int:
+        return self.weight.numel() * self.weight.element_size()
+
+
+class NF4Base(FrozenBase):
+    """lorakit's NF4: the codes and scales as buffers (`.to(device)` moves them), no full-precision copy kept."""
+
+    kind = "torch"
+
+    def __init__(self, w: torch.Tensor) -> None:
+        super().__init__(w.shape, w.dtype)
+        q = quantize_nf4(w)
+        for k in ("codes", "scale_codes", "scale_scale", "scale_mean"):
+            self.register_buffer(k, getattr(q, k))
+
+    @property
+    def device(self) -> torch.device:
+        return self.codes.device
+
+    def nf4(self) -> NF4Weight:
+        return NF4Weight(self.codes, self.scale_codes, self.scale_scale, self.scale_mean, self.shape, self.dtype)
+
+    def dense(self) -> torch.Tensor:
+        return dequantize_nf4(self.nf4())
+
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        return NF4Matmul.apply(x, self.nf4(), bias)
+
+    def nbytes(self) -> int:
+        return self.nf4().nbytes()
+
+
+class Bnb4bitBase(FrozenBase):
+    """A bitsandbytes Linear4bit child (NF4, block 64, double-quantised scales), without the bias."""
+
+    kind = "bitsandbytes"
+
+    def __init__(self, w: torch.Tensor) -> None:
+        super().__init__(w.shape, w.dtype)
+        self.linear = bnb_linear4bit(w)
+
+    @property
+    def device(self) -> torch.device:
+        return self.linear.weight.device
+
+    def dense(self) -> torch.Tensor:
+        return bnb_dequantize(self.linear).to(self.dtype)
+
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        out = self.linear(x)
+        return out if bias is None else out.add_(bias)
+
+    def nbytes(self) -> int:
+        return bnb_nbytes(self.linear)
+
+
+def quantized_base(w: torch.Tensor, backend: str = "auto") -> FrozenBase:
+    """`w` (out, in) stored in NF4 by `backend` ("torch", "bitsandbytes", or "auto": bitsandbytes where installed)."""
+    return Bnb4bitBase(w) if resolve_backend(backend) == "bitsandbytes" else NF4Base(w)

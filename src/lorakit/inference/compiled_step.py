@@ -1,0 +1,112 @@
+"""The decode loop's step for the Llama family in C++ (csrc/llama_step.cpp), and what of a model it can run.
+
+A one-token step is dozens of small operations a layer around its seven matrix products; from Python each costs
+microseconds of interpreter and dispatch, which at batch 1 adds up to a large share of the step. The C++ step makes
+the same ATen calls in the same order as decode.py's Python step, on the model's own weights, so its logits are the
+same bits (tested), and the same cache. Built once with torch's C++ extension loader (a C++ compiler and ninja) and
+kept in lorakit's cache (~/.cache/lorakit/compiled); where it cannot be built, or a model holds a module it does not
+describe (a quantised base, DoRA, adapters mixed by row, hooks, a replaced forward), decode.py runs the Python step.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..engine import LoRALinear
+from ..models.kernels import SWIGLU_MLPS, swiglu_forward
+from ..models.loading import cache_dir
+
+SOURCE = Path(__file__).parent / "csrc" / "llama_step.cpp"
+NAME = "lorakit_llama_step"
+# norm classes whose forward is exactly LlamaRMSNorm's (checked against their source)
+RMS_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")
+
+
+class Unsupported(Exception):
+    """A module the compiled step does not describe."""
+
+
+@functools.cache
+def extension():
+    """The compiled module, built on first use; None where it cannot be (one line on stderr says why) or where
+    LORAKIT_COMPILED_STEP=0 asks for the Python step."""
+    if os.environ.get("LORAKIT_COMPILED_STEP", "1") == "0":
+        return None
+    from torch.utils import cpp_extension
+    if shutil.which("ninja") is None:  # the ninja package's binary sits beside this Python, not always on PATH
+        with contextlib.suppress(ImportError):
+            import ninja
+            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+    build = cache_dir() / "compiled" / f"torch-{torch.__version__}-py{sys.version_info.major}{sys.version_info.minor}"
+    if not (build / f"{NAME}.so").exists():
+        print(f"lorakit: compiling the C++ decode step into {build} (once; about a minute)", file=sys.stderr,
+              flush=True)
+    try:
+        build.mkdir(parents=True, exist_ok=True)
+        return cpp_extension.load(NAME, sources=[str(SOURCE)], extra_cflags=["-O2"], build_directory=str(build),
+                                  verbose=False)
+    except Exception as error:  # no compiler, no ninja, a failed build: the Python step works everywhere
+        lines = str(error).strip().splitlines() or [type(error).__name__]
+        reason = next((line.strip() for line in lines if "error:" in line), lines[0])[:200]
+        print(f"lorakit: the C++ decode step could not be built ({reason}); decoding with the Python step",
+              file=sys.stderr, flush=True)
+        return None
+
+
+def compiled_model(model: nn.Module, dtype: torch.dtype):
+    """The C++ step's view of a Llama-family `model` (its weights, not copies) for hidden states of `dtype`, or
+    None where the extension is unavailable or a module is not one it describes."""
+    ext = extension()
+    if ext is None:
+        return None
+    core = model.model
+    try:
+        for module in model.modules():
+            _check_plain(module)
+        return ext.Model([_layer(ext, layer, dtype) for layer in core.layers], _norm(ext, core.norm),
+                         _linear(ext, model.lm_head, dtype))
+    except Unsupported:
+        return None
+
+
+def _check_plain(module: nn.Module) -> None:
+    """No hooks and no replaced forward (accelerate's offloading sets both), except lorakit's own SwiGLU MLP."""
+    if module._forward_hooks or module._forward_pre_hooks:
+        raise Unsupported
+    forward = vars(module).get("forward")
+    if forward is not None and getattr(forward, "__func__", None) is not swiglu_forward:
+        raise Unsupported
+
+
+def _linear(ext, module: nn.Module, dtype: torch.dtype):
+    if type(module) is nn.Linear:
+        return ext.Linear(module.weight, module.bias, None, None, 0.0)
+    terms = module.inference_terms(dtype) if isinstance(module, LoRALinear) else None
+    if terms is None:
+        raise Unsupported
+    return ext.Linear(*terms)
+
+
+def _norm(ext, module: nn.Module):
+    if type(module).__name__ not in RMS_NORMS:
+        raise Unsupported
+    return ext.RMSNorm(module.weight, module.variance_epsilon)
+
+
+def _layer(ext, layer: nn.Module, dtype: torch.dtype):
+    attn, mlp = layer.self_attn, layer.mlp
+    silu = isinstance(mlp.act_fn, nn.SiLU) or type(mlp.act_fn).__name__ == "SiLUActivation"
+    if type(mlp).__name__ not in SWIGLU_MLPS or not silu:
+        raise Unsupported
+    qk_norms = (_norm(ext, attn.q_norm), _norm(ext, attn.k_norm)) if hasattr(attn, "q_norm") else (None, None)
+    projections = [_linear(ext, m, dtype) for m in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj,
+                                                    mlp.gate_proj, mlp.up_proj, mlp.down_proj)]
+    return ext.Layer(_norm(ext, layer.input_layernorm), _norm(ext, layer.post_attention_layernorm), *qk_norms,
+                     *projections, attn.head_dim, attn.scaling)

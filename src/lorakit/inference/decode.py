@@ -1,0 +1,196 @@
+"""A lean decode loop for GPT-2 and Llama-family models: a static KV cache, one pass over the model's own modules
+per token, and continuous batching (a row that ends is refilled from the queue instead of idling).
+
+Why not transformers' `generate`: each of its decode steps grows a DynamicCache by concatenation (every cached key
+and value copied, every step), builds a 4-D mask and runs the logits processors and stopping criteria over the whole
+batch; and a fixed batch waits for its longest row while the rows that ended compute padding. Here a step writes
+one key/value per row into a preallocated cache, attends over a strided view of it, and calls the model's own
+norm, projection and MLP modules, so LoRA layers work as they are: unmerged, merged, or mixed by row. For the
+Llama family compiled_step runs the same pass in C++ where it can (the same operations, the same bits).
+
+The arithmetic is the model's: the same modules, the same rotary embedding, the same SDPA call transformers makes
+for one query token. With the same rows in a batch, greedy tokens equal `generate`'s (tested at batch 1 and at
+batch 8 with left padding). A GEMM's rounding depends on how many rows it has, so a batch that refills rows is
+exact to that rounding, not token for token against any fixed batch.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+
+from .compiled_step import compiled_model, extension
+from .kv_cache import KVCache, Slots
+from .sampling import Choice
+
+LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def supports(model, length: int = 0) -> bool:
+    """Whether this loop can drive `model` (GPT-2 or the Llama family, as transformers builds them) for sequences
+    of up to `length` tokens (a sliding attention window shorter than that, or GPT-2's position table, would not
+    hold them)."""
+    config = getattr(model, "config", None)
+    kind = getattr(config, "model_type", None)
+    if not hasattr(model, "lm_head") or getattr(config, "is_encoder_decoder", False):
+        return False
+    if kind == "gpt2":
+        return hasattr(model, "transformer") and length <= config.n_positions
+    window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
+    if kind not in LLAMA_FAMILY or (window and window < length):
+        return False
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    return bool(layers) and all(hasattr(layers[0], m) for m in ("self_attn", "mlp", "input_layernorm",
+                                                                "post_attention_layernorm"))
+
+
+@torch.no_grad()
+def prefill(model, cache: KVCache, first: int, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Run left-padded prompts (rows of `ids`) through the model as `generate` does, their keys and values going
+    to slots first.., and return the logits of each row's last token."""
+    positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1,
+                past_key_values=cache.prefill_cache(first, len(ids)))
+    cache.filled(first, (mask == 0).sum(1), ids.shape[1])
+    return out.logits[:, -1].float()
+
+
+@torch.no_grad()
+def step(model, cache: KVCache, tokens: torch.Tensor, compiled=None) -> torch.Tensor:
+    """One token per slot through every layer; returns the next-token logits [rows, vocab]. Each token's position
+    is its count of real tokens before it, as left-padded `generate` counts. `compiled` (compiled_step's view of
+    a Llama-family model) runs the layers in C++: the same operations, the same bits."""
+    positions = (cache.end - cache.start)[:, None]
+    slots = cache.advance()
+    if model.config.model_type == "gpt2":
+        core = model.transformer
+        hidden = core.wte(tokens[:, None]) + core.wpe(positions)
+        for i, layer in enumerate(core.h):
+            hidden = _gpt2_layer(layer, hidden, cache, i, slots)
+        return model.lm_head(core.ln_f(hidden))[:, -1].float()
+    core = model.model
+    hidden = core.embed_tokens(tokens[:, None])
+    rotation = core.rotary_emb(hidden, position_ids=positions)
+    if compiled is not None:
+        return compiled.step(hidden, *rotation, cache.keys, cache.values, extension().Slots(*slots))
+    for i, layer in enumerate(core.layers):
+        hidden = _llama_layer(layer, hidden, rotation, cache, i, slots)
+    return model.lm_head(core.norm(hidden))[:, -1].float()
+
+
+def _llama_layer(layer, hidden, rotation, cache: KVCache, i: int, slots: Slots) -> torch.Tensor:
+    """x + Attn(RMSNorm(x)), then + MLP(RMSNorm(x)), as transformers' Llama layer; q and k rotated (RoPE)."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+    attn = layer.self_attn
+    x = layer.input_layernorm(hidden)
+    head = (x.shape[0], 1, -1, attn.head_dim)
+    q, k, v = attn.q_proj(x).view(head), attn.k_proj(x).view(head), attn.v_proj(x).view(head)
+    if hasattr(attn, "q_norm"):  # Qwen3 normalises q and k per head before the rotation
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    q, k = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), *rotation)
+    out = _attend(cache, i, q, k, v.transpose(1, 2), slots, attn.scaling)
+    hidden = hidden + attn.o_proj(out)
+    return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+
+
+def _gpt2_layer(layer, hidden, cache: KVCache, i: int, slots: Slots) -> torch.Tensor:
+    """x + Attn(LayerNorm(x)), then + MLP(LayerNorm(x)), as transformers' GPT-2 block; q, k, v from one Conv1D."""
+    attn = layer.attn
+    head = (hidden.shape[0], 1, -1, attn.head_dim)
+    q, k, v = (t.view(head).transpose(1, 2) for t in attn.c_attn(layer.ln_1(hidden)).split(attn.split_size, dim=2))
+    hidden = attn.c_proj(_attend(cache, i, q, k, v, slots, attn.scaling)) + hidden
+    return hidden + layer.mlp(layer.ln_2(hidden))
+
+
+def _attend(cache: KVCache, i: int, q, k, v, slots: Slots, scaling: float) -> torch.Tensor:
+    """Store the new k, v ([rows, kv_heads, 1, head_dim]) of layer i at each slot's column and attend the one
+    query per row over the slot's positions: SDPA as transformers calls it for one query token."""
+    rows, heads, _, head_dim = q.shape
+    cache.keys[i][slots.rows, :, slots.column] = k[:, :, 0]
+    cache.values[i][slots.rows, :, slots.column] = v[:, :, 0]
+    keys, values = cache.keys[i, :, :, :slots.width], cache.values[i, :, :, :slots.width]
+    if slots.mask is None:
+        out = F.scaled_dot_product_attention(q, keys, values, scale=scaling, enable_gqa=heads != keys.shape[1])
+    else:  # the heads grouped by the key/value head they share: no copy of the keys
+        grouped = q.reshape(rows, keys.shape[1], -1, head_dim)
+        out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=slots.mask, scale=scaling)
+    return out.reshape(rows, heads, 1, head_dim).transpose(1, 2).reshape(rows, 1, -1)
+
+
+def _left_padded(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long, device=device)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[row, width - len(p):] = 1
+    return ids, mask
+
+
+def _float_like(model) -> torch.Tensor:
+    """A tensor of the dtype and device the cache takes: the first parameter's (fp32 where it is quantised)."""
+    like = next(model.parameters())
+    return like if like.is_floating_point() else torch.empty(0, dtype=torch.float32, device=like.device)
+
+
+def decode(model, prompts: list[list[int]], choose: Choice, eos_ids: set[int], pad_id: int, slots: int = 16,
+           on_prefill: Callable[[list[int]], None] | None = None, compiled: bool = True
+           ) -> Iterator[tuple[int, int]]:
+    """Generate for token-id `prompts` in `slots` rows at once; yields (prompt index, token) as each is made.
+
+    The first `slots` prompts are prefilled together (left-padded, as `generate` batches them); when a row ends
+    (an EOS or max_new_tokens) the next queued prompt is prefilled alone into its slot. With nothing left to
+    queue, an ended row stays in the batch, computing padding, so the batch keeps its row count (and rounding).
+    Llama-family steps run in C++ where compiled_step can (`compiled`; False: the Python step)."""
+    max_new_tokens = choose.sampling.max_new_tokens
+    if not prompts or max_new_tokens <= 0:
+        return
+    like = _float_like(model)
+    device, config, rows = like.device, model.config, min(slots, len(prompts))
+    cache = KVCache.for_model(config, rows, max(len(p) for p in prompts) + max_new_tokens, like)
+    native = compiled_model(model, like.dtype) if compiled and config.model_type in LLAMA_FAMILY else None
+    seen = (torch.zeros(rows, config.vocab_size, dtype=torch.bool, device=device)
+            if choose.sampling.repetition_penalty != 1.0 else None)  # tokens each row holds, for the penalty
+    slot_prompt = list(range(rows))  # which prompt each slot is generating for (-1: none, finished)
+    made = [0] * rows
+    queue = iter(range(rows, len(prompts)))
+
+    def start(first: int, indices: list[int]) -> torch.Tensor:
+        """Prefill prompts `indices` into slots first..; their first tokens."""
+        if on_prefill is not None:
+            on_prefill(list(indices))
+        ids, mask = _left_padded([prompts[j] for j in indices], pad_id, device)
+        span = slice(first, first + len(indices))
+        if seen is not None:
+            seen[span] = False
+            for s, j in enumerate(indices, first):
+                seen[s, torch.tensor(prompts[j], device=device)] = True
+        return choose(prefill(model, cache, first, ids, mask), None if seen is None else seen[span])
+
+    def took(s: int, token: int) -> bool:
+        """Count slot s's new token; True when its prompt has ended."""
+        made[s] += 1
+        if seen is not None:
+            seen[s, token] = True
+        return token in eos_ids or made[s] >= max_new_tokens
+
+    tokens = start(0, slot_prompt)
+    while True:
+        ended = []
+        for s, token in enumerate(tokens.tolist()):
+            if slot_prompt[s] >= 0:
+                yield slot_prompt[s], token
+                if took(s, token):
+                    ended.append(s)
+        while ended:  # refill ended slots; a prompt may end on its first token, then its slot is filled again
+            s = ended.pop()
+            slot_prompt[s], made[s] = next(queue, -1), 0
+            if slot_prompt[s] >= 0:
+                tokens[s] = start(s, [slot_prompt[s]])[0]
+                yield slot_prompt[s], int(tokens[s])
+                if took(s, int(tokens[s])):
+                    ended.append(s)
+        if all(j < 0 for j in slot_prompt):
+            return
+        tokens = choose(step(model, cache, tokens, native), seen)

@@ -1,0 +1,111 @@
+"""The causal-LM loss computed only where labels exist, a chunk of rows at a time: the full logits never exist.
+
+transformers computes logits for every position (batch x seq x vocab, and autograd keeps several copies), then
+ignores the prompt's and the padding's. Here the backbone's last hidden
+states are gathered at the labelled positions, and `LinearCrossEntropy` runs the LM head and the softmax cross-entropy
+over a few hundred rows at a time, computing the gradients of those rows in the same pass. Same loss, same
+gradients (tested against `model(...).loss` to 1e-5), less work on prompt tokens and far less memory.
+
+`heldout_loss_sum` is the one held-out loss that validation (validation.py) and evaluation share: summed
+over every trained token, so its mean does not depend on how the examples are batched.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..data.examples import IGNORE
+
+# Decoder-only models whose logits are exactly lm_head(last hidden state) and whose loss is the plain shifted
+# cross-entropy (no logit scaling or soft-capping, unlike Gemma 2 or Cohere): the label-only loss is exact for them.
+SUPPORTED = ("LlamaForCausalLM", "GPT2LMHeadModel", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+CHUNK_ROWS = 512
+
+
+def label_only_supported(model: nn.Module) -> bool:
+    """Whether `causal_lm_loss` computes exactly what `model(**batch).loss` does for this model."""
+    return type(model).__name__ in SUPPORTED and getattr(model, "get_output_embeddings", None) is not None
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """sum over rows of cross_entropy(h @ W.T + b, target), chunk by chunk; the gradients of each chunk are
+    computed with its logits and kept (rows x hidden), never the logits themselves (rows x vocab).
+
+    One fp32 logits buffer serves every chunk and the softmax runs in it in place (max, exp, sum, divide): no
+    second vocab-wide copy, no fresh allocation (and page faults) per chunk. With p = softmax - onehot(target),
+    d(loss)/dh = p @ W = softmax @ W - W[target], so the one-hot never touches a vocab-wide tensor.
+    """
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor,
+                chunk: int) -> torch.Tensor:
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_b = bias is not None and ctx.needs_input_grad[2]
+        gh = torch.empty_like(h) if need_h else None
+        gw = torch.zeros_like(weight) if need_w else None
+        gb = torch.zeros_like(bias) if need_b else None
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        buf = torch.empty(min(chunk, h.shape[0]), weight.shape[0], dtype=torch.float32, device=h.device)
+        for i in range(0, h.shape[0], chunk):
+            hc, tc = h[i:i + chunk], target[i:i + chunk]
+            logits = buf[:len(hc)]
+            if h.dtype == torch.float32 and bias is None:
+                torch.mm(hc, weight.t(), out=logits)
+            elif h.dtype == torch.float32:
+                torch.addmm(bias, hc, weight.t(), out=logits)
+            else:
+                logits.copy_(F.linear(hc, weight, bias))
+            top = logits.amax(1, keepdim=True)
+            picked = logits.gather(1, tc[:, None])
+            sums = logits.sub_(top).exp_().sum(1, keepdim=True)
+            total += (top + sums.log() - picked).sum()
+            if need_h or need_w or need_b:
+                p = logits.div_(sums).to(h.dtype)  # softmax; d(loss)/d(logits) is p minus the one-hot of tc
+                if need_h:
+                    torch.sub(p @ weight, weight[tc], out=gh[i:i + chunk])
+                if need_w:
+                    gw.addmm_(p.t(), hc).index_add_(0, tc, hc, alpha=-1)
+                if need_b:
+                    gb.add_(p.sum(0)).index_add_(0, tc, torch.ones_like(tc, dtype=gb.dtype), alpha=-1)
+        ctx.save_for_backward(gh, gw, gb)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        gh, gw, gb = ctx.saved_tensors
+        scale = lambda g: None if g is None else g * grad.to(g.dtype)  # noqa: E731
+        return scale(gh), scale(gw), scale(gb), None, None
+
+
+def causal_lm_loss(model: nn.Module, batch: dict, chunk: int = CHUNK_ROWS) -> torch.Tensor:
+    """Mean next-token cross-entropy over the labelled positions of `batch`: `model(**batch).loss`, computed
+    from the labelled rows only. The model must pass `label_only_supported`."""
+    labels = batch["labels"]
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    hidden = model.base_model(**inputs, use_cache=False).last_hidden_state
+    target = labels[:, 1:]
+    keep = target != IGNORE
+    rows = hidden[:, :-1][keep]  # (labelled tokens, hidden): the only positions that need logits
+    head = model.get_output_embeddings()
+    n = keep.sum()
+    total = LinearCrossEntropy.apply(rows, head.weight, head.bias, target[keep], chunk)
+    return total / n.clamp(min=1)
+
+
+def loss_targets(batch: dict, seq2seq: bool) -> int:
+    """How many targets `model(**batch).loss` is the mean of: one per row for a classifier, else the labelled
+    tokens (a causal LM predicts token t+1 from t, so its labels are shifted by one; a seq2seq model's are not)."""
+    labels = batch["labels"]
+    if labels.dim() == 1:
+        return labels.numel()
+    return int(((labels if seq2seq else labels[:, 1:]) != IGNORE).sum())
+
+
+@torch.no_grad()
+def heldout_loss_sum(model: nn.Module, batch: dict, seq2seq: bool = False) -> tuple[float, int, torch.Tensor]:
+    """(summed loss, number of targets, logits) of one held-out batch; divide summed losses by summed targets for
+    the token-weighted mean over a whole split."""
+    out = model(**batch)
+    n = loss_targets(batch, seq2seq)
+    return (out.loss.float().item() * n if n else 0.0), n, out.logits  # no targets: the mean is NaN, the sum 0
