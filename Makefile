@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.lorakit-installed
 
-.PHONY: setup browser llama-cpp run test bench clean
+.PHONY: setup browser llama-cpp run test package-check bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -31,7 +31,7 @@ $(LLAMA_CPP_STAMP): $(STAMP)
 llama-cpp: $(LLAMA_CPP_STAMP)
 
 run: setup
-	$(VENV)/bin/lorakit train recipes/spam.yaml --out runs/spam --overwrite
+	$(VENV)/bin/lorakit train spam --out runs/spam --overwrite
 	$(VENV)/bin/lorakit eval runs/spam
 
 # Debian's Chromium for the web page's browser test (skipped without it, except under CI where it must be there)
@@ -43,6 +43,10 @@ browser:
 
 test: setup browser
 	$(PY) -m pytest -q
+
+# the wheel and sdist as a user installs them, in a new venv outside the checkout (CI runs it)
+package-check: setup
+	.ci/package-check
 
 bench: setup
 	$(PY) bench/step.py

@@ -168,7 +168,7 @@ def identity_checks(model, tok, prompts: list[str], new_tokens: int) -> list[dic
     """The token-identity checks of #21: batch 1 and 8, base and a random adapter (B nonzero) unmerged, merged and
     (batch 8) mixed by row with a second adapter and rows without one."""
     from lorakit import LoRAConfig, adapters_by_row, add_lora, disable_adapters, set_adapter
-    from lorakit.inference.generate import merged
+    from lorakit.inference.generation import merged
     from lorakit.engine.registry import lora_layers
     add_lora(model, LoRAConfig(r=8, alpha=16, targets="all-linear"), "a")
     add_lora(model, LoRAConfig(r=4, alpha=8, targets="attention"), "b")

@@ -22,7 +22,7 @@ from lorakit.evaluation.generative import _prompts  # noqa: E402
 from lorakit.evaluation.metrics import rouge  # noqa: E402
 from lorakit.evaluation.evaluate import run_config  # noqa: E402
 from lorakit.inference.sampling import Sampling  # noqa: E402
-from lorakit.inference.generate import generate, merged  # noqa: E402
+from lorakit.inference.generation import generate, merged  # noqa: E402
 from lorakit.engine.inject import disable_adapters  # noqa: E402
 from lorakit.data.pipeline import load_splits  # noqa: E402
 

@@ -232,3 +232,12 @@ def test_deleting_the_last_adapter_that_trains_a_module_puts_the_original_back()
     original = model.score.original
     delete_adapter(model, "default")
     assert model.score is original
+
+
+def test_an_embedded_alias_names_the_same_base_as_its_hub_id():
+    """An adapter whose config says "smollm2" loaded onto the embedded SmolLM2 (whose name is the hub id) is on its own
+    base: no warning; another name is another base."""
+    from lorakit.engine.peft_format import same_base
+    from lorakit.models import same_model
+    assert same_base("smollm2", "HuggingFaceTB/SmolLM2-135M-Instruct") and same_model("minilm", "minilm")
+    assert not same_base("smollm2", "sentence-transformers/all-MiniLM-L6-v2")

@@ -264,7 +264,7 @@ def test_batched_generation_sorts_by_length_and_keeps_the_order(tiny_runs):
     """Batches are formed from prompts of similar length; each completion is the one transformers' generate gives
     for that batch, returned in the prompts' order."""
     from lorakit.data.prompts import format_prompt
-    from lorakit.inference.generate import _encode, generate, new_token_counts
+    from lorakit.inference.generation import _encode, generate, new_token_counts
     model, tok = load_model(str(tiny_runs["llama"]))
     prompts = [format_prompt(tok, " ".join(f"w{5 + k}" for k in range(n)), "", "alpaca") for n in (9, 1, 5, 2, 8)]
     got = generate(model, tok, prompts, GREEDY, batch_size=2)

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from conftest import save_tiny
 from lorakit.cli import main
-from test_train import recipe, write_instruct, write_sms
+from test_train import recipe, write_instruct
 
 SMS = b"".join(b"%s\tw10 w11 w%d\n" % (b"spam" if i % 3 == 0 else b"ham", 20 + i) for i in range(30))
 ALPACA_ROW = b'{"instruction": "w5 w6", "input": "w8", "output": "w9 w10"}'

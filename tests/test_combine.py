@@ -2,7 +2,6 @@
 `lorakit combine` from run directories."""
 from __future__ import annotations
 
-import json
 
 import pytest
 import torch

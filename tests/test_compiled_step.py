@@ -14,7 +14,7 @@ from lorakit.inference.compiled_step import compiled_model, extension
 from lorakit.inference.sampling import Choice
 from lorakit.inference.kv_cache import KVCache
 from lorakit.inference.decode import _left_padded, decode, prefill, step
-from lorakit.inference.generate import merged
+from lorakit.inference.generation import merged
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -16,7 +16,7 @@ from lorakit.inference.compiled_step import compiled_model, extension
 from lorakit.inference.sampling import Choice
 from lorakit.inference.decode import decode, supports
 from lorakit.inference.sampling import Sampling
-from lorakit.inference.generate import generate, merged, stream
+from lorakit.inference.generation import generate, merged, stream
 from lorakit.models.loading import load_model
 
 ALPACA = Path(__file__).resolve().parents[2] / "shared" / "data" / "alpaca" / "alpaca_data.json"

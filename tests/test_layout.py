@@ -170,7 +170,7 @@ def test_every_train_flag_named_for_a_recipe_key_reaches_it():
             args = parser.parse_args(["train", "r", action.option_strings[0]])
             expected = action.const
         else:
-            value = (action.choices[-1] if action.choices else
+            value = (action.choices[-1] if action.choices else "tensorboard,mlflow" if action.dest == "report_to" else
                      {int: "3", float: "0.5"}.get(action.type, "q_proj,v_proj"))
             args = parser.parse_args(["train", "r", action.option_strings[0], value])
             expected = config.coerce(action.dest, action.type(value) if action.type else value, "test")
@@ -180,3 +180,21 @@ def test_every_train_flag_named_for_a_recipe_key_reaches_it():
             expected = ["q_proj", "v_proj"]
         assert config.coerce(action.dest, got[action.dest], "test") == expected, action.option_strings
     assert overrides(parser.parse_args(["train", "r"])) == {}  # nothing given: the recipe's values stand
+
+
+def test_every_public_name_resolves():
+    import lorakit
+    assert len(lorakit.__all__) > 25
+    for name in lorakit.__all__:
+        assert getattr(lorakit, name) is not None, name
+
+
+def test_module_paths_are_modules_not_names_of_functions():
+    """A package re-exporting a function must not shadow a module of the same name (`lorakit.inference.generate`
+    is the function; the module is generation.py), or string patches and `import x.y as m` find the wrong thing."""
+    import importlib
+    for path in PACKAGE.rglob("*.py"):
+        module = module_name(path)
+        package, _, leaf = module.rpartition(".")
+        if path.name != "__init__.py" and package.startswith("lorakit"):
+            assert not callable(getattr(importlib.import_module(package), leaf, None)), module

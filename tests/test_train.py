@@ -256,7 +256,7 @@ def test_length_grouped_batches_cover_everything_once_and_pad_less():
 def test_sampling_is_seeded_and_greedy_is_deterministic(tmp_path):
     from conftest import TINY, word_tokenizer
     from lorakit.inference.sampling import Sampling
-    from lorakit.inference.generate import generate
+    from lorakit.inference.generation import generate
     model, tok = TINY["llama"](), word_tokenizer()
     prompts = ["w5 w6 w7", "w9"]
     hot = Sampling(max_new_tokens=8, temperature=1.5, top_p=0.95, top_k=0, seed=3)

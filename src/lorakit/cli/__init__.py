@@ -1,6 +1,6 @@
-"""The `lorakit` command line, one module per command group: train.py (train, data, inspect, recipes), evaluate.py
-(eval, compare, sweep), generate.py (generate, serve), adapters.py (merge, export, combine), and what they share
-(common.py). User mistakes print one clear line and exit 2; they never show a traceback.
+"""The `lorakit` command line, one module per command group: train.py (train, data, inspect), recipes.py (recipes
+list / show / copy), evaluate.py (eval, compare, sweep), generate.py (generate, serve), adapters.py (merge, export,
+combine), and what they share (common.py). User mistakes print one clear line and exit 2; never a traceback.
 
 The top layer: it may import every layer below; nothing imports it.
 """
@@ -11,14 +11,17 @@ import sys
 import warnings
 
 from ..errors import LorakitWarning, TrainingStopped, UserError
-from . import adapters, evaluate, generate, train
+from ..version import __version__
+from . import adapters, evaluate, generate, recipes, train
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lorakit", description="LoRA and QLoRA fine-tuning you can read.")
+    parser.add_argument("--version", action="version", version=f"lorakit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for group in (train, evaluate, generate, adapters):
-        group.add_parsers(sub)
+    for add in (train.add_parsers, evaluate.add_parsers, generate.add_parsers, adapters.add_parsers,
+                train.add_inspect_parser, recipes.add_parsers):  # the order `lorakit --help` lists them in
+        add(sub)
     return parser
 
 

@@ -1,14 +1,12 @@
-"""Commands that train or look before training: train, data, inspect, recipes."""
+"""Commands that train or look before training: train, data, inspect."""
 from __future__ import annotations
 
 import argparse
 import shlex
 
-import yaml
-
-from ..config import (METHODS, OPTIMIZERS, PRECISIONS, QUANT_BACKENDS, QUANTIZE, RECIPES, STRATEGIES, TASKS,
+from ..config import (METHODS, OPTIMIZERS, PRECISIONS, QUANT_BACKENDS, QUANTIZE, STRATEGIES, TASKS,
                       load_recipe, recipe_file)
-from ..errors import TrainingStopped, UserError
+from ..errors import TrainingStopped
 from .common import add_data_flags, add_lora_flags, lora_config_from_args, overrides
 from .evaluate import cmd_eval
 
@@ -35,8 +33,11 @@ def cmd_data(args: argparse.Namespace) -> int:
     from ..data.preview import show_data
     from ..models import load_tokenizer_and_config
     cfg = load_recipe(recipe_file(args.recipe), overrides(args))
-    tokenizer, config = load_tokenizer_and_config(cfg.model)
-    show_data(cfg, tokenizer, bool(getattr(config, "is_encoder_decoder", False)), args.show, args.json)
+
+    def tokenizer_for() -> tuple:
+        tokenizer, config = load_tokenizer_and_config(cfg.model)
+        return tokenizer, bool(getattr(config, "is_encoder_decoder", False))
+    show_data(cfg, tokenizer_for, args.show, args.json)
     return 0
 
 
@@ -53,20 +54,6 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print(f"LoRA r={config.r} alpha={config.alpha:g} dropout={config.dropout:g} targets={config.targets!r}"
           f"{' rslora' if config.rslora else ''}; {sum(1 for r in report.rows if r['r'])} modules adapted\n")
     print(report.table(group=not args.all))
-    return 0
-
-
-def cmd_recipes(args: argparse.Namespace) -> int:
-    """List the built-in recipes."""
-    files = sorted(RECIPES.glob("*.yaml"))
-    if not files:
-        raise UserError(f"no recipes found in {RECIPES}")
-    for f in files:
-        raw = yaml.safe_load(f.read_text()) or {}
-        first = next((ln.lstrip("# ").strip() for ln in f.read_text().splitlines() if ln.startswith("#")), "")
-        model = raw.get("model", {}).get("model") if isinstance(raw.get("model"), dict) else raw.get("model")
-        task = raw.get("model", {}).get("task") if isinstance(raw.get("model"), dict) else raw.get("task")
-        print(f"{f.stem:<32} {str(model):<40} {str(task):<10} {first}")
     return 0
 
 
@@ -96,6 +83,9 @@ def _train_parser(sub) -> None:
     p.add_argument("--quant-backend", choices=QUANT_BACKENDS,
                    help="NF4 implementation: auto (bitsandbytes Linear4bit where installed, else lorakit's own)")
     p.add_argument("--optimizer", choices=OPTIMIZERS, help="paged 8-bit AdamW needs CUDA")
+    p.add_argument("--report-to", metavar="TRACKERS",
+                   help="none (default), or tensorboard, mlflow, trackio (several: comma-separated), besides the run's "
+                        "metrics.jsonl")
     add_data_flags(p)
     p.add_argument("--pack", action="store_true", default=None, help="pack short examples into full rows")
     p.add_argument("--no-share-prefix", dest="share_prefix", action="store_false", default=None,
@@ -135,11 +125,10 @@ def _inspect_parser(sub) -> None:
     p.set_defaults(func=cmd_inspect)
 
 
-def _recipes_parser(sub) -> None:
-    p = sub.add_parser("recipes", help="list the built-in recipes", description=cmd_recipes.__doc__)
-    p.set_defaults(func=cmd_recipes)
-
-
 def add_parsers(sub) -> None:
-    for add in (_train_parser, _data_parser, _inspect_parser, _recipes_parser):
-        add(sub)
+    _train_parser(sub)
+    _data_parser(sub)
+
+
+def add_inspect_parser(sub) -> None:
+    _inspect_parser(sub)

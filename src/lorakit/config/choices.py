@@ -17,6 +17,7 @@ TARGET_PRESETS = ("all-linear", "attention", "mlp")  # resolved per architecture
 EXPORT_FORMATS = ("gguf", "gguf-lora", "ollama")  # lorakit export
 EXPORT_QUANTS = ("f32", "f16", "q8_0", "q4_0")
 INITS = ("kaiming", "gaussian", "pissa", "olora")  # LoRA's starting A and B (engine.init)
+REPORT_TO = ("none", "tensorboard", "mlflow", "trackio")  # training.trackers
 
 
 def one_of(choices: tuple[str, ...]) -> str:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from .paths import data_file, run_dir
-from .choices import (INITS, METHODS, OPTIMIZERS, PRECISIONS, QUANT_BACKENDS, QUANTIZE, SCHEDULES, STRATEGIES,
+from .choices import (INITS, METHODS, OPTIMIZERS, PRECISIONS, QUANT_BACKENDS, QUANTIZE, REPORT_TO, SCHEDULES, STRATEGIES,
                       TARGET_PRESETS, TASKS, TEMPLATES, TRAIN_ON, one_of)
 
 
@@ -51,7 +51,7 @@ class RunConfig:
     targets: str | list[str] = "all-linear"  # or attention, mlp (TARGET_PRESETS), module names, a regex
     exclude: list[str] = field(default_factory=list)
     rslora: bool = False
-    dora: bool = False  # DoRA: magnitude per output feature x direction of W + s·B·A (lora.py)
+    dora: bool = False  # DoRA: magnitude per output feature x direction of W + s·B·A (engine/dora.py)
     init: str = "kaiming"  # kaiming, gaussian, pissa or olora: LoRA's starting A and B (INITS)
     quantize: str = ""  # "nf4": QLoRA (base weights of the adapted layers in 4-bit NormalFloat)
     quantize_all: bool = False  # with quantize: the non-adapted linears too
@@ -79,6 +79,7 @@ class RunConfig:
     early_stopping: int = 0  # evaluations without val improvement before stopping; 0: off
     checkpoint_every: int = 0
     strategy: str = "auto"  # on several processes: ddp (auto) or fsdp
+    report_to: list[str] = field(default_factory=list)  # trackers besides metrics.jsonl: tensorboard, mlflow, trackio
     seed: int = 42
     out: str = ""
     # eval
@@ -87,9 +88,9 @@ class RunConfig:
 
     recipe_path: str = ""
 
-    def data_file(self, name: str) -> Path:
-        """One of this run's data files (`data`, `val_data`, `test_data`, or an evaluation's), resolved."""
-        return data_file(name, self.recipe_path)
+    def data_file(self, name: str, key: str = "data") -> Path:
+        """One of this run's data files (`key`: data, val_data or test_data), resolved against its recipe."""
+        return data_file(name, self.recipe_path, key)
 
     @property
     def out_dir(self) -> Path:
@@ -135,6 +136,17 @@ def _check_choice(cfg: RunConfig, key: str, choices: tuple[str, ...], where: str
         raise ConfigError(f"{where}: {key} {value!r} must be {one_of(choices)}")
 
 
+def _check_report_to(cfg: RunConfig, where: str) -> None:
+    """report_to: trackers from REPORT_TO, several allowed; `none` alone (or nothing) means metrics.jsonl only."""
+    bad = [t for t in cfg.report_to if t not in REPORT_TO]
+    if bad:
+        raise ConfigError(f"{where}: report_to {bad[0]!r} must be {one_of(REPORT_TO)} (several: tensorboard,mlflow)")
+    if "none" in cfg.report_to and len(cfg.report_to) > 1:
+        raise ConfigError(f"{where}: report_to lists none beside {', '.join(t for t in cfg.report_to if t != 'none')}; "
+                          "give the trackers, or none alone")
+    cfg.report_to = list(dict.fromkeys(t for t in cfg.report_to if t != "none"))
+
+
 def validate(cfg: RunConfig, where: str) -> RunConfig:
     if not cfg.template:
         cfg.template = "chat" if cfg.task == "chat" else "alpaca"
@@ -145,6 +157,7 @@ def validate(cfg: RunConfig, where: str) -> RunConfig:
                          ("method", METHODS), ("quant_backend", QUANT_BACKENDS), ("optimizer", OPTIMIZERS),
                          ("init", INITS), ("strategy", STRATEGIES), ("mixed_precision", PRECISIONS)):
         _check_choice(cfg, key, choices, where)
+    _check_report_to(cfg, where)
     if cfg.quantize not in ("",) + QUANTIZE:
         raise ConfigError(f"{where}: quantize {cfg.quantize!r} must be {one_of(QUANTIZE)} or empty")
     if cfg.method == "full" and cfg.quantize:

@@ -1,7 +1,7 @@
 """The data layer: a run's files to batches, one way: read -> split -> encode -> batch (pipeline.py).
 
 Reading files into records with counts and errors that name file, line and field (readers.py), one module per task
-format (classification.py, prompts.py, conversations.py with chat_template.py), splitting (split.py), the examples
+format (classification.py, prompts.py, conversations.py with chat_template.py), splitting (splitting.py), the examples
 handed on (examples.py), batching and packing (collate.py), and `lorakit data`'s preview of what training will see
 (preview.py).
 

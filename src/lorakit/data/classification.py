@@ -13,7 +13,7 @@ from typing import Iterator
 from ..errors import DataError
 from .examples import TextExample
 from .readers import LoadStats, collect, get_text, iter_records, read_text
-from .split import stratified_split
+from .splitting import stratified_split
 
 
 @dataclass

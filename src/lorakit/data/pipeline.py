@@ -24,7 +24,7 @@ from .collate import classification_batch, pack, packed_batch, pad_batch, row_le
 from .conversations import ChatData, encode_conversations
 from .prompts import InstructionData, PromptData, SummarizationData
 from .readers import LoadStats
-from .split import stratified_split
+from .splitting import stratified_split
 
 LOADERS = {"instruct": InstructionData, "summarize": SummarizationData, "chat": ChatData}  # the generative tasks
 TaskData = ClassificationData | PromptData | ChatData
@@ -86,7 +86,7 @@ def read(cfg: RunConfig) -> Records:
         for part in ("val", "test"):
             name = getattr(cfg, f"{part}_data")
             if name:
-                setattr(records, part, read_file(cfg, cfg.data_file(name)))
+                setattr(records, part, read_file(cfg, cfg.data_file(name, f"{part}_data")))
                 records.loaded[f"{part}_data"] = getattr(records, part).stats
     return records
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import sys
 from dataclasses import dataclass
+from typing import Callable
 
 from tqdm.auto import tqdm
 
@@ -63,10 +64,12 @@ def preview_classified(tokenizer, example, labels: list[str], max_length: int) -
     return Preview([(example.text, False), (f"\n→ label {labels[example.label]}", True)], len(ids), 0)
 
 
-def previews(cfg: RunConfig, tokenizer, seq2seq: bool, show: int) -> tuple[dict, list[Preview]]:
-    """(counts, the first `show` training examples as previews) for a recipe, encoded with `tokenizer` for a
-    decoder-only or (seq2seq) an encoder-decoder model."""
+def previews(cfg: RunConfig, tokenizer_for: Callable[[], tuple], show: int) -> tuple[dict, list[Preview]]:
+    """(counts, the first `show` training examples as previews) for a recipe. The data is read first (its errors
+    come before any model is looked up), then `tokenizer_for()` gives (tokenizer, whether the model is an
+    encoder-decoder) to encode it with."""
     splits = load_splits(cfg)
+    tokenizer, seq2seq = tokenizer_for()
     counts = {"files": splits.stats, "splits": {"train": len(splits.train), "val": len(splits.val),
                                                  "test": len(splits.test)}}
     if cfg.task == "classify":
@@ -106,9 +109,9 @@ def print_counts(counts: dict, file=None) -> None:
         print(f"train: {counts['tokens']:,} tokens (a classifier trains on the label, not on tokens)", file=file)
 
 
-def show_data(cfg: RunConfig, tokenizer, seq2seq: bool, show: int = 3, as_json: bool = False) -> dict:
+def show_data(cfg: RunConfig, tokenizer_for: Callable[[], tuple], show: int = 3, as_json: bool = False) -> dict:
     """Print the counts and `show` examples (or, with as_json, one JSON object per example; counts to stderr)."""
-    counts, shown = previews(cfg, tokenizer, seq2seq, show)
+    counts, shown = previews(cfg, tokenizer_for, show)
     if as_json:
         print_counts(counts, file=sys.stderr)
         for p in shown:

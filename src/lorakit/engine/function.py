@@ -49,7 +49,7 @@ class LoRAFunction(torch.autograd.Function):
         dt = A.dtype
         grad = grad.to(dt)
         # The skinny products are written in the operand layouts MKL runs fastest: grad·B with B transposed in
-        # memory, B's gradient as (hᵀ·grad)ᵀ rather than gradᵀ·h (the README's engine section has the figures).
+        # memory, B's gradient as (hᵀ·grad)ᵀ rather than gradᵀ·h (docs/engine.md has the figures).
         gh = F.linear(grad, B.t().contiguous()).mul_(ctx.scaling * (ctx.rescale if drops is not None else 1.0))
         gx = gA = gB = None
         if ctx.needs_input_grad[4]:

@@ -173,9 +173,13 @@ def read_safetensors(f: Path) -> dict[str, torch.Tensor]:
                         f"{f.stat().st_size:,} bytes); save or train it again") from None
 
 
+# Short names that stand for a hub id (lorakit's embedded models: "smollm2" -> its hub id); the models layer fills it.
+BASE_ALIASES: dict[str, str] = {}
+
+
 def same_base(a: str, b: str) -> bool:
-    """Whether two base_model_name_or_path values name one model: the same string, or the same existing path.
-    (models.same_model also knows lorakit's embedded aliases; an adapter lorakit saves records the hub id.)"""
+    """Whether two base_model_name_or_path values name one model: the same string or alias, or the same path."""
+    a, b = BASE_ALIASES.get(a, a), BASE_ALIASES.get(b, b)
     if a == b:
         return True
     pa, pb = Path(a).expanduser(), Path(b).expanduser()

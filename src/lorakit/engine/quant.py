@@ -105,7 +105,7 @@ def bitsandbytes_available() -> bool:
 def resolve_backend(name: str = "auto") -> str:
     """Which NF4 implementation to use: bitsandbytes' Linear4bit wherever it is installed, ours otherwise.
 
-    Chosen by measurement: bench/qlora.py times both (the README's QLoRA table); on CUDA bitsandbytes has the fused
+    Chosen by measurement: bench/qlora.py times both (docs/qlora.md); on CUDA bitsandbytes has the fused
     kernels.
     """
     if name not in QUANT_BACKENDS:

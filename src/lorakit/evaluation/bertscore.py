@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import functools
 
+from tqdm.auto import tqdm
+
 from ..models import EMBEDDED, resolve_spec
 
 ENCODER = "minilm"
+CHUNK = 128  # predictions scored per call: a progress bar for long evaluations
 LAYER = 6  # of 6: the layer all-MiniLM-L6-v2 was trained to make sentence embeddings from
 SETUP = {"model": EMBEDDED[ENCODER][2], "layer": LAYER, "idf": False, "baseline_rescaled": False}
 
@@ -31,9 +34,10 @@ def bertscore_f1(predictions: list[str], references: list[list[str]]) -> list[fl
     refs = [[r for r in group if r.strip()] for group in references]
     scored = [i for i, (p, group) in enumerate(zip(predictions, refs)) if p.strip() and group]
     scores = [0.0] * len(predictions)
-    if scored:
-        _, _, f1 = _scorer().score([predictions[i] for i in scored], [refs[i] for i in scored], verbose=False,
+    chunks = [scored[k:k + CHUNK] for k in range(0, len(scored), CHUNK)]
+    for chunk in tqdm(chunks, desc="BERTScore", unit="chunk", mininterval=1.0, leave=False, disable=len(chunks) < 2):
+        _, _, f1 = _scorer().score([predictions[i] for i in chunk], [refs[i] for i in chunk], verbose=False,
                                    batch_size=32)
-        for i, value in zip(scored, f1.tolist()):
+        for i, value in zip(chunk, f1.tolist()):
             scores[i] = value
     return scores

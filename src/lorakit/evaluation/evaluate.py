@@ -17,7 +17,7 @@ import json
 import time
 from pathlib import Path
 
-from ..config import RunConfig, validate
+from ..config import RunConfig, data_file, validate
 from ..data import Splits, load_splits, read_file
 from ..data.pipeline import examples_of
 from ..errors import UserError
@@ -79,7 +79,7 @@ def with_test_file(cfg: RunConfig, splits: Splits, data: str, out_dir: Path, max
     max_records) as the test split. An evaluation of another file already in out_dir is a UserError: it is never
     overwritten."""
     previous = out_dir / "eval.json"
-    path = cfg.data_file(data)
+    path = data_file(data)  # the user's file: relative to where the command runs
     if previous.is_file() and json.loads(previous.read_text()).get("test_data") != str(path):
         raise UserError(f"{out_dir} holds the evaluation of another file; pass --out NEW_DIR")
     if cfg.task == "classify":

@@ -6,6 +6,7 @@ import contextlib
 import math
 
 import torch
+from tqdm.auto import tqdm
 
 from ..data import IGNORE, batcher, encode_examples, format_prompt
 from ..data.conversations import heldout_reply
@@ -59,11 +60,11 @@ def scored_samples(records: list[dict], generations: dict[str, list[str]], refs:
 
 
 @torch.no_grad()
-def response_loss(model, examples, collate, batch_size: int) -> float:
+def response_loss(model, examples, collate, batch_size: int, desc: str = "held-out loss") -> float:
     """Token-weighted mean cross-entropy over the response tokens of `examples` (the same loss as validation)."""
     model.eval()
     total, count = 0.0, 0
-    for i in range(0, len(examples), batch_size):
+    for i in tqdm(range(0, len(examples), batch_size), desc=desc, unit="batch", mininterval=1.0, leave=False):
         summed, n, _ = heldout_loss_sum(model, collate(examples[i:i + batch_size]), is_seq2seq(model))
         total, count = total + summed, count + n
     return total / max(count, 1)
@@ -88,8 +89,8 @@ def eval_instruct(model, tok, splits, cfg, tuned: str = "lora", with_base: bool 
     losses = {}
     if with_base:
         with disable_adapters(model) if base_model is None else contextlib.nullcontext():
-            losses["base"] = response_loss(base_model or model, encoded, collate, cfg.batch_size)
-    losses[tuned] = response_loss(model, encoded, collate, cfg.batch_size)
+            losses["base"] = response_loss(base_model or model, encoded, collate, cfg.batch_size, "held-out loss (base)")
+    losses[tuned] = response_loss(model, encoded, collate, cfg.batch_size, f"held-out loss ({tuned})")
     rows = {name: {"loss": v, "perplexity": math.exp(min(v, 50))} for name, v in losses.items()}
     prompts, records, references = _reply_samples(tok, splits.test[: cfg.num_samples], cfg)
     sampling = Sampling(max_new_tokens=cfg.max_new_tokens)

@@ -2,12 +2,12 @@
 
 The decode loop (decode.py: a static KV cache in kv_cache.py, one pass over the model's own modules per token,
 continuous batching), the token choice (sampling.py), the Llama-family step in C++ (compiled_step.py,
-csrc/llama_step.cpp), and generation for callers (generate.py: batched, streamed, merged or not; transformers'
+csrc/llama_step.cpp), and generation for callers (generation.py: batched, streamed, merged or not; transformers'
 `generate` for what the loop does not drive).
 
 Imports `lorakit.errors`, `lorakit.config`, the engine and models; never training, evaluation or anything above.
 """
-from .generate import generate, generate_base_and_adapted, merged, stream
+from .generation import generate, generate_base_and_adapted, merged, stream
 from .sampling import Choice, Sampling
 
 __all__ = ["generate", "generate_base_and_adapted", "merged", "stream", "Choice", "Sampling"]

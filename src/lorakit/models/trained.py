@@ -9,15 +9,14 @@ from pathlib import Path
 
 from torch import nn
 
-from ..engine.peft_format import load_adapter, read_adapter_config, read_metadata, same_base
+from ..engine.peft_format import BASE_ALIASES, load_adapter, read_adapter_config, read_metadata, same_base
 from .loading import EMBEDDED, ModelError, load_model
+
+BASE_ALIASES.update({spec: hub_id for spec, (_, _, hub_id) in EMBEDDED.items()})
 
 
 def same_model(a: str, b: str) -> bool:
     """Whether two model specs name the same base: the same embedded alias, hub id or resolved directory."""
-    if a in EMBEDDED or b in EMBEDDED:
-        alias = {spec: hub for spec, (_, _, hub) in EMBEDDED.items()}
-        return alias.get(a, a) == alias.get(b, b)
     return same_base(a, b)
 
 

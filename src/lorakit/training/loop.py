@@ -23,10 +23,12 @@ from ..files import atomic_dir
 from .checkpoint import CHECKPOINT, TrainState, load_checkpoint, load_weights_state, save_checkpoint, weights_state
 from .distributed import all_sum, rank_share
 from .loss import causal_lm_loss
+from .metrics_log import MetricsLog, NoMetricsLog
 from .optim import build_optimizer
 from .run_record import timings, versions, write_run_record
 from .setup import Plan, Run, check_launch, check_run_dir, log_plan, make_accelerator, plan_steps, set_up
 from .stop import StopRequest, stopped
+from .trackers import check_installed
 from .validation import validate
 
 
@@ -80,9 +82,10 @@ def start_state(run: Run, optimizer, scheduler, resume: bool) -> tuple[TrainStat
     return state, best_state
 
 
-def train_step(run: Run, optimizer, scheduler, group: list[list[int]]) -> tuple[float, int]:
-    """One optimizer step over the micro-batches of `group` (gradient accumulation); returns the step's mean loss
-    and its tokens, summed over all processes. A non-finite loss is returned without stepping."""
+def train_step(run: Run, optimizer, scheduler, group: list[list[int]]) -> tuple[float, int, float | None]:
+    """One optimizer step over the micro-batches of `group` (gradient accumulation); returns the step's mean loss,
+    its tokens summed over all processes, and the gradient norm before clipping. A non-finite loss is returned
+    without stepping."""
     loss_sum, tokens = 0.0, 0
     for rows in group:
         rows = rank_share(rows, run.accelerator.process_index, run.world) if run.world > 1 else rows
@@ -93,13 +96,14 @@ def train_step(run: Run, optimizer, scheduler, group: list[list[int]]) -> tuple[
         loss_sum += loss.item()
         tokens += batch_tokens(batch)
     loss_sum, tokens = all_sum([loss_sum / run.world, tokens], run.accelerator)
+    grad_norm = None
     if math.isfinite(loss_sum):  # a non-finite loss is never applied: the weights stay those of the last good step
-        if run.cfg.max_grad_norm:
-            run.accelerator.clip_grad_norm_(run.trained, run.cfg.max_grad_norm)
+        # the norm before clipping (clipping to infinity only measures it), as transformers logs grad_norm
+        grad_norm = float(run.accelerator.clip_grad_norm_(run.trained, run.cfg.max_grad_norm or float("inf")))
         optimizer.step()
         scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return loss_sum, int(tokens)
+    return loss_sum, int(tokens), grad_norm
 
 
 def validate_and_keep_best(run: Run, state: TrainState, best_state: dict | None) -> dict | None:
@@ -122,11 +126,22 @@ def validate_and_keep_best(run: Run, state: TrainState, best_state: dict | None)
     return best_state
 
 
+def step_record(state: TrainState, plan: Plan, loss: float, lr: float, grad_norm: float | None,
+                validated: bool) -> dict:
+    """metrics.jsonl's record of the step just taken (transformers' log_history names)."""
+    record = {"step": state.step, "epoch": round(state.epoch + state.micro / plan.micro_per_epoch, 4), "loss": loss,
+              "learning_rate": lr, "grad_norm": grad_norm,
+              "tokens_per_second": state.tokens / max(state.train_seconds, 1e-9)}
+    if validated:
+        record |= {f"eval_{k}": v for k, v in state.val_history[-1].items() if k != "step"}
+    return record
+
+
 def fit(run: Run, plan: Plan, optimizer, scheduler, state: TrainState, best_state: dict | None,
-        stop: StopRequest) -> dict | None:
+        stop: StopRequest, metrics: MetricsLog | NoMetricsLog) -> dict | None:
     """The loop: epochs of length-grouped micro-batches drawn from (seed, epoch), an optimizer step per
-    `grad_accum` of them, validation and checkpoints on their schedules, until the last step, early stopping, a
-    non-finite loss or a stop request. Returns the best validation weights."""
+    `grad_accum` of them, validation and checkpoints on their schedules, each step logged to `metrics`, until the
+    last step, early stopping, a non-finite loss or a stop request. Returns the best validation weights."""
     cfg = run.cfg
     bar = tqdm(total=plan.total, initial=state.step, desc=f"train {cfg.name}", disable=not run.main,
                dynamic_ncols=True, mininterval=1.0)
@@ -137,7 +152,8 @@ def fit(run: Run, plan: Plan, optimizer, scheduler, state: TrainState, best_stat
                             run.data.lengths if cfg.group_by_length else None)[:plan.micro_per_epoch]
         while state.micro < len(order) and state.step < plan.total:
             group = order[state.micro:state.micro + cfg.grad_accum]
-            loss, tokens = train_step(run, optimizer, scheduler, group)
+            lr = scheduler.get_last_lr()[0]  # the rate this step applies
+            loss, tokens, grad_norm = train_step(run, optimizer, scheduler, group)
             if not math.isfinite(loss):
                 state.stopped_by = "loss"
                 run.log(f"lorakit: step {state.step + 1}: the loss is {loss}; stopped before applying it")
@@ -148,10 +164,12 @@ def fit(run: Run, plan: Plan, optimizer, scheduler, state: TrainState, best_stat
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}",
                             tok_s=f"{state.tokens / max(state.train_seconds, 1e-9):.0f}")
-            if run.data.val and (state.step % plan.eval_every == 0 or state.step == plan.total):
+            validated = run.data.val and (state.step % plan.eval_every == 0 or state.step == plan.total)
+            if validated:
                 best_state = validate_and_keep_best(run, state, best_state)
-                if state.stopped_early:
-                    break
+            metrics.log(step_record(state, plan, loss, lr, grad_norm, validated))
+            if state.stopped_early:
+                break
             if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0:
                 save_checkpoint(run.out, run.model, optimizer, scheduler, state, best_state, run.accelerator,
                                 run.fsdp, run.full)
@@ -191,7 +209,8 @@ def finish(run: Run, optimizer, scheduler, state: TrainState, best_state: dict |
                                               "test_rows": len(run.splits.test), "notes": run.data.notes},
                   "distributed": {"processes": run.world, "strategy": run.strategy if run.world > 1 else "none",
                                   "global_batch": cfg.batch_size * run.world * cfg.grad_accum},
-                  "timings": timings(state, time.perf_counter() - run.started)}
+                  "timings": timings(state, time.perf_counter() - run.started),
+                  "logs": {"metrics": "metrics.jsonl", "report_to": cfg.report_to}}
         method = "full fine-tune" if run.full else f"{'QLoRA' if cfg.quantize else 'LoRA'} r={cfg.r}"
         write_run_record(run.out, record, state, f"{cfg.name}: {cfg.model} + {method}")
         run.log(f"lorakit: {what} -> {run.out / what}; run.json and loss.png in {run.out}")
@@ -208,13 +227,21 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> Path
     accelerator = make_accelerator(cfg)
     strategy = check_launch(cfg, accelerator.num_processes)
     check_run_dir(cfg.out_dir, resume, overwrite)
+    check_installed(cfg.report_to)
     run = set_up(cfg, accelerator, strategy)
     plan = plan_steps(run)
     optimizer, scheduler = build_optimizer(run, plan)
     state, best_state = start_state(run, optimizer, scheduler, resume)
     log_plan(run, plan)
-    with StopRequest(run.log) as stop:
-        best_state = fit(run, plan, optimizer, scheduler, state, best_state, stop)
+    metrics = (MetricsLog(run.out, cfg.report_to, cfg.to_dict(), state.step if resume else None) if run.main
+               else NoMetricsLog())
+    status = "KILLED"  # what the trackers record if the loop does not come back
+    try:
+        with StopRequest(run.log) as stop:
+            best_state = fit(run, plan, optimizer, scheduler, state, best_state, stop, metrics)
+        status = "KILLED" if state.stopped_by else "FINISHED"
+    finally:
+        metrics.close(status)
     finish(run, optimizer, scheduler, state, best_state)
     if state.stopped_by:
         raise stopped(run, state)

@@ -14,7 +14,7 @@ using at::Tensor;
 using c10::optional;
 
 // y = x·Wᵀ + b (nn.Linear, or a LoRA layer whose adapter is merged or off); with an unmerged LoRA adapter
-// y = x·Wᵀ + b + s·(x·Aᵀ)·Bᵀ, computed as lora.py's lora_linear does: the LoRA term added into the base product.
+// y = x·Wᵀ + b + s·(x·Aᵀ)·Bᵀ, computed as engine/function.py's lora_linear does: the LoRA term added into the base product.
 struct Linear {
   Tensor weight;
   optional<Tensor> bias, lora_A, lora_B;
@@ -53,7 +53,7 @@ struct Layer {
   double scaling;
 };
 
-// The slots of decode.py's KVCache this step writes and reads (see Slots there)
+// The slots of kv_cache.py's KVCache this step writes and reads (see Slots there)
 struct Slots {
   Tensor rows, column;
   int64_t width;
