@@ -26,6 +26,7 @@ LLAMA_CPP_CMAKE := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON 
 $(LLAMA_CPP_STAMP): $(STAMP)
 	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) CMAKE_ARGS="$(LLAMA_CPP_CMAKE)" \
 	  $(PY) -m pip install -q --no-cache-dir -c constraints.txt --no-deps llama-cpp-python diskcache
+	$(PY) -m pip install -q -c constraints.txt sse-starlette starlette-context pydantic-settings  # its server (bench/serve.py)
 	touch $@
 
 llama-cpp: $(LLAMA_CPP_STAMP)

@@ -223,14 +223,29 @@ def time_steps(case: str, model, a: argparse.Namespace) -> dict:
 def trainer_steps(case: str, a: argparse.Namespace) -> dict:
     """PEFT under transformers' Trainer (its own loop, AdamW, bf16 autocast with --precision bf16) on the same
     random tokens: each step timed by a callback from its start to the end of its optimizer step."""
-    import torch
-    from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator
+    from transformers import Trainer, TrainingArguments, default_data_collator
     device = device_of(a)
     model = build(case, a.dropout, device)
     ids = random_ids(a)
     warmup = warmup_of(case, a)
     data = [{"input_ids": row, "labels": row} for row in ids] * (warmup + a.steps)
     times, losses = [], []
+    with tempfile.TemporaryDirectory() as out:
+        args = TrainingArguments(out, per_device_train_batch_size=a.batch, max_steps=warmup + a.steps,
+                                 learning_rate=1e-4, lr_scheduler_type="constant", optim="adamw_torch",
+                                 bf16=a.precision == "bf16", use_cpu=device == "cpu", logging_steps=1,
+                                 save_strategy="no", report_to="none", disable_tqdm=True, dataloader_num_workers=0,
+                                 seed=0)
+        reset_peak_rss()
+        Trainer(model=model, args=args, train_dataset=data, data_collator=default_data_collator,
+                callbacks=[step_timer(times, losses, warmup, device)]).train()
+    return step_result(case, a, model, times, losses)
+
+
+def step_timer(times: list[float], losses: list[float], warmup: int, device: str = "cpu"):
+    """A transformers TrainerCallback that appends each step's seconds after `warmup` (from its start to the end of
+    its optimizer step) to `times`, and each logged loss to `losses`."""
+    from transformers import TrainerCallback
 
     class Timer(TrainerCallback):
         def on_step_begin(self, args, state, control, **kw):
@@ -245,17 +260,7 @@ def trainer_steps(case: str, a: argparse.Namespace) -> dict:
         def on_log(self, args, state, control, logs=None, **kw):
             if logs and "loss" in logs:
                 losses.append(logs["loss"])
-
-    with tempfile.TemporaryDirectory() as out:
-        args = TrainingArguments(out, per_device_train_batch_size=a.batch, max_steps=warmup + a.steps,
-                                 learning_rate=1e-4, lr_scheduler_type="constant", optim="adamw_torch",
-                                 bf16=a.precision == "bf16", use_cpu=device == "cpu", logging_steps=1,
-                                 save_strategy="no", report_to="none", disable_tqdm=True, dataloader_num_workers=0,
-                                 seed=0)
-        reset_peak_rss()
-        Trainer(model=model, args=args, train_dataset=data, data_collator=default_data_collator,
-                callbacks=[Timer()]).train()
-    return step_result(case, a, model, times, losses)
+    return Timer()
 
 
 def run_cases(ap: argparse.ArgumentParser, script: str, run_case: Callable[[str, argparse.Namespace], dict]):

@@ -154,3 +154,23 @@ def lm_train_steps(model: nn.Module, steps: int, lr: float = 1e-2, seed: int = 0
         opt.zero_grad()
         losses.append(loss.item())
     return losses
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """For the bad-input tests: a tiny Llama, recipes for it (spam.yaml, instruct.yaml) and one finished instruct
+    run to damage."""
+    from lorakit.cli import main
+    from test_bad_input import SMS
+    from test_train import recipe, write_instruct
+    root = tmp_path_factory.mktemp("bad")
+    model = save_tiny("llama", root / "llama")
+    instruct = write_instruct(root / "a.jsonl", n=24)
+    spam = recipe(root, model=str(model), task="classify", data=str(root / "sms.tsv"), max_steps=1, epochs=1,
+                  out=str(root / "never-written"))
+    (root / "sms.tsv").write_bytes(SMS)
+    (root / "spam.yaml").write_text(open(spam).read())
+    recipe(root, model=str(model), task="instruct", data=str(instruct), max_steps=1, out=str(root / "never-written"))
+    (root / "recipe.yaml").rename(root / "instruct.yaml")
+    assert main(["train", str(root / "instruct.yaml"), "--out", str(root / "run")]) == 0
+    return root

@@ -12,29 +12,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import save_tiny
 from lorakit.cli import main
-from test_train import recipe, write_instruct
+from test_train import recipe
 
 SMS = b"".join(b"%s\tw10 w11 w%d\n" % (b"spam" if i % 3 == 0 else b"ham", 20 + i) for i in range(30))
 ALPACA_ROW = b'{"instruction": "w5 w6", "input": "w8", "output": "w9 w10"}'
 CHAT_ROW = b'{"messages": [{"role": "user", "content": "w5 w6"}, {"role": "assistant", "content": "w9 w10"}]}\n'
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    """A tiny Llama, recipes for it, and one finished instruct run to damage."""
-    root = tmp_path_factory.mktemp("bad")
-    model = save_tiny("llama", root / "llama")
-    instruct = write_instruct(root / "a.jsonl", n=24)
-    spam = recipe(root, model=str(model), task="classify", data=str(root / "sms.tsv"), max_steps=1, epochs=1,
-                  out=str(root / "never-written"))
-    (root / "sms.tsv").write_bytes(SMS)
-    (root / "spam.yaml").write_text(open(spam).read())
-    recipe(root, model=str(model), task="instruct", data=str(instruct), max_steps=1, out=str(root / "never-written"))
-    (root / "recipe.yaml").rename(root / "instruct.yaml")
-    assert main(["train", str(root / "instruct.yaml"), "--out", str(root / "run")]) == 0
-    return root
 
 
 def _file(root, name: str, content: bytes) -> str:
@@ -213,7 +196,7 @@ def test_a_signal_checkpoints_and_resume_reaches_the_same_adapter_bit_for_bit(tm
 
 
 def test_a_non_finite_loss_stops_keeps_the_last_good_adapter_and_a_checkpoint(tmp_path, world, monkeypatch, capsys):
-    import lorakit.training.loop as train_mod
+    import lorakit.training.loss as train_mod
     r = recipe(tmp_path, model=str(world / "llama"), task="instruct", data=str(world / "a.jsonl"), epochs=3,
                eval_every=100, split=[1.0, 0.0, 0.0], dropout=0.0)
     real, calls = train_mod.causal_lm_loss, []

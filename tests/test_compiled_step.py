@@ -74,12 +74,52 @@ def test_compiled_step_equals_python_step_bit_for_bit(name, adapter):
         assert (base_logits - compiled_logits).abs().max() > 1e-3
 
 
+@torch.no_grad()
+def mixed_steps(model, compiled: bool, rows: list, count: int = 6):
+    """Each prompt prefilled alone with its row's adapter (as the serving engine admits requests), then `count`
+    steps of all rows at once, each with its own adapter (adapters_by_row), in C++ or Python."""
+    from lorakit.engine import adapter_in_use
+    config = model.config
+    cache = KVCache(config.num_hidden_layers, len(rows), config.num_key_value_heads, 40, config.head_dim,
+                    next(model.parameters()))
+    logits = torch.empty(len(rows), config.vocab_size)
+    for s, (prompt, name) in enumerate(zip(PROMPTS, rows)):
+        ids, mask = _left_padded([prompt], 0, "cpu")
+        with adapter_in_use(model, name) if name else disable_adapters(model):
+            logits[s] = prefill(model, cache, s, ids, mask)[0]
+    out = []
+    with adapters_by_row(model, rows):
+        view = compiled_model(model, torch.float32) if compiled else None
+        assert view is not None or not compiled
+        for _ in range(count):
+            logits = step(model, cache, logits.argmax(-1), view)
+            out.append(logits)
+    return torch.stack(out), cache
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2"])
+def test_rows_of_different_adapters_compiled_equal_the_python_step_bit_for_bit(name):
+    """adapters_by_row through the C++ step: the same logits and cache as the Python step, and each row really
+    computes with its own adapter (a row of the base gets the base's logits)."""
+    model = with_lora(tiny_llama_family(name))
+    add_lora(model, LoRAConfig(r=2, alpha=4, targets=["q_proj", "v_proj"]), "b")
+    randomize_lora(model, seed=2)
+    rows = ["a", None, "b", "a"]
+    python_logits, python_cache = mixed_steps(model, False, rows)
+    compiled_logits, compiled_cache = mixed_steps(model, True, rows)
+    assert torch.equal(compiled_logits, python_logits)
+    assert torch.equal(compiled_cache.keys, python_cache.keys)
+    assert torch.equal(compiled_cache.values, python_cache.values)
+    base_logits, _ = mixed_steps(model, True, [None] * 4)
+    assert torch.allclose(compiled_logits[:, 1], base_logits[:, 1], atol=1e-5)
+    assert (compiled_logits[:, 0] - base_logits[:, 0]).abs().max() > 1e-3
+    assert (compiled_logits[:, 2] - base_logits[:, 2]).abs().max() > 1e-3
+
+
 def test_what_the_compiled_step_does_not_describe_keeps_the_python_step():
     model = with_lora(tiny_llama_family("llama"))
     assert compiled_model(model, torch.float32) is not None
     assert compiled_model(model, torch.float64) is None  # hidden states of another dtype than the weights
-    with adapters_by_row(model, ["a", None]):
-        assert compiled_model(model, torch.float32) is None
     handle = model.model.layers[1].mlp.register_forward_hook(lambda *args: None)
     assert compiled_model(model, torch.float32) is None
     handle.remove()
@@ -91,6 +131,8 @@ def test_what_the_compiled_step_does_not_describe_keeps_the_python_step():
     add_lora(dora, LoRAConfig(r=2, alpha=4, dora=True, targets="attention"), "d")
     set_adapter(dora, "d")
     assert compiled_model(dora, torch.float32) is None
+    with adapters_by_row(dora, ["d", None]):  # DoRA rows in a mixed batch
+        assert compiled_model(dora, torch.float32) is None
     qlora = tiny_llama_family("mistral")
     add_lora(qlora, LoRAConfig(r=2, alpha=4, quantize="nf4", quant_backend="torch"), "q")
     set_adapter(qlora, "q")

@@ -192,7 +192,7 @@ BAD_CHATS = {
                          r"c\.jsonl, line 2, conversations\[0\]: field 'value' is int, not text", "non-text 'value'"),
     "image part": ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}, {"role": "assistant",
                                                                                       "content": "b"}]},
-                   r"messages\[0\]: field 'content' is list, not text", "non-text 'content'"),
+                   r"messages\[0\]: field 'content', part 0 is of type 'image_url'", "non-text part in 'content'"),
     "no assistant turn": ({"messages": [{"role": "user", "content": "a"}]},
                           r"c\.jsonl, line 2: no assistant turn to train on", "no assistant turn to train on"),
     "nothing trained": ({"messages": [{"role": "user", "content": "a"},

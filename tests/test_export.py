@@ -4,6 +4,7 @@ tests with a note)."""
 from __future__ import annotations
 
 import json
+import shutil
 import os
 from pathlib import Path
 
@@ -178,6 +179,23 @@ def test_ollama_directory_has_the_gguf_and_a_modelfile(runs, tmp_path):
     template, stops = ollama_template(runs["tok"].chat_template)
     assert f'TEMPLATE """{template}"""' in modelfile and "<|im_start|>{{ .Role }}" in template
     assert 'PARAMETER stop "<|im_end|>"' in modelfile and stops[0] == "<|im_end|>"
+    # the system prompt SmolLM2's template adds when a conversation has none, as transformers renders it
+    rendered = runs["tok"].apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
+    system = next(ln for ln in modelfile.splitlines() if ln.startswith("SYSTEM"))[len('SYSTEM """'):-len('"""')]
+    assert system.startswith("You are a helpful AI assistant") and f"<|im_start|>system\n{system}<|im_end|>" in rendered
+
+
+def test_ollama_modelfile_of_an_alpaca_run_has_its_prompt(runs, tmp_path):
+    """An instruct run trained in the Alpaca prompt runs in Ollama in that prompt, with no chat system prompt."""
+    run = tmp_path / "alpaca-run"
+    shutil.copytree(runs["lora"], run)
+    meta = json.loads((run / "adapter" / "lorakit.json").read_text())
+    (run / "adapter" / "lorakit.json").write_text(json.dumps(meta | {"template": "alpaca"}))
+    assert main(["export", str(run), "--format", "ollama", "--out", str(tmp_path / "o")]) == 0
+    modelfile = (tmp_path / "o" / "Modelfile").read_text()
+    from lorakit.data.prompts import format_prompt
+    expected = format_prompt(runs["tok"], "{{ .Prompt }}", "", "alpaca")
+    assert f'TEMPLATE """{expected}"""' in modelfile and "SYSTEM" not in modelfile and "<|im_start|>" not in modelfile
 
 
 REFUSED = {

@@ -7,6 +7,7 @@ The top layer: it may import every layer below; nothing imports it.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import warnings
 
@@ -36,9 +37,25 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 _python_show_warning = warnings.showwarning
 
 
+NEGATIVE_VALUE = re.compile(r"^-(\d|\.\d|inf|nan)", re.IGNORECASE)
+
+
+def joined_negative_values(argv: list[str]) -> list[str]:
+    """`--flag -1,2` as `--flag=-1,2`: argparse reads a value that starts with '-' and is not one plain number
+    (a list like -1,2, or 1e-3 written -1e-3) as an unknown option; negative weights are legitimate."""
+    out: list[str] = []
+    for arg in argv:
+        if out and out[-1].startswith("--") and "=" not in out[-1] and NEGATIVE_VALUE.match(arg):
+            out[-1] = f"{out[-1]}={arg}"
+        else:
+            out.append(arg)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(joined_negative_values(argv))
+    args.argv = argv
     warnings.showwarning = _show_warning
     try:
         return args.func(args)

@@ -84,12 +84,19 @@ def add_data_flags(p: argparse.ArgumentParser) -> None:
 
 def recipe_overrides_out(args: argparse.Namespace, command: str) -> tuple[str, dict, str]:
     """compare's and sweep's recipe path, --set overrides, and --out (default runs/NAME-<command>)."""
+    from ..config.paths import check_writable
     path = str(recipe_file(args.recipe))
     overrides = set_pairs(args.set)
-    return path, overrides, args.out or str(Path("runs") / f"{load_recipe(path, overrides).name}-{command}")
+    out = args.out or str(Path("runs") / f"{load_recipe(path, overrides).name}-{command}")
+    check_writable(out, "--out", directory=True)
+    return path, overrides, out
 
 
-def check_out_free(out: Path, force: bool) -> None:
-    """merge and combine write a directory: refuse one that holds something unless --force."""
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
-        raise UserError(f"{out} exists and is not empty; pass an empty or new directory, or --force to replace it")
+def check_out_free(out: Path, force: bool, flag: str) -> None:
+    """merge, combine and the Ollama export write a directory: refuse one that holds something unless --force, and
+    one that cannot be written, before any work."""
+    from ..config.paths import check_writable
+    if out.exists() and not force and (not out.is_dir() or any(out.iterdir())):
+        what = "is a file (this output is a folder)" if not out.is_dir() else "exists and is not empty"
+        raise UserError(f"{flag} {out} {what}; name a new or empty folder, or pass --force to replace it")
+    check_writable(out if out.is_dir() or not out.exists() else out.parent, flag, directory=True)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from ..config import METHODS
@@ -12,8 +13,14 @@ from .common import recipe_overrides_out
 def cmd_eval(args: argparse.Namespace) -> int:
     """Evaluate a trained run against its base model on the run's test split, or on another file (--data)."""
     from ..evaluation import evaluate_run
+    if args.max_records < 0:
+        raise UserError(f"--max-records {args.max_records}: give a count >= 1, or leave it out for all records")
+    data, out, skip_invalid = (getattr(args, k, None) for k in ("data", "out", "skip_invalid"))
+    if (out or skip_invalid) and not data:
+        raise UserError(f"{'--out' if out else '--skip-invalid'} applies to an evaluation on a file of yours: give "
+                        "--data FILE with it (the run's own test split is evaluated into the run)")
     _, written = evaluate_run(args.run, max_records=args.max_records, with_base=not getattr(args, "no_base", False),
-                              data=getattr(args, "data", None), out=getattr(args, "out", None))
+                              data=data, out=out, skip_invalid=bool(skip_invalid))
     run = Path(args.run)
     saved = "model    " + str(run / "model") if (run / "model").is_dir() else "adapter  " + str(run / "adapter")
     print(f"\nlorakit: {saved}\nlorakit: report   {written / 'report.html'} (eval.json, "
@@ -41,7 +48,13 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from ..evaluation.sweep import parse_grid, sweep
     grid = parse_grid(args.grid or [])
     path, overrides, out = recipe_overrides_out(args, "sweep")
-    sweep(path, grid, out, quick=args.quick, overrides=overrides, yes=args.yes, overwrite=args.overwrite)
+    result = sweep(path, grid, out, quick=args.quick, overrides=overrides, yes=args.yes, overwrite=args.overwrite)
+    failed = [r for r in result["rows"] if "failed" in r]
+    if failed:
+        print(f"lorakit: error: {len(failed)} of {len(result['rows'])} cells failed (see {Path(out) / 'sweep.md'} "
+              f"and {Path(out) / 'sweep.log'}); run the sweep again to retry them, the finished cells are kept",
+              file=sys.stderr)
+        return 1
     return 0
 
 
@@ -52,6 +65,8 @@ def _eval_parser(sub) -> None:
     p.add_argument("--no-base", action="store_true", help="score only the trained model, not the base")
     p.add_argument("--data", help="evaluate on this file (the run's task format) instead of the run's test split")
     p.add_argument("--out", help="with --data: where eval.json and the report go (default RUN_DIR/eval-<file name>)")
+    p.add_argument("--skip-invalid", action="store_true",
+                   help="with --data: skip (and count) invalid records of the file instead of failing")
     p.set_defaults(func=cmd_eval)
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -25,7 +26,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from ..engine import disable_adapters
     from ..inference import Sampling, generate, merged, stream
     from ..models import is_seq2seq
+    if args.base and args.merge:
+        raise UserError("--base runs the model without its adapter and --merge folds the adapter in: give one")
     model, tok, meta = _load_for_generation(args)
+    if meta.get("task") == "classify" and (args.input or args.template):
+        raise UserError(f"{'--input' if args.input else '--template'}: a classifier reads the prompt alone (it has no "
+                        "prompt template); leave it out")
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
     if not prompt.strip():
         raise UserError("no prompt: pass --prompt TEXT or pipe text on standard input")
@@ -70,18 +76,84 @@ def check_port_free(host: str, port: int) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    """Serve a local web page: the base model's and each adapter's answers side by side, streaming."""
+    """Serve the base model and adapters: a local web page with their answers side by side (streaming), or with
+    --api an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models, ...) that batches
+    requests for different adapters together."""
     import importlib.util
+    adapters = [*args.adapters, *(args.adapter or [])]
+    api_key = args.api_key or os.environ.get("LORAKIT_API_KEY")
+    port = args.port or (8000 if args.api else 7860)
+    check_network_launch(args.host, api_key, args.insecure, "the API" if args.api else "the page")
+    check_api_flags(args)
+    if args.api:
+        if importlib.util.find_spec("fastapi") is None or importlib.util.find_spec("uvicorn") is None:
+            raise UserError("the API server needs FastAPI and uvicorn: pip install 'lorakit[serve]'")
+        from ..serve.api import open_served, serve_api
+        check_port_free(args.host, port)
+        served = open_served(args.model, adapters, api_key, args.adapter_root,
+                             64 if args.max_queue is None else args.max_queue, args.slots or 16, args.max_model_len)
+        print(f"lorakit: serving {served.base} with adapters: {', '.join(served.adapters) or 'none'} on "
+              f"http://{args.host}:{port}/v1 (OpenAI API{', key required' if api_key else ''})", flush=True)
+        serve_api(served, args.host, port)
+        return 0
     if importlib.util.find_spec("gradio") is None:
         raise UserError("the web page needs Gradio: pip install 'lorakit[app]' (or pip install gradio)")
     from ..serve import Workbench
     from ..serve.page import serve
-    check_port_free(args.host, args.port)
-    wb = Workbench(args.model, args.adapter or [], task=args.task)
+    check_port_free(args.host, port)
+    wb = Workbench(args.model, adapters, task=args.task)
     print(f"lorakit: serving {wb.spec} ({wb.task}) with adapters: {', '.join(wb.adapters) or 'none'} "
-          f"on http://{args.host}:{args.port}", flush=True)
-    serve(wb, args.host, args.port)
+          f"on http://{args.host}:{port}", flush=True)
+    serve(wb, args.host, port, key=api_key)
     return 0
+
+
+def is_loopback(host: str) -> bool:
+    import ipaddress
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_network_launch(host: str, api_key: str | None, insecure: bool, what: str) -> None:
+    """Another host than this machine's own needs a key (or, knowingly, --insecure): the page and the API load
+    adapters from this machine's disk and run its CPU for whoever reaches them."""
+    if is_loopback(host) or api_key:
+        return
+    if not insecure:
+        how = "clients send it as a Bearer token" if what == "the API" else "the page asks for it as the password"
+        raise UserError(f"--host {host} serves {what} to the network: give --api-key KEY (or LORAKIT_API_KEY; "
+                        f"{how}), or --insecure to serve it without one")
+    print(f"lorakit: warning: serving on {host} without an API key: anyone who reaches this machine can use it",
+          file=sys.stderr)
+
+
+def check_api_flags(args: argparse.Namespace) -> None:
+    """--api's own flags: never silently ignored by the page, each in its range."""
+    given = [f for f, v in (("--adapter-root", args.adapter_root), ("--max-queue", args.max_queue),
+                             ("--slots", args.slots), ("--max-model-len", args.max_model_len)) if v is not None]
+    if given and not args.api:
+        raise UserError(f"{', '.join(given)}: for the API server; add --api (the page serves one request at a time)")
+    if args.api and args.task:
+        raise UserError("--task chooses the page's task; the API serves each adapter in its own (leave --task out)")
+    for flag, value, low in (("--max-queue", args.max_queue, 1), ("--slots", args.slots, 1),
+                             ("--max-model-len", args.max_model_len, 16)):
+        if value is not None and value < low:
+            raise UserError(f"{flag} {value}: must be >= {low}")
+
+
+def port_number(value: str) -> int:
+    """--port: an integer from 1 to 65535."""
+    try:
+        port = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a port number") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a port (1 to 65535)")
+    return port
 
 
 def _generate_parser(sub) -> None:
@@ -102,12 +174,24 @@ def _generate_parser(sub) -> None:
 
 
 def _serve_parser(sub) -> None:
-    p = sub.add_parser("serve", help="web page: base and adapted answers side by side", description=cmd_serve.__doc__)
+    p = sub.add_parser("serve", help="web page (or --api: an OpenAI-compatible API) for the base and its adapters",
+                       description=cmd_serve.__doc__)
+    p.add_argument("adapters", nargs="*", metavar="RUN_OR_ADAPTER_DIR", help="runs or adapter directories to serve")
     p.add_argument("--model", help="base model (default: the first adapter's, else smollm2)")
     p.add_argument("--adapter", action="append", help="adapter or run directory; repeat for several")
-    p.add_argument("--task", choices=TASKS, help="default: the first adapter's")
+    p.add_argument("--task", choices=TASKS, help="the page's task (default: the first adapter's)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--port", type=port_number, help="port (default 7860 for the page, 8000 for --api)")
+    p.add_argument("--api-key", help="require this key (needed for a non-loopback --host; or set LORAKIT_API_KEY): "
+                                     "the API's Authorization: Bearer KEY, the page's password")
+    p.add_argument("--insecure", action="store_true", help="allow a non-loopback --host without a key (warns)")
+    g = p.add_argument_group("API server (--api)")
+    g.add_argument("--api", action="store_true", help="serve the OpenAI-compatible API instead of the page")
+    g.add_argument("--adapter-root", help="the folder adapters may be loaded from at run time (/v1/load_lora_adapter;"
+                                          " off without it)")
+    g.add_argument("--max-queue", type=int, help="requests waiting for a slot before 429 (default 64)")
+    g.add_argument("--slots", type=int, help="requests decoded together (default 16)")
+    g.add_argument("--max-model-len", type=int, help="context for prompt + reply (default: the model's, at most 1024)")
     p.set_defaults(func=cmd_serve)
 
 

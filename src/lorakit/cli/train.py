@@ -4,9 +4,9 @@ from __future__ import annotations
 import argparse
 import shlex
 
-from ..config import (METHODS, OPTIMIZERS, PRECISIONS, QUANT_BACKENDS, QUANTIZE, STRATEGIES, TASKS,
+from ..config import (METHODS, OPTIMIZERS, PRECISIONS, PREFERENCE_LOSSES, QUANT_BACKENDS, QUANTIZE, STRATEGIES, TASKS,
                       load_recipe, recipe_file)
-from ..errors import TrainingStopped
+from ..errors import TrainingStopped, UserError
 from .common import add_data_flags, add_lora_flags, lora_config_from_args, overrides
 from .evaluate import cmd_eval
 
@@ -32,6 +32,8 @@ def cmd_data(args: argparse.Namespace) -> int:
     and trained tokens, and examples as the model sees them with the trained text marked."""
     from ..data.preview import show_data
     from ..models import load_tokenizer_and_config
+    if args.show < 0:
+        raise UserError(f"--show {args.show}: give how many examples to show (0 for the counts alone)")
     cfg = load_recipe(recipe_file(args.recipe), overrides(args))
 
     def tokenizer_for() -> tuple:
@@ -55,6 +57,19 @@ def cmd_inspect(args: argparse.Namespace) -> int:
           f"{' rslora' if config.rslora else ''}; {sum(1 for r in report.rows if r['r'])} modules adapted\n")
     print(report.table(group=not args.all))
     return 0
+
+
+def add_preference_flags(p) -> None:
+    """Task preference's keys as flags (None unless given: the recipe's values stand)."""
+    g = p.add_argument_group("preference (task preference)")
+    g.add_argument("--loss", choices=PREFERENCE_LOSSES, help="sigmoid (DPO), ipo, hinge, robust; orpo, simpo (no reference)")
+    g.add_argument("--beta", type=float, help="DPO's beta (IPO's tau), ORPO's lambda, SimPO's beta (default 0.1)")
+    g.add_argument("--label-smoothing", type=float, help="sigmoid: cDPO's flip rate; robust; simpo")
+    g.add_argument("--simpo-gamma", type=float, help="SimPO's target margin (default 0.5)")
+    g.add_argument("--precompute-reference", action="store_true", default=None,
+                   help="the reference log-probabilities once, before the first step (kept in the run)")
+    g.add_argument("--init-adapter", help="start from this trained adapter (a run or adapter directory); for a "
+                                          "preference run it is also the frozen reference")
 
 
 def _train_parser(sub) -> None:
@@ -87,6 +102,7 @@ def _train_parser(sub) -> None:
                    help="none (default), or tensorboard, mlflow, trackio (several: comma-separated), besides the run's "
                         "metrics.jsonl")
     add_data_flags(p)
+    add_preference_flags(p)
     p.add_argument("--pack", action="store_true", default=None, help="pack short examples into full rows")
     p.add_argument("--no-share-prefix", dest="share_prefix", action="store_false", default=None,
                    help="packed rows: repeat a prompt preamble the examples share instead of keeping it once")

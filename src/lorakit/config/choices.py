@@ -2,7 +2,7 @@
 CLI's `choices=` all read these."""
 from __future__ import annotations
 
-TASKS = ("classify", "instruct", "summarize", "chat")
+TASKS = ("classify", "instruct", "summarize", "chat", "preference")
 TEMPLATES = ("alpaca", "chat", "chatml")  # chat: the tokenizer's own chat template (ChatML where it has none)
 TRAIN_ON = ("all", "last")  # chat: which assistant turns the loss covers
 METHODS = ("full", "lora", "qlora")
@@ -18,6 +18,8 @@ EXPORT_FORMATS = ("gguf", "gguf-lora", "ollama")  # lorakit export
 EXPORT_QUANTS = ("f32", "f16", "q8_0", "q4_0")
 INITS = ("kaiming", "gaussian", "pissa", "olora")  # LoRA's starting A and B (engine.init)
 REPORT_TO = ("none", "tensorboard", "mlflow", "trackio")  # training.trackers
+PREFERENCE_LOSSES = ("sigmoid", "ipo", "hinge", "robust", "orpo", "simpo")  # TRL's names (training.preference)
+REFERENCE_FREE = ("orpo", "simpo")  # the losses that need no reference model
 
 
 def one_of(choices: tuple[str, ...]) -> str:

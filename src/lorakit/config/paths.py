@@ -3,7 +3,7 @@
 - a recipe: a YAML file, or the name of a built-in one (spam -> the package's recipes/spam.yaml)
 - a data file: the name of a data set that arrives as a Python package (sharegpt), or a path: absolute, or relative
   to the recipe file's own folder, then to the working directory
-- a run directory: --out, else runs/NAME
+- a run directory: --out, else runs/NAME; and whether an output path can be written, before any work
 """
 from __future__ import annotations
 
@@ -74,3 +74,22 @@ def data_file(name: str, recipe_path: str = "", key: str = "data") -> Path:
 def run_dir(out: str, name: str) -> Path:
     """Where a run writes: `out`, else runs/NAME."""
     return Path(out or Path("runs") / name)
+
+
+def check_writable(path: str | os.PathLike, flag: str, directory: bool) -> None:
+    """Before any work: `path` can be written (as a folder, or as a file in its folder), by a probe write in its
+    nearest existing folder; a file in the way, or a folder that refuses writes, is one line naming `flag`."""
+    path = Path(path)
+    if not directory and path.is_dir():
+        raise UserError(f"{flag} {path} is a folder; name the file to write in it")
+    folder = path if directory else path.parent
+    existing = next(p for p in [folder, *folder.parents] if p.exists() or p == p.parent)
+    if not existing.is_dir():
+        raise UserError(f"{flag} {path}: {existing} is a file, not a folder; choose another path")
+    probe = existing / f".lorakit-write-check-{os.getpid()}"
+    try:
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"{flag} {path}: cannot write in {existing} ({e.strerror or e}); choose a folder you can "
+                        "write to") from None

@@ -1,4 +1,4 @@
-"""Recipes: a YAML file of run settings (sections model / data / lora / train / eval are only grouping), read and
+"""Recipes: a YAML file of run settings (sections model / data / lora / preference / train / eval are only grouping), read and
 checked key by key, then overridden by the command line's flags."""
 from __future__ import annotations
 

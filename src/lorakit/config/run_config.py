@@ -1,13 +1,15 @@
 """What a run is: `RunConfig`, every setting of one training run, each checked against its choices and ranges."""
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from ..errors import UserError
 from .paths import data_file, run_dir
-from .choices import (INITS, METHODS, OPTIMIZERS, PRECISIONS, QUANT_BACKENDS, QUANTIZE, REPORT_TO, SCHEDULES, STRATEGIES,
+from .choices import (INITS, METHODS, OPTIMIZERS, PRECISIONS, PREFERENCE_LOSSES, QUANT_BACKENDS, QUANTIZE,
+                      REFERENCE_FREE, REPORT_TO, SCHEDULES, STRATEGIES,
                       TARGET_PRESETS, TASKS, TEMPLATES, TRAIN_ON, one_of)
 
 
@@ -82,6 +84,13 @@ class RunConfig:
     report_to: list[str] = field(default_factory=list)  # trackers besides metrics.jsonl: tensorboard, mlflow, trackio
     seed: int = 42
     out: str = ""
+    # preference (task preference)
+    loss: str = "sigmoid"  # sigmoid (DPO), ipo, hinge, robust; reference-free orpo, simpo (PREFERENCE_LOSSES)
+    beta: float = 0.1  # DPO's beta (IPO's tau); ORPO's lambda; SimPO's beta
+    label_smoothing: float = 0.0  # sigmoid: cDPO's flip probability; robust; simpo
+    simpo_gamma: float = 0.5  # SimPO's target reward margin
+    precompute_reference: bool = False  # the reference log-probabilities once, before the first step (kept in the run)
+    init_adapter: str = ""  # start from this trained adapter (a run or adapter directory); the preference reference
     # eval
     max_new_tokens: int = 64
     num_samples: int = 5
@@ -102,7 +111,7 @@ class RunConfig:
 
 
 FIELDS = {f.name: f for f in fields(RunConfig)}
-SECTIONS = ("model", "data", "lora", "train", "eval")
+SECTIONS = ("model", "data", "lora", "preference", "train", "eval")
 
 
 def coerce(key: str, value, where: str):
@@ -118,22 +127,58 @@ def coerce(key: str, value, where: str):
         if isinstance(default, int):
             return int(value)
         if isinstance(default, float):
-            return float(value)
+            return _finite(float(value), key, where)
         if isinstance(default, list):
-            if isinstance(value, str):
-                return [v.strip() for v in value.split(",") if v.strip()]
-            return list(value)
+            items = [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else list(value)
+            return [float(v) for v in items] if key == "split" else items
         if key == "targets" and isinstance(value, list):
             return value
         return str(value)
+    except ConfigError:
+        raise
     except (TypeError, ValueError):
         raise ConfigError(f"{where}: {key} = {value!r} is not a valid {type(default).__name__}") from None
+
+
+def _finite(number: float, key: str, where: str) -> float:
+    if not math.isfinite(number):
+        raise ConfigError(f"{where}: {key} = {number} is not a finite number")
+    return number
 
 
 def _check_choice(cfg: RunConfig, key: str, choices: tuple[str, ...], where: str) -> None:
     value = getattr(cfg, key)
     if value not in choices:
         raise ConfigError(f"{where}: {key} {value!r} must be {one_of(choices)}")
+
+
+def _check_preference(cfg: RunConfig, where: str) -> None:
+    """The preference keys: their ranges, and never set where they do nothing."""
+    defaults = RunConfig()
+    keys = ("loss", "beta", "label_smoothing", "simpo_gamma", "precompute_reference")
+    if cfg.task != "preference":
+        given = [k for k in keys if getattr(cfg, k) != getattr(defaults, k)]
+        if given:
+            raise ConfigError(f"{where}: {', '.join(given)} set, but they apply to task preference only "
+                              f"(this run's task is {cfg.task})")
+        return
+    _check_choice(cfg, "loss", PREFERENCE_LOSSES, where)
+    if not cfg.beta > 0:
+        raise ConfigError(f"{where}: beta must be > 0, got {cfg.beta:g}")
+    if not 0 <= cfg.label_smoothing < 0.5:
+        raise ConfigError(f"{where}: label_smoothing must be in [0, 0.5), got {cfg.label_smoothing:g}")
+    if cfg.label_smoothing and cfg.loss not in ("sigmoid", "robust", "simpo"):
+        raise ConfigError(f"{where}: label_smoothing applies to losses sigmoid (cDPO), robust and simpo, not {cfg.loss}")
+    if cfg.simpo_gamma != defaults.simpo_gamma and cfg.loss != "simpo":
+        raise ConfigError(f"{where}: simpo_gamma applies to loss simpo, not {cfg.loss}")
+    if cfg.precompute_reference and cfg.loss in REFERENCE_FREE:
+        raise ConfigError(f"{where}: loss {cfg.loss} uses no reference model: leave precompute_reference out")
+    if cfg.method == "full":
+        raise ConfigError(f"{where}: task preference trains an adapter against its base (the reference): method lora "
+                          "or qlora, not full")
+    if cfg.pack:
+        raise ConfigError(f"{where}: task preference packs each pair into a row of its own (the prompt once, then both "
+                          "replies): leave pack out")
 
 
 def _check_report_to(cfg: RunConfig, where: str) -> None:
@@ -147,12 +192,37 @@ def _check_report_to(cfg: RunConfig, where: str) -> None:
     cfg.report_to = list(dict.fromkeys(t for t in cfg.report_to if t != "none"))
 
 
+# key: the interval its values must lie in, as "[1, )" reads; checked for every run, so a sweep's cell with a bad
+# value fails before the first cell trains rather than when it runs
+RANGES = {"batch_size": "[1, )", "grad_accum": "[1, )", "max_length": "[1, )", "r": "[1, )", "alpha": "(0, )",
+          "dropout": "[0, 1)", "lr": "(0, )", "head_lr": "[0, )", "full_lr": "[0, )", "weight_decay": "[0, )",
+          "warmup": "[0, 1]", "max_grad_norm": "[0, )", "max_records": "[0, )", "max_eval_records": "[0, )",
+          "max_val_records": "[0, )", "eval_every": "[0, )", "early_stopping": "[0, )", "checkpoint_every": "[0, )",
+          "max_new_tokens": "[1, )", "num_samples": "[0, )"}
+
+
+def in_interval(value: float, interval: str) -> bool:
+    """Whether `value` lies in an interval written "[0, 1)", "(0, )" (no upper bound) and the like."""
+    low, high = (part.strip("[]() ") for part in interval.split(","))
+    above = value >= float(low) if interval[0] == "[" else value > float(low)
+    below = not high or (value <= float(high) if interval[-1] == "]" else value < float(high))
+    return math.isfinite(value) and above and below
+
+
+def _check_ranges(cfg: RunConfig, where: str) -> None:
+    for key, interval in RANGES.items():
+        value = getattr(cfg, key)
+        if not in_interval(value, interval):
+            raise ConfigError(f"{where}: {key} must be in {interval.replace(', )', ', ∞)')}, got {value:g}")
+
+
 def validate(cfg: RunConfig, where: str) -> RunConfig:
     if not cfg.template:
-        cfg.template = "chat" if cfg.task == "chat" else "alpaca"
-    if cfg.task == "chat" and cfg.template == "alpaca":
-        raise ConfigError(f"{where}: task chat renders conversations in a chat template: template chat (the model's "
-                          "own) or chatml, not alpaca")
+        cfg.template = "chat" if cfg.task in ("chat", "preference") else "alpaca"
+    if cfg.task in ("chat", "preference") and cfg.template == "alpaca":
+        raise ConfigError(f"{where}: task {cfg.task} renders conversations in a chat template: template chat (the "
+                          "model's own) or chatml, not alpaca")
+    _check_preference(cfg, where)
     for key, choices in (("task", TASKS), ("schedule", SCHEDULES), ("template", TEMPLATES), ("train_on", TRAIN_ON),
                          ("method", METHODS), ("quant_backend", QUANT_BACKENDS), ("optimizer", OPTIMIZERS),
                          ("init", INITS), ("strategy", STRATEGIES), ("mixed_precision", PRECISIONS)):
@@ -166,11 +236,7 @@ def validate(cfg: RunConfig, where: str) -> RunConfig:
         cfg.lr = cfg.full_lr
     if cfg.method == "qlora" or cfg.quantize:  # one meaning each: qlora is lora with quantize=nf4
         cfg.method, cfg.quantize = "qlora", cfg.quantize or "nf4"
-    for key in ("batch_size", "grad_accum", "max_length"):
-        if getattr(cfg, key) < 1:
-            raise ConfigError(f"{where}: {key} must be >= 1, got {getattr(cfg, key)}")
-    if cfg.lr <= 0:
-        raise ConfigError(f"{where}: lr must be > 0, got {cfg.lr}")
+    _check_ranges(cfg, where)
     if isinstance(cfg.targets, str) and "," in cfg.targets:
         cfg.targets = [t.strip() for t in cfg.targets.split(",") if t.strip()]
     if isinstance(cfg.targets, str) and cfg.targets not in TARGET_PRESETS:
@@ -187,6 +253,9 @@ def validate(cfg: RunConfig, where: str) -> RunConfig:
         raise ConfigError(f"{where}: loraplus_lr_ratio {cfg.loraplus_lr_ratio:g}: " + (
             "LoRA+ sets the LoRA B matrices' learning rate; a full fine-tune has none" if cfg.method == "full" else
             "must be > 0 (B matrices train at lr x ratio; LoRA+ suggests 16), or leave it out for plain LoRA"))
+    if len(cfg.split) != 3 or min(cfg.split) < 0 or abs(sum(cfg.split) - 1) > 1e-6:
+        raise ConfigError(f"{where}: split must be three fractions for train, validation and test that sum to 1, "
+                          f"e.g. 0.8,0.1,0.1; got {','.join(f'{x:g}' for x in cfg.split)}")
     if cfg.epochs <= 0:
         raise ConfigError(f"{where}: epochs must be > 0, got {cfg.epochs:g}")
     if cfg.max_steps < 0:

@@ -104,11 +104,13 @@ def pack(examples: list[EncodedExample], max_length: int, share_prefix: bool = F
 
 
 def packed_batch(rows: list[list[EncodedExample]], pad_id: int, dtype: torch.dtype = torch.float32,
-                 share_prefix: bool = False) -> dict:
+                 share_prefix: bool = False, segments: bool = False) -> dict:
     """A batch of packed rows: position ids restart per example, a 4D additive mask keeps examples apart (and, with
     share_prefix, lets each attend to the row's shared prefix, which comes first and counts no loss).
 
     The first label of each example's block is IGNORE: in a packed row it would be predicted from the previous one.
+    With `segments`, the batch also holds which example of its row each position belongs to (-2: the shared
+    prefix, -1: padding): for losses that add up each example's own tokens (preference pairs).
     """
     shared = [shared_prefix(row) if share_prefix else 0 for row in rows]
     n = max(row_length(row, share_prefix) for row in rows)
@@ -135,7 +137,8 @@ def packed_batch(rows: list[list[EncodedExample]], pad_id: int, dtype: torch.dty
     allowed = ((q == kv) & (q != -1) | (kv == -2) & (q >= 0)) & causal
     allowed |= torch.eye(n, dtype=torch.bool)  # padding rows attend to themselves: no all-masked softmax rows
     mask = torch.zeros((b, 1, n, n), dtype=dtype).masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
-    return {"input_ids": ids, "attention_mask": mask, "position_ids": pos, "labels": labels}
+    batch = {"input_ids": ids, "attention_mask": mask, "position_ids": pos, "labels": labels}
+    return batch | {"segments": seg} if segments else batch
 
 
 def classification_batch(examples: list[TextExample], tokenizer, max_length: int = 256) -> dict[str, torch.Tensor]:

@@ -53,7 +53,16 @@ class Conversation:
 def _content(turn: dict, name: str, where: str) -> str:
     """A turn's text; OpenAI's list of {"type": "text"} parts is joined, any other kind of content refused."""
     value = turn.get(name)
-    if isinstance(value, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in value):
+    if isinstance(value, list):
+        other = next(((i, p) for i, p in enumerate(value) if not (isinstance(p, dict) and p.get("type") == "text")),
+                     None)
+        if other is not None:
+            i, part = other
+            kind = f"of type {part.get('type')!r}" if isinstance(part, dict) and part.get("type") else \
+                f"a {type(part).__name__} without a type"
+            raise DataError(f"{where}: field {name!r}, part {i} is {kind}; lorakit trains text models: only "
+                            "{\"type\": \"text\"} parts (drop the others, or skip_invalid / --skip-invalid to skip "
+                            "such records)", reason=f"non-text part in {name!r}")
         value = "".join(str(p.get("text", "")) for p in value)
     if not isinstance(value, str):
         kind = "missing" if value is None else f"{type(value).__name__}, not text"
@@ -68,11 +77,19 @@ def _turns(rec: dict, where: str) -> tuple[str, list[Message], Counter]:
         raise DataError(f"{where}: missing field 'messages' (or ShareGPT's 'conversations'); fields: "
                         f"{', '.join(map(str, rec)) or 'none'}", reason="missing field 'messages'")
     key, role_field, content_field = FORMATS[fmt]
-    if not isinstance(rec[key], list):
-        raise DataError(f"{where}: field {key!r} must be a list of turns, got {type(rec[key]).__name__}",
+    turns, mapped = parse_turns(rec[key], where, key, role_field, content_field)
+    return fmt, turns, mapped
+
+
+def parse_turns(value, where: str, key: str, role_field: str = "role",
+                content_field: str = "content") -> tuple[list[Message], Counter]:
+    """Field `key` of a record (at `where`), a list of turn objects, as Messages with roles mapped to system / user /
+    assistant; and what was mapped. Errors name the field and the turn's index in it."""
+    if not isinstance(value, list):
+        raise DataError(f"{where}: field {key!r} must be a list of turns, got {type(value).__name__}",
                         reason=f"{key!r} not a list")
     turns, mapped = [], Counter()
-    for j, turn in enumerate(rec[key]):
+    for j, turn in enumerate(value):
         at = f"{where}, {key}[{j}]"
         if not isinstance(turn, dict):
             raise DataError(f"{at}: a turn must be an object, got {type(turn).__name__}", reason="turn not an object")
@@ -87,10 +104,10 @@ def _turns(rec: dict, where: str) -> tuple[str, list[Message], Counter]:
         if not isinstance(train, bool):
             raise DataError(f"{at}: field 'train' must be true or false, got {train!r}", reason="non-boolean 'train'")
         turns.append(Message(role, _content(turn, content_field, at), train))
-    return fmt, turns, mapped
+    return turns, mapped
 
 
-def _clean(turns: list[Message], where: str) -> tuple[list[Message], Counter]:
+def clean_turns(turns: list[Message], where: str) -> tuple[list[Message], Counter]:
     """Turns a chat template can render: no empty turns, system first, user first after it, roles alternating
     (same-role neighbours merged), no unanswered user turn at the end. Returns the turns and what was changed."""
     changes = Counter()
@@ -135,7 +152,7 @@ class ChatData:
 
         def parse(rec: dict, where: str) -> Conversation:
             fmt, turns, mapped = _turns(rec, where)
-            messages, changes = _clean(turns, where)
+            messages, changes = clean_turns(turns, where)
             notes.update(mapped + changes + Counter({f"format {fmt}": 1}))  # only for records that are kept
             return Conversation(messages, f"{where}, field {FORMATS[fmt][0]!r}")
 
@@ -144,7 +161,7 @@ class ChatData:
         return cls(conversations, stats)
 
 
-def _fit(tokenizer, conv: Conversation, template: str, max_length: int, train_on: str) -> tuple[Conversation, int]:
+def fit_to_length(tokenizer, conv: Conversation, template: str, max_length: int, train_on: str) -> tuple[Conversation, int]:
     """The conversation with as few of its oldest exchanges (a user turn and what follows it) dropped as makes it fit
     max_length tokens, keeping the system prompt and the last trained turn; (that conversation, exchanges dropped).
     Binary search: fewer exchanges never render longer."""
@@ -177,25 +194,34 @@ def encode_conversations(conversations: list[Conversation], tokenizer, max_lengt
     content and end-of-turn tokens. Dropped turns, cut turns, folded system prompts and a ChatML fallback are
     counted in stats.notes. A conversation that cannot be encoded (its template refuses it, its last prompt alone fills
     max_length) is a DataError naming it, or with strict=False skipped and counted in stats.skipped."""
+    return encode_each(conversations, lambda conv, stats: _encode_one(tokenizer, conv, max_length, template,
+                                                                      train_on, stats),
+                       tokenizer, template, stats, strict, "records")
+
+
+def encode_each(items: list, encode_one, tokenizer, template: str, stats: LoadStats | None, strict: bool,
+                what: str) -> list:
+    """encode_one(item, stats) for every conversation or pair (each has a `.source`); one that fails is a DataError
+    naming it, or with strict=False skipped and counted by reason. A ChatML fallback is noted once."""
     stats = stats if stats is not None else LoadStats("encode")
     _, note = template_text(tokenizer, template)
-    if note and conversations:
+    if note and items:
         stats.notes[note] += 1
     out = []
-    for conv in conversations:
+    for item in items:
         try:
-            out.append(_encode_one(tokenizer, conv, max_length, template, train_on, stats))
+            out.append(encode_one(item, stats))
         except DataError as e:
             if strict:
-                raise DataError(f"{conv.source}: {e} (use skip_invalid / --skip-invalid to skip and count such "
-                                "records)", e.reason) from None
+                raise DataError(f"{item.source}: {e} (use skip_invalid / --skip-invalid to skip and count such "
+                                f"{what})", e.reason) from None
             stats.skipped[e.reason] += 1
     return out
 
 
 def _encode_one(tokenizer, conv: Conversation, max_length: int, template: str, train_on: str,
                 stats: LoadStats) -> EncodedExample:
-    fitted, dropped = _fit(tokenizer, conv, template, max_length, train_on)
+    fitted, dropped = fit_to_length(tokenizer, conv, template, max_length, train_on)
     rendered = render_with_spans(tokenizer, fitted.as_dicts(), fitted.trained_turns(train_on), template)
     ids, trained = label_tokens(tokenizer, rendered)
     if len(ids) > max_length:
@@ -221,6 +247,6 @@ def heldout_reply(tokenizer, conv: Conversation, template: str, max_length: int)
     for training (oldest exchanges first, to fit max_length with that turn), rendered to be continued."""
     last = max(i for i, m in enumerate(conv.messages) if m.role == "assistant")
     upto = Conversation(conv.messages[:last] + [Message("assistant", conv.messages[last].content)], conv.source)
-    fitted, _ = _fit(tokenizer, upto, template, max_length, "last")
+    fitted, _ = fit_to_length(tokenizer, upto, template, max_length, "last")
     history, reference = fitted.until_last_reply()
     return reply_prompt(tokenizer, history, template), history, reference

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -22,12 +22,14 @@ from ..errors import DataError
 from .classification import ClassificationData, balance
 from .collate import classification_batch, pack, packed_batch, pad_batch, row_length, seq2seq_batch
 from .conversations import ChatData, encode_conversations
+from .preferences import PreferenceData, encode_pairs, pair_batch
 from .prompts import InstructionData, PromptData, SummarizationData
 from .readers import LoadStats
 from .splitting import stratified_split
 
-LOADERS = {"instruct": InstructionData, "summarize": SummarizationData, "chat": ChatData}  # the generative tasks
-TaskData = ClassificationData | PromptData | ChatData
+LOADERS = {"instruct": InstructionData, "summarize": SummarizationData, "chat": ChatData,  # the generative tasks
+           "preference": PreferenceData}
+TaskData = ClassificationData | PromptData | ChatData | PreferenceData
 
 
 @dataclass
@@ -79,15 +81,16 @@ def read_file(cfg: RunConfig, path: Path) -> TaskData:
 
 
 def read(cfg: RunConfig) -> Records:
-    """Step 1: the recipe's files (`data`, and `val_data` / `test_data` for the generative tasks) as records."""
+    """Step 1: the recipe's files (`data`, and `val_data` / `test_data` where given) as records; a classifier's
+    val and test files are read with the training file's labels (a label it has not is an error)."""
     records = Records(read_file(cfg, cfg.data_file(cfg.data)))
     records.loaded["data"] = records.main.stats
-    if cfg.task != "classify":
-        for part in ("val", "test"):
-            name = getattr(cfg, f"{part}_data")
-            if name:
-                setattr(records, part, read_file(cfg, cfg.data_file(name, f"{part}_data")))
-                records.loaded[f"{part}_data"] = getattr(records, part).stats
+    part_cfg = replace(cfg, labels=list(records.main.labels)) if cfg.task == "classify" else cfg
+    for part in ("val", "test"):
+        name = getattr(cfg, f"{part}_data")
+        if name:
+            setattr(records, part, read_file(part_cfg, cfg.data_file(name, f"{part}_data")))
+            records.loaded[f"{part}_data"] = getattr(records, part).stats
     return records
 
 
@@ -101,20 +104,19 @@ def split(records: Records, cfg: RunConfig) -> Splits:
     train part balanced with `balance`); given val or test files, the main file is all training data; else one file
     is cut by `split`. `max_records` caps train, `max_eval_records` test, `max_val_records` (default:
     max_eval_records) val."""
-    labels = None
-    if cfg.task == "classify":
-        parts = records.main.split(tuple(cfg.split), cfg.seed)
-        labels = records.main.labels
-        if cfg.balance:
-            parts["train"] = balance(parts["train"], cfg.seed)
-    elif records.val is not None or records.test is not None or cfg.val_data or cfg.test_data:
-        parts = {"train": examples_of(records.main)}
+    if records.val is not None or records.test is not None:
+        parts = {"train": list(examples_of(records.main))}
         random.Random(cfg.seed).shuffle(parts["train"])
         for part in ("val", "test"):
             extra = getattr(records, part)
             parts[part] = examples_of(extra) if extra is not None else []
+    elif cfg.task == "classify":
+        parts = records.main.split(tuple(cfg.split), cfg.seed)
     else:
         parts = stratified_split(examples_of(records.main), lambda e: 0, tuple(cfg.split), cfg.seed)
+    labels = records.main.labels if cfg.task == "classify" else None
+    if cfg.task == "classify" and cfg.balance:
+        parts["train"] = balance(parts["train"], cfg.seed)
     return Splits(_limit(parts["train"], cfg.max_records),
                   _limit(parts["val"], cfg.max_val_records or cfg.max_eval_records),
                   _limit(parts["test"], cfg.max_eval_records), labels, records.loaded)
@@ -129,10 +131,24 @@ def load_splits(cfg: RunConfig) -> Splits:
     return split(read(cfg), cfg)
 
 
+def check_max_length(cfg: RunConfig, tokenizer) -> None:
+    """max_length must leave room for text after the special tokens the tokenizer adds to every example (below
+    that, tokenizers silently skip truncation or keep no text)."""
+    special = tokenizer.num_special_tokens_to_add()
+    if cfg.max_length <= special:
+        raise DataError(f"max_length {cfg.max_length} leaves no room for text: {cfg.model}'s tokenizer adds {special} "
+                        f"special token{'s' if special != 1 else ''} to every example; give more (e.g. 128)")
+
+
 def encode_examples(cfg: RunConfig, examples: list, tokenizer, seq2seq: bool, stats: LoadStats | None = None) -> list:
-    """Prompt examples or conversations tokenised for a model: seq2seq (the dialogue to the encoder) or causal (the
-    loss on the response, or on the assistant's turns)."""
+    """Prompt examples, conversations or preference pairs tokenised for a model: seq2seq (the dialogue to the
+    encoder) or causal (the loss on the response, the assistant's turns, or each reply of a pair)."""
+    check_max_length(cfg, tokenizer)
     stats = stats if stats is not None else LoadStats("encode")
+    if cfg.task == "preference":
+        if seq2seq:
+            raise DataError(f"task preference needs a decoder-only model; {cfg.model} is an encoder-decoder")
+        return encode_pairs(examples, tokenizer, cfg.max_length, cfg.template, stats, strict=not cfg.skip_invalid)
     if cfg.task == "chat":
         if seq2seq:
             raise DataError(f"task chat needs a decoder-only model; {cfg.model} is an encoder-decoder")
@@ -147,15 +163,17 @@ def encode_examples(cfg: RunConfig, examples: list, tokenizer, seq2seq: bool, st
 def encode(splits: Splits, cfg: RunConfig, tokenizer, seq2seq: bool) -> Encoded:
     """Step 3: train and val for one model (packed into rows if asked), with the batcher that fits them."""
     if cfg.task == "classify":
+        check_max_length(cfg, tokenizer)
         ids = tokenizer([e.text for e in splits.train], truncation=True, max_length=cfg.max_length)["input_ids"]
         return Encoded(splits.train, splits.val, batcher(cfg, tokenizer, seq2seq), lengths=[len(i) for i in ids])
     stats = LoadStats("encode")
     train = encode_examples(cfg, splits.train, tokenizer, seq2seq, stats)
     val = encode_examples(cfg, splits.val, tokenizer, seq2seq, stats)
-    packed = cfg.pack and not seq2seq
+    packed = cfg.pack and not seq2seq and cfg.task != "preference"  # a pair is packed into its own row already
     if packed:
         train, val = (pack(part, cfg.max_length, cfg.share_prefix) for part in (train, val))
-    lengths = [row_length(row, cfg.share_prefix) if packed else len(row.input_ids) for row in train]
+    lengths = [row_length(row, cfg.share_prefix) if packed else len(row) if cfg.task == "preference"
+               else len(row.input_ids) for row in train]
     notes = dict(stats.notes) | {f"skipped: {reason}": n for reason, n in stats.skipped.items()}
     return Encoded(train, val, batcher(cfg, tokenizer, seq2seq, packed), notes, lengths)
 
@@ -165,6 +183,8 @@ def batcher(cfg: RunConfig, tokenizer, seq2seq: bool, packed: bool = False) -> C
     pad = tokenizer.pad_token_id
     if cfg.task == "classify":
         return functools.partial(classification_batch, tokenizer=tokenizer, max_length=cfg.max_length)
+    if cfg.task == "preference":
+        return functools.partial(pair_batch, pad_id=pad)
     if seq2seq:
         return functools.partial(seq2seq_batch, pad_id=pad)
     if packed:

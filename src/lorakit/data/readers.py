@@ -118,6 +118,9 @@ def iter_records(path: str | Path, strict: bool = True) -> Iterator[tuple[str, d
         raise _not_a_file(p)
     with open(p, "rb") as f:
         head = f.read(4096).decode("utf-8-sig", errors="replace").lstrip()
+    if head and head[0] not in "[{" and p.suffix.lower() in (".csv", ".tsv", ".txt"):
+        raise DataError(f"{p}: a {p.suffix.lower()[1:].upper()} file, but this task's data are JSON records: a JSON "
+                        "array, JSONL (one object per line) or Parquet (CSV and TSV are read for task classify)")
     if head.startswith("["):
         yield from _json_array_records(p, strict)
         return

@@ -123,6 +123,29 @@ def adapters_by_row(model: nn.Module, names: list[str | None]) -> contextlib.Abs
 
 
 @contextlib.contextmanager
+def adapter_in_use(model: nn.Module, name: str) -> Iterator[nn.Module]:
+    """Within the block the model computes with adapter `name` (the base at layers it does not adapt), beside the
+    one being trained (a preference run's frozen reference): the active adapter and what requires grad stay as they
+    are; merged adapters are taken out meanwhile."""
+    adapter_info(model, name)
+    layers = [layer for _, layer in lora_layers(model)] + [wrapper for _, wrapper in trained_copies(model)]
+    remerge = [layer for layer in layers if getattr(layer, "merged", None) is not None]
+    for layer in remerge:
+        layer.unmerge()
+    before = [layer.active for layer in layers]
+    for layer in layers:
+        held = layer.copies if isinstance(layer, TrainedCopies) else layer.lora_A
+        layer.active = name if name in held else None
+    try:
+        yield model
+    finally:
+        for layer, active in zip(layers, before):
+            layer.active = active
+        for layer in remerge:
+            layer.merge()
+
+
+@contextlib.contextmanager
 def _unmerged_with(model: nn.Module, attr: str, value, reset) -> Iterator[nn.Module]:
     """Every LoRA layer with `attr` = value inside the block (reset after), merged adapters taken out meanwhile."""
     layers = [layer for _, layer in lora_layers(model)]

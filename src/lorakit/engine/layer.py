@@ -20,7 +20,7 @@ from .dora import add_magnitude, base_changed, dora_scale, scale_output
 from .frozen_base import DenseBase, FrozenBase, quantized_base
 from .function import LoRAFunction, lora_linear
 from .init import FROM_BASE, init_A, init_from_base, initial_pair
-from .mixed_rows import mixed_forward
+from .mixed_rows import mixed_forward, mixed_terms
 
 try:  # GPT-2 style linear with a transposed (in, out) weight; optional so a plain-torch model needs no transformers
     from transformers.pytorch_utils import Conv1D
@@ -237,10 +237,11 @@ class LoRALinear(nn.Module):
 
     def inference_terms(self, dtype: torch.dtype) -> tuple | None:
         """(W, bias, A, B, scaling) when this layer's no-grad forward on inputs of `dtype` is x·Wᵀ + bias plus at
-        most one LoRA term s·(x·Aᵀ)·Bᵀ computed as `lora_linear` does (A, B None: no term): what the compiled decode
-        step computes. None for anything else: a quantised base, DoRA, adapters mixed by row, dropout in training."""
+        most one LoRA term s·(x·Aᵀ)·Bᵀ computed as `lora_linear` does (A, B None: no term); with adapters mixed by
+        row, (W, bias, A, B, 1.0, mask) as mixed_forward computes them: what the compiled decode step computes.
+        None for anything else: a quantised base, DoRA, dropout in training, another dtype."""
         if self.row_adapters is not None and not self.disabled:
-            return None
+            return mixed_terms(self, dtype)
         name = self.active
         if self.disabled or name is None or name == self.merged:
             return (self.dense_weight(), self.bias, None, None, 0.0) if self.weight is not None else None

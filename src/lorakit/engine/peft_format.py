@@ -164,7 +164,9 @@ def _read_tensors(d: Path) -> dict[str, torch.Tensor]:
 
 
 def read_safetensors(f: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a safetensors file; a damaged or truncated file is a LoRAError naming it."""
+    """Every tensor of a safetensors file; a missing, damaged or truncated file is a LoRAError naming it."""
+    if not f.is_file():
+        raise LoRAError(f"{f}: no such file; train or save the adapter again")
     try:
         with safe_open(str(f), framework="pt") as fh:
             return {k: fh.get_tensor(k) for k in fh.keys()}

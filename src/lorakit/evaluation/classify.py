@@ -2,12 +2,21 @@
 baseline and a head-only baseline (a fresh head trained on frozen base features)."""
 from __future__ import annotations
 
+import hashlib
+import json
+from pathlib import Path
+
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from ..data import batcher
+from ..files import atomic_file
 from ..models import head_name, is_seq2seq, load_model
 from .metrics import classification_metrics
+
+BASELINE = "head_only_baseline.safetensors"  # kept in the run: the head-only baseline's head and the majority class
 
 
 @torch.no_grad()
@@ -37,16 +46,13 @@ def _classify(model, tok, examples, cfg, features: bool = False, desc: str = "cl
     return preds, (torch.cat(feats) if features else None)
 
 
-def head_only_baseline(base, tok, train, test, cfg, epochs: int = 60) -> list[int]:
-    """Train only a fresh head on frozen base features (cached once): the fair baseline for a LoRA classifier."""
-    _, train_x = _classify(base, tok, train, cfg, features=True, desc="head-only baseline: train features")
-    _, test_x = _classify(base, tok, test, cfg, features=True, desc="head-only baseline: test features")
-    y = torch.tensor([e.label for e in train])
-    head = base.get_submodule(head_name(base))
-    torch.manual_seed(cfg.seed)
+def train_head(train_x: torch.Tensor, y: torch.Tensor, head: torch.nn.Linear, seed: int, epochs: int = 60
+               ) -> torch.nn.Linear:
+    """A fresh head like `head`, trained on frozen base features: the fair baseline for a LoRA classifier."""
+    torch.manual_seed(seed)
     layer = torch.nn.Linear(train_x.shape[1], head.out_features, bias=head.bias is not None)
     opt = torch.optim.AdamW(layer.parameters(), lr=3e-3)
-    g = torch.Generator().manual_seed(cfg.seed)
+    g = torch.Generator().manual_seed(seed)
     for _ in tqdm(range(epochs), desc="head-only baseline: train the head", unit="epoch", mininterval=1.0,
                   leave=False):
         for idx in torch.randperm(len(y), generator=g).split(64):
@@ -54,11 +60,37 @@ def head_only_baseline(base, tok, train, test, cfg, epochs: int = 60) -> list[in
             loss.backward()
             opt.step()
             opt.zero_grad()
-    with torch.no_grad():
-        return layer(test_x).argmax(-1).tolist()
+    return layer.requires_grad_(False)
 
 
-def eval_classify(model, tok, splits, cfg, tuned: str = "lora", with_base: bool = True) -> dict:
+def baselines(base, tok, train: list, cfg, cache: Path | None) -> tuple[torch.nn.Linear, int] | None:
+    """The head-only baseline's head and the majority class of the training split. Kept in the run (`cache`) the
+    first time, so an evaluation on another file (eval --data) needs neither the training data nor minutes of
+    retraining; None when neither the kept ones nor the training data are there."""
+    key = hashlib.sha256(json.dumps([[e.text, e.label] for e in train]).encode()).hexdigest() if train else None
+    if cache is not None and cache.is_file():
+        with safe_open(str(cache), framework="pt") as f:
+            meta, weights = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+        if key is None or meta.get("train") == key:
+            layer = torch.nn.Linear(weights["weight"].shape[1], weights["weight"].shape[0], bias="bias" in weights)
+            layer.load_state_dict(weights)
+            return layer.requires_grad_(False), int(meta["majority"])
+    if not train:
+        return None
+    _, train_x = _classify(base, tok, train, cfg, features=True, desc="head-only baseline: train features")
+    y = torch.tensor([e.label for e in train])
+    layer = train_head(train_x, y, base.get_submodule(head_name(base)), cfg.seed)
+    majority = int(torch.bincount(y, minlength=layer.out_features).argmax())
+    if cache is not None:
+        with atomic_file(cache) as tmp:
+            save_file(dict(layer.state_dict()), str(tmp), metadata={"train": key, "majority": str(majority)})
+    return layer, majority
+
+
+def eval_classify(model, tok, splits, cfg, tuned: str = "lora", with_base: bool = True, cache: Path | None = None
+                  ) -> dict:
+    """Accuracy, macro-F1 and confusion of the adapted model, and with_base the base (untrained head), the
+    majority class and the head-only baseline (kept in `cache`) on the same test examples."""
     gold = [e.label for e in splits.test]
     n = len(splits.labels)
     adapted, _ = _classify(model, tok, splits.test, cfg, desc=f"classify ({tuned})")
@@ -67,14 +99,22 @@ def eval_classify(model, tok, splits, cfg, tuned: str = "lora", with_base: bool 
     if with_base:
         torch.manual_seed(cfg.seed)
         base, _ = load_model(cfg.model, "classify", num_labels=n)
-        base_pred, _ = _classify(base, tok, splits.test, cfg, desc="classify (base)")
-        head_pred = head_only_baseline(base, tok, splits.train, splits.test, cfg)
-        majority = max(range(n), key=lambda k: sum(1 for e in splits.train if e.label == k))
-        rows = {"base (untrained head)": classification_metrics(base_pred, gold, n),
-                "majority class": classification_metrics([majority] * len(gold), gold, n),
-                "head only": classification_metrics(head_pred, gold, n)}
-        for s, b, h in zip(samples, base_pred, head_pred):
-            s.update(base=splits.labels[b], head_only=splits.labels[h])
+        base_pred, test_x = _classify(base, tok, splits.test, cfg, features=True, desc="classify (base)")
+        rows["base (untrained head)"] = classification_metrics(base_pred, gold, n)
+        for s, b in zip(samples, base_pred):
+            s["base"] = splits.labels[b]
+        found = baselines(base, tok, splits.train, cfg, cache)
+        if found is None:
+            print(f"lorakit: the majority-class and head-only baselines are left out: they are trained on the run's "
+                  f"training data ({cfg.data}), which is not there, and this run has none kept yet")
+        else:
+            layer, majority = found
+            with torch.no_grad():
+                head_pred = layer(test_x).argmax(-1).tolist()
+            rows["majority class"] = classification_metrics([majority] * len(gold), gold, n)
+            rows["head only"] = classification_metrics(head_pred, gold, n)
+            for s, h in zip(samples, head_pred):
+                s["head_only"] = splits.labels[h]
     rows[tuned] = classification_metrics(adapted, gold, n)
     for s, a in zip(samples, adapted):
         s[tuned] = splits.labels[a]

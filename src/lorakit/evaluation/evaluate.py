@@ -15,15 +15,19 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from ..config import RunConfig, data_file, validate
 from ..data import Splits, load_splits, read_file
 from ..data.pipeline import examples_of
+from ..engine import read_metadata
 from ..errors import UserError
+from ..config.paths import check_writable
 from ..models import load_model, load_trained
-from .classify import eval_classify
+from .classify import BASELINE, eval_classify
 from .generative import eval_instruct, eval_summarize
+from .preference import eval_preference
 from .report import print_table, write_report
 
 
@@ -36,26 +40,31 @@ def run_config(run_dir: Path) -> RunConfig:
 
 
 def evaluate_run(run_dir: str | Path, max_records: int = 0, with_base: bool = True, data: str | None = None,
-                 out: str | Path | None = None) -> tuple[dict, Path]:
+                 out: str | Path | None = None, skip_invalid: bool = False) -> tuple[dict, Path]:
     """Evaluate a trained run on its test split, or on `data` (any file in the run's task format); writes eval.json,
     report.html and samples into run_dir (with `data`: into `out`, default RUN/eval-<file name>). Returns the
-    result and the directory written."""
+    result and the directory written. `skip_invalid`: skip (and count) invalid records of `data`."""
     run_dir = Path(run_dir)
     cfg = run_config(run_dir)
     if max_records:
         cfg.max_eval_records = max_records
     t0 = time.perf_counter()
-    splits = load_splits(cfg)
-    out_dir = run_dir
+    out_dir, flag = run_dir, "the run directory"
     if data:
-        out_dir = Path(out) if out else run_dir / f"eval-{Path(data).stem}"
-        splits = with_test_file(cfg, splits, data, out_dir, max_records)
+        out_dir, flag = (Path(out), "--out") if out else (run_dir / f"eval-{Path(data).stem}", flag)
+    check_writable(out_dir, flag, directory=True)  # before minutes of work, not after
+    if data:
+        splits = test_file_splits(cfg, run_dir, data, out_dir, max_records, skip_invalid)
+    else:
+        splits = run_splits(cfg, run_dir)
     for stats in splits.loaded.values():
         print(f"data: {stats}")
     full = cfg.method == "full"
     model, tok, _ = load_trained(run_dir / ("model" if full else "adapter"), model=cfg.model)
     if cfg.task == "classify":
-        result = eval_classify(model, tok, splits, cfg, cfg.method, with_base)
+        result = eval_classify(model, tok, splits, cfg, cfg.method, with_base, cache=run_dir / BASELINE)
+    elif cfg.task == "preference":
+        result = eval_preference(model, tok, splits, cfg, cfg.method, with_base)
     else:
         base = load_model(cfg.model, cfg.task)[0] if full and with_base else None  # a full fine-tune has no "off"
         fn = eval_summarize if cfg.task == "summarize" else eval_instruct
@@ -74,17 +83,40 @@ def evaluate_run(run_dir: str | Path, max_records: int = 0, with_base: bool = Tr
     return result, out_dir
 
 
-def with_test_file(cfg: RunConfig, splits: Splits, data: str, out_dir: Path, max_records: int = 0) -> Splits:
-    """The run's splits with `data` (read in the run's task format and labels; all of it, or its first
-    max_records) as the test split. An evaluation of another file already in out_dir is a UserError: it is never
-    overwritten."""
+def missing_data(cfg: RunConfig) -> list[str]:
+    """The run's data files (data, val_data, test_data, resolved as training resolved them) that are not there."""
+    def there(key: str) -> bool:
+        try:
+            return cfg.data_file(getattr(cfg, key), key).is_file()
+        except UserError:
+            return False
+    return [f"{key} {getattr(cfg, key)}" for key in ("data", "val_data", "test_data") if getattr(cfg, key)
+            and not there(key)]
+
+
+def run_splits(cfg: RunConfig, run_dir: Path) -> Splits:
+    """The run's own splits, read again from its data files (the same seed gives the same test split)."""
+    missing = missing_data(cfg)
+    if missing:
+        raise UserError(f"{run_dir}: its test split is cut from the data it was trained on ({'; '.join(missing)}: not "
+                        "found from here); run eval where that data is, or evaluate on a file with --data FILE")
+    return load_splits(cfg)
+
+
+def test_file_splits(cfg: RunConfig, run_dir: Path, data: str, out_dir: Path, max_records: int = 0,
+                     skip_invalid: bool = False) -> Splits:
+    """`data` (read in the run's task format and labels; all of it, or its first max_records) as the test split,
+    the training split only where the head-only baseline needs it and the run has none kept. An evaluation of
+    another file already in out_dir is a UserError: it is never overwritten."""
     previous = out_dir / "eval.json"
     path = data_file(data)  # the user's file: relative to where the command runs
     if previous.is_file() and json.loads(previous.read_text()).get("test_data") != str(path):
         raise UserError(f"{out_dir} holds the evaluation of another file; pass --out NEW_DIR")
-    if cfg.task == "classify":
-        cfg.labels = list(splits.labels)  # the run's label ids; a label it was not trained on is an error
-    extra = read_file(cfg, path)
-    splits.test = examples_of(extra)[: max_records or None]
-    splits.loaded = {"eval_data": extra.stats}
-    return splits
+    needs_train = cfg.task == "classify" and not (run_dir / BASELINE).is_file()
+    train = load_splits(cfg).train if needs_train and not missing_data(cfg) else []  # else eval_classify says why
+    labels = None
+    if cfg.task == "classify":  # the run's label ids, as saved with it; a label it was not trained on is an error
+        labels = list(cfg.labels) or read_metadata(run_dir / ("model" if cfg.method == "full" else "adapter"))["labels"]
+    extra = read_file(replace(cfg, skip_invalid=skip_invalid, labels=labels or []), path)
+    return Splits(train=train, val=[], test=examples_of(extra)[: max_records or None], labels=labels,
+                  loaded={"eval_data": extra.stats})

@@ -16,7 +16,7 @@ from ..files import write_text_atomic
 # a few hundred records; classification is cheap to score, so it gets a test split big enough to tell methods apart
 QUICK = {"classify": {"max_records": 500, "max_eval_records": 400, "epochs": 2.0},
          "generate": {"max_records": 300, "max_eval_records": 60, "epochs": 1.0}}
-BASE_ROW = {"classify": "base (untrained head)", "summarize": "base", "instruct": "base", "chat": "base"}
+BASE_ROW = {"classify": "base (untrained head)", "summarize": "base", "instruct": "base", "chat": "base", "preference": "base"}
 
 
 def dir_size(path: Path) -> int:
@@ -80,7 +80,7 @@ def write_outputs(out: Path, stem: str, result: dict, to_markdown, to_plot) -> N
 
 def primary_metric(task: str) -> tuple[str, bool]:
     return {"classify": ("accuracy", False), "summarize": ("rouge1", False), "instruct": ("loss", True),
-            "chat": ("loss", True)}[task]
+            "chat": ("loss", True), "preference": ("pair_accuracy", False)}[task]
 
 
 def cpu_model() -> str:

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..config.choices import EXPORT_QUANTS
-from ..engine.peft_format import CONFIG_NAME, WEIGHTS_NAME
+from ..engine.peft_format import CONFIG_NAME, WEIGHTS_NAME, read_safetensors
 from ..engine.registry import PEFT_PREFIX
 from ..errors import LorakitWarning, UserError
 
@@ -190,7 +190,6 @@ def _finish(writer) -> None:
 def write_lora_gguf(adapter_dir: Path, config, path: Path) -> Path:
     """A PEFT LoRA adapter as llama.cpp's LoRA GGUF: `<base tensor>.lora_a` (r, in) and `.lora_b` (out, r) per
     adapted weight, and adapter.lora.alpha such that llama.cpp's alpha / r is the adapter's scale."""
-    from safetensors.torch import load_file
     gguf = _gguf()
     peft = json.loads((adapter_dir / CONFIG_NAME).read_text())
     if peft.get("use_dora"):
@@ -210,7 +209,7 @@ def write_lora_gguf(adapter_dir: Path, config, path: Path) -> Path:
     writer.add_type("adapter")
     writer.add_string("adapter.type", "lora")
     writer.add_float32("adapter.lora.alpha", scale * r)  # llama.cpp scales by alpha / r
-    tensors = load_file(str(adapter_dir / WEIGHTS_NAME))
+    tensors = read_safetensors(adapter_dir / WEIGHTS_NAME)
     modules = sorted({k[len(PEFT_PREFIX):].rsplit(".lora_", 1)[0] for k in tensors if ".lora_" in k})
     for module in modules:
         if f"{PEFT_PREFIX}{module}.lora_A.weight" not in tensors:

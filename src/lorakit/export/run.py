@@ -30,6 +30,7 @@ def export_run(run: str | Path, fmt: str, out: str | Path, quant: str = "f32", b
         raise ExportError(f"{run} is a classification run: GGUF runtimes (llama.cpp, Ollama) serve language models, "
                           "not a classifier head; use the adapter with transformers or `lorakit serve`")
     out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "gguf-lora":
         if full:
             raise ExportError(f"{run} is a full fine-tune: it has no adapter; export it with --format gguf")
@@ -51,5 +52,5 @@ def export_run(run: str | Path, fmt: str, out: str | Path, quant: str = "f32", b
     with atomic_dir(out) as tmp:
         gguf_name = f"{name}-{quant}.gguf"
         write_model_gguf(model, tokenizer, Path(tmp) / gguf_name, quant, name)
-        write_modelfile(Path(tmp), gguf_name, tokenizer.chat_template, tokenizer.eos_token)
+        write_modelfile(Path(tmp), gguf_name, tokenizer, meta)
     return out

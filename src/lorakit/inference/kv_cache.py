@@ -40,9 +40,17 @@ class KVCache:
         """Where each slot's next token goes, and what it attends to; moves end past it. A slot whose prompt ended,
         with nothing queued, computes padding like `generate`'s ended rows: it stops at the last column."""
         column = self.end.clamp(max=self.length - 1)
-        self.end = column + 1
+        self.end.copy_(column + 1)  # in place: a narrowed view's step moves its parent's slots too
         width = int(self.end.max())
         return Slots(torch.arange(len(column), device=column.device), column, width, self.attention_mask(width))
+
+    def narrow(self, rows: int) -> KVCache:
+        """The first `rows` slots as a cache of their own, sharing this one's tensors: a step computes only the
+        rows in use (a server with one request runs at batch 1, not at its number of slots)."""
+        view = object.__new__(KVCache)
+        view.keys, view.values = self.keys[:, :rows], self.values[:, :rows]
+        view.start, view.end, view.length = self.start[:rows], self.end[:rows], self.length
+        return view
 
     def prefill_cache(self, first: int, rows: int) -> Cache:
         """A transformers Cache for the model's forward over a prefill of slots first..first+rows-1: its layers

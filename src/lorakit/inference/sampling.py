@@ -2,9 +2,12 @@
 order (repetition penalty, temperature, top-k, top-p), drawn from a seeded generator."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
+
+from ..errors import UserError
 
 
 @dataclass
@@ -17,6 +20,18 @@ class Sampling:
     top_k: int = 0
     repetition_penalty: float = 1.0
     seed: int | None = None
+
+    def __post_init__(self) -> None:
+        """Settings no decoder can use are a UserError naming the setting (as its --flag reads)."""
+        problems = [("max-new-tokens", self.max_new_tokens, self.max_new_tokens >= 1, "a whole number >= 1"),
+                    ("temperature", self.temperature, 0 <= self.temperature < math.inf, ">= 0 (0: greedy)"),
+                    ("top-p", self.top_p, 0 < self.top_p <= 1, "in (0, 1]"),
+                    ("top-k", self.top_k, self.top_k >= 0, ">= 0 (0: off)"),
+                    ("repetition-penalty", self.repetition_penalty, 0 < self.repetition_penalty < math.inf,
+                     "> 0 (1: off)")]
+        for name, value, ok, wanted in problems:
+            if not ok:  # NaN fails every comparison, so it lands here too
+                raise UserError(f"--{name} {value:g}: must be {wanted}")
 
     def kwargs(self, tok) -> dict:
         """The same settings as transformers' `generate` arguments."""

@@ -7,6 +7,7 @@ the same page runs in a real browser for the end-to-end test.
 """
 from __future__ import annotations
 
+import hmac
 from typing import Iterator
 
 from ..errors import UserError
@@ -205,10 +206,23 @@ def theme():
     return gr.themes.Soft(font=fonts, font_mono=["ui-monospace", "monospace"])
 
 
-def serve(wb: Workbench, host: str = "127.0.0.1", port: int = 7860, block: bool = True):
-    """Start the page on host:port (127.0.0.1 by default: only this machine can reach it); returns the Blocks."""
+def serve(wb: Workbench, host: str = "127.0.0.1", port: int = 7860, block: bool = True, key: str | None = None):
+    """Start the page on host:port (127.0.0.1 by default: only this machine can reach it); with `key`, a login
+    whose password is the key (any user name). Returns the Blocks."""
     page = build_page(wb)
     page.queue(default_concurrency_limit=1)  # one model: requests take turns
-    page.launch(server_name=host, server_port=port, prevent_thread_lock=not block, share=False, quiet=not block,
-                show_error=True, ssr_mode=False, theme=theme(), css=CSS)
+    auth = (lambda user, password: hmac.compare_digest(password.encode(), key.encode())) if key else None
+    engine = wb.page_engine() if block else None  # made before the page takes requests; run on this thread below
+    page.launch(server_name=host, server_port=port, prevent_thread_lock=True, share=False, quiet=not block,
+                show_error=True, ssr_mode=False, theme=theme(), css=CSS, auth=auth,
+                auth_message="lorakit: any user name; the password is the server's key (--api-key)")
+    if block:  # generation on the main thread, where PyTorch computes fastest (see Engine.run)
+        try:
+            engine.run() if engine is not None else page.block_thread()
+        except KeyboardInterrupt:
+            pass
+        finally:
+            page.close()
+            if engine is not None:
+                engine.close()
     return page

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import queue
 import threading
 import time
 from dataclasses import dataclass
@@ -20,9 +21,26 @@ from ..data.conversations import reply_prompt
 from ..engine import delete_adapter, disable_adapters, load_adapter, read_adapter_config, read_metadata, set_adapter
 from ..errors import UserError
 from ..inference import Sampling, generate, stream
+from ..inference.decode import supports
+from ..inference.engine import Engine, Request
 from ..models import adapter_dir, is_seq2seq, load_model, same_model
 
 BASE = "base"
+ENGINE_LENGTH = 4096  # the context the page's engine keeps room for (prompt + reply)
+
+
+def adapter_name(path: Path, taken: set[str]) -> str:
+    """A name for the adapter at `path`: its run's directory name (or its own), made unique among `taken`."""
+    stem = (path.parent.name if path.name == "adapter" else path.name) or "adapter"
+    name, i = stem, 2
+    while name in taken:
+        name, i = f"{stem}-{i}", i + 1
+    return name
+
+
+def page_task(task: str | None) -> str | None:
+    """The page a run's task is shown on: a preference run (DPO and kin) is a chat model, shown as a chat."""
+    return "chat" if task == "preference" else task
 
 
 @dataclass
@@ -71,7 +89,7 @@ class Workbench:
                  task: str | None = None) -> None:
         first = read_metadata(adapter_dir(adapters[0])) if adapters else {}
         self.spec = model or first.get("model") or "smollm2"
-        self.task = task or first.get("task") or "instruct"
+        self.task = page_task(task or first.get("task") or "instruct")
         self.labels: list[str] = list(first.get("labels") or [])
         if self.task == "classify" and not self.labels:
             raise UserError("a classification page needs a classification adapter (its lorakit.json names the labels)")
@@ -80,16 +98,13 @@ class Workbench:
         self.template = first.get("template") or ("chat" if getattr(self.tok, "chat_template", None) else "alpaca")
         self.adapters: dict[str, LoadedAdapter] = {}
         self.lock = threading.Lock()
+        self.engine: Engine | None = None  # the serving engine, one row: what generates for the page's columns
         for path in adapters:
             self.add(path)
 
     # adapters ------------------------------------------------------------------------------------------------
     def _name_for(self, path: Path) -> str:
-        stem = path.parent.name if path.name == "adapter" else path.name
-        name, i = stem or "adapter", 2
-        while name in self.adapters or name == BASE:
-            name, i = f"{stem}-{i}", i + 1
-        return name
+        return adapter_name(path, set(self.adapters) | {BASE})
 
     def add(self, path: str | Path) -> str:
         """Load the adapter at `path` onto the shared base; its name. UserError (the page shows it) if it does not
@@ -104,15 +119,14 @@ class Workbench:
         base = meta.get("model") or cfg.get("base_model_name_or_path")
         if base and not same_model(base, self.spec) and not same_model(base, self.model.config._name_or_path):
             raise UserError(f"{p}: this adapter was trained on base model {base!r}; this page serves {self.spec!r}")
-        task = meta.get("task")
+        task = page_task(meta.get("task"))
         if task and task != self.task and {task, self.task} != {"instruct", "summarize"}:  # chat only with chat
             raise UserError(f"{p}: this adapter is for task {task!r}; this page serves task {self.task!r}")
         if self.task == "classify" and list(meta.get("labels") or []) != self.labels:
             raise UserError(f"{p}: labels {meta.get('labels')} differ from this page's {self.labels}")
         name = self._name_for(p)
         with self.lock:  # a head the adapter trains is its own copy: the base's and other adapters' stay as they are
-            load_adapter(self.model, p, name, quantize=meta.get("quantize"))
-            self.model.eval()
+            self._on_model(lambda: load_adapter(self.model, p, name, quantize=meta.get("quantize")).eval())
         run_dir = p.parent
         self.adapters[name] = LoadedAdapter(name, p, meta, _read_json(run_dir / "run.json"),
                                             _read_json(run_dir / "eval.json"))
@@ -120,8 +134,15 @@ class Workbench:
 
     def remove(self, name: str) -> None:
         with self.lock:
-            delete_adapter(self.model, name)
+            self._on_model(lambda: delete_adapter(self.model, name))
         del self.adapters[name]
+
+    def _on_model(self, change) -> None:
+        """Change the model: on the engine's thread between its steps once it runs (its views are rebuilt)."""
+        if self.engine is None:
+            change()
+        else:
+            self.engine.call(change)
 
     @contextlib.contextmanager
     def using(self, column: str) -> Iterator[nn.Module]:
@@ -162,7 +183,13 @@ class Workbench:
         yield from self._stream(column, reply_prompt(self.tok, history, self.template_for(column)), sampling)
 
     def _stream(self, column: str, text: str, sampling: Sampling) -> Iterator[Answer]:
-        out, counts, template = Answer(), {"tokens": 0}, self.template_for(column)
+        template = self.template_for(column)
+        ids = self.tok(text, add_special_tokens=template == "alpaca")["input_ids"]
+        length = len(ids) + sampling.max_new_tokens
+        if supports(self.model, length) and length <= ENGINE_LENGTH:
+            yield from self._stream_engine(column, ids, sampling)
+            return
+        out, counts = Answer(), {"tokens": 0}
         with self.using(column) as model:
             t0 = time.perf_counter()
             if is_seq2seq(model):  # one piece: encoder-decoder answers are short, and counted after the fact
@@ -175,6 +202,42 @@ class Workbench:
                 yield out
             out.text, out.seconds, out.done = out.text.strip(), time.perf_counter() - t0, True
             out.tokens = counts["tokens"] or len(self.tok(out.text, add_special_tokens=False)["input_ids"])
+        yield out
+
+    def page_engine(self) -> Engine | None:
+        """The engine the page generates through, made now and not started, for a caller that runs it on the main
+        thread (see Engine.run); None where the page does not generate through it (classification, or a model the
+        decode loop does not drive)."""
+        with self.lock:
+            if self.engine is None and self.task != "classify" and supports(self.model):
+                self.engine = Engine(self.model, self.tok, slots=1, max_len=ENGINE_LENGTH)
+            return self.engine
+
+    def _stream_engine(self, column: str, ids: list[int], sampling: Sampling) -> Iterator[Answer]:
+        """The column's answer through the serving engine (the same engine as `lorakit serve --api`), one request at
+        a time: the tokens a lone `lorakit generate` gives."""
+        self._check(column)
+        events: queue.Queue = queue.Queue()
+        out = Answer()
+        with self.lock:
+            if self.engine is None:
+                self.engine = Engine(self.model, self.tok, slots=1, max_len=ENGINE_LENGTH).start()
+            t0 = time.perf_counter()
+            request = Request(ids, None if column == BASE else column, sampling, events.put)
+            self.engine.submit(request)
+            try:
+                while not out.done:
+                    event = events.get()
+                    if event.error:
+                        raise UserError(f"generation failed: {event.error}")
+                    out.text += event.text
+                    out.tokens, out.seconds, out.done = event.completion_tokens, time.perf_counter() - t0, bool(
+                        event.finish_reason)
+                    if not out.done:
+                        yield out
+            finally:  # the page closed mid-answer: its slot is freed at the engine's next step
+                request.cancelled.set()
+        out.text = out.text.strip()
         yield out
 
     @torch.no_grad()

@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 from ..engine.peft_format import adapter_state_dict, load_adapter_state, read_safetensors
+from ..files import normal_modes
 from .distributed import load_optimizer_state, optimizer_state
 
 CHECKPOINT = "checkpoint"
@@ -33,6 +34,7 @@ class TrainState:
     stopped_by: str = ""  # why the loop ended before its last step: a signal's name, or "loss"
     train_loss: list = field(default_factory=list)  # [step, loss]
     val_history: list = field(default_factory=list)  # {step, loss, accuracy?}
+    train_metrics: list = field(default_factory=list)  # {step, rewards/..., logps/...}: an objective's own metrics
 
 
 def weights_state(model, full: bool) -> dict[str, torch.Tensor]:
@@ -96,6 +98,7 @@ def save_checkpoint(out: Path, model, optimizer, scheduler, state: TrainState, b
         (tmp / "state.json").write_text(json.dumps(asdict(state)))
     accelerator.wait_for_everyone()
     if main:
+        normal_modes(tmp)
         shutil.rmtree(out / CHECKPOINT, ignore_errors=True)
         tmp.rename(out / CHECKPOINT)
     accelerator.wait_for_everyone()

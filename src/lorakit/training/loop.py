@@ -22,14 +22,16 @@ from ..errors import UserError
 from ..files import atomic_dir
 from .checkpoint import CHECKPOINT, TrainState, load_checkpoint, load_weights_state, save_checkpoint, weights_state
 from .distributed import all_sum, rank_share
-from .loss import causal_lm_loss
 from .metrics_log import MetricsLog, NoMetricsLog
 from .optim import build_optimizer
+from .reference import precompute_reference
 from .run_record import timings, versions, write_run_record
 from .setup import Plan, Run, check_launch, check_run_dir, log_plan, make_accelerator, plan_steps, set_up
 from .stop import StopRequest, stopped
 from .trackers import check_installed
-from .validation import validate
+from .validation import validate, validate_pairs
+
+SHOWN = {"rewards/accuracies": "acc", "rewards/margins": "margin"}  # on the progress bar, beside the loss
 
 
 def epoch_order(n: int, batch_size: int, seed: int, epoch: int, lengths: list[int] | None = None,
@@ -82,20 +84,24 @@ def start_state(run: Run, optimizer, scheduler, resume: bool) -> tuple[TrainStat
     return state, best_state
 
 
-def train_step(run: Run, optimizer, scheduler, group: list[list[int]]) -> tuple[float, int, float | None]:
+def train_step(run: Run, optimizer, scheduler, group: list[list[int]]) -> tuple[float, int, float | None, dict]:
     """One optimizer step over the micro-batches of `group` (gradient accumulation); returns the step's mean loss,
-    its tokens summed over all processes, and the gradient norm before clipping. A non-finite loss is returned
-    without stepping."""
-    loss_sum, tokens = 0.0, 0
+    its tokens summed over all processes, the gradient norm before clipping, and the objective's own metrics (a
+    preference loss's rewards and log-probabilities), averaged. A non-finite loss is returned without stepping."""
+    loss_sum, tokens, sums = 0.0, 0, {}
     for rows in group:
         rows = rank_share(rows, run.accelerator.process_index, run.world) if run.world > 1 else rows
         batch = {k: v.to(run.accelerator.device) for k, v in run.data.collate([run.data.train[i] for i in rows]).items()}
         with run.accelerator.autocast():
-            loss = (causal_lm_loss(run.wrapped, batch) if run.label_only else run.wrapped(**batch).loss) / len(group)
+            loss, metrics = run.objective(run.wrapped, batch)
+            loss = loss / len(group)
         run.accelerator.backward(loss)
         loss_sum += loss.item()
         tokens += batch_tokens(batch)
-    loss_sum, tokens = all_sum([loss_sum / run.world, tokens], run.accelerator)
+        for k, v in metrics.items():
+            sums[k] = sums.get(k, 0.0) + v / len(group)
+    loss_sum, tokens, *values = all_sum([loss_sum / run.world, tokens, *(v / run.world for v in sums.values())],
+                                        run.accelerator)
     grad_norm = None
     if math.isfinite(loss_sum):  # a non-finite loss is never applied: the weights stay those of the last good step
         # the norm before clipping (clipping to infinity only measures it), as transformers logs grad_norm
@@ -103,18 +109,23 @@ def train_step(run: Run, optimizer, scheduler, group: list[list[int]]) -> tuple[
         optimizer.step()
         scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return loss_sum, int(tokens), grad_norm
+    return loss_sum, int(tokens), grad_norm, dict(zip(sums, values))
 
 
 def validate_and_keep_best(run: Run, state: TrainState, best_state: dict | None) -> dict | None:
     """Validate, record it, and return the weights of the best validation loss so far; sets stopped_early when
     `early_stopping` evaluations in a row brought no improvement."""
     with torch.compiler.set_stance("force_eager"):  # eval-mode shapes: not worth another compile
-        val = validate(run.wrapped, run.data.val, run.data.collate, run.cfg.batch_size, run.accelerator.device,
-                       run.accelerator.autocast, run.accelerator)
+        if run.cfg.task == "preference":
+            val = validate_pairs(run.wrapped, run.data.val, run.data.collate, run.cfg.batch_size,
+                                 run.accelerator.device, run.accelerator.autocast, run.objective)
+        else:
+            val = validate(run.wrapped, run.data.val, run.data.collate, run.cfg.batch_size, run.accelerator.device,
+                           run.accelerator.autocast, run.accelerator)
     state.val_history.append({"step": state.step, **val})
     run.log(f"step {state.step}: val loss {val['loss']:.4f}"
-            + (f", val accuracy {val['accuracy']:.4f}" if "accuracy" in val else ""))
+            + (f", val accuracy {val['accuracy']:.4f}" if "accuracy" in val else "")
+            + (f", val reward accuracy {val['rewards/accuracies']:.4f}" if "rewards/accuracies" in val else ""))
     if state.best_val is None or val["loss"] < state.best_val:
         state.best_val, state.best_step, state.bad_evals = val["loss"], state.step, 0
         # a copy: on CPU the state dict's tensors are the live parameters themselves
@@ -153,7 +164,7 @@ def fit(run: Run, plan: Plan, optimizer, scheduler, state: TrainState, best_stat
         while state.micro < len(order) and state.step < plan.total:
             group = order[state.micro:state.micro + cfg.grad_accum]
             lr = scheduler.get_last_lr()[0]  # the rate this step applies
-            loss, tokens, grad_norm = train_step(run, optimizer, scheduler, group)
+            loss, tokens, grad_norm, step_metrics = train_step(run, optimizer, scheduler, group)
             if not math.isfinite(loss):
                 state.stopped_by = "loss"
                 run.log(f"lorakit: step {state.step + 1}: the loss is {loss}; stopped before applying it")
@@ -163,11 +174,14 @@ def fit(run: Run, plan: Plan, optimizer, scheduler, state: TrainState, best_stat
             state.train_seconds = time.perf_counter() - loop_started
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}",
-                            tok_s=f"{state.tokens / max(state.train_seconds, 1e-9):.0f}")
+                            tok_s=f"{state.tokens / max(state.train_seconds, 1e-9):.0f}",
+                            **{SHOWN[k]: f"{v:.3f}" for k, v in step_metrics.items() if k in SHOWN})
+            if step_metrics:
+                state.train_metrics.append({"step": state.step, **step_metrics})
             validated = run.data.val and (state.step % plan.eval_every == 0 or state.step == plan.total)
             if validated:
                 best_state = validate_and_keep_best(run, state, best_state)
-            metrics.log(step_record(state, plan, loss, lr, grad_norm, validated))
+            metrics.log(step_record(state, plan, loss, lr, grad_norm, validated) | step_metrics)
             if state.stopped_early:
                 break
             if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0:
@@ -212,6 +226,8 @@ def finish(run: Run, optimizer, scheduler, state: TrainState, best_state: dict |
                   "timings": timings(state, time.perf_counter() - run.started),
                   "logs": {"metrics": "metrics.jsonl", "report_to": cfg.report_to}}
         method = "full fine-tune" if run.full else f"{'QLoRA' if cfg.quantize else 'LoRA'} r={cfg.r}"
+        if cfg.task == "preference":
+            method += f", {cfg.loss} beta={cfg.beta:g}"
         write_run_record(run.out, record, state, f"{cfg.name}: {cfg.model} + {method}")
         run.log(f"lorakit: {what} -> {run.out / what}; run.json and loss.png in {run.out}")
     run.accelerator.wait_for_everyone()
@@ -229,6 +245,8 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> Path
     check_run_dir(cfg.out_dir, resume, overwrite)
     check_installed(cfg.report_to)
     run = set_up(cfg, accelerator, strategy)
+    if cfg.task == "preference" and cfg.precompute_reference:
+        precompute_reference(run)
     plan = plan_steps(run)
     optimizer, scheduler = build_optimizer(run, plan)
     state, best_state = start_state(run, optimizer, scheduler, resume)

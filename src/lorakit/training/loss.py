@@ -93,6 +93,16 @@ def causal_lm_loss(model: nn.Module, batch: dict, chunk: int = CHUNK_ROWS) -> to
     return total / n.clamp(min=1)
 
 
+def supervised_objective(label_only: bool):
+    """The LM (or classification) loss of a batch as a training objective: (model, batch) -> (loss, no metrics);
+    label-only and chunked (`causal_lm_loss`) where it is exact and the model is not wrapped."""
+
+    def objective(model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
+        return (causal_lm_loss(model, batch) if label_only else model(**batch).loss), {}
+
+    return objective
+
+
 def loss_targets(batch: dict, seq2seq: bool) -> int:
     """How many targets `model(**batch).loss` is the mean of: one per row for a classifier, else the labelled
     tokens (a causal LM predicts token t+1 from t, so its labels are shifted by one; a seq2seq model's are not)."""

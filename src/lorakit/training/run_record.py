@@ -32,11 +32,26 @@ def versions() -> dict:
             "accelerate": accelerate.__version__, "python": platform.python_version(), "machine": platform.machine()}
 
 
+def plot_rewards(ax, rewards: list[dict], val_history: list[dict]) -> None:
+    """Reward margin and accuracy per step (TRL's rewards/margins, rewards/accuracies), validation's as points."""
+    steps = [m["step"] for m in rewards]
+    ax.plot(steps, [m["rewards/margins"] for m in rewards], color="#258", lw=1, label="reward margin")
+    ax.plot(steps, [m["rewards/accuracies"] for m in rewards], color="#5a5", lw=1, label="reward accuracy")
+    val = [v for v in val_history if "rewards/accuracies" in v]
+    if val:
+        ax.plot([v["step"] for v in val], [v["rewards/accuracies"] for v in val], "o-", color="#d62",
+                label="validation reward accuracy")
+    ax.set_xlabel("optimizer step")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+
+
 def metrics(state: TrainState) -> dict:
     """The training metrics of run.json: last train loss, best validation loss and where, the validation curve."""
     return {"final_train_loss": state.train_loss[-1][1] if state.train_loss else None,
             "best_val_loss": state.best_val, "best_step": state.best_step,
             "val_history": state.val_history, "stopped_early": state.stopped_early,
+            "train_metrics": state.train_metrics,
             "stopped_by": state.stopped_by or None}
 
 
@@ -53,11 +68,16 @@ def write_run_record(out: Path, record: dict, state: TrainState, title: str) -> 
 
 
 def plot_losses(state: TrainState, path: Path, title: str) -> None:
-    """Train loss per step (and a running mean when there are many steps) with the validation points."""
+    """Train loss per step (and a running mean when there are many steps) with the validation points; beside it,
+    a preference run's reward accuracy and margin per step."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 4))
+    rewards = [m for m in state.train_metrics if "rewards/margins" in m]
+    fig, axes = plt.subplots(1, 2 if rewards else 1, figsize=(12 if rewards else 7, 4), squeeze=False)
+    ax = axes[0][0]
+    if rewards:
+        plot_rewards(axes[0][1], rewards, state.val_history)
     if state.train_loss:
         steps, losses = zip(*state.train_loss)
         ax.plot(steps, losses, color="#9ab", lw=1, label="train (per step)")

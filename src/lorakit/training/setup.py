@@ -7,6 +7,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from accelerate import Accelerator
@@ -14,13 +15,17 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from ..config import RunConfig
-from ..engine import LoRAConfig, ParameterReport, add_lora, parameter_report
+from ..config.paths import check_writable
+from ..engine import LoRAConfig, ParameterReport, add_lora, load_adapter, parameter_report, read_adapter_config
 from ..errors import DataError, UserError
-from ..models import compile_blocks, fuse_swiglu, head_name, is_seq2seq, load_model
+from ..models import adapter_dir, compile_blocks, fuse_swiglu, head_name, is_seq2seq, load_model
 from ..data import Encoded, Splits, encode, read, split
 from .checkpoint import CHECKPOINT
 from .distributed import wrap_model
-from .loss import label_only_supported
+from .loss import label_only_supported, supervised_objective
+from .preference import preference_objective
+
+REFERENCE = "reference"  # the adapter name of a preference run's frozen reference (when it starts from an adapter)
 
 
 @dataclass
@@ -40,7 +45,8 @@ class Run:
     head_params: set  # names of a classifier head's parameters (their own lr)
     strategy: str
     fsdp: bool
-    label_only: bool
+    objective: Callable  # (model, batch) -> (loss, metrics): the LM loss, or a preference loss
+    reference: str | None  # a preference run's reference adapter (None: the base, adapters off)
     started: float
 
     @property
@@ -105,6 +111,8 @@ def build_model(cfg: RunConfig, labels: list[str] | None):
     set_seed(cfg.seed)
     if cfg.method == "full":
         model.requires_grad_(True)
+    elif cfg.init_adapter:
+        start_from_adapter(model, cfg)
     else:
         add_lora(model, LoRAConfig(r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, targets=cfg.targets,
                                    exclude=cfg.exclude, trainable=(head,) if head else (), rslora=cfg.rslora,
@@ -116,6 +124,29 @@ def build_model(cfg: RunConfig, labels: list[str] | None):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()  # the frozen base's activations must carry grad to reach LoRA
     return model, tokenizer, head
+
+
+def start_from_adapter(model: torch.nn.Module, cfg: RunConfig) -> None:
+    """Train on from a saved adapter (`init_adapter`: a run or adapter directory) as adapter "default"; a
+    preference run also loads it, frozen, as "reference", which its loss compares against. Its own LoRA settings
+    (rank, alpha, targets, dropout) are the ones that apply."""
+    path = adapter_dir(cfg.init_adapter)
+    if cfg.task == "preference":
+        load_adapter(model, path, REFERENCE, quantize=cfg.quantize or None, quant_backend=cfg.quant_backend)
+    load_adapter(model, path, "default", quantize=cfg.quantize or None, quant_backend=cfg.quant_backend)
+    saved = read_adapter_config(path)
+    tqdm.write(f"lorakit: starting from the adapter in {path} (r={saved.get('r')}, alpha={saved.get('lora_alpha')}, "
+               f"dropout {saved.get('lora_dropout') or 0}); the recipe's r, alpha, targets and dropout do not apply"
+               + ("; it is also the frozen reference" if cfg.task == "preference" else ""))
+
+
+def objective_for(cfg: RunConfig, model: torch.nn.Module, world: int) -> Callable:
+    """The loss a step minimises: a preference loss for task preference; else the LM loss (label-only and chunked on
+    one process for the models it is exact for; DDP/FSDP need their wrapper's forward) or the model's own."""
+    if cfg.task == "preference":
+        return preference_objective(cfg, REFERENCE if cfg.init_adapter else None)
+    label_only = cfg.label_only_loss and world == 1 and cfg.task != "classify" and label_only_supported(model)
+    return supervised_objective(label_only)
 
 
 def set_up(cfg: RunConfig, accelerator, strategy: str) -> Run:
@@ -143,15 +174,12 @@ def set_up(cfg: RunConfig, accelerator, strategy: str) -> Run:
     if cfg.compile:
         log(f"lorakit: compiling {compile_blocks(model)} blocks (torch.compile; the first steps are slow)")
     head_params = {f"{head}.{n}" for n, _ in model.get_submodule(head).named_parameters()} if head else set()
-    # on one process the model is not wrapped, so the loss may call its backbone and head itself (DDP/FSDP need
-    # their wrapper's forward)
-    world = accelerator.num_processes
-    label_only = cfg.label_only_loss and world == 1 and cfg.task != "classify" and label_only_supported(model)
+    objective = objective_for(cfg, model, accelerator.num_processes)
     wrapped, fsdp = wrap_model(model, accelerator, strategy)  # FSDP swaps in sharded parameters: build AdamW after
     model = accelerator.unwrap_model(wrapped)
     trained = [p for p in model.parameters() if p.requires_grad]
-    return Run(cfg, cfg.out_dir, accelerator, model, wrapped, tokenizer, splits, data,
-               report, trained, head_params, strategy, fsdp, label_only, started)
+    return Run(cfg, cfg.out_dir, accelerator, model, wrapped, tokenizer, splits, data, report, trained, head_params,
+               strategy, fsdp, objective, REFERENCE if cfg.task == "preference" and cfg.init_adapter else None, started)
 
 
 def plan_steps(run: Run) -> Plan:
@@ -180,7 +208,9 @@ def log_plan(run: Run, plan: Plan) -> None:
 
 
 def check_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
-    """Never train over a finished run or an unfinished one's checkpoint without being told to."""
+    """Never train over a finished run or an unfinished one's checkpoint without being told to, nor start a run
+    whose folder cannot be written."""
+    check_writable(out, "--out", directory=True)
     if resume or overwrite:
         return
     if (out / "run.json").is_file():

@@ -43,3 +43,21 @@ def validate(model, examples: list, collate, batch_size: int, device, autocast, 
     if classifier:
         result["accuracy"] = correct / max(examples_seen, 1)
     return result
+
+
+@torch.no_grad()
+def validate_pairs(model, pairs: list, collate, batch_size: int, device, autocast, objective) -> dict:
+    """A preference run's held-out loss, reward accuracy and margin: the objective's, averaged over the pairs."""
+    was_training = model.training
+    model.eval()
+    totals: dict[str, float] = {}
+    for i in range(0, len(pairs), batch_size):
+        chunk = pairs[i:i + batch_size]
+        batch = {k: v.to(device) for k, v in collate(chunk).items()}
+        with autocast():
+            loss, metrics = objective(model, batch)
+        for k, v in {"loss": loss.item(), **metrics}.items():
+            totals[k] = totals.get(k, 0.0) + v * len(chunk)
+    model.train(was_training)
+    keep = ("loss", "rewards/accuracies", "rewards/margins")
+    return {k: totals[k] / max(len(pairs), 1) for k in keep if k in totals}

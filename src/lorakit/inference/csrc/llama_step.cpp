@@ -15,13 +15,24 @@ using c10::optional;
 
 // y = x·Wᵀ + b (nn.Linear, or a LoRA layer whose adapter is merged or off); with an unmerged LoRA adapter
 // y = x·Wᵀ + b + s·(x·Aᵀ)·Bᵀ, computed as engine/function.py's lora_linear does: the LoRA term added into the base product.
+// With a row mask, rows of different adapters (engine/mixed_rows.py): A and the scaled B are the adapters' side by
+// side, and the mask keeps each row's share of x·Aᵀ to its own adapter.
 struct Linear {
   Tensor weight;
   optional<Tensor> bias, lora_A, lora_B;
   double scaling;
+  optional<Tensor> row_mask;
 
   Tensor operator()(const Tensor& x) const {
     if (!lora_A) return at::linear(x, weight, bias);
+    if (row_mask) {
+      Tensor out = at::linear(x, weight, bias);
+      Tensor h = at::matmul(x.reshape({x.size(0), -1, x.size(-1)}).to(lora_A->scalar_type()), lora_A->t());
+      h.mul_(*row_mask);
+      out.view({-1, out.size(-1)}).addmm_(h.view({-1, h.size(-1)}).to(out.scalar_type()),
+                                          lora_B->t().to(out.scalar_type()));
+      return out;
+    }
     Tensor flat = x.to(lora_A->scalar_type()).reshape({-1, x.size(-1)});
     Tensor h = at::linear(flat, *lora_A);
     Tensor out = bias ? at::addmm(*bias, flat, weight.t()) : at::mm(flat, weight.t());
@@ -123,8 +134,9 @@ struct Model {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   namespace py = pybind11;
   py::class_<Linear>(m, "Linear")
-      .def(py::init<Tensor, optional<Tensor>, optional<Tensor>, optional<Tensor>, double>(), py::arg("weight"),
-           py::arg("bias"), py::arg("lora_A"), py::arg("lora_B"), py::arg("scaling"));
+      .def(py::init<Tensor, optional<Tensor>, optional<Tensor>, optional<Tensor>, double, optional<Tensor>>(),
+           py::arg("weight"), py::arg("bias"), py::arg("lora_A"), py::arg("lora_B"), py::arg("scaling"),
+           py::arg("row_mask") = py::none());
   py::class_<RMSNorm>(m, "RMSNorm").def(py::init<Tensor, double>(), py::arg("weight"), py::arg("eps"));
   py::class_<Layer>(m, "Layer")
       .def(py::init<RMSNorm, RMSNorm, optional<RMSNorm>, optional<RMSNorm>, Linear, Linear, Linear, Linear, Linear,

@@ -1,0 +1,257 @@
+"""`lorakit serve --api` under load, on loopback: SmolLM2-135M-Instruct with three LoRA adapters (r=16 on the seven
+projections, random B), chat requests spread over the base and the adapters, DialogSum dialogues cut to 64-256
+tokens as prompts, 64 new tokens (greedy), streamed.
+
+    python bench/serve.py [--levels 1,4,16] [--soak 1000]
+For each level of concurrent clients: throughput (completion tokens/s), p50 / p95 time to first token and request
+latency; the 1-client level is the same requests served one at a time. Where llama.cpp's server is installed
+(`make llama-cpp`), it serves a merged GGUF export of one adapter as the single-adapter
+anchor. Then a soak: --soak requests, 10% malformed, 5% from clients that leave mid-stream: no 5xx, every good request
+answered in full, the server's RSS after within 5% of its RSS after warm-up. Writes bench/results/serve.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from step import PROJECTIONS, machine  # noqa: E402
+
+DIALOGSUM = Path(__file__).resolve().parents[2] / "shared" / "data" / "dialogsum" / "dialogsum.test.jsonl"
+ADAPTERS = ("a1", "a2", "a3")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_adapters(folder: Path) -> list[Path]:
+    """Three random r=16 adapters for SmolLM2 (B random, so each changes the replies), saved as runs would be."""
+    import torch
+
+    from lorakit import LoRAConfig, add_lora, load_model, save_adapter
+    model, _ = load_model("smollm2", "instruct")
+    paths = []
+    for i, name in enumerate(ADAPTERS):
+        add_lora(model, LoRAConfig(r=16, alpha=32, targets=PROJECTIONS), name)
+        g = torch.Generator().manual_seed(i)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if f"lora_B.{name}" in n:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.01)
+        paths.append(save_adapter(model, folder / name / "adapter", adapter=name,
+                                  metadata={"task": "chat", "model": "smollm2", "template": "chat"}))
+    return paths
+
+
+def prompts(n: int, seed: int = 0) -> list[str]:
+    """DialogSum dialogues cut to 64-256 SmolLM2 tokens, asked to be summarised."""
+    from lorakit.models.loading import load_tokenizer, resolve_spec
+    tok = load_tokenizer(resolve_spec("smollm2")[0])
+    rng = random.Random(seed)
+    out = []
+    for line in DIALOGSUM.read_text().splitlines()[:n]:
+        ids = tok(json.loads(line)["dialogue"], add_special_tokens=False)["input_ids"]
+        out.append("Summarize this dialogue.\n\n" + tok.decode(ids[:rng.randint(64, 256)]))
+    return out
+
+
+def start_server(command: list[str], port: int, log: Path) -> subprocess.Popen:
+    """Start a server and wait until it answers /v1/models; stopped again if it does not come up."""
+    with open(log, "w") as out:
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=os.environ | {"OMP_NUM_THREADS": "2"})
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    proc.terminate()
+    proc.wait()
+    raise SystemExit(f"the server did not come up: {log.read_text()[-2000:]}")
+
+
+def one(url: str, model: str, prompt: str, max_tokens: int) -> dict:
+    """One streamed chat request: time to first token, latency, tokens, finish reason."""
+    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+            "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+    t0 = time.perf_counter()
+    first, tokens, pieces, finish, text = None, 0, 0, None, ""
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=600) as response:
+        if response.status_code != 200:
+            return {"status": response.status_code}
+        for line in response.iter_lines():
+            if not line.startswith("data: {"):
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+            for choice in chunk.get("choices", []):
+                piece = choice.get("delta", {}).get("content")
+                if piece and first is None:
+                    first = time.perf_counter() - t0
+                pieces += bool(piece)
+                text += piece or ""
+                finish = choice.get("finish_reason") or finish
+    return {"status": 200, "ttft": first or time.perf_counter() - t0, "latency": time.perf_counter() - t0,
+            "tokens": tokens or pieces, "finish": finish, "text": text}  # no usage chunk: a piece a token
+
+
+def level(url: str, clients: int, jobs: list[tuple[str, str]], max_tokens: int) -> dict:
+    """`clients` threads taking the jobs (model, prompt) in turn; throughput and latency percentiles."""
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        results = list(pool.map(lambda job: one(url, job[0], job[1], max_tokens), jobs))
+    wall = time.perf_counter() - t0
+    ok = [r for r in results if r["status"] == 200]
+
+    def pct(key, q):
+        values = sorted(r[key] for r in ok)
+        return values[min(len(values) - 1, int(q * len(values)))]
+
+    return {"clients": clients, "requests": len(jobs), "ok": len(ok), "seconds": wall,
+            "tokens_per_s": sum(r["tokens"] for r in ok) / wall, "ttft_p50": pct("ttft", 0.5),
+            "ttft_p95": pct("ttft", 0.95), "latency_p50": pct("latency", 0.5), "latency_p95": pct("latency", 0.95)}
+
+
+def jobs_at(clients: int, requests: int) -> int:
+    """How many requests a level sends: a quarter of them one at a time, all of them (at least one a client) else."""
+    return max(clients, requests // 4 if clients == 1 else requests)
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def soak(url: str, pid: int, n: int, rng: random.Random) -> dict:
+    """n requests, 10% malformed, 5% left mid-stream by their client, 4 at a time."""
+    kinds = ["bad"] * (n // 10) + ["leave"] * (n // 20)
+    kinds += ["good"] * (n - len(kinds))
+    rng.shuffle(kinds)
+    models = ["smollm2", *ADAPTERS]
+
+    def run(i_kind):
+        i, kind = i_kind
+        model = models[i % 4]
+        if kind == "bad":
+            body = rng.choice([b'{"model": ', b'{"model": "nonesuch", "messages": []}',
+                               json.dumps({"model": model, "messages": "hi"}).encode(),
+                               json.dumps({"model": model, "messages": [{"role": "user", "content": "hi"}],
+                                           "temperature": 9}).encode()])
+            r = httpx.post(f"{url}/v1/chat/completions", content=body, headers={"Content-Type": "application/json"},
+                           timeout=60)
+            return {"kind": kind, "status": r.status_code}
+        body = {"model": model, "messages": [{"role": "user", "content": f"Count to {i % 7 + 3}."}],
+                "max_tokens": 8, "temperature": 0, "stream": True}
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=120) as response:
+            lines = []
+            for line in response.iter_lines():
+                lines.append(line)
+                if kind == "leave" and line.startswith("data: {"):
+                    break
+            return {"kind": kind, "status": response.status_code, "done": "data: [DONE]" in lines}
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(run, enumerate(kinds)))
+    return {"requests": n, "malformed": kinds.count("bad"), "left": kinds.count("leave"),
+            "server_errors": sum(r["status"] >= 500 for r in results),
+            "bad_answered_4xx": sum(400 <= r["status"] < 500 for r in results if r["kind"] == "bad"),
+            "good_complete": sum(r["status"] == 200 and r["done"] for r in results if r["kind"] == "good"),
+            "good": kinds.count("good")}
+
+
+def llama_cpp_anchor(folder: Path, adapter: Path, levels: list[int], jobs, max_tokens: int) -> list[dict] | None:
+    """llama.cpp's server on a merged f16 GGUF of one adapter, where its server extra is installed."""
+    try:
+        import llama_cpp.server.app  # noqa: F401 - the server's own dependencies (make llama-cpp installs them)
+    except ImportError as error:
+        print(f"llama.cpp server anchor skipped ({error})", file=sys.stderr)
+        return None
+    gguf = folder / "merged.gguf"
+    subprocess.run([sys.executable, "-m", "lorakit", "export", str(adapter), "--quant", "f16", "--out", str(gguf)],
+                   check=True)
+    port = free_port()
+    proc = start_server([sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--port", str(port),
+                         "--n_threads", "2", "--n_ctx", "4096", "--model_alias", "a1",
+                         "--interrupt_requests", "False"],  # else each new request cuts off the one running
+                        port, folder / "llama.log")
+    try:
+        return [level(f"http://127.0.0.1:{port}", c, [("a1", p) for _, p in jobs[:jobs_at(c, len(jobs))]],
+                      max_tokens) for c in levels]
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
+def table(title: str, rows: list[dict]) -> None:
+    print(f"\n{title}\n{'clients':>7} {'tokens/s':>9} {'TTFT p50':>9} {'p95':>6} {'latency p50':>12} {'p95':>6}")
+    for r in rows:
+        print(f"{r['clients']:>7} {r['tokens_per_s']:>9.1f} {r['ttft_p50']:>9.2f} {r['ttft_p95']:>6.2f} "
+              f"{r['latency_p50']:>12.2f} {r['latency_p95']:>6.2f}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--levels", default="1,4,16")
+    ap.add_argument("--requests", type=int, default=64, help="requests per level (the 1-client level: a quarter)")
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--soak", type=int, default=1000)
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "serve.json"))
+    a = ap.parse_args()
+    levels = [int(x) for x in a.levels.split(",")]
+    rng = random.Random(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        adapters = make_adapters(folder)
+        port = free_port()
+        proc = start_server([sys.executable, "-m", "lorakit", "serve", "--api", *map(str, adapters), "--model",
+                             "smollm2", "--port", str(port), "--slots", "16", "--max-queue", "256"], port,
+                            folder / "server.log")
+        url = f"http://127.0.0.1:{port}"
+        try:
+            models = ["smollm2", *ADAPTERS]
+            texts = prompts(a.requests)
+            jobs = [(models[i % 4], texts[i]) for i in range(a.requests)]
+            level(url, 4, jobs[:8], 8)  # warm-up: the compiled step, the allocator
+            warm_rss = rss_mb(proc.pid)
+            rows = []
+            for c in levels:
+                rows.append(level(url, c, jobs[:jobs_at(c, a.requests)], a.max_tokens))
+                print(json.dumps(rows[-1]), flush=True)
+            soaked = soak(url, proc.pid, a.soak, rng) if a.soak else {}
+            time.sleep(1)
+            soaked["rss_after_warmup_mb"], soaked["rss_after_mb"] = warm_rss, rss_mb(proc.pid)
+            print(json.dumps(soaked), flush=True)
+        finally:
+            proc.terminate()
+            proc.wait()
+        anchor = llama_cpp_anchor(folder, adapters[0], levels, jobs, a.max_tokens)
+    for r in rows:
+        r["x_one_at_a_time"] = r["tokens_per_s"] / rows[0]["tokens_per_s"]
+    table("lorakit serve --api, the base and 3 adapters", rows)
+    if anchor:
+        table("llama.cpp server (llama-cpp-python), one merged adapter (f16 GGUF)", anchor)
+    result = {"levels": rows, "soak": soaked, "llama_cpp": anchor, "max_tokens": a.max_tokens}
+    args = argparse.Namespace(**vars(a) | {"out": a.out})
+    machine("serve", args, [result])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,333 @@
+"""Serving many requests on one model and its adapters: continuous batching across adapters.
+
+A request is a prompt's token ids, the adapter it asks for (None: the base), its sampling settings and stop strings.
+One thread owns the model and runs the decode loop's pieces (kv_cache.py, decode.py): a request waits in a bounded
+queue until a slot frees, is prefilled alone into that slot with its adapter on, then steps with every other
+running request in one batch whose rows each use their own adapter (`adapters_by_row`: the base matmul for all
+rows plus one product over the adapters' A and B side by side, each row masked to its own; or, when every running
+request asks for the same adapter, that adapter alone), through the C++ step where it is built. Each row picks its
+next token with its own settings from its own seeded generator. A request that ends (EOS, a stop string, max_tokens)
+or whose client went away (`cancelled`) frees its slot at the next step boundary. Text comes out as it is made, held
+back while it might be the start of a stop string. A request whose prefill fails hears why alone; the others go on.
+
+Rounding: a batch's row count and the adapters beside a row change how its products round (float32: the last bits
+of a logit), so a request can differ from the same request served alone where two tokens tie to those bits; in
+float64 they do not (tested).
+"""
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from ..engine import adapter_in_use, disable_adapters, lora_layers
+from ..engine.trained_copies import trained_copies
+from .compiled_step import compiled_model
+from .decode import LLAMA_FAMILY, _float_like, _left_padded, prefill, step
+from .kv_cache import KVCache
+from .sampling import Choice, Sampling
+
+
+class QueueFull(Exception):
+    """More requests are waiting than the engine queues (`max_queue`)."""
+
+
+class Stopped(Exception):
+    """The engine has stopped (or is stopping): it takes no more requests or calls."""
+
+
+@dataclass
+class Event:
+    """What a request gets as it runs: a piece of text, and at the end its finish reason ("stop", "length"; or
+    "error" with a message) and the tokens it made."""
+
+    text: str = ""
+    finish_reason: str | None = None
+    completion_tokens: int = 0  # tokens made so far (at the end: all of them)
+    error: str = ""
+
+
+@dataclass
+class Request:
+    """One generation: the prompt's token ids, the adapter (None: the base), sampling, stop strings; `emit` receives
+    its Events (called on the engine's thread: it must be quick and thread-safe); set `cancelled` to stop it."""
+
+    prompt_ids: list[int]
+    adapter: str | None
+    sampling: Sampling
+    emit: Callable[[Event], None]
+    stop: list[str] = field(default_factory=list)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    submitted: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class Running:
+    """A request in a slot: its choice of token, what it made, what text it has sent."""
+
+    request: Request
+    choose: Choice
+    ids: list[int] = field(default_factory=list)
+    sent: int = 0  # characters of the decoded text already emitted
+
+
+class Engine:
+    """The serving loop over `model` (GPT-2 or the Llama family, adapters already loaded): `submit` requests from
+    any thread; `call` runs a function on the model's thread between steps (loading or unloading an adapter)."""
+
+    def __init__(self, model, tokenizer, slots: int = 16, max_len: int = 1024, max_queue: int = 64) -> None:
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.slots, self.max_len, self.max_queue = slots, max_len, max_queue
+        self.eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+        self.like = _float_like(model)
+        self.cache = KVCache.for_model(model.config, slots, max_len, self.like)
+        self.running: list[Running | None] = [None] * slots
+        self.waiting: deque[Request] = deque()
+        self.calls: deque[tuple[Callable, Future]] = deque()
+        self.wake = threading.Condition()
+        self.compiled: dict[str | None, object] = {}  # the C++ step's view per adapter, built once each
+        self.rows: list[str | None] | None = None  # the row adapters the layers hold now
+        self.compiled_rows: object = None  # the C++ step's view for those rows (False: none), rebuilt as they change
+        self.thread: threading.Thread | None = None
+        self.stopping = self.stopped = False
+
+    # ---- from any thread
+    def start(self) -> "Engine":
+        """Run the loop on a thread of its own. A server whose main thread is free should call `run` there instead."""
+        self.thread = threading.Thread(target=self.run, name="lorakit-engine", daemon=True)
+        self.thread.start()
+        return self
+
+    def run(self, alive: Callable[[], bool] = lambda: True) -> None:
+        """The loop on the calling thread, until `close` (from another thread) or until `alive()` is False (asked
+        at least every half second while idle). Why the caller's thread: PyTorch's CPU kernels run in OpenMP
+        thread teams, and libgomp gives every further thread that computes a team of its own, which decodes far
+        slower on a few cores than the main thread's (docs/api.md has the measurement); so `lorakit serve --api`
+        runs the engine on the main thread and HTTP on another."""
+        try:
+            with torch.no_grad():
+                while self._wait(alive):
+                    self._turn()
+        finally:
+            with self.wake:
+                self.stopped = True  # from now on submit and call refuse
+            self._fail_all("the server is shutting down", waiting=True)
+            with self.wake:
+                calls, self.calls = list(self.calls), deque()
+            for _, future in calls:
+                future.set_exception(RuntimeError("the engine has stopped"))
+            self._use_rows(None)  # the model as it was: no rows mixed
+
+    def close(self) -> None:
+        """Stop the loop at its next step boundary (requests still running hear why) and wait for its thread."""
+        with self.wake:
+            self.stopping = True
+            self.wake.notify()
+        if self.thread is not None and self.thread is not threading.current_thread():
+            self.thread.join()
+
+    def submit(self, request: Request) -> None:
+        """Queue `request`; QueueFull when `max_queue` requests are already waiting for a slot."""
+        with self.wake:
+            if self.stopping or self.stopped:
+                raise Stopped("the server is shutting down")
+            if len(self.waiting) >= self.max_queue:
+                raise QueueFull(f"{len(self.waiting)} requests are waiting for a slot")
+            self.waiting.append(request)
+            self.wake.notify()
+
+    def call(self, fn: Callable):
+        """fn() on the engine's thread at a step boundary, the model as it is outside the engine (no rows mixed);
+        its result or error. For loading or unloading an adapter while serving."""
+        future: Future = Future()
+        with self.wake:
+            if self.stopping or self.stopped:
+                raise Stopped("the server is shutting down")
+            self.calls.append((fn, future))
+            self.wake.notify()
+        return future.result()
+
+    def load(self) -> dict[str, int]:
+        """Requests running and waiting, for /health and the bench."""
+        return {"running": sum(r is not None for r in self.running), "waiting": len(self.waiting)}
+
+    def in_use(self, adapter: str) -> int:
+        return sum(1 for r in list(self.running) if r is not None and r.request.adapter == adapter) + sum(
+            1 for r in list(self.waiting) if r.adapter == adapter)
+
+    # ---- on the engine's thread
+    def _wait(self, alive: Callable[[], bool]) -> bool:
+        """Sleep until there is work; False when the loop should end."""
+        with self.wake:
+            while not (self.stopping or self.calls or self.waiting or any(self.running)):
+                if not alive():
+                    return False
+                self.wake.wait(0.5)
+            return not self.stopping
+
+    def _turn(self) -> None:
+        """Calls waiting for the model, then new requests into free slots, then one step of the running ones."""
+        with self.wake:
+            calls, self.calls = list(self.calls), deque()
+        for fn, future in calls:
+            self._run_call(fn, future)
+        try:
+            self._admit()
+            if any(self.running):
+                self._step()
+        except Exception as error:  # noqa: BLE001 - the server keeps serving; the requests hear why
+            self._fail_all(f"{type(error).__name__}: {error}")
+
+    def _run_call(self, fn: Callable, future: Future) -> None:
+        try:
+            self._use_rows(None)  # the model as a caller expects it: no rows mixed
+            future.set_result(fn())
+        except Exception as error:  # noqa: BLE001 - handed to the caller
+            future.set_exception(error)
+        finally:
+            self.compiled.clear()  # adapters may have changed: the C++ views are rebuilt when next needed
+            self.rows, self.compiled_rows = None, None
+
+    def _admit(self) -> None:
+        """Prefill waiting requests into free slots, one at a time, each with its adapter."""
+        while None in self.running:
+            with self.wake:
+                request = self.waiting.popleft() if self.waiting else None
+            if request is None:
+                return
+            if request.cancelled.is_set():
+                continue
+            slot = self.running.index(None)
+            try:
+                self._prefill_into(slot, request)
+            except Exception as error:  # noqa: BLE001 - this request hears why; the others go on
+                self.running[slot] = None
+                request.emit(Event(finish_reason="error", error=f"{type(error).__name__}: {error}"))
+
+    def _prefill_into(self, slot: int, request: Request) -> None:
+        """Prefill `request` alone into `slot` with its adapter, and take its first token."""
+        generator = torch.Generator(self.like.device)
+        generator.manual_seed(request.sampling.seed if request.sampling.seed is not None else
+                              int(torch.randint(0, 2 ** 62, (1,))))
+        running = Running(request, Choice(request.sampling, generator))
+        ids, mask = _left_padded([request.prompt_ids], self.pad, self.like.device)
+        self._use_rows(None)
+        with self._adapter(request.adapter):
+            logits = prefill(self.model, self.cache, slot, ids, mask)
+        self.running[slot] = running
+        self._took(slot, int(running.choose(logits, None)[0]))
+
+    def _step(self) -> None:
+        """One token for every running request, the rows' adapters mixed in one batch (or one adapter for all). Only
+        the slots up to the last one in use are computed (requests take the lowest free slot)."""
+        running = self.running[:max(s for s, r in enumerate(self.running) if r is not None) + 1]
+        cache = self.cache.narrow(len(running))
+        tokens = torch.full((len(running),), self.pad, dtype=torch.long, device=self.like.device)
+        for s, r in enumerate(running):
+            if r is not None:
+                tokens[s] = r.ids[-1]
+        adapters = {r.request.adapter for r in running if r is not None}
+        if len(adapters) == 1:
+            name = adapters.pop()
+            self._use_rows(None)
+            with self._adapter(name):
+                logits = step(self.model, cache, tokens, self._compiled(name))
+        else:
+            self._use_rows([r.request.adapter if r is not None else None for r in running])
+            if self.compiled_rows is None:
+                self.compiled_rows = compiled_view(self.model, self.like.dtype) or False
+            logits = step(self.model, cache, tokens, self.compiled_rows or None)
+        for s, r in enumerate(running):
+            if r is None:
+                cache.start[s] = cache.end[s] = 0  # an empty slot attends to nothing in the next step
+            else:
+                self._took(s, int(r.choose(logits[s:s + 1], None)[0]))
+
+    def _took(self, slot: int, token: int) -> None:
+        """Record slot's new token, send the text it completes, and free the slot when the request ends."""
+        r = self.running[slot]
+        if r.request.cancelled.is_set() or took(r, token, self.tokenizer, self.eos, self.max_len):
+            self.running[slot] = None
+
+    def _adapter(self, name: str | None):
+        return disable_adapters(self.model) if name is None else adapter_in_use(self.model, name)
+
+    def _use_rows(self, rows: list[str | None] | None) -> None:
+        """Set the layers' row adapters, only when they change (the layers stack the rows' A and B again then)."""
+        if rows == self.rows:
+            return
+        for _, layer in [*lora_layers(self.model), *trained_copies(self.model)]:
+            layer.row_adapters = rows
+        self.rows, self.compiled_rows = rows, None
+
+    def _compiled(self, name: str | None):
+        """The C++ step's view with adapter `name` alone (None: the base), built once each."""
+        if name not in self.compiled:
+            with self._adapter(name):
+                self.compiled[name] = compiled_view(self.model, self.like.dtype)
+        return self.compiled[name]
+
+    def _fail_all(self, message: str, waiting: bool = False) -> None:
+        """End every running request (and with `waiting`, every queued one) with an error event."""
+        for s, r in enumerate(self.running):
+            if r is not None:
+                r.request.emit(Event(finish_reason="error", error=message))
+                self.running[s] = None
+        with self.wake:
+            queued, self.waiting = (list(self.waiting), deque()) if waiting else ([], self.waiting)
+        for request in queued:
+            request.emit(Event(finish_reason="error", error=message))
+
+
+def took(r: Running, token: int, tokenizer, eos: set[int], max_len: int) -> bool:
+    """Add `token` to running request r and send the text it completes (held back while it may start a stop string
+    or ends inside a character); True when the request has ended (its last event sent)."""
+    r.ids.append(token)
+    ended = token in eos
+    text = tokenizer.decode(r.ids[:-1] if ended else r.ids, skip_special_tokens=True)
+    cut = min((k for k in (text.find(s) for s in r.request.stop) if k >= 0), default=-1)
+    full = len(r.ids) >= r.request.sampling.max_new_tokens or len(r.request.prompt_ids) + len(r.ids) >= max_len
+    if cut >= 0 or ended or full:
+        text = text[:cut] if cut >= 0 else text
+        r.request.emit(Event(text[r.sent:], "stop" if cut >= 0 or ended else "length", len(r.ids)))
+        return True
+    ready = len(text) - held_back(text, r.request.stop)
+    if text.endswith("\ufffd"):  # a character cut between tokens: wait for its other bytes
+        ready = min(ready, len(text) - 1)
+    if ready > r.sent:
+        r.request.emit(Event(text[r.sent:ready], completion_tokens=len(r.ids)))
+        r.sent = ready
+    return False
+
+
+def compiled_view(model, dtype: torch.dtype):
+    """The C++ step's view of `model` as it computes now; None where it cannot describe it."""
+    return compiled_model(model, dtype) if model.config.model_type in LLAMA_FAMILY else None
+
+
+def held_back(text: str, stops: list[str]) -> int:
+    """How many characters at the end of `text` could be the start of a stop string (not sent yet)."""
+    return max((k for s in stops for k in range(min(len(s) - 1, len(text)), 0, -1) if text.endswith(s[:k])),
+               default=0)
+
+
+def collect(engine: Engine, request_ids: list[int], adapter: str | None, sampling: Sampling,
+            stop: list[str] | None = None) -> tuple[str, str, int]:
+    """Submit one request and wait for it: (text, finish reason, completion tokens). For tests and scripts."""
+    events: queue.Queue = queue.Queue()
+    engine.submit(Request(request_ids, adapter, sampling, events.put, list(stop or [])))
+    text = ""
+    while True:
+        event = events.get()
+        text += event.text
+        if event.finish_reason:
+            if event.error:
+                raise RuntimeError(event.error)
+            return text, event.finish_reason, event.completion_tokens

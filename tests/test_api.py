@@ -1,0 +1,349 @@
+"""`lorakit serve --api` with the real `openai` client: the model list, chat and completions (streamed and not),
+stop strings, seeded sampling, requests for different adapters batched together and each given the tokens that
+adapter gives alone (in float64, where the batch's row count cannot change a token), errors as OpenAI's error object
+with the right status, adapters loaded and unloaded at run time from under the adapter root only, a bounded queue,
+a client that goes away freeing its slot."""
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+from conftest import randomize_lora, save_tiny, tiny_llama, word_tokenizer
+
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+
+KEY = "test-key-123"
+PROMPTS = ["w5 w9 w12 w40", "w7 w8", "w30 w31 w32 w33 w34 w35", "w60 w61 w62", "w11 w70", "w90 w91 w92 w93",
+           "w44", "w50 w51 w52"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tiny_served(tmp_path, slots=4, max_queue=64, max_len=64, adapters=("a", "b", "c")):
+    """A float64 tiny Llama with LoRA adapters a, b, c (random B), its engine, and an adapter root holding a saved
+    adapter ("extra") and a symlink that points out of it."""
+    from lorakit import LoRAConfig, add_lora, save_adapter
+    from lorakit.inference.engine import Engine
+    from lorakit.serve.served import Served
+    torch.manual_seed(0)
+    model = tiny_llama().double()
+    model.config._name_or_path = "tiny"
+    for i, name in enumerate(adapters):
+        add_lora(model, LoRAConfig(r=4, alpha=8, targets="all-linear"), name)
+        randomize_lora(model, seed=i)
+    root = tmp_path / "adapters"
+    spare = tiny_llama().double()
+    spare.config._name_or_path = "tiny"
+    add_lora(spare, LoRAConfig(r=4, alpha=8, targets="all-linear"))
+    randomize_lora(spare, seed=9)
+    save_adapter(spare, root / "extra")
+    save_adapter(spare, tmp_path / "outside" / "adapter")
+    (root / "escape").symlink_to(tmp_path / "outside")
+    model.eval()
+    engine = Engine(model, word_tokenizer(), slots=slots, max_len=max_len, max_queue=max_queue).start()
+    return Served(engine, "tiny", "tiny", {name: f"mem:{name}" for name in adapters}, KEY, root)
+
+
+class Server:
+    """uvicorn on a free loopback port in a thread, serving `served`."""
+
+    def __init__(self, served) -> None:
+        import uvicorn
+
+        from lorakit.serve.api import build_app
+        self.served, self.port = served, free_port()
+        self.server = uvicorn.Server(uvicorn.Config(build_app(served), host="127.0.0.1", port=self.port,
+                                                    log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        while not self.server.started:
+            time.sleep(0.02)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def client(self, key: str | None = KEY):
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=key or "none", max_retries=0, timeout=60)
+
+    def close(self) -> None:
+        self.server.should_exit = True
+        self.thread.join()
+        self.served.engine.close()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    s = Server(tiny_served(tmp_path_factory.mktemp("api")))
+    yield s
+    s.close()
+
+
+def alone(served, prompt: str, adapter: str | None, max_tokens: int, chat: bool) -> str:
+    """What `lorakit generate` gives for the prompt with that adapter alone (the base for None), run on the
+    engine's thread between its steps."""
+    return served.engine.call(lambda: generated(served, prompt, adapter, max_tokens, chat))
+
+
+def generated(served, prompt: str, adapter: str | None, max_tokens: int, chat: bool) -> str:
+    from lorakit import disable_adapters, set_adapter
+    from lorakit.data.chat_template import render
+    from lorakit.inference import Sampling, generate
+    model, tok = served.engine.model, served.engine.tokenizer
+    text = render(tok, [{"role": "user", "content": prompt}], "chat", add_generation_prompt=True) if chat else prompt
+    template = "chat" if chat else "alpaca"
+    if adapter is None:
+        with disable_adapters(model):
+            return generate(model, tok, [text], Sampling(max_new_tokens=max_tokens), template)[0]
+    set_adapter(model, adapter)
+    return generate(model, tok, [text], Sampling(max_new_tokens=max_tokens), template)[0]
+
+
+def test_models_list_the_base_and_each_adapter(server):
+    cards = {m.id: m for m in server.client().models.list().data}
+    assert set(cards) == {"tiny", "a", "b", "c"}
+    assert cards["tiny"].parent is None and cards["a"].parent == "tiny" and cards["a"].root == "mem:a"
+    assert cards["tiny"].max_model_len == 64
+
+
+def test_concurrent_requests_over_adapters_equal_each_adapter_alone(server):
+    """Eight greedy chat requests at once, over the base and three adapters, share decode steps (four slots, rows
+    mixed by adapter); each reply is what `lorakit generate` gives with its adapter alone (float64)."""
+    client = server.client()
+    jobs = [(prompt, [None, "a", "b", "c"][i % 4]) for i, prompt in enumerate(PROMPTS)]
+
+    def ask(job):
+        prompt, adapter = job
+        reply = client.chat.completions.create(model=adapter or "tiny", max_tokens=10, temperature=0,
+                                               messages=[{"role": "user", "content": prompt}])
+        return reply.choices[0].message.content, reply.choices[0].finish_reason, reply.usage
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(ask, jobs))
+    served = server.served
+    for (prompt, adapter), (text, finish, used) in zip(jobs, answers):
+        assert text.strip() == alone(served, prompt, adapter, 10, chat=True), (prompt, adapter)
+        assert finish in ("stop", "length") and used.completion_tokens <= 10
+        assert used.total_tokens == used.prompt_tokens + used.completion_tokens
+    assert len({a[0] for a in answers}) > 1
+
+
+def test_streaming_joins_to_the_whole_reply_and_completions_work_too(server):
+    client = server.client()
+    whole = client.chat.completions.create(model="b", max_tokens=8, temperature=0,
+                                           messages=[{"role": "user", "content": "w5 w6 w7"}])
+    stream = client.chat.completions.create(model="b", max_tokens=8, temperature=0, stream=True,
+                                            stream_options={"include_usage": True},
+                                            messages=[{"role": "user", "content": "w5 w6 w7"}])
+    pieces, finish, used = [], None, None
+    for chunk in stream:
+        if chunk.usage:
+            used = chunk.usage
+        for choice in chunk.choices:
+            pieces.append(choice.delta.content or "")
+            finish = choice.finish_reason or finish
+    assert "".join(pieces) == whole.choices[0].message.content and finish == whole.choices[0].finish_reason
+    assert used.completion_tokens == whole.usage.completion_tokens
+    done = client.completions.create(model="a", prompt="w20 w21 w22", max_tokens=6, temperature=0)
+    streamed = "".join(c.choices[0].text for c in client.completions.create(model="a", prompt="w20 w21 w22",
+                                                                              max_tokens=6, temperature=0, stream=True))
+    assert streamed == done.choices[0].text and done.choices[0].finish_reason == "length"
+    assert done.choices[0].text.strip() == alone(server.served, "w20 w21 w22", "a", 6, chat=False)
+
+
+def test_stop_strings_and_seeded_sampling(server):
+    client = server.client()
+    full = client.completions.create(model="c", prompt="w1 w2", max_tokens=10, temperature=0).choices[0].text
+    words = full.split()
+    assert len(words) >= 4
+    stop = " " + words[2]
+    cut = client.completions.create(model="c", prompt="w1 w2", max_tokens=10, temperature=0, stop=[stop])
+    assert cut.choices[0].text == full[:full.index(stop)] and cut.choices[0].finish_reason == "stop"
+    kw = dict(model="tiny", max_tokens=12, temperature=1.0, messages=[{"role": "user", "content": "w3 w4"}])
+    first, again = (client.chat.completions.create(seed=7, **kw).choices[0].message.content for _ in range(2))
+    other = client.chat.completions.create(seed=8, **kw).choices[0].message.content
+    assert first == again and first != other
+
+
+def raw(server, path, body=None, key=KEY, content=None, headers=None):
+    hdrs = {"Authorization": f"Bearer {key}"} if key else {}
+    return httpx.post(f"{server.url}{path}", json=body, content=content, headers=hdrs | (headers or {}), timeout=30)
+
+
+@pytest.mark.parametrize("case, status, code", [
+    ("unknown model", 404, "model_not_found"), ("bad json", 400, "bad_json"), ("no key", 401, "invalid_api_key"),
+    ("wrong key", 401, "invalid_api_key"), ("too large", 413, "body_too_large"), ("n=2", 400, None),
+    ("missing field", 422, None), ("prompt too long", 400, "context_length_exceeded"),
+    ("image part", 400, None), ("too large, chunked", 413, "body_too_large"), ("unknown path", 404, None),
+    ("wrong method", 405, None), ("empty prompt", 400, None), ("seed past 64 bits", 422, None),
+    ("logprobs asked for", 400, None),
+])
+def test_errors_are_openai_error_objects_with_their_status(server, case, status, code):
+    chat = {"model": "a", "messages": [{"role": "user", "content": "w5"}], "max_tokens": 2}
+    response = {
+        "unknown model": lambda: raw(server, "/v1/chat/completions", chat | {"model": "nonesuch"}),
+        "bad json": lambda: raw(server, "/v1/chat/completions", content=b'{"model": "a", "messages": [',
+                                headers={"Content-Type": "application/json"}),
+        "no key": lambda: raw(server, "/v1/chat/completions", chat, key=None),
+        "wrong key": lambda: raw(server, "/v1/chat/completions", chat, key="wrong"),
+        "too large": lambda: raw(server, "/v1/chat/completions", chat | {"pad": "x" * (2 << 20)}),
+        "n=2": lambda: raw(server, "/v1/chat/completions", chat | {"n": 2}),
+        "missing field": lambda: raw(server, "/v1/chat/completions", {"model": "a"}),
+        "prompt too long": lambda: raw(server, "/v1/completions", {"model": "a", "prompt": "w5 " * 80}),
+        "image part": lambda: raw(server, "/v1/chat/completions", chat | {"messages": [
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}),
+        "too large, chunked": lambda: raw(server, "/v1/chat/completions", content=(b"x" * (1 << 16) for _ in range(20)),
+                                          headers={"Content-Type": "application/json"}),
+        "unknown path": lambda: raw(server, "/v1/nonesuch", chat),
+        "wrong method": lambda: httpx.get(f"{server.url}/v1/chat/completions",
+                                          headers={"Authorization": f"Bearer {KEY}"}),
+        "empty prompt": lambda: raw(server, "/v1/completions", {"model": "a", "prompt": ""}),
+        "seed past 64 bits": lambda: raw(server, "/v1/chat/completions", chat | {"seed": 1 << 70}),
+        "logprobs asked for": lambda: raw(server, "/v1/chat/completions", chat | {"logprobs": True}),
+    }[case]()
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"] and "Traceback" not in response.text
+    if code:
+        assert error["code"] == code
+    assert server.client().models.list().data  # still serving
+
+
+def test_the_real_client_raises_its_own_exceptions(server):
+    with pytest.raises(openai.NotFoundError) as e:
+        server.client().chat.completions.create(model="nonesuch", messages=[{"role": "user", "content": "w5"}])
+    assert e.value.code == "model_not_found"
+    with pytest.raises(openai.AuthenticationError):
+        server.client(key="wrong").models.list()
+    with pytest.raises(openai.BadRequestError):
+        server.client().chat.completions.create(model="a", n=3, messages=[{"role": "user", "content": "w5"}])
+
+
+def test_load_and_unload_at_run_time_only_from_under_the_root(server):
+    client = server.client()
+    assert raw(server, "/v1/load_lora_adapter", {"lora_name": "x", "lora_path": "extra"}).status_code == 200
+    assert "x" in {m.id for m in client.models.list().data}
+    reply = client.completions.create(model="x", prompt="w5 w6", max_tokens=4, temperature=0)
+    assert reply.choices[0].text.strip() == alone(server.served, "w5 w6", "x", 4, chat=False)
+    taken = raw(server, "/v1/load_lora_adapter", {"lora_name": "x", "lora_path": "extra"})
+    assert taken.status_code == 400 and "taken" in taken.json()["error"]["message"]
+    for path in ("../outside/adapter", "/etc", "escape/adapter"):
+        outside = raw(server, "/v1/load_lora_adapter", {"lora_name": "y", "lora_path": path})
+        assert outside.status_code == 400 and outside.json()["error"]["code"] == "path_not_allowed", path
+    assert raw(server, "/v1/load_lora_adapter", {"lora_name": "y", "lora_path": "nothing"}).status_code == 404
+    assert raw(server, "/v1/unload_lora_adapter", {"lora_name": "x"}).status_code == 200
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="x", prompt="w5", max_tokens=2)
+    assert raw(server, "/v1/unload_lora_adapter", {"lora_name": "x"}).status_code == 404
+
+
+def test_a_full_queue_answers_429_and_a_client_that_leaves_frees_its_slot(tmp_path):
+    server = Server(tiny_served(tmp_path, slots=1, max_queue=1, max_len=512))
+    try:
+        body = {"model": "a", "prompt": "w5 w6", "max_tokens": 400, "temperature": 0}
+        with ThreadPoolExecutor(6) as pool:
+            statuses = list(pool.map(lambda _: raw(server, "/v1/completions", body), range(6)))
+        codes = sorted(r.status_code for r in statuses)
+        assert 429 in codes and 200 in codes
+        busy = next(r for r in statuses if r.status_code == 429)
+        assert busy.headers["retry-after"] == "1" and busy.json()["error"]["type"] == "RateLimitError"
+        with httpx.stream("POST", f"{server.url}/v1/completions", json=body | {"stream": True},
+                          headers={"Authorization": f"Bearer {KEY}"}, timeout=30) as stream:
+            for line in stream.iter_lines():
+                if line.startswith("data: {"):
+                    break  # the first piece came: leave mid-stream
+        deadline = time.time() + 10
+        while server.served.engine.load()["running"] and time.time() < deadline:
+            time.sleep(0.05)
+        assert server.served.engine.load() == {"running": 0, "waiting": 0}
+    finally:
+        server.close()
+
+
+def test_the_engine_runs_on_the_callers_thread_and_what_is_left_hears_it_stop(tmp_path):
+    """Engine.run (what `lorakit serve` calls on its main thread) serves from the calling thread until close();
+    a request still queued when it stops gets an error event, and run(alive=...) ends when alive() turns False."""
+    import queue
+
+    from lorakit.inference import Sampling
+    from lorakit.inference.engine import Engine, Request, collect
+    served = tiny_served(tmp_path)
+    served.engine.close()
+    model, tok = served.engine.model, served.engine.tokenizer
+    ids = tok("w5 w6")["input_ids"]
+    engine, got, threads = Engine(model, tok, slots=2, max_len=64), {}, set()
+
+    def client():
+        got["reply"] = collect(engine, ids, "a", Sampling(max_new_tokens=3))
+        engine.close()
+
+    caller = threading.Thread(target=client)
+    engine.submit(Request(ids, None, Sampling(max_new_tokens=1), lambda e: threads.add(threading.current_thread())))
+    caller.start()
+    engine.run()
+    caller.join()
+    assert threads == {threading.current_thread()}
+    assert got["reply"][0] == generated(served, "w5 w6", "a", 3, chat=False)
+
+    stopped, events = Engine(model, tok, slots=1, max_len=64), queue.Queue()
+    stopped.submit(Request(ids, None, Sampling(max_new_tokens=3), events.put))
+    stopped.close()
+    stopped.run()
+    event = events.get_nowait()
+    assert event.finish_reason == "error" and "shutting down" in event.error
+    t0 = time.perf_counter()
+    Engine(model, tok, slots=1, max_len=64).run(alive=lambda: time.perf_counter() - t0 < 0.2)
+
+
+def test_cli_refuses_an_open_host_without_a_key_and_a_bad_port(capsys):
+    from lorakit.cli import main
+    assert main(["serve", "--api", "--host", "0.0.0.0"]) == 2
+    err = capsys.readouterr().err
+    assert "--api-key" in err and "--insecure" in err and "Traceback" not in err
+    with pytest.raises(SystemExit) as done:
+        main(["serve", "--api", "--port", "99999"])
+    assert done.value.code == 2 and "99999 is not a port" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_cli_serves_a_trained_run(tmp_path):
+    """`lorakit serve --api RUN` in its own process: a trained run's adapter answers by its run's name."""
+    import subprocess
+    import sys
+    from test_train import recipe, write_instruct
+    llama = save_tiny("llama", tmp_path / "llama")
+    r = recipe(tmp_path, model=str(llama), task="instruct", data=str(write_instruct(tmp_path / "a.jsonl")),
+               max_steps=2)
+    from lorakit.cli import main
+    assert main(["train", r, "--out", str(tmp_path / "myrun")]) == 0
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "lorakit", "serve", "--api", str(tmp_path / "myrun"), "--port",
+                             str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                models = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2).json()
+                break
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        assert {m["id"] for m in models["data"]} == {str(llama), "myrun"}
+        reply = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none").completions.create(
+            model="myrun", prompt="w5 w6", max_tokens=3, temperature=0)
+        assert reply.choices[0].finish_reason in ("stop", "length")
+    finally:
+        proc.terminate()
+        code = proc.wait(timeout=30)
+    assert code == 0, proc.stdout.read()  # SIGTERM: HTTP and the engine stop cleanly
