@@ -73,15 +73,20 @@ class LorakitCase:
         self.collate = lambda ps: pair_batch(ps, self.pad)
 
     def step(self, i: int) -> tuple[float, float]:
-        import torch
         batch = self.collate(self.pairs[i * self.batch:(i + 1) * self.batch])
         t0 = time.perf_counter()
         loss, _ = self.objective(self.model, batch)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], 1.0)
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
-        return time.perf_counter() - t0, loss.item()
+        return applied(self.model, self.opt, loss, t0)
+
+
+def applied(model, opt, loss, t0: float) -> tuple[float, float]:
+    """Backward, clip to 1.0 and step, as both trainers do: (seconds since t0, the loss)."""
+    import torch
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return time.perf_counter() - t0, loss.item()
 
 
 def trl_trainer(pairs: list, a: argparse.Namespace, pre: bool, callbacks=()):
@@ -128,16 +133,11 @@ class TrlTurnCase:
         self.batch = a.batch
 
     def step(self, i: int) -> tuple[float, float]:
-        import torch
         rows = [self.trainer.train_dataset[j] for j in range(i * self.batch, (i + 1) * self.batch)]
         batch = self.trainer.data_collator(rows)
         t0 = time.perf_counter()
         loss = self.trainer.compute_loss(self.model, batch)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], 1.0)
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
-        return time.perf_counter() - t0, loss.item()
+        return applied(self.model, self.opt, loss, t0)
 
 
 def trl_alone(case: str, a: argparse.Namespace, pairs: list) -> dict:

@@ -32,6 +32,8 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from step import loss_of, one_step, step_timer, sync  # noqa: E402
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 STEP_CASES = ("peft", "peft-trainer", "lorakit", "lorakit-label", "lorakit-label-compile")
 
@@ -48,12 +50,6 @@ def sizes(a: argparse.Namespace) -> dict:
 def device_of(a: argparse.Namespace) -> str:
     import torch
     return "cuda" if torch.cuda.is_available() and not a.smoke else "cpu"
-
-
-def sync(device: str) -> None:
-    import torch
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 def reset_peak(device: str) -> None:
@@ -100,27 +96,15 @@ def batch_of(s: dict, device: str):
 
 
 def loop_steps(case: str, s: dict, device: str) -> dict:
-    """AdamW steps in bf16 autocast (fp32 on the CPU in --smoke), timed after warm-up."""
+    """AdamW steps in bf16 autocast (fp32 on the CPU in --smoke), timed after warm-up (bench/step.py's one_step)."""
     import torch
-    from lorakit.training.loss import causal_lm_loss
     model = with_lora(llama(s, device), case).train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    loss_fn = causal_lm_loss if "label" in case else (lambda m, b: m(**b).loss)
-    ids = batch_of(s, device)
+    loss_fn, ids = loss_of(case), batch_of(s, device)
     reset_peak(device)
-    times, losses = [], []
-    for i in range(s["warmup"] + s["steps"]):
-        sync(device)
-        t0 = time.perf_counter()
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
-            loss = loss_fn(model, {"input_ids": ids, "labels": ids})
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        sync(device)
-        if i >= s["warmup"]:
-            times.append(time.perf_counter() - t0)
-        losses.append(loss.item())
+    steps = [one_step(model, opt, loss_fn, {"input_ids": ids, "labels": ids}, "bf16" if device == "cuda" else "fp32")
+             for _ in range(s["warmup"] + s["steps"])]
+    times, losses = [seconds for seconds, _ in steps[s["warmup"]:]], [loss for _, loss in steps]
     return {"case": case, "step_s": statistics.median(times), "tokens_per_s": s["batch"] * s["seq"] / statistics.median(times),
             "peak_gb": peak_gb(device), "losses": losses}
 
@@ -128,7 +112,6 @@ def loop_steps(case: str, s: dict, device: str) -> dict:
 def trainer_steps(s: dict, device: str) -> dict:
     """PEFT under transformers' Trainer (its loop, bf16=True on the GPU), each step timed by a callback."""
     from transformers import Trainer, TrainingArguments, default_data_collator
-    from step import step_timer
     model = with_lora(llama(s, device), "peft")
     ids = batch_of(s, "cpu")
     data = [{"input_ids": row, "labels": row} for row in ids] * (s["warmup"] + s["steps"])

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach for the hub; set before transformers is imported
@@ -105,6 +106,13 @@ def model_inputs(name: str, seed: int = 1) -> dict:
     if name == "t5":
         return {"input_ids": ids, "decoder_input_ids": torch.randint(0, 128, (2, 7), generator=g)}
     return {"input_ids": ids}
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on now, for a server under test."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def randomize_lora(model: nn.Module, seed: int = 0) -> None:

@@ -5,7 +5,6 @@ with the right status, adapters loaded and unloaded at run time from under the a
 a client that goes away freeing its slot."""
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -13,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from conftest import randomize_lora, save_tiny, tiny_llama, word_tokenizer
+from conftest import free_port, randomize_lora, save_tiny, tiny_llama, word_tokenizer
 
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
@@ -23,12 +22,6 @@ pytest.importorskip("uvicorn")
 KEY = "test-key-123"
 PROMPTS = ["w5 w9 w12 w40", "w7 w8", "w30 w31 w32 w33 w34 w35", "w60 w61 w62", "w11 w70", "w90 w91 w92 w93",
            "w44", "w50 w51 w52"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def tiny_served(tmp_path, slots=4, max_queue=64, max_len=64, adapters=("a", "b", "c")):

@@ -5,14 +5,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, randomize_lora, save_tiny
+from conftest import REPO, free_port, randomize_lora, save_tiny
 from lorakit import LoRAConfig, add_lora, save_adapter
 from lorakit.serve import BASE, Workbench
 from lorakit.errors import UserError
@@ -165,12 +164,6 @@ def test_page_handlers_stream_and_report_errors_on_the_page(tiny_runs):
     assert "trained on base model" in status and list(wb.adapters) == ["alpha"]
     status, chosen, _ = load_adapter(wb, str(tiny_runs["b"]), ["alpha"])
     assert "loaded **beta**" in status and chosen["value"] == ["alpha", "beta"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def chromium() -> str:

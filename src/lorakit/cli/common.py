@@ -5,6 +5,7 @@ import argparse
 from pathlib import Path
 
 from ..config import FIELDS, INITS, TARGET_PRESETS, TEMPLATES, TRAIN_ON, load_recipe, recipe_file
+from ..config.paths import check_writable
 from ..engine import LoRAConfig
 from ..errors import UserError
 
@@ -84,7 +85,6 @@ def add_data_flags(p: argparse.ArgumentParser) -> None:
 
 def recipe_overrides_out(args: argparse.Namespace, command: str) -> tuple[str, dict, str]:
     """compare's and sweep's recipe path, --set overrides, and --out (default runs/NAME-<command>)."""
-    from ..config.paths import check_writable
     path = str(recipe_file(args.recipe))
     overrides = set_pairs(args.set)
     out = args.out or str(Path("runs") / f"{load_recipe(path, overrides).name}-{command}")
@@ -95,7 +95,6 @@ def recipe_overrides_out(args: argparse.Namespace, command: str) -> tuple[str, d
 def check_out_free(out: Path, force: bool, flag: str) -> None:
     """merge, combine and the Ollama export write a directory: refuse one that holds something unless --force, and
     one that cannot be written, before any work."""
-    from ..config.paths import check_writable
     if out.exists() and not force and (not out.is_dir() or any(out.iterdir())):
         what = "is a file (this output is a folder)" if not out.is_dir() else "exists and is not empty"
         raise UserError(f"{flag} {out} {what}; name a new or empty folder, or pass --force to replace it")

@@ -12,7 +12,8 @@ from .paths import RECIPES, builtin_recipes, data_file, embedded_data, recipe_fi
 from .recipes import apply_overrides, did_you_mean, load_recipe, make_config
 from .run_config import FIELDS, ConfigError, RunConfig, coerce, validate
 
-__all__ = ["COMBINE_METHODS", "EXPORT_FORMATS", "EXPORT_QUANTS", "INITS", "METHODS", "OPTIMIZERS", "PRECISIONS", "PREFERENCE_LOSSES", "REFERENCE_FREE",
+__all__ = ["COMBINE_METHODS", "EXPORT_FORMATS", "EXPORT_QUANTS", "INITS", "METHODS", "OPTIMIZERS", "PRECISIONS",
+           "PREFERENCE_LOSSES", "REFERENCE_FREE",
            "QUANT_BACKENDS", "QUANTIZE", "REPORT_TO", "SCHEDULES", "STRATEGIES", "TARGET_PRESETS", "TASKS", "TEMPLATES", "TRAIN_ON",
            "RECIPES", "builtin_recipes", "data_file", "embedded_data", "recipe_file", "run_dir", "apply_overrides", "did_you_mean",
            "load_recipe", "make_config", "FIELDS", "ConfigError", "RunConfig", "coerce", "validate"]

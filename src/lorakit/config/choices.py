@@ -3,6 +3,7 @@ CLI's `choices=` all read these."""
 from __future__ import annotations
 
 TASKS = ("classify", "instruct", "summarize", "chat", "preference")
+CHAT_TASKS = ("chat", "preference")  # their data are conversations: rendered in a chat template, never Alpaca's
 TEMPLATES = ("alpaca", "chat", "chatml")  # chat: the tokenizer's own chat template (ChatML where it has none)
 TRAIN_ON = ("all", "last")  # chat: which assistant turns the loss covers
 METHODS = ("full", "lora", "qlora")
@@ -20,6 +21,12 @@ INITS = ("kaiming", "gaussian", "pissa", "olora")  # LoRA's starting A and B (en
 REPORT_TO = ("none", "tensorboard", "mlflow", "trackio")  # training.trackers
 PREFERENCE_LOSSES = ("sigmoid", "ipo", "hinge", "robust", "orpo", "simpo")  # TRL's names (training.preference)
 REFERENCE_FREE = ("orpo", "simpo")  # the losses that need no reference model
+
+
+def default_template(task: str) -> str:
+    """The prompt format a run of `task` uses when its recipe names none: the model's chat template for
+    conversations, the Alpaca prompt otherwise."""
+    return "chat" if task in CHAT_TASKS else "alpaca"
 
 
 def one_of(choices: tuple[str, ...]) -> str:

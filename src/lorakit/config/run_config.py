@@ -8,9 +8,9 @@ from pathlib import Path
 
 from ..errors import UserError
 from .paths import data_file, run_dir
-from .choices import (INITS, METHODS, OPTIMIZERS, PRECISIONS, PREFERENCE_LOSSES, QUANT_BACKENDS, QUANTIZE,
+from .choices import (CHAT_TASKS, INITS, METHODS, OPTIMIZERS, PRECISIONS, PREFERENCE_LOSSES, QUANT_BACKENDS, QUANTIZE,
                       REFERENCE_FREE, REPORT_TO, SCHEDULES, STRATEGIES,
-                      TARGET_PRESETS, TASKS, TEMPLATES, TRAIN_ON, one_of)
+                      TARGET_PRESETS, TASKS, TEMPLATES, TRAIN_ON, default_template, one_of)
 
 
 class ConfigError(UserError):
@@ -218,8 +218,8 @@ def _check_ranges(cfg: RunConfig, where: str) -> None:
 
 def validate(cfg: RunConfig, where: str) -> RunConfig:
     if not cfg.template:
-        cfg.template = "chat" if cfg.task in ("chat", "preference") else "alpaca"
-    if cfg.task in ("chat", "preference") and cfg.template == "alpaca":
+        cfg.template = default_template(cfg.task)
+    if cfg.task in CHAT_TASKS and cfg.template == "alpaca":
         raise ConfigError(f"{where}: task {cfg.task} renders conversations in a chat template: template chat (the "
                           "model's own) or chatml, not alpaca")
     _check_preference(cfg, where)

@@ -16,7 +16,7 @@ from pathlib import Path
 from .chat_template import label_tokens, render_chat, render_with_spans, template_text
 from ..errors import DataError
 from .examples import IGNORE, EncodedExample
-from .readers import LoadStats, collect, iter_records
+from .readers import LoadStats, collect_noted
 
 # field names per format: (turns, role, content)
 FORMATS = {"messages": ("messages", "role", "content"), "sharegpt": ("conversations", "from", "value")}
@@ -148,17 +148,13 @@ class ChatData:
 
     @classmethod
     def load(cls, path: str | Path, strict: bool = True) -> "ChatData":
-        notes = Counter()
-
-        def parse(rec: dict, where: str) -> Conversation:
+        def parse(rec: dict, where: str) -> tuple[Conversation, Counter]:
             fmt, turns, mapped = _turns(rec, where)
             messages, changes = clean_turns(turns, where)
-            notes.update(mapped + changes + Counter({f"format {fmt}": 1}))  # only for records that are kept
-            return Conversation(messages, f"{where}, field {FORMATS[fmt][0]!r}")
+            notes = mapped + changes + Counter({f"format {fmt}": 1})
+            return Conversation(messages, f"{where}, field {FORMATS[fmt][0]!r}"), notes
 
-        conversations, stats = collect(path, iter_records(path, strict), parse, strict)
-        stats.notes.update(notes)
-        return cls(conversations, stats)
+        return cls(*collect_noted(path, strict, parse))
 
 
 def fit_to_length(tokenizer, conv: Conversation, template: str, max_length: int, train_on: str) -> tuple[Conversation, int]:

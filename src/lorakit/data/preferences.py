@@ -30,10 +30,9 @@ from .chat_template import label_tokens, render_with_spans
 from .collate import packed_batch
 from .conversations import Conversation, Message, clean_turns, encode_each, fit_to_length, parse_turns
 from .examples import IGNORE, EncodedExample
-from .readers import LoadStats, collect, get_text, iter_records
+from .readers import LoadStats, collect_noted, get_text
 
 HH_TURN = re.compile(r"\n\n(Human|Assistant):")
-FORMATS = ("explicit", "messages", "implicit", "hh", "ranking")
 
 
 @dataclass
@@ -125,20 +124,19 @@ def split_conversations(chosen: list[Message], rejected: list[Message], where: s
 def prompt_and_replies(rec: dict, fmt: str, where: str) -> tuple[list[Message], str, str, Counter]:
     """The record's prompt turns, its two replies, and the roles that were mapped, in any of the forms."""
     mapped = Counter()
-    if fmt == "explicit":
-        prompt = [Message("user", get_text(rec, "prompt", where))]
-        return prompt, reply_text(rec, where, "chosen"), reply_text(rec, where, "rejected"), mapped
-    if fmt == "messages":
-        prompt, mapped = parse_turns(rec["prompt"], where, "prompt")
-        return prompt, reply_text(rec, where, "chosen"), reply_text(rec, where, "rejected"), mapped
-    if fmt == "ranking":
-        return ranking_prompt(rec, where), reply_text(rec, where, "chosen"), reply_text(rec, where, "rejected"), mapped
     if fmt == "hh":
         chosen, rejected = (hh_turns(get_text(rec, k, where), where, k) for k in ("chosen", "rejected"))
-    else:
+        return (*split_conversations(chosen, rejected, where), mapped)
+    if fmt == "implicit":
         (chosen, m1), (rejected, m2) = (parse_turns(rec.get(k), where, k) for k in ("chosen", "rejected"))
-        mapped = m1 + m2
-    return (*split_conversations(chosen, rejected, where), mapped)
+        return (*split_conversations(chosen, rejected, where), m1 + m2)
+    if fmt == "explicit":
+        prompt = [Message("user", get_text(rec, "prompt", where))]
+    elif fmt == "messages":
+        prompt, mapped = parse_turns(rec["prompt"], where, "prompt")
+    else:
+        prompt = ranking_prompt(rec, where)
+    return prompt, reply_text(rec, where, "chosen"), reply_text(rec, where, "rejected"), mapped
 
 
 def ranking_prompt(rec: dict, where: str) -> list[Message]:
@@ -184,16 +182,11 @@ class PreferenceData:
 
     @classmethod
     def load(cls, path: str | Path, strict: bool = True) -> "PreferenceData":
-        notes = Counter()
-
-        def parse(rec: dict, where: str) -> PreferencePair:
+        def parse(rec: dict, where: str) -> tuple[PreferencePair, Counter]:
             fmt, pair, changes = parse_pair(rec, where)
-            notes.update(changes + Counter({f"format {fmt}": 1}))  # only for records that are kept
-            return pair
+            return pair, changes + Counter({f"format {fmt}": 1})
 
-        pairs, stats = collect(path, iter_records(path, strict), parse, strict)
-        stats.notes.update(notes)
-        return cls(pairs, stats)
+        return cls(*collect_noted(path, strict, parse))
 
 
 # --------------------------------------------------------------------------------------------------- encoding

@@ -308,3 +308,18 @@ def collect(path, rows: Iterator[tuple[str, dict]], parse, strict: bool) -> tupl
         raise DataError(f"{path}: no usable records ({stats})")
     stats.kept = len(out)
     return out, stats
+
+
+def collect_noted(path, strict: bool, parse) -> tuple[list, LoadStats]:
+    """`collect` over a file's records where parse(rec, where) gives (item, notes): what was detected or cleaned
+    up in a record; the notes of the records kept add up in stats.notes."""
+    notes = Counter()
+
+    def kept(rec: dict, where: str):
+        item, found = parse(rec, where)
+        notes.update(found)
+        return item
+
+    items, stats = collect(path, iter_records(path, strict), kept, strict)
+    stats.notes.update(notes)
+    return items, stats

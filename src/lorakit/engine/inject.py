@@ -5,7 +5,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import warnings
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -110,7 +110,7 @@ def set_adapter(model: nn.Module, name: str) -> None:
 
 def disable_adapters(model: nn.Module) -> contextlib.AbstractContextManager[nn.Module]:
     """Within the block the model computes its base output; merged adapters are taken out and put back."""
-    return _unmerged_with(model, "disabled", True, False)
+    return _unmerged_with(model, "disabled", lambda layer: True)
 
 
 def adapters_by_row(model: nn.Module, names: list[str | None]) -> contextlib.AbstractContextManager[nn.Module]:
@@ -119,47 +119,35 @@ def adapters_by_row(model: nn.Module, names: list[str | None]) -> contextlib.Abs
     for name in dict.fromkeys(names):
         if name is not None:
             adapter_info(model, name)
-    return _unmerged_with(model, "row_adapters", list(names), None)
+    return _unmerged_with(model, "row_adapters", lambda layer: list(names))
 
 
-@contextlib.contextmanager
-def adapter_in_use(model: nn.Module, name: str) -> Iterator[nn.Module]:
+def adapter_in_use(model: nn.Module, name: str) -> contextlib.AbstractContextManager[nn.Module]:
     """Within the block the model computes with adapter `name` (the base at layers it does not adapt), beside the
     one being trained (a preference run's frozen reference): the active adapter and what requires grad stay as they
     are; merged adapters are taken out meanwhile."""
     adapter_info(model, name)
-    layers = [layer for _, layer in lora_layers(model)] + [wrapper for _, wrapper in trained_copies(model)]
-    remerge = [layer for layer in layers if getattr(layer, "merged", None) is not None]
-    for layer in remerge:
-        layer.unmerge()
-    before = [layer.active for layer in layers]
-    for layer in layers:
-        held = layer.copies if isinstance(layer, TrainedCopies) else layer.lora_A
-        layer.active = name if name in held else None
-    try:
-        yield model
-    finally:
-        for layer, active in zip(layers, before):
-            layer.active = active
-        for layer in remerge:
-            layer.merge()
+    return _unmerged_with(model, "active", lambda layer: name if name in (
+        layer.copies if isinstance(layer, TrainedCopies) else layer.lora_A) else None)
 
 
 @contextlib.contextmanager
-def _unmerged_with(model: nn.Module, attr: str, value, reset) -> Iterator[nn.Module]:
-    """Every LoRA layer with `attr` = value inside the block (reset after), merged adapters taken out meanwhile."""
+def _unmerged_with(model: nn.Module, attr: str, value_for: Callable[[nn.Module], object]) -> Iterator[nn.Module]:
+    """Every LoRA layer and trained copy with `attr` = value_for(layer) inside the block, put back as it was after;
+    merged adapters taken out meanwhile."""
     layers = [layer for _, layer in lora_layers(model)]
     remerge = [layer for layer in layers if layer.merged is not None]
     for layer in remerge:
         layer.unmerge()
     layers += [wrapper for _, wrapper in trained_copies(model)]
+    before = [getattr(layer, attr) for layer in layers]
     for layer in layers:
-        setattr(layer, attr, value)
+        setattr(layer, attr, value_for(layer))
     try:
         yield model
     finally:
-        for layer in layers:
-            setattr(layer, attr, reset)
+        for layer, value in zip(layers, before):
+            setattr(layer, attr, value)
         for layer in remerge:
             layer.merge()
 

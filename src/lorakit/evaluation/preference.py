@@ -20,9 +20,7 @@ from ..data.pipeline import batcher
 from ..engine import adapter_in_use, disable_adapters, load_adapter, set_adapter
 from ..inference import Sampling, generate_base_and_adapted
 from ..models import adapter_dir
-from ..training.preference import pair_logps
-
-REFERENCE = "reference"
+from ..training.preference import REFERENCE, pair_logps
 
 
 def ranking(chosen: torch.Tensor, rejected: torch.Tensor) -> dict[str, float]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from ..config.choices import default_template
 from ..data.chat_template import render, template_text
 from ..data.prompts import ALPACA_PROMPT, SUMMARY_INSTRUCTION
 from ..errors import DataError
@@ -53,7 +54,7 @@ def write_modelfile(directory: Path, gguf_name: str, tokenizer, meta: dict) -> P
     """Ollama's Modelfile beside the GGUF (`ollama create NAME -f Modelfile`), in the prompt format of the run
     described by `meta` (its task and template)."""
     task = meta.get("task") or "instruct"
-    template = meta.get("template") or ("chat" if task in ("chat", "preference") else "alpaca")
+    template = meta.get("template") or default_template(task)
     system, stops = None, []
     if template == "alpaca":
         go_template = alpaca_template(task)

@@ -128,6 +128,11 @@ def _left_padded(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.T
     return ids, mask
 
 
+def compiled_view(model, dtype: torch.dtype):
+    """The C++ step's view of `model` as it computes now (compiled_step.py); None where it cannot describe it."""
+    return compiled_model(model, dtype) if model.config.model_type in LLAMA_FAMILY else None
+
+
 def _float_like(model) -> torch.Tensor:
     """A tensor of the dtype and device the cache takes: the first parameter's (fp32 where it is quantised)."""
     like = next(model.parameters())
@@ -149,7 +154,7 @@ def decode(model, prompts: list[list[int]], choose: Choice, eos_ids: set[int], p
     like = _float_like(model)
     device, config, rows = like.device, model.config, min(slots, len(prompts))
     cache = KVCache.for_model(config, rows, max(len(p) for p in prompts) + max_new_tokens, like)
-    native = compiled_model(model, like.dtype) if compiled and config.model_type in LLAMA_FAMILY else None
+    native = compiled_view(model, like.dtype) if compiled else None
     seen = (torch.zeros(rows, config.vocab_size, dtype=torch.bool, device=device)
             if choose.sampling.repetition_penalty != 1.0 else None)  # tokens each row holds, for the penalty
     slot_prompt = list(range(rows))  # which prompt each slot is generating for (-1: none, finished)

@@ -28,8 +28,7 @@ import torch
 
 from ..engine import adapter_in_use, disable_adapters, lora_layers
 from ..engine.trained_copies import trained_copies
-from .compiled_step import compiled_model
-from .decode import LLAMA_FAMILY, _float_like, _left_padded, prefill, step
+from .decode import _float_like, _left_padded, compiled_view, prefill, step
 from .kv_cache import KVCache
 from .sampling import Choice, Sampling
 
@@ -83,7 +82,7 @@ class Engine:
 
     def __init__(self, model, tokenizer, slots: int = 16, max_len: int = 1024, max_queue: int = 64) -> None:
         self.model, self.tokenizer = model.eval(), tokenizer
-        self.slots, self.max_len, self.max_queue = slots, max_len, max_queue
+        self.max_len, self.max_queue = max_len, max_queue
         self.eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
         self.like = _float_like(model)
@@ -96,7 +95,7 @@ class Engine:
         self.rows: list[str | None] | None = None  # the row adapters the layers hold now
         self.compiled_rows: object = None  # the C++ step's view for those rows (False: none), rebuilt as they change
         self.thread: threading.Thread | None = None
-        self.stopping = self.stopped = False
+        self.stopping = False  # set by close, or by run as it ends: no more requests or calls
 
     # ---- from any thread
     def start(self) -> "Engine":
@@ -117,7 +116,7 @@ class Engine:
                     self._turn()
         finally:
             with self.wake:
-                self.stopped = True  # from now on submit and call refuse
+                self.stopping = True  # from now on submit and call refuse
             self._fail_all("the server is shutting down", waiting=True)
             with self.wake:
                 calls, self.calls = list(self.calls), deque()
@@ -136,7 +135,7 @@ class Engine:
     def submit(self, request: Request) -> None:
         """Queue `request`; QueueFull when `max_queue` requests are already waiting for a slot."""
         with self.wake:
-            if self.stopping or self.stopped:
+            if self.stopping:
                 raise Stopped("the server is shutting down")
             if len(self.waiting) >= self.max_queue:
                 raise QueueFull(f"{len(self.waiting)} requests are waiting for a slot")
@@ -148,7 +147,7 @@ class Engine:
         its result or error. For loading or unloading an adapter while serving."""
         future: Future = Future()
         with self.wake:
-            if self.stopping or self.stopped:
+            if self.stopping:
                 raise Stopped("the server is shutting down")
             self.calls.append((fn, future))
             self.wake.notify()
@@ -260,7 +259,8 @@ class Engine:
         return disable_adapters(self.model) if name is None else adapter_in_use(self.model, name)
 
     def _use_rows(self, rows: list[str | None] | None) -> None:
-        """Set the layers' row adapters, only when they change (the layers stack the rows' A and B again then)."""
+        """Set the layers' row adapters, only when they change (the layers set their adapters side by side again
+        then, and the C++ step's view of them is rebuilt)."""
         if rows == self.rows:
             return
         for _, layer in [*lora_layers(self.model), *trained_copies(self.model)]:
@@ -305,11 +305,6 @@ def took(r: Running, token: int, tokenizer, eos: set[int], max_len: int) -> bool
         r.request.emit(Event(text[r.sent:ready], completion_tokens=len(r.ids)))
         r.sent = ready
     return False
-
-
-def compiled_view(model, dtype: torch.dtype):
-    """The C++ step's view of `model` as it computes now; None where it cannot describe it."""
-    return compiled_model(model, dtype) if model.config.model_type in LLAMA_FAMILY else None
 
 
 def held_back(text: str, stops: list[str]) -> int:

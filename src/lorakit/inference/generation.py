@@ -48,7 +48,8 @@ def new_token_counts(new: torch.Tensor, eos_id: int | None) -> list[int]:
     return ((ended == 0) | ((ended == 1) & (new == eos_id))).sum(1).tolist()
 
 
-def _prompt_ids(tok, prompts: list[str], template: str) -> list[list[int]]:
+def prompt_ids(tok, prompts: list[str], template: str) -> list[list[int]]:
+    """The prompts' token ids as generation feeds them (the tokenizer's special tokens for the Alpaca prompt only)."""
     return tok(prompts, add_special_tokens=_adds_special_tokens(template))["input_ids"]
 
 
@@ -94,7 +95,7 @@ def generate(model, tok, prompts: list[str], sampling: Sampling, template: str =
         bar.set_postfix(tok_s=f"{tokens / (time.perf_counter() - t0):.1f}", refresh=False)
     try:
         seq2seq = is_seq2seq(model)
-        ids = [] if seq2seq or not prompts else _prompt_ids(tok, prompts, template)
+        ids = [] if seq2seq or not prompts else prompt_ids(tok, prompts, template)
         longest = max(map(len, ids), default=0) + sampling.max_new_tokens
         if engine == "transformers" or seq2seq or not supports(model, longest):
             return _generate_with_transformers(model, tok, prompts, sampling, template, batch_size, count)
@@ -167,7 +168,7 @@ def stream(model, tok, prompt: str, sampling: Sampling, template: str = "alpaca"
         torch.manual_seed(sampling.seed)
     counts = stats if stats is not None else {}
     counts["tokens"] = 0
-    ids = [] if is_seq2seq(model) else _prompt_ids(tok, [prompt], template)
+    ids = [] if is_seq2seq(model) else prompt_ids(tok, [prompt], template)
     if not ids or not supports(model, len(ids[0]) + sampling.max_new_tokens):
         yield from _stream_with_transformers(model, tok, prompt, sampling, template, counts)
         return

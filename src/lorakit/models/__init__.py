@@ -10,8 +10,8 @@ or anything above.
 from .kernels import compile_blocks, fuse_swiglu
 from .loading import (EMBEDDED, ModelError, cache_dir, head_name, is_seq2seq, load_model, load_tokenizer,
                       load_tokenizer_and_config, resolve_spec)
-from .trained import adapter_dir, load_adapted, load_trained, same_model
+from .trained import adapter_dir, foreign_base, load_adapted, load_trained, same_model
 
 __all__ = ["compile_blocks", "fuse_swiglu", "EMBEDDED", "ModelError", "cache_dir", "head_name", "is_seq2seq",
-           "load_model", "load_tokenizer", "load_tokenizer_and_config", "resolve_spec", "same_model", "adapter_dir",
+           "load_model", "load_tokenizer", "load_tokenizer_and_config", "resolve_spec", "same_model", "foreign_base", "adapter_dir",
            "load_adapted", "load_trained"]

@@ -20,6 +20,15 @@ def same_model(a: str, b: str) -> bool:
     return same_base(a, b)
 
 
+def foreign_base(adapter: Path, *serving: str) -> str | None:
+    """The base model `adapter` was trained on (its lorakit.json, else PEFT's base_model_name_or_path) when it is
+    none of the `serving` specs; None when it is one of them, or the adapter does not say. Reading its
+    adapter_config.json first, it says so in one line where `adapter` is not an adapter."""
+    config = read_adapter_config(adapter)
+    trained_on = read_metadata(adapter).get("model") or config.get("base_model_name_or_path")
+    return trained_on if trained_on and not any(same_model(trained_on, spec) for spec in serving) else None
+
+
 def adapter_dir(path: str | Path) -> Path:
     """An adapter directory, given it or the run directory that holds it (RUN/adapter)."""
     p = Path(str(path).strip()).expanduser()

@@ -103,12 +103,12 @@ class BodyLimit:
 def open_served(model: str | None, adapters: list[str], api_key: str | None = None, adapter_root: str | None = None,
                 max_queue: int = 64, slots: int = 16, max_len: int | None = None) -> Served:
     """Load the base (the first adapter's, unless `model` names one) and every adapter onto it, with an engine
-    over them that serve_api runs. Adapters named on the command line load from anywhere the user points; at run time, only from under
-    `adapter_root`."""
-    from ..engine import load_adapter, read_adapter_config, read_metadata
+    over them that serve_api runs. Adapters named on the command line load from anywhere the user points; at run
+    time, only from under `adapter_root`."""
+    from ..engine import load_adapter, read_metadata
     from ..inference.engine import Engine
-    from ..models import adapter_dir, load_model, same_model
-    from ..serve.workbench import adapter_name
+    from ..models import adapter_dir, foreign_base, load_model
+    from .workbench import adapter_name
     dirs = [adapter_dir(path) for path in adapters]
     first = read_metadata(dirs[0]) if dirs else {}
     spec = model or first.get("model") or "smollm2"
@@ -116,13 +116,12 @@ def open_served(model: str | None, adapters: list[str], api_key: str | None = No
     context = getattr(base.config, "max_position_embeddings", None) or 2048
     names: dict[str, str] = {}
     for d in dirs:
-        meta = read_metadata(d)
-        trained_on = meta.get("model") or read_adapter_config(d).get("base_model_name_or_path")
-        if trained_on and not same_model(trained_on, spec) and not same_model(trained_on, base.config._name_or_path):
+        trained_on = foreign_base(d, spec, base.config._name_or_path)
+        if trained_on:
             raise UserError(f"{d}: this adapter was trained on base model {trained_on!r}; the server serves {spec!r} "
                             "(pass --model, or serve its own base)")
         name = adapter_name(d, set(names) | {spec})
-        load_adapter(base, d, name, quantize=meta.get("quantize"))
+        load_adapter(base, d, name, quantize=read_metadata(d).get("quantize"))
         names[name] = str(d)
     base.eval()
     engine = Engine(base, tok, slots=slots, max_len=min(max_len or 1024, context), max_queue=max_queue)

@@ -12,11 +12,11 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..data.chat_template import render
-from ..engine import delete_adapter, load_adapter, read_adapter_config, read_metadata
+from ..engine import delete_adapter, load_adapter, read_metadata
 from ..errors import UserError
 from ..inference import Sampling
 from ..inference.engine import Event, QueueFull, Request, Stopped
-from ..models import adapter_dir, same_model
+from ..models import adapter_dir, foreign_base
 from .served import POLL, APIError, Served
 
 
@@ -236,8 +236,8 @@ def _load(served: Served, body: LoadAdapter) -> str:
                        "lora_path")
     try:
         meta = read_metadata(path)
-        base = meta.get("model") or read_adapter_config(path).get("base_model_name_or_path")
-        if base and not same_model(base, served.base) and not same_model(base, served.base_root):
+        base = foreign_base(path, served.base, served.base_root)
+        if base:
             raise APIError(400, f"{body.lora_path}: trained on base model {base!r}; this server serves {served.base!r}",
                            param="lora_path")
         served.engine.call(lambda: load_adapter(served.engine.model, path, body.lora_name,

@@ -18,12 +18,13 @@ from torch import nn
 
 from ..data import format_prompt
 from ..data.conversations import reply_prompt
-from ..engine import delete_adapter, disable_adapters, load_adapter, read_adapter_config, read_metadata, set_adapter
+from ..engine import delete_adapter, disable_adapters, load_adapter, read_metadata, set_adapter
 from ..errors import UserError
 from ..inference import Sampling, generate, stream
 from ..inference.decode import supports
 from ..inference.engine import Engine, Request
-from ..models import adapter_dir, is_seq2seq, load_model, same_model
+from ..inference.generation import prompt_ids
+from ..models import adapter_dir, foreign_base, is_seq2seq, load_model
 
 BASE = "base"
 ENGINE_LENGTH = 4096  # the context the page's engine keeps room for (prompt + reply)
@@ -114,10 +115,9 @@ class Workbench:
         p = adapter_dir(path)
         if not p.is_dir():
             raise UserError(f"{p}: no such directory")
-        cfg = read_adapter_config(p)
         meta = read_metadata(p)
-        base = meta.get("model") or cfg.get("base_model_name_or_path")
-        if base and not same_model(base, self.spec) and not same_model(base, self.model.config._name_or_path):
+        base = foreign_base(p, self.spec, self.model.config._name_or_path)
+        if base:
             raise UserError(f"{p}: this adapter was trained on base model {base!r}; this page serves {self.spec!r}")
         task = page_task(meta.get("task"))
         if task and task != self.task and {task, self.task} != {"instruct", "summarize"}:  # chat only with chat
@@ -184,7 +184,7 @@ class Workbench:
 
     def _stream(self, column: str, text: str, sampling: Sampling) -> Iterator[Answer]:
         template = self.template_for(column)
-        ids = self.tok(text, add_special_tokens=template == "alpaca")["input_ids"]
+        ids = prompt_ids(self.tok, [text], template)[0]
         length = len(ids) + sampling.max_new_tokens
         if supports(self.model, length) and length <= ENGINE_LENGTH:
             yield from self._stream_engine(column, ids, sampling)

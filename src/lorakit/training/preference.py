@@ -29,6 +29,14 @@ from ..data.examples import IGNORE
 from ..engine import adapter_in_use, disable_adapters
 from .loss import CHUNK_ROWS, label_only_supported
 
+REFERENCE = "reference"  # the adapter name of a preference run's frozen reference (when it starts from an adapter)
+
+
+def reference_adapter(cfg) -> str | None:
+    """The adapter a preference run's reference computes with: the one it started from (`init_adapter`, loaded
+    frozen as REFERENCE), or None for the base (the trained adapter switched off)."""
+    return REFERENCE if cfg.task == "preference" and cfg.init_adapter else None
+
 
 class LinearLogProbs(torch.autograd.Function):
     """log softmax(h·Wᵀ + b)[target] for each row, a chunk of rows at a time: the (rows x vocab) logits of one chunk
@@ -115,13 +123,19 @@ def reward_metrics(chosen: torch.Tensor, rejected: torch.Tensor, logps: torch.Te
             "logps/chosen": logps[:, 0].mean().item(), "logps/rejected": logps[:, 1].mean().item()}
 
 
+def smoothed_logsigmoid_loss(x: torch.Tensor, smoothing: float) -> torch.Tensor:
+    """-(1-ε)·logσ(x) - ε·logσ(-x): the logistic loss of x with a share ε of the pairs' labels taken as flipped
+    (cDPO's and SimPO's label smoothing; ε = 0 is the plain loss)."""
+    return -(1 - smoothing) * F.logsigmoid(x) - smoothing * F.logsigmoid(-x)
+
+
 def dpo_family_loss(kind: str, policy: torch.Tensor, reference: torch.Tensor, counts: torch.Tensor, beta: float,
                     smoothing: float) -> tuple[torch.Tensor, dict]:
     """sigmoid, ipo, hinge or robust on summed log-probabilities (pairs, 2); the mean loss and the metrics."""
     ratios = policy - reference
     delta = ratios[:, 0] - ratios[:, 1]
     if kind == "sigmoid":
-        losses = -(1 - smoothing) * F.logsigmoid(beta * delta) - smoothing * F.logsigmoid(-beta * delta)
+        losses = smoothed_logsigmoid_loss(beta * delta, smoothing)
     elif kind == "ipo":
         per_token = ratios / counts.clamp(min=1)
         losses = (per_token[:, 0] - per_token[:, 1] - 1 / (2 * beta)) ** 2
@@ -155,7 +169,7 @@ def simpo_loss(policy: torch.Tensor, counts: torch.Tensor, beta: float, gamma: f
     loss_type simpo and cpo_alpha 0)."""
     mean = policy / counts.clamp(min=1)
     logits = mean[:, 0] - mean[:, 1] - gamma / beta
-    losses = -(1 - smoothing) * F.logsigmoid(beta * logits) - smoothing * F.logsigmoid(-beta * logits)
+    losses = smoothed_logsigmoid_loss(beta * logits, smoothing)
     rewards = beta * mean.detach()
     return losses.mean(), reward_metrics(rewards[:, 0], rewards[:, 1], mean.detach())
 

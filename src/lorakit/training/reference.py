@@ -40,19 +40,20 @@ def precompute_reference(run: Run) -> None:
     """Set every training and validation pair's `reference`, from the run directory's file when it was computed
     for these pairs before, else by running the reference over them (and keeping the result)."""
     key, f = reference_key(run), run.out / FILE
+    parts = {"train": run.data.train, "val": run.data.val}
     values = _read(f, key)
     if values is None:
         device = run.accelerator.device
         values = {name: reference_logps(run.model, pairs, run.data.collate, run.cfg.batch_size, run.reference, device,
                                         progress=f"reference log-probs ({name})" if run.main else None)
-                  for name, pairs in (("train", run.data.train), ("val", run.data.val)) if pairs}
+                  for name, pairs in parts.items() if pairs}
         if run.main:
             run.out.mkdir(parents=True, exist_ok=True)
             with atomic_file(f) as tmp:
                 save_file({k: v.contiguous() for k, v in values.items()}, str(tmp), metadata={"key": key})
     else:
         run.log(f"lorakit: reference log-probabilities read from {f} (computed for these pairs before)")
-    for name, pairs in (("train", run.data.train), ("val", run.data.val)):
+    for name, pairs in parts.items():
         for pair, (chosen, rejected) in zip(pairs, values.get(name, torch.empty(0, 2)).tolist()):
             pair.reference = (chosen, rejected)
 

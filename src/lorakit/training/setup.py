@@ -23,9 +23,7 @@ from ..data import Encoded, Splits, encode, read, split
 from .checkpoint import CHECKPOINT
 from .distributed import wrap_model
 from .loss import label_only_supported, supervised_objective
-from .preference import preference_objective
-
-REFERENCE = "reference"  # the adapter name of a preference run's frozen reference (when it starts from an adapter)
+from .preference import REFERENCE, preference_objective, reference_adapter
 
 
 @dataclass
@@ -144,7 +142,7 @@ def objective_for(cfg: RunConfig, model: torch.nn.Module, world: int) -> Callabl
     """The loss a step minimises: a preference loss for task preference; else the LM loss (label-only and chunked on
     one process for the models it is exact for; DDP/FSDP need their wrapper's forward) or the model's own."""
     if cfg.task == "preference":
-        return preference_objective(cfg, REFERENCE if cfg.init_adapter else None)
+        return preference_objective(cfg, reference_adapter(cfg))
     label_only = cfg.label_only_loss and world == 1 and cfg.task != "classify" and label_only_supported(model)
     return supervised_objective(label_only)
 
@@ -179,7 +177,7 @@ def set_up(cfg: RunConfig, accelerator, strategy: str) -> Run:
     model = accelerator.unwrap_model(wrapped)
     trained = [p for p in model.parameters() if p.requires_grad]
     return Run(cfg, cfg.out_dir, accelerator, model, wrapped, tokenizer, splits, data, report, trained, head_params,
-               strategy, fsdp, objective, REFERENCE if cfg.task == "preference" and cfg.init_adapter else None, started)
+               strategy, fsdp, objective, reference_adapter(cfg), started)
 
 
 def plan_steps(run: Run) -> Plan:
