@@ -7,7 +7,10 @@ reports each case as a fraction of that bound. Cases, taking turns over several 
 greedy, 64 new tokens, on DialogSum test dialogues in the `dialogsum` recipe's prompt; a prefill of 8 x 256 tokens
 by each (best of 3 a round); and llama.cpp on an f16 export where llama-cpp-python is built. Then greedy tokens of
 the loop against `generate`'s on 20 further prompts x 64 tokens at batch 1 and 8: the base, a random adapter
-unmerged and merged, and adapters mixed by row. Writes bench/results/generate.json and prints a Markdown table.
+unmerged and merged, and adapters mixed by row. With bf16 weights (`--dtype bf16`: the C++ step's own AVX-512
+kernel, skinny_gemm.cpp) the loop at batch 1, 8 and 16 beside fp32 at 16, and llama.cpp's q8_0 export beside its f16.
+The machine's bound for each dtype: the measured read GB/s over the bytes of the weights in that dtype. Writes
+bench/results/generate.json and prints a Markdown table.
 
     python bench/generate.py [--rounds 3] [--new-tokens 64]
 """
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import statistics
 import sys
@@ -28,6 +32,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "bench"))
+from lorakit.engine import cast_for_inference  # noqa: E402
 from lorakit.evaluation.runs import machine  # noqa: E402
 from lorakit.inference.compiled_step import extension  # noqa: E402
 from lorakit.data.prompts import SummarizationData, format_prompt  # noqa: E402
@@ -211,6 +216,9 @@ def main() -> None:
         sys.exit("the C++ decode step is not built here (see the line above): its rows would time the Python step")
     data = SummarizationData.load(DIALOGSUM_TEST)
     prompts = [format_prompt(tok, e.instruction, e.prompt_input, "alpaca") for e in data.examples[:8]]
+    sixteen = [format_prompt(tok, e.instruction, e.prompt_input, "alpaca") for e in data.examples[:16]]
+    bf16 = copy.deepcopy(model)
+    cast_for_inference(bf16, "bf16")
     cases = {"transformers generate, batch 1": lambda: hf_generate(model, tok, prompts, 1, args.new_tokens),
              "transformers generate, batch 8": lambda: hf_generate(model, tok, prompts, 8, args.new_tokens),
              "lorakit decode loop, batch 1": lambda: loop_generate(model, tok, prompts, 1, args.new_tokens),
@@ -220,7 +228,12 @@ def main() -> None:
              "lorakit decode loop, Python step, batch 8": lambda: loop_generate(model, tok, prompts, 8,
                                                                                 args.new_tokens, compiled=False),
              "transformers prefill 8 x 256": lambda: prefill(model),
-             "lorakit prefill 8 x 256": lambda: loop_prefill(model)}
+             "lorakit prefill 8 x 256": lambda: loop_prefill(model),
+             "lorakit decode loop, batch 16": lambda: loop_generate(model, tok, sixteen, 16, args.new_tokens),
+             "lorakit decode loop bf16, batch 1": lambda: loop_generate(bf16, tok, prompts, 1, args.new_tokens),
+             "lorakit decode loop bf16, batch 8": lambda: loop_generate(bf16, tok, prompts, 8, args.new_tokens),
+             "lorakit decode loop bf16, batch 16": lambda: loop_generate(bf16, tok, sixteen, 16, args.new_tokens),
+             "lorakit prefill bf16 8 x 256": lambda: loop_prefill(bf16)}
     tmp = tempfile.TemporaryDirectory()
     try:
         import llama_cpp  # noqa: F401
@@ -230,12 +243,18 @@ def main() -> None:
         ids = [tok(p)["input_ids"] for p in prompts]
         cases["llama.cpp f16, batch 1"] = lambda: batch_one(llama_cpp_case(f16, ids, args.new_tokens,
                                                                          torch.get_num_threads()))
+        q8 = write_model_gguf(model, tok, Path(tmp.name) / "smollm2-q8_0.gguf", "q8_0")
+        cases["llama.cpp q8_0, batch 1"] = lambda: batch_one(llama_cpp_case(q8, ids, args.new_tokens,
+                                                                          torch.get_num_threads()))
     except ImportError:
         print("llama-cpp-python is not built (make llama-cpp): its row is left out")
     for batch in (1, 8):  # first calls allocate and pick kernels: not timed
         hf_generate(model, tok, prompts[:batch], batch, 2)
         loop_generate(model, tok, prompts[:batch], batch, 2)
         loop_generate(model, tok, prompts[:batch], batch, 2, compiled=False)
+    for batch in (1, 8, 16):
+        loop_generate(bf16, tok, sixteen[:batch], batch, 2)
+    loop_prefill(bf16, repeats=1)
     runs = {name: [] for name in cases}
     bound = {"read_gb_s": [], "weights": []}
     for r in range(args.rounds):
@@ -250,26 +269,36 @@ def main() -> None:
                      for e in data.examples[8:8 + args.check_prompts]]
     identity = identity_checks(model, tok, check_prompts, args.new_tokens) if check_prompts else []
     steps_bound = statistics.median(b["bound_steps_s"] for b in bound["weights"])
+    read = statistics.median(bound["read_gb_s"])
+    weight_mb = bound["weights"][-1]["weight_mb"]  # fp32
+    machine_bound = {"fp32": read * 1e3 / weight_mb, "bf16": read * 1e3 / (weight_mb / 2),
+                     "q8_0": read * 1e3 / (weight_mb * 34 / 128)}  # q8_0: 34 bytes per 32 weights
     for name, row in rows.items():
         if "decode_steps_s" in row:
             row["fraction_of_bound"] = row["decode_steps_s"] / steps_bound
+            kind = "bf16" if "bf16" in name or "f16" in name else "q8_0" if "q8_0" in name else "fp32"
+            row["fraction_of_machine_bound"] = row["decode_steps_s"] / machine_bound[kind]
     result = {"machine": machine(), "threads": torch.get_num_threads(), "rounds": args.rounds,
               "new_tokens": args.new_tokens, "prompt_tokens": [len(tok(p)["input_ids"]) for p in prompts],
-              "read_gb_s": statistics.median(bound["read_gb_s"]), "weight_bound": bound["weights"][-1] |
-              {"bound_steps_s": steps_bound}, "rows": rows, "identical_to_transformers": identity, "runs": runs}
+              "read_gb_s": read, "weight_bound": bound["weights"][-1] | {"bound_steps_s": steps_bound},
+              "machine_bound_steps_s": machine_bound, "rows": rows, "identical_to_transformers": identity, "runs": runs}
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(f"\nmemory read {result['read_gb_s']:.1f} GB/s; all weight matrices at M=1: "
-          f"{result['weight_bound']['linear_pass_ms']:.1f} ms = {steps_bound:.1f} decode steps/s at best\n")
-    print("| case | tokens/s | decode steps/s | fraction of the bound | vs transformers |\n|---|---:|---:|---:|---:|")
+          f"{result['weight_bound']['linear_pass_ms']:.1f} ms = {steps_bound:.1f} decode steps/s at best; the "
+          "machine's bound (read GB/s over the weights' bytes): "
+          + ", ".join(f"{k} {v:.1f} steps/s" for k, v in machine_bound.items()) + "\n")
+    print("| case | tokens/s | decode steps/s | fraction of the fp32 F.linear bound | of the machine's bound | vs "
+          "transformers |\n|---|---:|---:|---:|---:|---:|")
     for name, row in rows.items():
         rate = row.get("decode_tok_s") or row.get("prefill_tok_s")
         steps = f"{row['decode_steps_s']:.1f}" if "decode_steps_s" in row else ""
         fraction = f"{row['fraction_of_bound']:.0%}" if "fraction_of_bound" in row else ""
+        of_machine = f"{row['fraction_of_machine_bound']:.0%}" if "fraction_of_machine_bound" in row else ""
         rival = rows.get(name.replace("lorakit decode loop", "transformers generate").replace(", Python step", "")
-                         .replace("lorakit", "transformers"))
+                         .replace(" bf16", "").replace("lorakit", "transformers"))
         rival = rival if name.startswith("lorakit") else None
         versus = f"{rate / (rival.get('decode_tok_s') or rival['prefill_tok_s']):.2f}x" if rival else ""
-        print(f"| {name} | {rate:.1f} | {steps} | {fraction} | {versus} |")
+        print(f"| {name} | {rate:.1f} | {steps} | {fraction} | {of_machine} | {versus} |")
     print(f"\n-> {args.out}")
 
 

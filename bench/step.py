@@ -6,7 +6,11 @@ A case is the library (peft or lorakit) and options: -label, lorakit's label-onl
 of transformers' full-logits loss; -compile, torch.compile of each decoder block (lorakit.kernels.compile_blocks), for
 PEFT as for lorakit; its compile happens in the warm-up steps, which are not timed; -dora, DoRA adapters (PEFT's
 use_dora, lorakit's dora): compare them at --dropout 0, where both compute the same function (with dropout PEFT
-also runs the base matmul on the dropped input).
+also runs the base matmul on the dropped input); -bf16, the frozen base stored in bf16 (lorakit's `precision: bf16`;
+PEFT on a model loaded in bf16, its adapters fp32 as PEFT keeps them); -autocast, the forward under autocast to bf16
+over fp32 weights (transformers' Trainer with bf16=True). bf16 on a CPU with AVX-512 BF16 or AMX:
+    python bench/step.py --cases peft,peft-autocast,peft-bf16,lorakit-label,lorakit-label-bf16 --out \
+        bench/results/step-bf16.json
 Then (--interleave, the default) all cases again in one process, a step each in turn, for speed ratios that the
 machine's drift does not skew.
 On a GPU: --device cuda --precision bf16 (autocast to bf16 over fp32 weights, as transformers' Trainer does with
@@ -38,20 +42,27 @@ PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 
 def build(case: str, dropout: float, device: str = "cpu"):
     """SmolLM2 with r=8 LoRA on the 7 projections by peft or lorakit (the case's first word), on `device`;
-    -compile: compiled."""
+    -compile: compiled; -bf16: the frozen base in bf16 (lorakit's precision bf16, PEFT on a bf16-loaded model)."""
+    import torch
+
     from lorakit import LoRAConfig, add_lora
     from lorakit.models.kernels import compile_blocks, fuse_swiglu
     from lorakit.models.loading import load_model
+    from lorakit.engine import store_frozen
     model, _ = load_model("smollm2", "instruct")
     model.to(device)
-    dora = "dora" in case.split("-")
+    tags = case.split("-")
+    dora = "dora" in tags
     if case.startswith("peft"):
         from peft import LoraConfig, get_peft_model
+        if "bf16" in tags:  # loaded in bf16 as PEFT users do on GPUs; PEFT keeps its adapters in fp32
+            model.to(torch.bfloat16)
         model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, use_dora=dora,
                                                  target_modules=PROJECTIONS, task_type="CAUSAL_LM"))
     elif case.startswith("lorakit"):
         model = add_lora(model, LoRAConfig(r=8, alpha=16, dropout=dropout, targets=PROJECTIONS, dora=dora))
         fuse_swiglu(model)  # as `lorakit train` does by default
+        store_frozen(model, torch.bfloat16 if "bf16" in tags else torch.float32)  # `precision: bf16`
     else:
         raise SystemExit(f"unknown case {case!r}")
     if "compile" in case.split("-"):
@@ -111,7 +122,7 @@ def loss_of(case: str):
 
 def one_step(model, opt, loss_fn, batch: dict, precision: str = "fp32") -> tuple[float, float]:
     """One AdamW training step on `batch` (moved to the model's device first, untimed): (seconds, loss). bf16:
-    the forward under autocast to bf16, the weights and optimizer in fp32."""
+    the forward under autocast to bf16 (transformers' Trainer with bf16=True), the weights and optimizer as built."""
     import torch
     device = next(model.parameters()).device
     batch = {k: v.to(device) for k, v in batch.items()}
@@ -124,6 +135,11 @@ def one_step(model, opt, loss_fn, batch: dict, precision: str = "fp32") -> tuple
     opt.zero_grad(set_to_none=True)
     sync(device)
     return time.perf_counter() - t0, loss.item()
+
+
+def precision_of(case: str, a: argparse.Namespace) -> str:
+    """bf16 (autocast) for a case tagged -autocast or under --precision bf16, else fp32."""
+    return "bf16" if "autocast" in case.split("-") else getattr(a, "precision", "fp32")
 
 
 def random_ids(a: argparse.Namespace):
@@ -148,7 +164,7 @@ def interleaved_speed(cases: list[str], a: argparse.Namespace) -> dict[str, floa
     warmup = max(a.warmup, 3)
     for i in range(warmup + a.steps):
         for case, (model, opt, loss_fn) in runs.items():
-            dt, loss = one_step(model, opt, loss_fn, {"input_ids": ids, "labels": ids}, a.precision)
+            dt, loss = one_step(model, opt, loss_fn, {"input_ids": ids, "labels": ids}, precision_of(case, a))
             if i >= warmup:
                 times[case].append(dt)
             print(f"  interleaved round {i + 1}/{warmup + a.steps} {case}: {dt:.2f}s loss {loss:.4f}",
@@ -186,7 +202,8 @@ def step_result(case: str, a: argparse.Namespace, model, times: list[float], los
     tokens = a.batch * a.seq
     gflops = 4 * matmul_params(model.config) * tokens / step / 1e9  # forward 2N + input-gradient 2N per token
     device = next(model.parameters()).device
-    ceiling = linear_ceiling(device, getattr(a, "precision", "fp32"))
+    bf16 = {"bf16", "autocast"} & set(case.split("-"))
+    ceiling = linear_ceiling(device, "bf16" if bf16 else getattr(a, "precision", "fp32"))
     return {"case": case, "step_s": step, "tokens_per_s": tokens / step, "gflops": gflops,
             "linear_ceiling_gflops": ceiling, "of_ceiling": gflops / ceiling,
             "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9,  # loading included
@@ -211,7 +228,7 @@ def time_steps(case: str, model, a: argparse.Namespace) -> dict:
     times, losses = [], []
     warmup = warmup_of(case, a)
     for i in range(warmup + a.steps):
-        dt, loss = one_step(model, opt, loss_fn, {"input_ids": ids, "labels": ids}, getattr(a, "precision", "fp32"))
+        dt, loss = one_step(model, opt, loss_fn, {"input_ids": ids, "labels": ids}, precision_of(case, a))
         losses.append(loss)
         if i >= warmup:
             times.append(dt)
@@ -333,7 +350,7 @@ def main() -> None:
                     help="also time all cases in one process, a step each in turn (the speed ratios reported)")
     ap.add_argument("--device", default="auto", help="cpu, cuda, ... (auto: cuda where there is a GPU)")
     ap.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
-                    help="bf16: autocast to bf16 over fp32 weights (a GPU's mode; this CPU runs bf16 far slower)")
+                    help="bf16: every case under autocast to bf16 over fp32 weights (a GPU's mode)")
     results, a = run_cases(ap, __file__, run_case)
     if results is None:
         return

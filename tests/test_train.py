@@ -173,11 +173,12 @@ def test_classification_metrics_against_hand_computation():
     assert m["macro_f1"] == pytest.approx((f1_0 + f1_1) / 2)
 
 
-def test_resume_reaches_the_uninterrupted_result(tmp_path, llama_dir, monkeypatch):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_resume_reaches_the_uninterrupted_result(tmp_path, llama_dir, monkeypatch, precision):
     import lorakit.training.loop as train_mod
     data = write_instruct(tmp_path / "a.jsonl", n=30)
     common = dict(model=llama_dir, task="instruct", data=str(data), split=[0.8, 0.2, 0.0], epochs=2,
-                  checkpoint_every=3, eval_every=2, grad_accum=2, batch_size=3, early_stopping=0)
+                  checkpoint_every=3, eval_every=2, grad_accum=2, batch_size=3, early_stopping=0, precision=precision)
     straight = tmp_path / "straight"
     assert main(["train", recipe(tmp_path, **common), "--out", str(straight)]) == 0
 

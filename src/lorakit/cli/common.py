@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..config import FIELDS, INITS, TARGET_PRESETS, TEMPLATES, TRAIN_ON, load_recipe, recipe_file
+from ..config import FIELDS, INFER_DTYPES, INITS, TARGET_PRESETS, TEMPLATES, TRAIN_ON, load_recipe, recipe_file
 from ..config.paths import check_writable
 from ..engine import LoRAConfig
 from ..errors import UserError
@@ -83,10 +83,20 @@ def add_data_flags(p: argparse.ArgumentParser) -> None:
                    help="skip (and count) invalid records instead of failing")
 
 
+def add_dtype_flag(p: argparse.ArgumentParser, default: str | None = "auto") -> None:
+    """--dtype: what the weights are in for generation and evaluation (engine.precision)."""
+    p.add_argument("--dtype", choices=INFER_DTYPES, default=default,
+                   help="weights for generating and scoring: fp32 (exact), bf16, or auto: bf16 where the hardware "
+                        f"computes it (AVX-512 BF16 / AMX CPUs, bf16 GPUs){' (default: the recipe infer_dtype)' if default is None else ''}")
+
+
 def recipe_overrides_out(args: argparse.Namespace, command: str) -> tuple[str, dict, str]:
-    """compare's and sweep's recipe path, --set overrides, and --out (default runs/NAME-<command>)."""
+    """compare's and sweep's recipe path, --set overrides (--dtype as infer_dtype), and --out (default
+    runs/NAME-<command>)."""
     path = str(recipe_file(args.recipe))
     overrides = set_pairs(args.set)
+    if getattr(args, "dtype", None):
+        overrides["infer_dtype"] = args.dtype
     out = args.out or str(Path("runs") / f"{load_recipe(path, overrides).name}-{command}")
     check_writable(out, "--out", directory=True)
     return path, overrides, out

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..config import METHODS
 from ..errors import UserError
-from .common import recipe_overrides_out
+from .common import add_dtype_flag, recipe_overrides_out
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -20,7 +20,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise UserError(f"{'--out' if out else '--skip-invalid'} applies to an evaluation on a file of yours: give "
                         "--data FILE with it (the run's own test split is evaluated into the run)")
     _, written = evaluate_run(args.run, max_records=args.max_records, with_base=not getattr(args, "no_base", False),
-                              data=data, out=out, skip_invalid=bool(skip_invalid))
+                              data=data, out=out, skip_invalid=bool(skip_invalid), dtype=getattr(args, "dtype", None))
     run = Path(args.run)
     saved = "model    " + str(run / "model") if (run / "model").is_dir() else "adapter  " + str(run / "adapter")
     print(f"\nlorakit: {saved}\nlorakit: report   {written / 'report.html'} (eval.json, "
@@ -63,6 +63,7 @@ def _eval_parser(sub) -> None:
     p.add_argument("run", help="run directory written by `lorakit train`")
     p.add_argument("--max-records", type=int, default=0, help="evaluate on the first N test examples")
     p.add_argument("--no-base", action="store_true", help="score only the trained model, not the base")
+    add_dtype_flag(p, None)
     p.add_argument("--data", help="evaluate on this file (the run's task format) instead of the run's test split")
     p.add_argument("--out", help="with --data: where eval.json and the report go (default RUN_DIR/eval-<file name>)")
     p.add_argument("--skip-invalid", action="store_true",
@@ -77,6 +78,7 @@ def _compare_parser(sub) -> None:
     p.add_argument("--out", help="output directory (default runs/NAME-compare)")
     p.add_argument("--quick", action="store_true", help="a few hundred records: minutes on a CPU")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
+    add_dtype_flag(p, None)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key")
     p.set_defaults(func=cmd_compare)
 
@@ -92,6 +94,7 @@ def _sweep_parser(sub) -> None:
     p.add_argument("--quick", action="store_true", help="a few hundred records per cell: minutes each on a CPU")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key in every cell")
     p.add_argument("--yes", action="store_true", help="run a grid of more than 32 cells")
+    add_dtype_flag(p, None)
     p.add_argument("--overwrite", action="store_true", help="train cells again whose settings changed")
     p.set_defaults(func=cmd_sweep)
 

@@ -2,20 +2,30 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
 
 from ..config import TASKS, TEMPLATES
 from ..errors import UserError
+from .common import add_dtype_flag
 
 
 def _load_for_generation(args):
+    """The model (base, or base + adapter merged first with --merge) in --dtype, its tokenizer and metadata."""
+    from ..engine import cast_for_inference, merge
     from ..models import load_adapted, load_model
     if args.adapter:
-        return load_adapted(args.adapter, model=args.model)
-    model, tok = load_model(args.model or "smollm2", "instruct")
-    return model, tok, {}
+        model, tok, meta = load_adapted(args.adapter, model=args.model)
+    else:
+        (model, tok), meta = load_model(args.model or "smollm2", "instruct"), {}
+    if args.merge and args.adapter:
+        merge(model)  # in fp32, then cast: one rounding of the merged weight
+    used = cast_for_inference(model, args.dtype)
+    if used != "fp32":
+        print(f"lorakit: generating in {used}", file=sys.stderr)
+    return model, tok, meta
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -24,7 +34,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from ..data import format_prompt
     from ..engine import disable_adapters
-    from ..inference import Sampling, generate, merged, stream
+    from ..inference import Sampling, generate, stream
     from ..models import is_seq2seq
     if args.base and args.merge:
         raise UserError("--base runs the model without its adapter and --merge folds the adapter in: give one")
@@ -35,7 +45,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
     if not prompt.strip():
         raise UserError("no prompt: pass --prompt TEXT or pipe text on standard input")
-    ctx = disable_adapters(model) if args.base and args.adapter else merged(model, args.merge and bool(args.adapter))
+    ctx = disable_adapters(model) if args.base and args.adapter else contextlib.nullcontext(model)
     with ctx:
         if meta.get("task") == "classify":
             enc = tok([prompt], return_tensors="pt", truncation=True, max_length=meta.get("max_length", 256))
@@ -91,7 +101,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from ..serve.api import open_served, serve_api
         check_port_free(args.host, port)
         served = open_served(args.model, adapters, api_key, args.adapter_root,
-                             64 if args.max_queue is None else args.max_queue, args.slots or 16, args.max_model_len)
+                             64 if args.max_queue is None else args.max_queue, args.slots or 16, args.max_model_len,
+                             args.dtype)
         print(f"lorakit: serving {served.base} with adapters: {', '.join(served.adapters) or 'none'} on "
               f"http://{args.host}:{port}/v1 (OpenAI API{', key required' if api_key else ''})", flush=True)
         serve_api(served, args.host, port)
@@ -101,7 +112,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from ..serve import Workbench
     from ..serve.page import serve
     check_port_free(args.host, port)
-    wb = Workbench(args.model, adapters, task=args.task)
+    wb = Workbench(args.model, adapters, task=args.task, dtype=args.dtype)
     print(f"lorakit: serving {wb.spec} ({wb.task}) with adapters: {', '.join(wb.adapters) or 'none'} "
           f"on http://{args.host}:{port}", flush=True)
     serve(wb, args.host, port, key=api_key)
@@ -170,6 +181,7 @@ def _generate_parser(sub) -> None:
     p.add_argument("--merge", action="store_true", help="merge the adapter into the weights first")
     p.add_argument("--base", action="store_true", help="use the base model (adapter disabled)")
     p.add_argument("--no-stream", action="store_true")
+    add_dtype_flag(p)
     p.set_defaults(func=cmd_generate)
 
 
@@ -185,6 +197,7 @@ def _serve_parser(sub) -> None:
     p.add_argument("--api-key", help="require this key (needed for a non-loopback --host; or set LORAKIT_API_KEY): "
                                      "the API's Authorization: Bearer KEY, the page's password")
     p.add_argument("--insecure", action="store_true", help="allow a non-loopback --host without a key (warns)")
+    add_dtype_flag(p)
     g = p.add_argument_group("API server (--api)")
     g.add_argument("--api", action="store_true", help="serve the OpenAI-compatible API instead of the page")
     g.add_argument("--adapter-root", help="the folder adapters may be loaded from at run time (/v1/load_lora_adapter;"

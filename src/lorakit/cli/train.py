@@ -4,8 +4,8 @@ from __future__ import annotations
 import argparse
 import shlex
 
-from ..config import (METHODS, OPTIMIZERS, PRECISIONS, PREFERENCE_LOSSES, QUANT_BACKENDS, QUANTIZE, STRATEGIES, TASKS,
-                      load_recipe, recipe_file)
+from ..config import (DTYPES, METHODS, OPTIMIZERS, PRECISIONS, PREFERENCE_LOSSES, QUANT_BACKENDS, QUANTIZE,
+                      STRATEGIES, TASKS, load_recipe, recipe_file)
 from ..errors import TrainingStopped, UserError
 from .common import add_data_flags, add_lora_flags, lora_config_from_args, overrides
 from .evaluate import cmd_eval
@@ -89,8 +89,11 @@ def _train_parser(sub) -> None:
             ("--eval-every", int, "validate every N optimizer steps (default: once per epoch)"),
             ("--checkpoint-every", int, "write a resumable checkpoint every N optimizer steps")):
         p.add_argument(flag, type=kind, help=text)
+    p.add_argument("--precision", choices=DTYPES,
+                   help="the frozen base in bf16 (adapters and optimizer fp32) or fp32; auto: bf16 where the hardware "
+                        "computes it (AVX-512 BF16 / AMX CPUs, bf16 GPUs)")
     p.add_argument("--mixed-precision", choices=PRECISIONS,
-                   help="auto: bf16 on a GPU that has it, fp32 on CPU")
+                   help="autocast over fp32 weights; auto: bf16 on a GPU that has it unless the base is bf16")
     p.add_argument("--strategy", choices=STRATEGIES, help="on several processes: ddp (default) or fsdp")
     p.add_argument("--quantize", choices=QUANTIZE, help="QLoRA: adapted layers' base weights in 4-bit NF4")
     p.add_argument("--method", choices=METHODS,

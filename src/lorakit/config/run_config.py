@@ -8,8 +8,8 @@ from pathlib import Path
 
 from ..errors import UserError
 from .paths import data_file, run_dir
-from .choices import (CHAT_TASKS, INITS, METHODS, OPTIMIZERS, PRECISIONS, PREFERENCE_LOSSES, QUANT_BACKENDS, QUANTIZE,
-                      REFERENCE_FREE, REPORT_TO, SCHEDULES, STRATEGIES,
+from .choices import (CHAT_TASKS, DTYPES, INFER_DTYPES, INITS, METHODS, OPTIMIZERS, PRECISIONS, PREFERENCE_LOSSES,
+                      QUANT_BACKENDS, QUANTIZE, REFERENCE_FREE, REPORT_TO, SCHEDULES, STRATEGIES,
                       TARGET_PRESETS, TASKS, TEMPLATES, TRAIN_ON, default_template, one_of)
 
 
@@ -72,7 +72,8 @@ class RunConfig:
     warmup: float = 0.05  # fraction of steps
     schedule: str = "cosine"
     max_grad_norm: float = 1.0
-    mixed_precision: str = "auto"
+    precision: str = "auto"  # frozen base in bf16 or fp32; auto: bf16 where the hardware computes it (DTYPES)
+    mixed_precision: str = "auto"  # autocast over fp32 weights (a GPU's fp16); auto: none when precision is bf16
     gradient_checkpointing: bool = False
     fuse_swiglu: bool = True  # Llama-style MLPs keep one activation fewer for backward (exact; see kernels.py)
     label_only_loss: bool = True  # LM head + loss on labelled positions only, in chunks (exact; see loss.py)
@@ -93,6 +94,7 @@ class RunConfig:
     init_adapter: str = ""  # start from this trained adapter (a run or adapter directory); the preference reference
     # eval
     max_new_tokens: int = 64
+    infer_dtype: str = "auto"  # generation and evaluation: fp32 (exact) or bf16 weights; auto as precision
     num_samples: int = 5
 
     recipe_path: str = ""
@@ -225,11 +227,17 @@ def validate(cfg: RunConfig, where: str) -> RunConfig:
     _check_preference(cfg, where)
     for key, choices in (("task", TASKS), ("schedule", SCHEDULES), ("template", TEMPLATES), ("train_on", TRAIN_ON),
                          ("method", METHODS), ("quant_backend", QUANT_BACKENDS), ("optimizer", OPTIMIZERS),
-                         ("init", INITS), ("strategy", STRATEGIES), ("mixed_precision", PRECISIONS)):
+                         ("init", INITS), ("strategy", STRATEGIES), ("mixed_precision", PRECISIONS),
+                         ("precision", DTYPES), ("infer_dtype", INFER_DTYPES)):
         _check_choice(cfg, key, choices, where)
     _check_report_to(cfg, where)
     if cfg.quantize not in ("",) + QUANTIZE:
         raise ConfigError(f"{where}: quantize {cfg.quantize!r} must be {one_of(QUANTIZE)} or empty")
+    if cfg.precision == "bf16" and (cfg.method == "full" or cfg.mixed_precision not in ("auto", "no")):
+        raise ConfigError(f"{where}: precision bf16 stores the frozen base in bf16; " + (
+            "method full trains every weight, so nothing is frozen: use mixed_precision bf16 (autocast) instead"
+            if cfg.method == "full" else f"mixed_precision {cfg.mixed_precision} autocasts over fp32 weights: "
+            "choose one of the two"))
     if cfg.method == "full" and cfg.quantize:
         raise ConfigError(f"{where}: method full trains every weight in full precision; it cannot use quantize")
     if cfg.method == "full" and cfg.full_lr > 0:  # a full fine-tune wants ~10x less than LoRA's lr

@@ -49,7 +49,8 @@ class DenseBase(FrozenBase):
         return self.weight.t() if self.transposed else self.weight
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        return F.linear(x, self.dense(), bias)
+        w = self.dense()
+        return F.linear(x if x.dtype == w.dtype else x.to(w.dtype), w, bias)
 
     def nbytes(self) -> int:
         return self.weight.numel() * self.weight.element_size()

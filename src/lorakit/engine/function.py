@@ -14,6 +14,7 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor
     what a backward needs: the rank-r activations h = A · dropout(x) and dropout's drops (flat indices). LoRAFunction
     wraps it for training; inference calls it bare, without autograd's per-call cost, which shows when decoding one
     token at a time (three ops then, the LoRA term added into the base output in place)."""
+    A, B = A.to(x.dtype), B.to(x.dtype)  # fp32 adapters on a bf16 base compute in bf16 (no-ops otherwise)
     drops = dropout_drops(x.numel(), p, x.device) if p > 0 else None
     h = F.linear(x, A) if drops is None else F.linear(zero_at(x, drops), A).mul_(dropout_scale(p))
     if weight is None:
@@ -44,24 +45,21 @@ class LoRAFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         x, weight, A, B, h, drops = ctx.saved_tensors
-        # Under autocast (bf16 on a GPU) the output, h and grad are half precision while A and B stay fp32: the
-        # adapter's gradients are computed in its own dtype. No-ops otherwise.
-        dt = A.dtype
-        grad = grad.to(dt)
+        # The products run in x's dtype: bf16 for fp32 adapters on a bf16 base, whose gradients go back to fp32;
+        # under autocast (a GPU) grad may be half precision while x, A and B are fp32. No-ops otherwise.
+        dt = x.dtype
+        grad, A_, B_ = grad.to(dt), A.to(dt), B.to(dt)
         # The skinny products are written in the operand layouts MKL runs fastest: grad·B with B transposed in
         # memory, B's gradient as (hᵀ·grad)ᵀ rather than gradᵀ·h (docs/engine.md has the figures).
-        gh = F.linear(grad, B.t().contiguous()).mul_(ctx.scaling * (ctx.rescale if drops is not None else 1.0))
+        gh = F.linear(grad, B_.t().contiguous()).mul_(ctx.scaling * (ctx.rescale if drops is not None else 1.0))
         gx = gA = gB = None
         if ctx.needs_input_grad[4]:
-            gB = (h.to(dt).t() @ grad).mul_(ctx.scaling).t()
+            gB = (h.to(dt).t() @ grad).mul_(ctx.scaling).t().to(B.dtype)
         if ctx.needs_input_grad[3]:
-            xd = x.to(dt)  # a no-op: forward callers pass x in the adapter's dtype
-            gA = gh.t() @ (xd if drops is None else zero_at(xd, drops))
+            gA = (gh.t() @ (x if drops is None else zero_at(x, drops))).to(A.dtype)
         if ctx.needs_input_grad[0]:
             # the branch's input gradient, zero where x was dropped; then the base's is added in place
             shape = (len(gh), A.shape[1])
-            gx = gh @ A if drops is None else zeroed(shape, A, drops, lambda out: torch.mm(gh, A, out=out))
-            gx = (gx if weight is None else gx.addmm_(grad, weight)).to(x.dtype)
+            gx = gh @ A_ if drops is None else zeroed(shape, A_, drops, lambda out: torch.mm(gh, A_, out=out))
+            gx = gx if weight is None else gx.addmm_(grad, weight)
         return gx, None, None, gA, gB, None, None
-
-

@@ -45,6 +45,14 @@ def linear_features(module: nn.Module) -> tuple[int, int]:
     return in_f, out_f
 
 
+def compute_dtype(weight: torch.Tensor | None, dtype: torch.dtype, A: torch.Tensor) -> torch.dtype:
+    """What a LoRA term runs in for inputs of `dtype`: bf16 when the base weight is stored in bf16 (precision.py;
+    an NF4 base in a model computing in bf16 too), the fp32 adapter cast per call; else the adapter's dtype."""
+    base = weight.dtype if weight is not None else dtype
+    autocast = torch.is_autocast_enabled(A.device.type)
+    return base if base == torch.bfloat16 and A.dtype == torch.float32 and not autocast else A.dtype
+
+
 class LoRALinear(nn.Module):
     """A base linear (nn.Linear or Conv1D) with any number of named LoRA branches, one active at a time."""
 
@@ -218,8 +226,9 @@ class LoRALinear(nn.Module):
         """W·x + bias + s·B·A·dropout(x) for adapter `name`: fused into one Function when the base is dense."""
         A, B = self.lora_A[name], self.lora_B[name]
         p = self.dropout[name] if self.training else 0.0
-        fused = self._fusable(x.dtype, A)  # base matmul and LoRA term in one; else the base runs on its own (NF4, bf16)
-        x2 = x.to(A.dtype).reshape(-1, x.shape[-1])  # (tokens, in); the output is viewed back
+        compute = compute_dtype(self.weight, x.dtype, A)
+        fused = self._fusable(compute, A)  # base matmul and LoRA term in one; else the base runs on its own (NF4)
+        x2 = x.to(compute).reshape(-1, x.shape[-1])  # (tokens, in); the output is viewed back
         args = (x2, self.dense_weight() if fused else None, self.bias if fused else None, A, B, self.scaling[name], p)
         y = (LoRAFunction.apply(*args) if torch.is_grad_enabled() else lora_linear(*args)[0]).view(*x.shape[:-1], -1)
         if fused:
@@ -229,10 +238,11 @@ class LoRALinear(nn.Module):
         return out.add_(y.to(out.dtype))
 
     def _fusable(self, dtype: torch.dtype, A: torch.Tensor) -> bool:
-        """Whether base and branch can run as one LoRAFunction on inputs of `dtype`: a dense frozen base in the
-        adapter's dtype, no autocast (which would not reach the matmuls that write into the output)."""
+        """Whether base and branch can run as one LoRAFunction on inputs of `dtype`: a dense frozen base in that
+        dtype (the adapter's, or bf16 for an fp32 adapter), no autocast (which would not reach the matmuls that
+        write into the output)."""
         w, b = self.weight, self.bias
-        return (w is not None and dtype == w.dtype == A.dtype and not w.requires_grad
+        return (w is not None and dtype == w.dtype and A.dtype in (dtype, torch.float32) and not w.requires_grad
                 and (b is None or not b.requires_grad) and not torch.is_autocast_enabled(A.device.type))
 
     def inference_terms(self, dtype: torch.dtype) -> tuple | None:
@@ -246,7 +256,8 @@ class LoRALinear(nn.Module):
         if self.disabled or name is None or name == self.merged:
             return (self.dense_weight(), self.bias, None, None, 0.0) if self.weight is not None else None
         A, B = self.lora_A[name], self.lora_B[name]
-        if name in self.lora_magnitude or (self.training and self.dropout[name] > 0) or not self._fusable(dtype, A):
+        if (name in self.lora_magnitude or (self.training and self.dropout[name] > 0) or A.dtype != dtype
+                or not self._fusable(dtype, A)):
             return None
         return self.dense_weight(), self.bias, A, B, self.scaling[name]
 

@@ -12,6 +12,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from ..data import batcher
+from ..engine.precision import cast_for_inference, dtype_name
 from ..files import atomic_file
 from ..models import head_name, is_seq2seq, load_model
 from .metrics import classification_metrics
@@ -40,7 +41,7 @@ def _classify(model, tok, examples, cfg, features: bool = False, desc: str = "cl
                 ids = batch["input_ids"]
                 last = (torch.arange(ids.shape[1]) * (ids != model.config.pad_token_id)).argmax(-1)
                 x = x[torch.arange(x.shape[0]), last]
-            feats.append(x)
+            feats.append(x.float())  # the baseline head trains in fp32 whatever the model computes in
     if hook:
         hook.remove()
     return preds, (torch.cat(feats) if features else None)
@@ -67,7 +68,9 @@ def baselines(base, tok, train: list, cfg, cache: Path | None) -> tuple[torch.nn
     """The head-only baseline's head and the majority class of the training split. Kept in the run (`cache`) the
     first time, so an evaluation on another file (eval --data) needs neither the training data nor minutes of
     retraining; None when neither the kept ones nor the training data are there."""
-    key = hashlib.sha256(json.dumps([[e.text, e.label] for e in train]).encode()).hexdigest() if train else None
+    dtype = str(next(base.parameters()).dtype)  # features in bf16 and fp32 differ: so do their heads
+    key = (hashlib.sha256(json.dumps([[e.text, e.label] for e in train] + [dtype]).encode()).hexdigest() if train
+           else None)
     if cache is not None and cache.is_file():
         with safe_open(str(cache), framework="pt") as f:
             meta, weights = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
@@ -99,6 +102,7 @@ def eval_classify(model, tok, splits, cfg, tuned: str = "lora", with_base: bool 
     if with_base:
         torch.manual_seed(cfg.seed)
         base, _ = load_model(cfg.model, "classify", num_labels=n)
+        cast_for_inference(base, dtype_name(next(model.parameters()).dtype))  # the adapted model's dtype
         base_pred, test_x = _classify(base, tok, splits.test, cfg, features=True, desc="classify (base)")
         rows["base (untrained head)"] = classification_metrics(base_pred, gold, n)
         for s, b in zip(samples, base_pred):

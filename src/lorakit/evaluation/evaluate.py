@@ -22,6 +22,7 @@ from ..config import RunConfig, data_file, validate
 from ..data import Splits, load_splits, read_file
 from ..data.pipeline import examples_of
 from ..engine import read_metadata
+from ..engine.precision import cast_for_inference
 from ..errors import UserError
 from ..config.paths import check_writable
 from ..models import load_model, load_trained
@@ -40,14 +41,18 @@ def run_config(run_dir: Path) -> RunConfig:
 
 
 def evaluate_run(run_dir: str | Path, max_records: int = 0, with_base: bool = True, data: str | None = None,
-                 out: str | Path | None = None, skip_invalid: bool = False) -> tuple[dict, Path]:
+                 out: str | Path | None = None, skip_invalid: bool = False, dtype: str | None = None
+                 ) -> tuple[dict, Path]:
     """Evaluate a trained run on its test split, or on `data` (any file in the run's task format); writes eval.json,
     report.html and samples into run_dir (with `data`: into `out`, default RUN/eval-<file name>). Returns the
-    result and the directory written. `skip_invalid`: skip (and count) invalid records of `data`."""
+    result and the directory written. `skip_invalid`: skip (and count) invalid records of `data`; `dtype`: the
+    weights' dtype (auto, fp32, bf16; default the run's infer_dtype)."""
     run_dir = Path(run_dir)
     cfg = run_config(run_dir)
     if max_records:
         cfg.max_eval_records = max_records
+    if dtype:
+        cfg.infer_dtype = dtype
     t0 = time.perf_counter()
     out_dir, flag = run_dir, "the run directory"
     if data:
@@ -61,16 +66,20 @@ def evaluate_run(run_dir: str | Path, max_records: int = 0, with_base: bool = Tr
         print(f"data: {stats}")
     full = cfg.method == "full"
     model, tok, _ = load_trained(run_dir / ("model" if full else "adapter"), model=cfg.model)
+    used = cast_for_inference(model, cfg.infer_dtype)
+    print(f"lorakit: evaluating in {used} (--dtype {cfg.infer_dtype})")
     if cfg.task == "classify":
         result = eval_classify(model, tok, splits, cfg, cfg.method, with_base, cache=run_dir / BASELINE)
     elif cfg.task == "preference":
         result = eval_preference(model, tok, splits, cfg, cfg.method, with_base)
     else:
         base = load_model(cfg.model, cfg.task)[0] if full and with_base else None  # a full fine-tune has no "off"
+        if base is not None:
+            cast_for_inference(base, used)
         fn = eval_summarize if cfg.task == "summarize" else eval_instruct
         result = fn(model, tok, splits, cfg, cfg.method, with_base, base)
     samples = result.pop("samples")
-    result.update(task=cfg.task, run=cfg.name, model=cfg.model, method=cfg.method, tuned=cfg.method,
+    result.update(task=cfg.task, run=cfg.name, model=cfg.model, method=cfg.method, tuned=cfg.method, dtype=used,
                   test_examples=len(splits.test), seconds=time.perf_counter() - t0,
                   test_data=splits.loaded["eval_data"].path if data else "the run's test split")
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -24,6 +24,7 @@ from ..models.kernels import SWIGLU_MLPS, swiglu_forward
 from ..models.loading import cache_dir
 
 SOURCE = Path(__file__).parent / "csrc" / "llama_step.cpp"
+KERNELS = Path(__file__).parent / "csrc" / "skinny_gemm.cpp"  # bf16 / int8 products for a decode step's few rows
 NAME = "lorakit_llama_step"
 # norm classes whose forward is exactly LlamaRMSNorm's (checked against their source)
 RMS_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")
@@ -50,8 +51,8 @@ def extension():
               flush=True)
     try:
         build.mkdir(parents=True, exist_ok=True)
-        return cpp_extension.load(NAME, sources=[str(SOURCE)], extra_cflags=["-O2"], build_directory=str(build),
-                                  verbose=False)
+        return cpp_extension.load(NAME, sources=[str(SOURCE), str(KERNELS)], extra_cflags=["-O2"],
+                                  build_directory=str(build), verbose=False)
     except Exception as error:  # no compiler, no ninja, a failed build: the Python step works everywhere
         lines = str(error).strip().splitlines() or [type(error).__name__]
         reason = next((line.strip() for line in lines if "error:" in line), lines[0])[:200]

@@ -101,11 +101,11 @@ class BodyLimit:
 
 
 def open_served(model: str | None, adapters: list[str], api_key: str | None = None, adapter_root: str | None = None,
-                max_queue: int = 64, slots: int = 16, max_len: int | None = None) -> Served:
+                max_queue: int = 64, slots: int = 16, max_len: int | None = None, dtype: str = "auto") -> Served:
     """Load the base (the first adapter's, unless `model` names one) and every adapter onto it, with an engine
     over them that serve_api runs. Adapters named on the command line load from anywhere the user points; at run
-    time, only from under `adapter_root`."""
-    from ..engine import load_adapter, read_metadata
+    time, only from under `adapter_root`. `dtype`: the weights' (auto, fp32, bf16; engine.precision)."""
+    from ..engine import cast_for_inference, load_adapter, read_metadata
     from ..inference.engine import Engine
     from ..models import adapter_dir, foreign_base, load_model
     from .workbench import adapter_name
@@ -124,9 +124,10 @@ def open_served(model: str | None, adapters: list[str], api_key: str | None = No
         load_adapter(base, d, name, quantize=read_metadata(d).get("quantize"))
         names[name] = str(d)
     base.eval()
+    used = cast_for_inference(base, dtype)
     engine = Engine(base, tok, slots=slots, max_len=min(max_len or 1024, context), max_queue=max_queue)
     root = Path(adapter_root).expanduser() if adapter_root else None
-    return Served(engine, spec, str(base.config._name_or_path or spec), names, api_key, root)
+    return Served(engine, spec, str(base.config._name_or_path or spec), names, api_key, root, dtype=used)
 
 
 def serve_api(served: Served, host: str = "127.0.0.1", port: int = 8000) -> None:

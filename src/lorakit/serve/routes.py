@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..data.chat_template import render
 from ..engine import delete_adapter, load_adapter, read_metadata
+from ..engine.precision import cast_for_inference
 from ..errors import UserError
 from ..inference import Sampling
 from ..inference.engine import Event, QueueFull, Request, Stopped
@@ -240,8 +241,8 @@ def _load(served: Served, body: LoadAdapter) -> str:
         if base:
             raise APIError(400, f"{body.lora_path}: trained on base model {base!r}; this server serves {served.base!r}",
                            param="lora_path")
-        served.engine.call(lambda: load_adapter(served.engine.model, path, body.lora_name,
-                                                quantize=meta.get("quantize")).eval())
+        served.engine.call(lambda: cast_for_inference(load_adapter(served.engine.model, path, body.lora_name,
+                                                                   quantize=meta.get("quantize")).eval(), served.dtype))
     except UserError as error:
         raise APIError(400, f"{body.lora_path}: {error}", param="lora_path") from None
     served.adapters[body.lora_name] = str(path)

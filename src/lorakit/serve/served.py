@@ -36,6 +36,7 @@ class Served:
     api_key: str | None = None
     adapter_root: Path | None = None
     template: str = "chat"
+    dtype: str = "fp32"  # what the weights are in (adapters loaded at run time are cast to it)
     max_body: int = MAX_BODY
     created: int = field(default_factory=lambda: int(time.time()))
     changing: threading.Lock = field(default_factory=threading.Lock)  # one load or unload at a time

@@ -18,7 +18,7 @@ from torch import nn
 
 from ..data import format_prompt
 from ..data.conversations import reply_prompt
-from ..engine import delete_adapter, disable_adapters, load_adapter, read_metadata, set_adapter
+from ..engine import cast_for_inference, delete_adapter, disable_adapters, load_adapter, read_metadata, set_adapter
 from ..errors import UserError
 from ..inference import Sampling, generate, stream
 from ..inference.decode import supports
@@ -87,7 +87,7 @@ class Workbench:
     """
 
     def __init__(self, model: str | None = None, adapters: list[str] | tuple[str, ...] = (),
-                 task: str | None = None) -> None:
+                 task: str | None = None, dtype: str = "auto") -> None:
         first = read_metadata(adapter_dir(adapters[0])) if adapters else {}
         self.spec = model or first.get("model") or "smollm2"
         self.task = page_task(task or first.get("task") or "instruct")
@@ -96,6 +96,7 @@ class Workbench:
             raise UserError("a classification page needs a classification adapter (its lorakit.json names the labels)")
         self.model, self.tok = load_model(self.spec, self.task, num_labels=len(self.labels) or None)
         self.model.eval()
+        self.dtype = cast_for_inference(self.model, dtype)  # adapters loaded later are cast to it too
         self.template = first.get("template") or ("chat" if getattr(self.tok, "chat_template", None) else "alpaca")
         self.adapters: dict[str, LoadedAdapter] = {}
         self.lock = threading.Lock()
@@ -126,7 +127,8 @@ class Workbench:
             raise UserError(f"{p}: labels {meta.get('labels')} differ from this page's {self.labels}")
         name = self._name_for(p)
         with self.lock:  # a head the adapter trains is its own copy: the base's and other adapters' stay as they are
-            self._on_model(lambda: load_adapter(self.model, p, name, quantize=meta.get("quantize")).eval())
+            self._on_model(lambda: cast_for_inference(load_adapter(self.model, p, name, quantize=meta.get("quantize"))
+                                                      .eval(), self.dtype))
         run_dir = p.parent
         self.adapters[name] = LoadedAdapter(name, p, meta, _read_json(run_dir / "run.json"),
                                             _read_json(run_dir / "eval.json"))

@@ -26,7 +26,8 @@ from .metrics_log import MetricsLog, NoMetricsLog
 from .optim import build_optimizer
 from .reference import precompute_reference
 from .run_record import timings, versions, write_run_record
-from .setup import Plan, Run, check_launch, check_run_dir, log_plan, make_accelerator, plan_steps, set_up
+from .setup import (Plan, Run, check_launch, check_run_dir, log_plan, make_accelerator, plan_steps, precision_note,
+                    set_up)
 from .stop import StopRequest, stopped
 from .trackers import check_installed
 from .validation import validate, validate_pairs
@@ -223,7 +224,7 @@ def finish(run: Run, optimizer, scheduler, state: TrainState, best_state: dict |
                                               "test_rows": len(run.splits.test), "notes": run.data.notes},
                   "distributed": {"processes": run.world, "strategy": run.strategy if run.world > 1 else "none",
                                   "global_batch": cfg.batch_size * run.world * cfg.grad_accum},
-                  "timings": timings(state, time.perf_counter() - run.started),
+                  "precision": precision_note(cfg), "timings": timings(state, time.perf_counter() - run.started),
                   "logs": {"metrics": "metrics.jsonl", "report_to": cfg.report_to}}
         method = "full fine-tune" if run.full else f"{'QLoRA' if cfg.quantize else 'LoRA'} r={cfg.r}"
         if cfg.task == "preference":

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from ..config import RunConfig
 from ..config.paths import check_writable
 from ..engine import LoRAConfig, ParameterReport, add_lora, load_adapter, parameter_report, read_adapter_config
+from ..engine.precision import resolve_dtype, store_frozen
 from ..errors import DataError, UserError
 from ..models import adapter_dir, compile_blocks, fuse_swiglu, head_name, is_seq2seq, load_model
 from ..data import Encoded, Splits, encode, read, split
@@ -75,11 +76,38 @@ class Plan:
     eval_every: int
 
 
+def device_type() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def base_dtype(cfg: RunConfig) -> torch.dtype:
+    """What the frozen base is stored and computed in (`precision`): auto is bf16 where the hardware computes it,
+    except where nothing is frozen (method full), autocast was asked for, or FSDP shards the parameters (its flat
+    parameters hold one dtype)."""
+    fsdp = cfg.strategy == "fsdp" and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if cfg.precision == "bf16" and fsdp:
+        raise UserError("precision bf16 with --strategy fsdp is not supported: use DDP (the default) or precision fp32")
+    if cfg.precision == "auto" and (cfg.method == "full" or cfg.mixed_precision not in ("auto", "no") or fsdp):
+        return torch.float32
+    return resolve_dtype(cfg.precision, device_type())
+
+
 def mixed_precision(cfg: RunConfig) -> str:
-    """'auto': bf16 on a GPU that has it, else fp32 (CPUs without bf16 units run bf16 matmuls far slower)."""
+    """accelerate's autocast: 'auto' is none where the base is stored in bf16 (precision), bf16 on a GPU that has it,
+    else none (CPUs without bf16 units run bf16 matmuls far slower)."""
     if cfg.mixed_precision != "auto":
         return cfg.mixed_precision
+    if base_dtype(cfg) == torch.bfloat16:
+        return "no"
     return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+
+
+def precision_note(cfg: RunConfig) -> str:
+    """The run's precision in words, for the plan line and run.json."""
+    if base_dtype(cfg) == torch.bfloat16:
+        return "bf16 (frozen base stored in bf16; adapters and optimizer fp32)"
+    autocast = mixed_precision(cfg)
+    return "fp32" if autocast == "no" else f"fp32 weights, {autocast} autocast"
 
 
 def make_accelerator(cfg: RunConfig) -> Accelerator:
@@ -118,6 +146,7 @@ def build_model(cfg: RunConfig, labels: list[str] | None):
                                    quantize_all=cfg.quantize_all, quant_backend=cfg.quant_backend))
     if cfg.fuse_swiglu:
         fuse_swiglu(model)
+    store_frozen(model, base_dtype(cfg))
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()  # the frozen base's activations must carry grad to reach LoRA
@@ -196,7 +225,7 @@ def log_plan(run: Run, plan: Plan) -> None:
     cfg, world = run.cfg, run.world
     loraplus = f", LoRA+ B matrices at lr x {cfg.loraplus_lr_ratio:g}" if cfg.loraplus_lr_ratio else ""
     run.log(f"lorakit: {len(run.data.train):,} training rows, {plan.total} optimizer steps, lr {cfg.lr:g} "
-            f"({cfg.schedule}{loraplus}), precision {mixed_precision(cfg)}")
+            f"({cfg.schedule}{loraplus}), precision {precision_note(cfg)}")
     run.log(f"lorakit: global batch {plan.global_batch * cfg.grad_accum} = {cfg.batch_size} per device x "
             f"{world} process{'es' if world > 1 else ''}{f' ({run.strategy})' if world > 1 else ''} x "
             f"{cfg.grad_accum} accumulation step{'s' if cfg.grad_accum > 1 else ''}")

@@ -8,6 +8,8 @@
 
 #include <vector>
 
+#include "skinny_gemm.h"
+
 namespace {
 
 using at::Tensor;
@@ -17,16 +19,22 @@ using c10::optional;
 // y = x·Wᵀ + b + s·(x·Aᵀ)·Bᵀ, computed as engine/function.py's lora_linear does: the LoRA term added into the base product.
 // With a row mask, rows of different adapters (engine/mixed_rows.py): A and the scaled B are the adapters' side by
 // side, and the mask keeps each row's share of x·Aᵀ to its own adapter.
+// bf16 weights (a model cast for inference, engine/precision.py) go through skinny_gemm's kernel, which reads the
+// weight once for the few rows of a decode step; it hands larger batches to at::linear itself. fp32 stays at::linear.
 struct Linear {
   Tensor weight;
   optional<Tensor> bias, lora_A, lora_B;
   double scaling;
   optional<Tensor> row_mask;
 
+  Tensor base(const Tensor& x) const {
+    return weight.scalar_type() == at::kBFloat16 ? skinny_linear(x, weight, bias) : at::linear(x, weight, bias);
+  }
+
   Tensor operator()(const Tensor& x) const {
-    if (!lora_A) return at::linear(x, weight, bias);
+    if (!lora_A) return base(x);
     if (row_mask) {
-      Tensor out = at::linear(x, weight, bias);
+      Tensor out = base(x);
       Tensor h = at::matmul(x.reshape({x.size(0), -1, x.size(-1)}).to(lora_A->scalar_type()), lora_A->t());
       h.mul_(*row_mask);
       out.view({-1, out.size(-1)}).addmm_(h.view({-1, h.size(-1)}).to(out.scalar_type()),
@@ -35,7 +43,8 @@ struct Linear {
     }
     Tensor flat = x.to(lora_A->scalar_type()).reshape({-1, x.size(-1)});
     Tensor h = at::linear(flat, *lora_A);
-    Tensor out = bias ? at::addmm(*bias, flat, weight.t()) : at::mm(flat, weight.t());
+    Tensor out = weight.scalar_type() == at::kBFloat16 ? skinny_linear(flat, weight, bias)
+                 : bias ? at::addmm(*bias, flat, weight.t()) : at::mm(flat, weight.t());
     out.addmm_(h, lora_B->t(), 1, scaling);
     std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
     shape.back() = -1;
@@ -137,6 +146,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def(py::init<Tensor, optional<Tensor>, optional<Tensor>, optional<Tensor>, double, optional<Tensor>>(),
            py::arg("weight"), py::arg("bias"), py::arg("lora_A"), py::arg("lora_B"), py::arg("scaling"),
            py::arg("row_mask") = py::none());
+  m.def("skinny_linear", &skinny_linear, py::arg("x"), py::arg("weight"), py::arg("bias") = py::none(),
+        py::call_guard<py::gil_scoped_release>());
+  m.def("skinny_linear_int8", &skinny_linear_int8, py::arg("x"), py::arg("weight"), py::arg("scales"),
+        py::arg("bias") = py::none(), py::call_guard<py::gil_scoped_release>());
+  m.def("skinny_supported", &skinny_supported);
   py::class_<RMSNorm>(m, "RMSNorm").def(py::init<Tensor, double>(), py::arg("weight"), py::arg("eps"));
   py::class_<Layer>(m, "Layer")
       .def(py::init<RMSNorm, RMSNorm, optional<RMSNorm>, optional<RMSNorm>, Linear, Linear, Linear, Linear, Linear,

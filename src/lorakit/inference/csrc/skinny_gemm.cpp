@@ -1,0 +1,435 @@
+// Matrix products for decoding on CPU (few rows of x, memory-bound): see skinny_gemm.h.
+//
+// Each parallel task owns a disjoint range of output columns, i.e. of W rows, and walks it a few W rows at a time;
+// for each such block it takes every row of x (in chunks that keep all the partial sums in zmm registers), so W
+// streams from memory once while x, a few KB, stays in L1/L2.
+//
+// With several rows of x the products are fp32 FMAs on weights widened to fp32 in registers (bf16 -> fp32 is a shift
+// or a mask; int8 -> fp32 a sign extension and a conversion) against x widened to fp32 once per call. That is the
+// arithmetic of AVX-512 BF16's _mm512_dpbf16_ps (exact products, fp32 sums) at a higher rate once the kernel is not
+// only waiting on memory: a core retires half a vdpbf16ps (32 products) a cycle against two FMAs (2×16). For a single
+// row of bf16 weights, which only waits on memory, the products are _mm512_dpbf16_ps (the fewest instructions per
+// byte of W); the two ways measure the same there.
+//
+// The kernels carry a target attribute so that this file compiles without global -mavx512 flags; skinny_supported()
+// decides at run time whether they may be called.
+#include "skinny_gemm.h"
+
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <utility>
+#include <vector>
+
+// at::parallel_for is serial in a translation unit compiled without -fopenmp (its OpenMP loop is a #pragma in ATen's
+// inline headers), as this one may be. Then parallel_for below calls the OpenMP runtime that torch uses directly:
+// GOMP_parallel is what `#pragma omp parallel` compiles to (libgomp's ABI, also provided by LLVM's and Intel's
+// runtimes). Weak, so that without an OpenMP runtime loaded the work runs serially.
+#ifndef _OPENMP
+extern "C" {
+void GOMP_parallel(void (*fn)(void*), void* data, unsigned num_threads, unsigned flags) __attribute__((weak));
+int omp_get_thread_num() __attribute__((weak));
+int omp_get_num_threads() __attribute__((weak));
+}
+#endif
+
+namespace {
+
+using at::Tensor;
+
+#define SKINNY_TARGET __attribute__((target("avx512f,avx512bf16,avx512bw,avx512vl,fma")))
+#define SKINNY_INLINE SKINNY_TARGET __attribute__((always_inline)) inline
+
+constexpr int kCols = 4;            // W rows per register block
+constexpr int kMaxRowBlock = 6;     // x rows per register block: 6×4 accumulators + 4 W vectors + x <= 32 zmm
+constexpr int64_t kMaxRows = 12;    // bf16: more rows than this, at::linear (oneDNN's GEMM, AMX where there is) is faster
+constexpr int64_t kMaxRowsInt8 = 32;  // int8: the fallback (dequantize, then an fp32 GEMM) is slower for longer
+constexpr int64_t kMinColsPerTask = 64;  // W rows a parallel task takes at least, so a task's work outweighs its start
+constexpr int64_t kPrefetchBytes = 16384;  // how far ahead of the W rows in work to prefetch (into L2), at least
+
+// at::parallel_for(begin, end, grain, f), split the same way: each of up to at::get_num_threads() threads takes one
+// contiguous chunk of the range.
+template <class F>
+void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& f) {
+#ifdef _OPENMP
+  at::parallel_for(begin, end, grain, f);
+#else
+  at::internal::lazy_init_num_threads();
+  const int64_t tasks = std::min<int64_t>(at::get_num_threads(), at::divup(end - begin, grain));
+  if (tasks <= 1 || !GOMP_parallel || !omp_get_thread_num || !omp_get_num_threads || at::in_parallel_region()) {
+    f(begin, end);
+    return;
+  }
+  struct Range {
+    int64_t begin, end, tasks;
+    const F* f;
+  } range{begin, end, tasks, &f};
+  // no num_threads (0: the team torch set up), as ATen does: see the note in ATen/ParallelOpenMP.h
+  GOMP_parallel(
+      [](void* p) {
+        const Range& r = *static_cast<const Range*>(p);
+        const int64_t chunk = at::divup(r.end - r.begin, std::min<int64_t>(r.tasks, omp_get_num_threads()));
+        const int64_t b = r.begin + omp_get_thread_num() * chunk;
+        if (b < r.end) (*r.f)(b, std::min(r.end, b + chunk));
+      },
+      &range, 0, 0);
+#endif
+}
+
+// Layouts of a block of 32 consecutive elements (of a W row, and of an x row to match) as two vectors of 16 fp32.
+// From 32 bf16 in a zmm: EvenOdd is the cheaper (one shift, one and: the even elements, then the odd ones), Halves
+// the order of the int8 weights' sign extension (elements 0-15, then 16-31).
+struct EvenOdd {
+  SKINNY_INLINE static __m512 first(__m512i v) { return _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)); }
+  SKINNY_INLINE static __m512 second(__m512i v) {
+    return _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
+  }
+};
+
+struct Halves {
+  SKINNY_INLINE static __m512 first(__m512i v) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(v)), 16));
+  }
+  SKINNY_INLINE static __m512 second(__m512i v) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(v, 1)), 16));
+  }
+};
+
+// For _mm512_dpbf16_ps: the 32 bf16 as they are (in the first of the two vectors).
+struct Raw {
+  SKINNY_INLINE static __m512 first(__m512i v) { return _mm512_castsi512_ps(v); }
+  SKINNY_INLINE static __m512 second(__m512i) { return _mm512_setzero_ps(); }
+};
+
+// Weight loaders, kDot false: the two fp32 vectors (H = 0, 1) of the 32 weights at p, in the loader's Layout, for FMAs;
+// kDot true: the 32 bf16 at p for _mm512_dpbf16_ps. With a mask, the lanes past the end of the row are zero (loads of
+// masked-off lanes do not fault).
+struct Bf16DotWeights {
+  using T = uint16_t;
+  using Layout = Raw;
+  static constexpr bool kDot = true;
+  SKINNY_INLINE static __m512bh load(const T* p) { return (__m512bh)_mm512_loadu_si512(p); }
+  SKINNY_INLINE static __m512bh load(const T* p, __mmask32 mask) { return (__m512bh)_mm512_maskz_loadu_epi16(mask, p); }
+};
+
+struct Bf16Weights {
+  using T = uint16_t;
+  using Layout = EvenOdd;
+  static constexpr bool kDot = false;
+  template <int H>
+  SKINNY_INLINE static __m512 load(const T* p) {
+    const __m512i v = _mm512_loadu_si512(p);
+    return H == 0 ? Layout::first(v) : Layout::second(v);
+  }
+  template <int H>
+  SKINNY_INLINE static __m512 load(const T* p, __mmask32 mask) {
+    const __m512i v = _mm512_maskz_loadu_epi16(mask, p);
+    return H == 0 ? Layout::first(v) : Layout::second(v);
+  }
+};
+
+struct Int8Weights {
+  using T = int8_t;
+  using Layout = Halves;
+  static constexpr bool kDot = false;
+  template <int H>
+  SKINNY_INLINE static __m512 load(const T* p) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16 * H))));
+  }
+  template <int H>
+  SKINNY_INLINE static __m512 load(const T* p, __mmask32 mask) {
+    const __mmask16 m = static_cast<__mmask16>(mask >> (16 * H));
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, p + 16 * H)));
+  }
+};
+
+__mmask32 tail_mask(int64_t n) { return n >= 32 ? ~__mmask32(0) : __mmask32((1u << n) - 1u); }
+
+// x prepared once per call: fp32 (or bf16 for the Raw layout), block-major so that a kernel walks all its rows with one pointer: block b (elements
+// 32b .. 32b+31) of row m at xs[(b * M + m) * 32], in the weight loader's Layout, zero past K. Rounded to bf16 first
+// where x is fp32.
+template <class Layout>
+SKINNY_TARGET void prepare_x(const void* x, bool fp32, int64_t M, int64_t K, float* xs) {
+  for (int64_t k = 0; k < K; k += 32) {
+    const __mmask32 mask = tail_mask(K - k);
+    for (int64_t m = 0; m < M; ++m, xs += 32) {
+      __m512i v;
+      if (fp32) {
+        const float* p = static_cast<const float*>(x) + m * K + k;
+        v = (__m512i)_mm512_cvtne2ps_pbh(_mm512_maskz_loadu_ps(static_cast<__mmask16>(mask >> 16), p + 16),
+                                         _mm512_maskz_loadu_ps(static_cast<__mmask16>(mask), p));
+      } else {
+        v = _mm512_maskz_loadu_epi16(mask, static_cast<const uint16_t*>(x) + m * K + k);
+      }
+      _mm512_storeu_ps(xs, Layout::first(v));
+      _mm512_storeu_ps(xs + 16, Layout::second(v));
+    }
+  }
+}
+
+// A per-column vector (bias or scales) read as fp32, stored as bf16 or fp32; none reads as `absent`.
+struct ColumnVector {
+  const void* data = nullptr;
+  bool is_bf16 = false;
+  float absent = 0.f;
+
+  float operator[](int64_t n) const {
+    if (!data) return absent;
+    return is_bf16 ? float(static_cast<const c10::BFloat16*>(data)[n]) : static_cast<const float*>(data)[n];
+  }
+  // elements n .. n+3
+  SKINNY_INLINE __m128 load4(int64_t n) const {
+    if (!data) return _mm_set1_ps(absent);
+    if (!is_bf16) return _mm_loadu_ps(static_cast<const float*>(data) + n);
+    const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(data) + n));
+    return _mm_castsi128_ps(_mm_slli_epi32(_mm_cvtepu16_epi32(b), 16));
+  }
+};
+
+// Where the products go: y[m, n] = bf16(sum · scale[n] + bias[n]), each output rounded once, to nearest even.
+struct Output {
+  c10::BFloat16* y;
+  int64_t ldy;
+  ColumnVector scale, bias;
+};
+
+// The sums of the 16 lanes of a, b, c, d, as the 4 lanes of one __m128: a transposing reduction, cheaper than four
+// _mm512_reduce_add_ps.
+SKINNY_INLINE __m128 reduce4(__m512 a, __m512 b, __m512 c, __m512 d) {
+  // within each 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3] and the same for c, d
+  __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+  __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
+  // within each 128-bit lane: [a, b, c, d] summed over that lane
+  __m512d abd = _mm512_castps_pd(ab), cdd = _mm512_castps_pd(cd);
+  __m512 s = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(abd, cdd)),
+                           _mm512_castpd_ps(_mm512_unpackhi_pd(abd, cdd)));
+  // sum the four 128-bit lanes
+  s = _mm512_add_ps(s, _mm512_shuffle_f32x4(s, s, 0x4E));
+  s = _mm512_add_ps(s, _mm512_shuffle_f32x4(s, s, 0xB1));
+  return _mm512_castps512_ps128(s);
+}
+
+// Half H of one step of dot_block: that half of 32 weights of each of the NC W rows, then each of the MR x rows
+// against all of them (only NC weight vectors live at a time). kMasked: the last K % 32 elements, the lanes in mask.
+template <class WL, int MR, int NC, int H, bool kMasked>
+SKINNY_INLINE void dot_half(__m512 (&acc)[MR][NC], const float* x, const typename WL::T* w, int64_t K,
+                            __mmask32 mask) {
+  __m512 wv[NC];
+#pragma GCC unroll 8
+  for (int j = 0; j < NC; ++j) wv[j] = kMasked ? WL::template load<H>(w + j * K, mask) : WL::template load<H>(w + j * K);
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i) {
+    const __m512 xv = _mm512_loadu_ps(x + i * 32 + 16 * H);
+#pragma GCC unroll 8
+    for (int j = 0; j < NC; ++j) acc[i][j] = _mm512_fmadd_ps(xv, wv[j], acc[i][j]);
+  }
+}
+
+// One step of dot_block with _mm512_dpbf16_ps (WL::kDot): 32 weights of each of the NC W rows, then each of the MR x
+// rows against all of them.
+template <class WL, int MR, int NC, bool kMasked>
+SKINNY_INLINE void dot_pairs(__m512 (&acc)[MR][NC], const float* x, const typename WL::T* w, int64_t K,
+                             __mmask32 mask) {
+  __m512bh wv[NC];
+#pragma GCC unroll 8
+  for (int j = 0; j < NC; ++j) wv[j] = kMasked ? WL::load(w + j * K, mask) : WL::load(w + j * K);
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i) {
+    const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + i * 32);
+#pragma GCC unroll 8
+    for (int j = 0; j < NC; ++j) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], xv, wv[j]);
+  }
+}
+
+// Outputs (m0 .. m0+MR-1, n0 .. n0+NC-1) = MR rows of x times NC rows of W (from w, stride K), fp32 sums.
+// x: the prepared rows' first block; the next block is x_step floats on. pf: where to prefetch (into L2) as much as
+// the block reads, spread over its steps (or null).
+template <class WL, int MR, int NC>
+SKINNY_TARGET void dot_block(const float* x, int64_t x_step, const typename WL::T* w, int64_t K, const Output& out,
+                             int64_t m0, int64_t n0, const char* pf) {
+  __m512 acc[MR][NC];
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 8
+    for (int j = 0; j < NC; ++j) acc[i][j] = _mm512_setzero_ps();
+
+  int64_t k = 0;
+  constexpr int kPfBytes = NC * 32 * sizeof(typename WL::T);
+  for (; k + 32 <= K; k += 32, x += x_step) {
+    if (pf) {
+#pragma GCC unroll 8
+      for (int l = 0; l < kPfBytes; l += 64) _mm_prefetch(pf + l, _MM_HINT_T1);
+      pf += kPfBytes;
+    }
+    if constexpr (WL::kDot) {
+      dot_pairs<WL, MR, NC, false>(acc, x, w + k, K, 0);
+    } else {
+      dot_half<WL, MR, NC, 0, false>(acc, x, w + k, K, 0);
+      dot_half<WL, MR, NC, 1, false>(acc, x, w + k, K, 0);
+    }
+  }
+  if (k < K) {
+    const __mmask32 mask = tail_mask(K - k);
+    if constexpr (WL::kDot) {
+      dot_pairs<WL, MR, NC, true>(acc, x, w + k, K, mask);
+    } else {
+      dot_half<WL, MR, NC, 0, true>(acc, x, w + k, K, mask);
+      dot_half<WL, MR, NC, 1, true>(acc, x, w + k, K, mask);
+    }
+  }
+
+  if constexpr (NC == 4) {  // four outputs of a row at a time: reduce, scale, add the bias, round, store 8 bytes
+    const __m128 scale = out.scale.load4(n0), bias = out.bias.load4(n0);
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) {
+      const __m128 v = _mm_fmadd_ps(reduce4(acc[i][0], acc[i][1], acc[i][2], acc[i][3]), scale, bias);
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(out.y + (m0 + i) * out.ldy + n0), (__m128i)_mm_cvtneps_pbh(v));
+    }
+  } else {
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 8
+      for (int j = 0; j < NC; ++j) {
+        const int64_t n = n0 + j;
+        out.y[(m0 + i) * out.ldy + n] = c10::BFloat16(std::fma(_mm512_reduce_add_ps(acc[i][j]), out.scale[n], out.bias[n]));
+      }
+  }
+}
+
+template <class WL>
+using BlockFn = void (*)(const float*, int64_t, const typename WL::T*, int64_t, const Output&, int64_t, int64_t,
+                         const char*);
+
+// dot_block<WL, MR, NC> for MR = 1 .. kMaxRowBlock, indexed by MR
+template <class WL, int NC, int... MR>
+BlockFn<WL> block_fn(int mr, std::integer_sequence<int, MR...>) {
+  static constexpr BlockFn<WL> fns[] = {nullptr, &dot_block<WL, MR + 1, NC>...};
+  return fns[mr];
+}
+template <class WL, int NC>
+BlockFn<WL> block_fn(int mr) {
+  return block_fn<WL, NC>(mr, std::make_integer_sequence<int, kMaxRowBlock>{});
+}
+
+// y (M, N) bf16 = (x (M, K) · W (N, K)ᵀ) · scale + bias, parallel over blocks of W rows; x contiguous, bf16 or fp32.
+template <class WL>
+void skinny_gemm(const Tensor& x, const typename WL::T* w, const Output& out, int64_t M, int64_t N, int64_t K) {
+  // the prepared x, in a per-thread buffer that is only ever grown: no allocation per call
+  thread_local std::vector<float> xs;
+  xs.resize(std::max<size_t>(xs.size(), static_cast<size_t>((K + 31) / 32 * 32 * M)));
+  prepare_x<typename WL::Layout>(x.data_ptr(), x.scalar_type() == at::kFloat, M, K, xs.data());
+  const float* xp = xs.data();
+
+  const int64_t blocks = (N + kCols - 1) / kCols;
+  // prefetch distance, in blocks of W rows: a few KB ahead of the block in work
+  const int64_t block_bytes = kCols * K * static_cast<int64_t>(sizeof(typename WL::T));
+  const int64_t pf_blocks = std::max<int64_t>(1, at::divup(kPrefetchBytes, block_bytes));
+  parallel_for(0, blocks, kMinColsPerTask / kCols, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t n0 = b * kCols;
+      const int nc = static_cast<int>(std::min<int64_t>(kCols, N - n0));
+      // all rows of x against this block of W, which stays in L1 after the first chunk of rows
+      for (int64_t m0 = 0; m0 < M; m0 += kMaxRowBlock) {
+        const int mr = static_cast<int>(std::min<int64_t>(kMaxRowBlock, M - m0));
+        // with the first chunk of rows, prefetch a later block of this task's W rows: the hardware prefetcher alone
+        // keeps too few loads in flight for the four interleaved row streams
+        const char* pf =
+            m0 == 0 && b + pf_blocks < b1 ? reinterpret_cast<const char*>(w + (n0 + pf_blocks * kCols) * K) : nullptr;
+        if (nc == kCols) {
+          block_fn<WL, kCols>(mr)(xp + m0 * 32, M * 32, w + n0 * K, K, out, m0, n0, pf);
+        } else {  // the last N % kCols W rows, one at a time
+          for (int j = 0; j < nc; ++j)
+            block_fn<WL, 1>(mr)(xp + m0 * 32, M * 32, w + (n0 + j) * K, K, out, m0, n0 + j, nullptr);
+        }
+      }
+    }
+  });
+}
+
+bool is_column_vector(const Tensor& t, int64_t N) {
+  return t.device().is_cpu() && t.dim() == 1 && t.size(0) == N && t.is_contiguous() &&
+         (t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kFloat);
+}
+
+ColumnVector column_vector(const c10::optional<Tensor>& t, float absent) {
+  ColumnVector v;
+  v.absent = absent;
+  if (t && t->defined()) {
+    v.data = t->data_ptr();
+    v.is_bf16 = t->scalar_type() == at::kBFloat16;
+  }
+  return v;
+}
+
+// Whether the kernel applies to x (at most max_rows rows), an (N, K) weight of dtype `wtype`, and the bias.
+bool kernel_applies(const Tensor& x, const Tensor& weight, at::ScalarType wtype, const c10::optional<Tensor>& bias,
+                    int64_t max_rows) {
+  if (!skinny_supported()) return false;
+  if (!x.device().is_cpu() || !weight.device().is_cpu()) return false;
+  if (x.scalar_type() != at::kBFloat16 && x.scalar_type() != at::kFloat) return false;
+  if (weight.scalar_type() != wtype || weight.dim() != 2 || !weight.is_contiguous()) return false;
+  const int64_t N = weight.size(0), K = weight.size(1);
+  if (x.dim() < 1 || x.size(-1) != K || K == 0 || N == 0) return false;
+  const int64_t M = x.numel() / K;
+  if (M == 0 || M > max_rows) return false;
+  if (bias && bias->defined() && !is_column_vector(*bias, N)) return false;
+  return true;
+}
+
+std::vector<int64_t> output_shape(const Tensor& x, int64_t N) {
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = N;
+  return shape;
+}
+
+}  // namespace
+
+bool skinny_supported() {
+  static const bool supported = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("fma");
+  }();
+  return supported;
+}
+
+Tensor skinny_linear(const Tensor& x, const Tensor& weight, const c10::optional<Tensor>& bias) {
+  if (!kernel_applies(x, weight, at::kBFloat16, bias, kMaxRows)) {
+    // at::linear wants x and bias in the weight's dtype: an fp32 x is rounded to bf16 as the kernel would
+    const auto wtype = weight.scalar_type();
+    const bool cast_bias = bias && bias->defined() && bias->scalar_type() != wtype;
+    return at::linear(x.scalar_type() == wtype ? x : x.to(wtype), weight,
+                      cast_bias ? c10::optional<Tensor>(bias->to(wtype)) : bias);
+  }
+  const int64_t N = weight.size(0), K = weight.size(1);
+  const Tensor x2 = x.reshape({-1, K}).contiguous();
+  Tensor y = at::empty({x2.size(0), N}, x.options().dtype(at::kBFloat16));
+  const Output out{y.data_ptr<c10::BFloat16>(), N, column_vector(c10::nullopt, 1.f), column_vector(bias, 0.f)};
+  const auto* w = static_cast<const uint16_t*>(weight.data_ptr());
+  const int64_t M = x2.size(0);
+  if (M == 1)  // see the note at the top: dot products for one row, FMAs for several
+    skinny_gemm<Bf16DotWeights>(x2, w, out, M, N, K);
+  else
+    skinny_gemm<Bf16Weights>(x2, w, out, M, N, K);
+  return y.view(output_shape(x, N));
+}
+
+Tensor skinny_linear_int8(const Tensor& x, const Tensor& weight, const Tensor& scales,
+                          const c10::optional<Tensor>& bias) {
+  if (!kernel_applies(x, weight, at::kChar, bias, kMaxRowsInt8) || !is_column_vector(scales, weight.size(0))) {
+    // the same sums in fp32 the slow way (x rounded to bf16 first, as the kernel does), rounded to bf16 once
+    Tensor y = at::linear(x.to(at::kBFloat16).to(at::kFloat), weight.to(at::kFloat)) * scales.to(at::kFloat);
+    if (bias && bias->defined()) y.add_(bias->to(at::kFloat));
+    return y.to(at::kBFloat16);
+  }
+  const int64_t N = weight.size(0), K = weight.size(1);
+  const Tensor x2 = x.reshape({-1, K}).contiguous();
+  Tensor y = at::empty({x2.size(0), N}, x.options().dtype(at::kBFloat16));
+  const Output out{y.data_ptr<c10::BFloat16>(), N, column_vector(scales, 1.f), column_vector(bias, 0.f)};
+  skinny_gemm<Int8Weights>(x2, static_cast<const int8_t*>(weight.data_ptr()), out, x2.size(0), N, K);
+  return y.view(output_shape(x, N));
+}

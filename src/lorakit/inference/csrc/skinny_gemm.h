@@ -1,0 +1,36 @@
+// Matrix products for decoding on CPU: a few rows of activations times a large weight, which is memory-bound, so the
+// kernels read each weight once for all rows and spend as little as possible on anything else.
+//
+// skinny_linear: y = x·Wᵀ (+ bias), the same product as at::linear(x, W, bias) for bf16 tensors.
+//   x      (..., K) bf16 or fp32 (fp32 is rounded to bf16 once up front; the product and output are then bf16);
+//          any strides (a non-contiguous x is copied)
+//   weight (N, K) bf16, row-major contiguous
+//   bias   (N) bf16 or fp32, or none
+//   -> y   (..., N) bf16, each output accumulated in fp32 (exact bf16 products, fp32 sums), plus the bias in fp32,
+//          rounded to bf16 once (to nearest even; fp32 sums below 2^-126 in magnitude flush to zero).
+// For x with few rows, M = numel(x) / K <= 12: reads W once for all rows, at close to memory bandwidth. Anything else
+// (more rows, where oneDNN's GEMM is faster; no AVX-512 BF16 on this CPU; other dtypes or devices; a non-contiguous
+// weight) goes to at::linear, with x and bias cast to the weight's dtype (so an fp32 weight gives an fp32 y there).
+//
+// skinny_linear_int8: y = (x·w_intᵀ) · scales (+ bias), int8 weights with one symmetric scale per output channel.
+//   x      (..., K) bf16 or fp32 (fp32 rounded to bf16 once up front)
+//   weight (N, K) int8, row-major contiguous
+//   scales (N) fp32 or bf16
+//   bias   (N) bf16 or fp32, or none
+//   -> y   (..., N) bf16: x·w_int accumulated in fp32, then times the scale, plus the bias, in fp32, rounded to bf16
+//   once. The kernel takes up to 32 rows of x; where it does not apply (more rows, no AVX-512 BF16, other dtypes or
+//   layouts) the same sums come from an fp32 at::linear on the weight converted to fp32 (slow, but the same numbers).
+//   For comparison, ATen's torch._weight_int8pack_mm (bf16 scales) computes the same thing.
+#pragma once
+
+#include <ATen/ATen.h>
+
+// y = x·Wᵀ (+ bias) for a few rows of x; see above.
+at::Tensor skinny_linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias);
+
+// y = (x·w_intᵀ)·scales (+ bias) for a few rows of x and per-output-channel int8 weights; see above.
+at::Tensor skinny_linear_int8(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scales,
+                              const c10::optional<at::Tensor>& bias);
+
+// Whether this CPU has the instructions the kernels use (AVX-512F/BW/VL, AVX-512 BF16, FMA), checked at run time.
+bool skinny_supported();

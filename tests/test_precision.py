@@ -1,0 +1,167 @@
+"""bf16 where the hardware computes it (engine/precision.py): the frozen base stored in bf16 once, adapters and their
+optimizer state in fp32, the LoRA Function computing in bf16. Checked against PEFT on a bf16-loaded model (what PEFT
+users do on GPUs) and against fp32; `auto` by a faked capability check."""
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+from conftest import TINY, randomize_lora, save_tiny
+from test_train import recipe, write_instruct
+
+from lorakit import LoRAConfig, add_lora
+from lorakit.config import ConfigError, RunConfig, validate
+from lorakit.engine import precision, store_frozen
+
+
+def loss_and_grads(model, seed: int = 0) -> tuple[float, dict]:
+    ids = torch.randint(4, 128, (2, 12), generator=torch.Generator().manual_seed(seed))
+    model.eval()  # no model dropout (GPT-2 has some); gradients still flow, the adapter's dropout is 0
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss.item(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+
+def lorakit_model(kind: str, dtype: torch.dtype, **lora) -> torch.nn.Module:
+    model = add_lora(TINY[kind](), LoRAConfig(r=4, dropout=0.0, **lora))
+    randomize_lora(model)
+    return store_frozen(model, dtype)
+
+
+def test_store_frozen_casts_only_what_is_frozen():
+    """Frozen weights bf16 (tied ones still tied), LoRA fp32, buffers (rotary frequencies) as they were."""
+    model = lorakit_model("llama", torch.bfloat16)
+    model.config.tie_word_embeddings = True
+    for name, p in model.named_parameters():
+        assert p.dtype == (torch.float32 if p.requires_grad else torch.bfloat16), name
+    assert model.model.rotary_emb.inv_freq.dtype == torch.float32
+    tied = add_lora(TINY["gpt2"](), LoRAConfig(r=4))
+    store_frozen(tied, torch.bfloat16)
+    assert tied.lm_head.weight is tied.transformer.wte.weight and tied.lm_head.weight.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("kind,lora", [("llama", {}), ("gpt2", {}), ("llama", {"dora": True}),
+                                       ("llama", {"quantize": "nf4", "quant_backend": "torch"})])
+def test_bf16_training_step_against_peft_on_a_bf16_model_and_fp32(kind, lora):
+    """The loss and adapter gradients of one step with the base in bf16 are PEFT's on the same bf16 base (which
+    computes the LoRA term in fp32) to bf16 rounding, and the fp32 step's to a few percent; gradients come back
+    fp32, and the adapter trains through the fused Function (no fp32 copy of the activations)."""
+    from peft import LoraConfig, get_peft_model
+    loss, grads = loss_and_grads(lorakit_model(kind, torch.bfloat16, **lora))
+    loss32, grads32 = loss_and_grads(lorakit_model(kind, torch.float32, **lora))
+    assert abs(loss - loss32) < 0.01 * abs(loss32)
+    for name, g in grads.items():
+        assert g.dtype == torch.float32, name
+        assert (g - grads32[name]).norm() <= 0.1 * grads32[name].norm(), name
+    if lora.get("quantize"):
+        return
+    targets = ["c_attn", "c_proj", "c_fc"] if kind == "gpt2" else ["q_proj", "v_proj"]
+    ours = lorakit_model(kind, torch.bfloat16, targets=targets, **lora)
+    base = TINY[kind]().to(torch.bfloat16)
+    peft = get_peft_model(base, LoraConfig(r=4, lora_alpha=16, lora_dropout=0.0, target_modules=targets,
+                                           use_dora=bool(lora.get("dora")), fan_in_fan_out=kind == "gpt2"))
+    copy_adapters(ours, peft)
+    loss, grads = loss_and_grads(ours)
+    peft_loss, peft_grads = loss_and_grads(peft)
+    assert abs(loss - peft_loss) < 0.005 * abs(peft_loss)
+    for name, g in peft_grads.items():
+        mine = grads[lorakit_name(name)]
+        assert (mine - g).norm() <= 0.05 * g.norm(), name
+
+
+def lorakit_name(peft_name: str) -> str:
+    """PEFT's name of an adapter tensor as lorakit's model names it."""
+    return (peft_name.replace("base_model.model.", "").replace("lora_magnitude_vector", "lora_magnitude")
+            .replace(".default.weight", ".default"))
+
+
+def copy_adapters(ours: torch.nn.Module, peft: torch.nn.Module) -> None:
+    """PEFT's adapter values (B made random first, so the adapter matters) into lorakit's model, so both compute
+    the same function."""
+    mine = dict(ours.named_parameters())
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, value in peft.named_parameters():
+            if "lora_B" in name:
+                value.copy_(torch.randn(value.shape, generator=g) * 0.1)
+            if value.requires_grad:
+                mine[lorakit_name(name)].copy_(value.reshape(mine[lorakit_name(name)].shape))
+
+
+@pytest.fixture
+def detect(monkeypatch):
+    """The capability check as a user's machine runs it (conftest makes the tests' CPU one without bf16 units)."""
+    monkeypatch.delenv("LORAKIT_NATIVE_BF16")
+    precision.native_bf16.cache_clear()
+    precision._slower_note.cache_clear()
+    yield
+    monkeypatch.undo()  # the real check and the tests' setting back, then nothing cached from this test
+    precision.native_bf16.cache_clear()
+
+
+def test_auto_is_bf16_only_where_the_hardware_has_it(monkeypatch, capsys, detect):
+    """auto follows the capability check; an explicit bf16 on a CPU without it runs after one line saying so."""
+    monkeypatch.setattr(precision, "native_bf16", lambda device_type="cpu": False)
+    assert precision.resolve_dtype("auto") == torch.float32
+    assert precision.resolve_dtype("bf16") == torch.bfloat16
+    assert precision.resolve_dtype("bf16") == torch.bfloat16
+    err = capsys.readouterr().err
+    assert err.count("without native bf16 units") == 1 and "slower than fp32" in err
+    monkeypatch.setattr(precision, "native_bf16", lambda device_type="cpu": True)
+    assert precision.resolve_dtype("auto") == torch.bfloat16 and capsys.readouterr().err == ""
+    assert precision.resolve_dtype("fp32") == torch.float32
+
+
+def test_the_real_capability_check_reads_the_cpu_flags(monkeypatch, detect):
+    flags = open("/proc/cpuinfo").read().split() if sys.platform == "linux" else []
+    if not flags:
+        pytest.skip("no /proc/cpuinfo")
+    assert precision.native_bf16("cpu") == ("avx512_bf16" in flags or "amx_bf16" in flags or "amx_tile" in flags)
+    precision.native_bf16.cache_clear()
+    monkeypatch.setenv("LORAKIT_NATIVE_BF16", "1")
+    assert precision.native_bf16("cpu") and precision.resolve_dtype("auto") == torch.bfloat16
+    precision.native_bf16.cache_clear()
+    monkeypatch.setenv("LORAKIT_NATIVE_BF16", "0")
+    assert not precision.native_bf16("cpu") and precision.resolve_dtype("auto") == torch.float32
+
+
+def test_precision_config_refuses_what_cannot_mean_anything():
+    with pytest.raises(ConfigError, match="method full trains every weight"):
+        validate(RunConfig(precision="bf16", method="full"), "r.yaml")
+    with pytest.raises(ConfigError, match="choose one of the two"):
+        validate(RunConfig(precision="bf16", mixed_precision="fp16"), "r.yaml")
+    with pytest.raises(ConfigError, match="precision"):
+        validate(RunConfig(precision="fp16"), "r.yaml")
+
+
+def test_train_in_bf16_saves_fp32_adapters(tmp_path):
+    """`lorakit train --precision bf16`: run.json says so, the adapter on disk is fp32 and the loss falls
+    (resuming in bf16: test_train's resume test runs in both precisions)."""
+    from lorakit.cli import main
+    llama = save_tiny("llama", tmp_path / "llama")
+    data = write_instruct(tmp_path / "a.jsonl", n=24)
+    r = recipe(tmp_path, model=str(llama), task="instruct", data=str(data), max_steps=6)
+    assert main(["train", r, "--out", str(tmp_path / "run"), "--precision", "bf16"]) == 0
+    record = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert record["precision"].startswith("bf16")
+    from safetensors.torch import load_file
+    saved = load_file(tmp_path / "run" / "adapter" / "adapter_model.safetensors")
+    assert saved and all(t.dtype == torch.float32 for t in saved.values())
+    losses = [json.loads(line)["loss"] for line in open(tmp_path / "run" / "metrics.jsonl") if '"loss"' in line]
+    assert losses[-1] < losses[0]
+
+
+def test_classification_head_trains_in_fp32_in_a_bf16_model(tmp_path):
+    from test_bad_input import SMS
+
+    from lorakit.cli import main
+    llama = save_tiny("llama", tmp_path / "llama")
+    (tmp_path / "sms.tsv").write_bytes(SMS)
+    r = recipe(tmp_path, model=str(llama), task="classify", data=str(tmp_path / "sms.tsv"), max_steps=2)
+    assert main(["train", r, "--out", str(tmp_path / "run"), "--precision", "bf16"]) == 0
+    from safetensors.torch import load_file
+    saved = load_file(tmp_path / "run" / "adapter" / "adapter_model.safetensors")
+    heads = [k for k in saved if "score" in k]
+    assert heads and all(saved[k].dtype == torch.float32 for k in heads)
