@@ -2,7 +2,7 @@
 projections, random B), chat requests spread over the base and the adapters, DialogSum dialogues cut to 64-256
 tokens as prompts, 64 new tokens (greedy), streamed.
 
-    python bench/serve.py [--levels 1,4,16] [--soak 1000]
+    python bench/serve.py [--levels 1,4,16] [--soak 1000] [--dtype bf16 --out bench/results/serve-bf16.json]
 For each level of concurrent clients: throughput (completion tokens/s), p50 / p95 time to first token and request
 latency; the 1-client level is the same requests served one at a time. Where llama.cpp's server is installed
 (`make llama-cpp`), it serves a merged GGUF export of one adapter as the single-adapter
@@ -213,6 +213,8 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=64, help="requests per level (the 1-client level: a quarter)")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--soak", type=int, default=1000)
+    ap.add_argument("--dtype", default="fp32", help="the server's --dtype (fp32, bf16, auto)")
+    ap.add_argument("--no-anchor", action="store_true", help="leave out llama.cpp's server")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "serve.json"))
     a = ap.parse_args()
     levels = [int(x) for x in a.levels.split(",")]
@@ -222,7 +224,8 @@ def main() -> None:
         adapters = make_adapters(folder)
         port = free_port()
         proc = start_server([sys.executable, "-m", "lorakit", "serve", "--api", *map(str, adapters), "--model",
-                             "smollm2", "--port", str(port), "--slots", "16", "--max-queue", "256"], port,
+                             "smollm2", "--port", str(port), "--slots", "16", "--max-queue", "256", "--dtype", a.dtype],
+                            port,
                             folder / "server.log")
         url = f"http://127.0.0.1:{port}"
         try:
@@ -242,10 +245,10 @@ def main() -> None:
         finally:
             proc.terminate()
             proc.wait()
-        anchor = llama_cpp_anchor(folder, adapters[0], levels, jobs, a.max_tokens)
+        anchor = None if a.no_anchor else llama_cpp_anchor(folder, adapters[0], levels, jobs, a.max_tokens)
     for r in rows:
         r["x_one_at_a_time"] = r["tokens_per_s"] / rows[0]["tokens_per_s"]
-    table("lorakit serve --api, the base and 3 adapters", rows)
+    table(f"lorakit serve --api --dtype {a.dtype}, the base and 3 adapters", rows)
     if anchor:
         table("llama.cpp server (llama-cpp-python), one merged adapter (f16 GGUF)", anchor)
     result = {"levels": rows, "soak": soaked, "llama_cpp": anchor, "max_tokens": a.max_tokens}

@@ -33,9 +33,10 @@ def with_lora(model):
 
 
 @torch.no_grad()
-def steps(model, compiled, prompts: list[list[int]], refill: bool, count: int = 6):
+def steps(model, compiled, prompts: list[list[int]], refill: bool, count: int = 6, forced: bool = False):
     """Logits of `count` steps after prefilling `prompts` (together; or the last one apart, as a refill is, so
-    the rows hold different spans and the step takes its masked path), and the cache at the end."""
+    the rows hold different spans and the step takes its masked path), and the cache at the end. Each step feeds
+    the argmax of the last logits, or with `forced` fixed tokens (so two dtypes see the same inputs)."""
     config = model.config
     cache = KVCache(config.num_hidden_layers, len(prompts), config.num_key_value_heads, 40, config.head_dim,
                     next(model.parameters()))
@@ -45,8 +46,9 @@ def steps(model, compiled, prompts: list[list[int]], refill: bool, count: int = 
         ids, mask = _left_padded([prompts[s] for s in slots], 0, "cpu")
         logits[slots] = prefill(model, cache, slots[0], ids, mask)
     out = []
-    for _ in range(count):
-        logits = step(model, cache, logits.argmax(-1), compiled)
+    for i in range(count):
+        tokens = torch.full((len(prompts),), 7 + i) if forced else logits.argmax(-1)
+        logits = step(model, cache, tokens, compiled)
         out.append(logits)
     return torch.stack(out), cache
 
@@ -161,3 +163,51 @@ def test_a_failed_build_says_why_and_decodes_with_the_python_step(monkeypatch, c
         monkeypatch.undo()
         extension.cache_clear()
     assert extension() is not None
+
+
+@pytest.mark.parametrize("m", [1, 3, 12, 16])
+@pytest.mark.parametrize("n,k", [(64, 96), (70, 100), (5, 31)])
+def test_skinny_kernels_against_fp32_on_the_same_values(m, n, k):
+    """The decode step's own products (skinny_gemm.cpp): bf16 weights, and int8 weights with a scale per output
+    channel, each output within one bf16 rounding of the fp32 product of the same values; on a CPU without
+    AVX-512 BF16 they are at::linear's."""
+    ext = extension()
+    g = torch.Generator().manual_seed(m * 1000 + n)
+    x, w, b = (torch.randn(*shape, generator=g).bfloat16() for shape in ((m, k), (n, k), (n,)))
+    want = torch.nn.functional.linear(x.float(), w.float(), b.float())
+    got = ext.skinny_linear(x, w, b)
+    assert got.dtype == torch.bfloat16 and got.shape == (m, n)
+    if not ext.skinny_supported():
+        torch.testing.assert_close(got, torch.nn.functional.linear(x, w, b), atol=0, rtol=0)
+    tolerance = 2 ** -8 * want.abs() + 2 ** -8 * (x.float().abs() @ w.float().abs().t()) * 2 ** -8
+    assert bool(((got.float() - want).abs() <= tolerance + 1e-6).all())
+    codes = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+    scales = torch.rand(n, generator=g) / 64
+    want8 = torch.nn.functional.linear(x.float(), codes.float() * scales[:, None], b.float())
+    got8 = ext.skinny_linear_int8(x, codes, scales, b)
+    assert bool(((got8.float() - want8).abs() <= 2 ** -8 * want8.abs() + 1e-3).all())
+
+
+@pytest.mark.parametrize("adapter", [None, "unmerged", "mixed"])
+def test_bf16_compiled_step_against_the_python_step_and_fp32(adapter):
+    """With the model cast to bf16 (--dtype bf16) the C++ step runs the bf16 kernel: its logits are the Python
+    step's (F.linear in bf16) to bf16 rounding, and both are fp32's to a few bf16 roundings through two layers."""
+    import contextlib
+
+    from lorakit.engine import cast_for_inference
+    model = tiny_llama_family("llama") if adapter is None else with_lora(tiny_llama_family("llama"))
+    if adapter == "mixed":
+        add_lora(model, LoRAConfig(r=4, alpha=8, targets="all-linear"), "b")
+        randomize_lora(model, seed=2)
+    rows = (lambda: adapters_by_row(model, ["a", "b", None, "a"])) if adapter == "mixed" else contextlib.nullcontext
+    with rows():
+        fp32_logits, _ = steps(model, None, PROMPTS, refill=adapter != "mixed", forced=True)
+    cast_for_inference(model, "bf16")
+    with rows():
+        view = compiled_model(model, torch.bfloat16)
+        assert view is not None  # the bf16 model is one the C++ step describes
+        native, _ = steps(model, view, PROMPTS, refill=adapter != "mixed", forced=True)
+        python, _ = steps(model, None, PROMPTS, refill=adapter != "mixed", forced=True)
+    scale = fp32_logits.abs().max()
+    assert (native - python).abs().max() <= 0.02 * scale
+    assert (native - fp32_logits).abs().max() <= 0.05 * scale

@@ -33,6 +33,7 @@ struct Linear {
 
   Tensor operator()(const Tensor& x) const {
     if (!lora_A) return base(x);
+    if (weight.scalar_type() == at::kBFloat16 && lora_A->scalar_type() == at::kBFloat16) return bf16_lora(x);
     if (row_mask) {
       Tensor out = base(x);
       Tensor h = at::matmul(x.reshape({x.size(0), -1, x.size(-1)}).to(lora_A->scalar_type()), lora_A->t());
@@ -49,6 +50,18 @@ struct Linear {
     std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
     shape.back() = -1;
     return out.view(shape);
+  }
+
+  // bf16 weights and adapters: the rank-r products through the skinny kernel too (oneDNN's bf16 GEMM is slow at a
+  // few rows, and a step has two per adapted layer); the LoRA term is rounded to bf16 before it is added.
+  Tensor bf16_lora(const Tensor& x) const {
+    Tensor out = skinny_linear(x, weight, bias);
+    Tensor h = skinny_linear(x, *lora_A, {});
+    if (row_mask) {
+      h = h.reshape({x.size(0), -1, h.size(-1)}).mul_(*row_mask);
+      return out.add_(skinny_linear(h, *lora_B, {}).view_as(out));
+    }
+    return out.add_(skinny_linear(h, *lora_B, {}), scaling);
   }
 };
 
