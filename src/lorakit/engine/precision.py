@@ -55,7 +55,8 @@ def _slower_note(what: str, device_type: str) -> None:
 
 
 def dtype_name(dtype: torch.dtype) -> str:
-    return next(name for name, d in DTYPES.items() if d == dtype)
+    """bf16 for bfloat16; fp32 for anything else (a quantised model's first parameter may be its packed codes)."""
+    return "bf16" if dtype == torch.bfloat16 else "fp32"
 
 
 def _cast_inputs(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:

@@ -25,9 +25,9 @@ MAX_CELLS = 32  # more needs --yes: a grid grows as a product, and each cell is 
 TRAINING_KEYS = {"method", "r", "alpha", "dropout", "targets", "exclude", "rslora", "dora", "init", "quantize",
                  "quantize_all", "quant_backend", "epochs", "max_steps", "batch_size", "grad_accum", "lr",
                  "optimizer", "head_lr", "loraplus_lr_ratio", "full_lr", "weight_decay", "warmup", "schedule",
-                 "max_grad_norm", "mixed_precision", "gradient_checkpointing", "fuse_swiglu", "label_only_loss",
-                 "compile", "eval_every", "early_stopping", "checkpoint_every", "strategy", "pack", "share_prefix",
-                 "group_by_length"}
+                 "max_grad_norm", "precision", "mixed_precision", "gradient_checkpointing", "fuse_swiglu",
+                 "label_only_loss", "compile", "eval_every", "early_stopping", "checkpoint_every", "strategy", "pack",
+                 "share_prefix", "group_by_length"}
 LIST_KEYS = {f.name for f in fields(RunConfig) if str(f.type).startswith(("list", "str | list"))}
 NOT_COMPARED = ("out", "recipe_path", "name")  # differ between a cell's run.json and the recipe by design
 
