@@ -59,6 +59,14 @@ def dtype_name(dtype: torch.dtype) -> str:
     return "bf16" if dtype == torch.bfloat16 else "fp32"
 
 
+def _cast_params(model: nn.Module, dtype: torch.dtype, frozen_only: bool) -> None:
+    """Each floating-point parameter of `model` (tied ones once; with frozen_only, those that do not train) to
+    `dtype`, in place of the old storage."""
+    for param in {id(p): p for p in model.parameters()}.values():
+        if param.is_floating_point() and param.dtype != dtype and not (frozen_only and param.requires_grad):
+            param.data = param.data.to(dtype)
+
+
 def _cast_inputs(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     """A forward pre-hook: floating inputs to the dtype of the module's own parameters (a trained fp32 module in a
     bf16 model, or a frozen bf16 one fed fp32 by a trained module before it)."""
@@ -71,12 +79,10 @@ def _cast_inputs(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, d
 def store_frozen(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     """Store every frozen floating-point parameter of `model` in `dtype`, once; what trains keeps its dtype.
     Buffers (rotary frequencies, quantisation scales) keep theirs. Modules that train in full get their inputs cast
-    to their own dtype, and so do plain linears and embeddings after them, so the dtypes meet at module edges."""
+    to their own dtype, and so do plain linears and layer norms after them, so the dtypes meet at module edges."""
     if dtype == torch.float32:
         return model
-    for param in {id(p): p for p in model.parameters()}.values():  # tied weights once
-        if not param.requires_grad and param.is_floating_point():
-            param.data = param.data.to(dtype)
+    _cast_params(model, dtype, frozen_only=True)
     trained = {id(m) for copies in model.modules() if isinstance(copies, TrainedCopies)
                for m in copies.copies.modules()}
     for module in model.modules():
@@ -95,7 +101,5 @@ def cast_for_inference(model: nn.Module, name: str, device_type: str = "cpu") ->
     path). Returns the name of what is used, for the record."""
     dtype = resolve_dtype(name, device_type, "--dtype")
     if dtype != torch.float32:
-        for param in {id(p): p for p in model.parameters()}.values():
-            if param.is_floating_point() and param.dtype != dtype:
-                param.data = param.data.to(dtype)
+        _cast_params(model, dtype, frozen_only=False)
     return dtype_name(dtype)

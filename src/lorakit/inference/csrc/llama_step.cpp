@@ -19,8 +19,9 @@ using c10::optional;
 // y = x·Wᵀ + b + s·(x·Aᵀ)·Bᵀ, computed as engine/function.py's lora_linear does: the LoRA term added into the base product.
 // With a row mask, rows of different adapters (engine/mixed_rows.py): A and the scaled B are the adapters' side by
 // side, and the mask keeps each row's share of x·Aᵀ to its own adapter.
-// bf16 weights (a model cast for inference, engine/precision.py) go through skinny_gemm's kernel, which reads the
-// weight once for the few rows of a decode step; it hands larger batches to at::linear itself. fp32 stays at::linear.
+// bf16 weights (a model cast for inference, engine/precision.py; compiled_step passes adapters in the weight's dtype)
+// go through skinny_gemm's kernel, which reads the weight once for the few rows of a decode step; it hands larger
+// batches to at::linear itself. fp32 stays at::linear.
 struct Linear {
   Tensor weight;
   optional<Tensor> bias, lora_A, lora_B;
@@ -35,7 +36,7 @@ struct Linear {
     if (!lora_A) return base(x);
     if (weight.scalar_type() == at::kBFloat16 && lora_A->scalar_type() == at::kBFloat16) return bf16_lora(x);
     if (row_mask) {
-      Tensor out = base(x);
+      Tensor out = at::linear(x, weight, bias);
       Tensor h = at::matmul(x.reshape({x.size(0), -1, x.size(-1)}).to(lora_A->scalar_type()), lora_A->t());
       h.mul_(*row_mask);
       out.view({-1, out.size(-1)}).addmm_(h.view({-1, h.size(-1)}).to(out.scalar_type()),
@@ -44,8 +45,7 @@ struct Linear {
     }
     Tensor flat = x.to(lora_A->scalar_type()).reshape({-1, x.size(-1)});
     Tensor h = at::linear(flat, *lora_A);
-    Tensor out = weight.scalar_type() == at::kBFloat16 ? skinny_linear(flat, weight, bias)
-                 : bias ? at::addmm(*bias, flat, weight.t()) : at::mm(flat, weight.t());
+    Tensor out = bias ? at::addmm(*bias, flat, weight.t()) : at::mm(flat, weight.t());
     out.addmm_(h, lora_B->t(), 1, scaling);
     std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
     shape.back() = -1;
