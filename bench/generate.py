@@ -8,8 +8,8 @@ greedy, 64 new tokens, on DialogSum test dialogues in the `dialogsum` recipe's p
 by each (best of 3 a round); and llama.cpp on an f16 export where llama-cpp-python is built. Then greedy tokens of
 the loop against `generate`'s on 20 further prompts x 64 tokens at batch 1 and 8: the base, a random adapter
 unmerged and merged, and adapters mixed by row. With bf16 weights (`--dtype bf16`: the C++ step's own AVX-512
-kernel, skinny_gemm.cpp) the loop at batch 1, 8 and 16 beside fp32 at 16, and llama.cpp's q8_0 export beside its f16.
-The machine's bound for each dtype: the measured read GB/s over the bytes of the weights in that dtype. Writes
+kernel, skinny_gemm.cpp) the loop at batch 1, 8 and 16 beside fp32 at 16, the same with int8 weights (`--dtype int8`,
+its int8 kernel), and llama.cpp's q8_0 export beside its f16. The machine's bound for each dtype: the measured read GB/s over the bytes of the weights in that dtype. Writes
 bench/results/generate.json and prints a Markdown table.
 
     python bench/generate.py [--rounds 3] [--new-tokens 64]
@@ -32,7 +32,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "bench"))
-from lorakit.engine import cast_for_inference  # noqa: E402
+from lorakit.inference.precision import cast_for_inference  # noqa: E402
 from lorakit.evaluation.runs import machine  # noqa: E402
 from lorakit.inference.compiled_step import extension  # noqa: E402
 from lorakit.data.prompts import SummarizationData, format_prompt  # noqa: E402
@@ -219,6 +219,8 @@ def main() -> None:
     sixteen = [format_prompt(tok, e.instruction, e.prompt_input, "alpaca") for e in data.examples[:16]]
     bf16 = copy.deepcopy(model)
     cast_for_inference(bf16, "bf16")
+    int8 = copy.deepcopy(model)
+    cast_for_inference(int8, "int8")
     cases = {"transformers generate, batch 1": lambda: hf_generate(model, tok, prompts, 1, args.new_tokens),
              "transformers generate, batch 8": lambda: hf_generate(model, tok, prompts, 8, args.new_tokens),
              "lorakit decode loop, batch 1": lambda: loop_generate(model, tok, prompts, 1, args.new_tokens),
@@ -233,7 +235,11 @@ def main() -> None:
              "lorakit decode loop bf16, batch 1": lambda: loop_generate(bf16, tok, prompts, 1, args.new_tokens),
              "lorakit decode loop bf16, batch 8": lambda: loop_generate(bf16, tok, prompts, 8, args.new_tokens),
              "lorakit decode loop bf16, batch 16": lambda: loop_generate(bf16, tok, sixteen, 16, args.new_tokens),
-             "lorakit prefill bf16 8 x 256": lambda: loop_prefill(bf16)}
+             "lorakit prefill bf16 8 x 256": lambda: loop_prefill(bf16),
+             "lorakit decode loop int8, batch 1": lambda: loop_generate(int8, tok, prompts, 1, args.new_tokens),
+             "lorakit decode loop int8, batch 8": lambda: loop_generate(int8, tok, prompts, 8, args.new_tokens),
+             "lorakit decode loop int8, batch 16": lambda: loop_generate(int8, tok, sixteen, 16, args.new_tokens),
+             "lorakit prefill int8 8 x 256": lambda: loop_prefill(int8)}
     tmp = tempfile.TemporaryDirectory()
     try:
         import llama_cpp  # noqa: F401
@@ -252,9 +258,10 @@ def main() -> None:
         hf_generate(model, tok, prompts[:batch], batch, 2)
         loop_generate(model, tok, prompts[:batch], batch, 2)
         loop_generate(model, tok, prompts[:batch], batch, 2, compiled=False)
-    for batch in (1, 8, 16):
-        loop_generate(bf16, tok, sixteen[:batch], batch, 2)
-    loop_prefill(bf16, repeats=1)
+    for quantised in (bf16, int8):
+        for batch in (1, 8, 16):
+            loop_generate(quantised, tok, sixteen[:batch], batch, 2)
+        loop_prefill(quantised, repeats=1)
     runs = {name: [] for name in cases}
     bound = {"read_gb_s": [], "weights": []}
     for r in range(args.rounds):
@@ -272,11 +279,12 @@ def main() -> None:
     read = statistics.median(bound["read_gb_s"])
     weight_mb = bound["weights"][-1]["weight_mb"]  # fp32
     machine_bound = {"fp32": read * 1e3 / weight_mb, "bf16": read * 1e3 / (weight_mb / 2),
+                     "int8": read * 1e3 / (weight_mb * 9 / 32),  # a byte a weight, an fp32 scale per 32
                      "q8_0": read * 1e3 / (weight_mb * 34 / 128)}  # q8_0: 34 bytes per 32 weights
     for name, row in rows.items():
         if "decode_steps_s" in row:
             row["fraction_of_bound"] = row["decode_steps_s"] / steps_bound
-            kind = "bf16" if "bf16" in name or "f16" in name else "q8_0" if "q8_0" in name else "fp32"
+            kind = next((k for k in ("int8", "bf16", "q8_0") if k in name), "bf16" if "f16" in name else "fp32")
             row["fraction_of_machine_bound"] = row["decode_steps_s"] / machine_bound[kind]
     result = {"machine": machine(), "threads": torch.get_num_threads(), "rounds": args.rounds,
               "new_tokens": args.new_tokens, "prompt_tokens": [len(tok(p)["input_ids"]) for p in prompts],
@@ -295,7 +303,7 @@ def main() -> None:
         fraction = f"{row['fraction_of_bound']:.0%}" if "fraction_of_bound" in row else ""
         of_machine = f"{row['fraction_of_machine_bound']:.0%}" if "fraction_of_machine_bound" in row else ""
         rival = rows.get(name.replace("lorakit decode loop", "transformers generate").replace(", Python step", "")
-                         .replace(" bf16", "").replace("lorakit", "transformers"))
+                         .replace(" bf16", "").replace(" int8", "").replace("lorakit", "transformers"))
         rival = rival if name.startswith("lorakit") else None
         versus = f"{rate / (rival.get('decode_tok_s') or rival['prefill_tok_s']):.2f}x" if rival else ""
         print(f"| {name} | {rate:.1f} | {steps} | {fraction} | {of_machine} | {versus} |")

@@ -2,11 +2,11 @@
 DialogSum target): transformers' `generate` over batches of 16 length-sorted prompts, against lorakit's decode
 loop (static KV cache, continuous batching over 16 rows), for the adapted model (merged) and the base (adapter
 off), greedy, the run's eval settings; ROUGE of each against the references. Cases take turns, the order reversed
-in each round. Writes bench/results/generate-eval.json. With --dtypes fp32,bf16 the cases are instead the decode
-loop with the weights in each dtype (`--dtype`, engine/precision.py), adapted (unmerged) and base: ROUGE and time of
-bf16 against fp32.
+in each round. Writes bench/results/generate-eval.json. With --dtypes fp32,bf16,int8 the cases are instead the
+decode loop with the weights in each dtype (`--dtype`, inference/precision.py), adapted (unmerged) and base: ROUGE and
+time of each against fp32.
 
-    python bench/generate_eval.py RUN_DIR [--records 400] [--rounds 1] [--dtypes fp32,bf16 --out ...]
+    python bench/generate_eval.py RUN_DIR [--records 400] [--rounds 1] [--dtypes fp32,bf16,int8 --out ...]
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from lorakit.evaluation.evaluate import run_config  # noqa: E402
 from lorakit.inference.sampling import Sampling  # noqa: E402
 from lorakit.inference.generation import generate, merged  # noqa: E402
 from lorakit.engine.inject import disable_adapters  # noqa: E402
-from lorakit.engine.precision import cast_for_inference  # noqa: E402
+from lorakit.inference.precision import cast_for_inference  # noqa: E402
 from lorakit.data.pipeline import load_splits  # noqa: E402
 
 

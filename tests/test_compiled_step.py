@@ -165,11 +165,11 @@ def test_a_failed_build_says_why_and_decodes_with_the_python_step(monkeypatch, c
     assert extension() is not None
 
 
-@pytest.mark.parametrize("m", [1, 3, 12, 16])
+@pytest.mark.parametrize("m", [1, 3, 12, 16, 32])
 @pytest.mark.parametrize("n,k", [(64, 96), (70, 100), (5, 31)])
 def test_skinny_kernels_against_fp32_on_the_same_values(m, n, k):
     """The decode step's own products (skinny_gemm.cpp): bf16 weights, and int8 weights with a scale per output
-    channel, each output within one bf16 rounding of the fp32 product of the same values; on a CPU without
+    channel or per block of 32 along a row, each output within one bf16 rounding of the fp32 product of the same values; on a CPU without
     AVX-512 BF16 they are at::linear's."""
     ext = extension()
     g = torch.Generator().manual_seed(m * 1000 + n)
@@ -186,15 +186,22 @@ def test_skinny_kernels_against_fp32_on_the_same_values(m, n, k):
     want8 = torch.nn.functional.linear(x.float(), codes.float() * scales[:, None], b.float())
     got8 = ext.skinny_linear_int8(x, codes, scales, b)
     assert bool(((got8.float() - want8).abs() <= 2 ** -8 * want8.abs() + 1e-3).all())
+    blocks = torch.rand(n, (k + 31) // 32, generator=g) / 64  # a scale per 32 weights of a row
+    want_blocks = torch.nn.functional.linear(x.float(), codes.float() * blocks.repeat_interleave(32, 1)[:, :k],
+                                             b.float())
+    got_blocks = ext.skinny_linear_int8(x, codes, blocks, b)
+    assert bool(((got_blocks.float() - want_blocks).abs() <= 2 ** -8 * want_blocks.abs() + 1e-3).all())
 
 
+@pytest.mark.parametrize("dtype", ["bf16", "int8"])
 @pytest.mark.parametrize("adapter", [None, "unmerged", "mixed"])
-def test_bf16_compiled_step_against_the_python_step_and_fp32(adapter):
-    """With the model cast to bf16 (--dtype bf16) the C++ step runs the bf16 kernel: its logits are the Python
-    step's (F.linear in bf16) to bf16 rounding, and both are fp32's to a few bf16 roundings through two layers."""
+def test_bf16_compiled_step_against_the_python_step_and_fp32(adapter, dtype):
+    """With the model cast to bf16 or int8 (--dtype) the C++ step runs the bf16 or int8 kernel: its logits are the
+    Python step's (F.linear in bf16; the same int8 kernel) to bf16 rounding, and both are fp32's to a few bf16
+    roundings (and int8's) through two layers."""
     import contextlib
 
-    from lorakit.engine import cast_for_inference
+    from lorakit.inference.precision import cast_for_inference
     model = tiny_llama_family("llama") if adapter is None else with_lora(tiny_llama_family("llama"))
     if adapter == "mixed":
         add_lora(model, LoRAConfig(r=4, alpha=8, targets="all-linear"), "b")
@@ -202,10 +209,10 @@ def test_bf16_compiled_step_against_the_python_step_and_fp32(adapter):
     rows = (lambda: adapters_by_row(model, ["a", "b", None, "a"])) if adapter == "mixed" else contextlib.nullcontext
     with rows():
         fp32_logits, _ = steps(model, None, PROMPTS, refill=adapter != "mixed", forced=True)
-    cast_for_inference(model, "bf16")
+    cast_for_inference(model, dtype)
     with rows():
         view = compiled_model(model, torch.bfloat16)
-        assert view is not None  # the bf16 model is one the C++ step describes
+        assert view is not None  # the bf16 or int8 model is one the C++ step describes
         native, _ = steps(model, view, PROMPTS, refill=adapter != "mixed", forced=True)
         python, _ = steps(model, None, PROMPTS, refill=adapter != "mixed", forced=True)
     scale = fp32_logits.abs().max()

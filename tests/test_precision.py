@@ -167,9 +167,9 @@ def test_classification_head_trains_in_fp32_in_a_bf16_model(tmp_path):
     assert heads and all(saved[k].dtype == torch.float32 for k in heads)
 
 
-def test_generate_and_eval_in_bf16_say_so_and_record_it(tmp_path, capsys):
-    """--dtype bf16 for generate and eval: the line that says what was used, eval.json's dtype, and the answers of
-    a trained adapter close to fp32's (the same greedy reply on this tiny run, or a loss within bf16 rounding)."""
+def test_generate_and_eval_in_bf16_and_int8_say_so_and_record_it(tmp_path, capsys):
+    """--dtype bf16 and int8 for generate and eval: the line that says what was used, eval.json's dtype, and the
+    answers of a trained adapter close to fp32's (a loss within 2%)."""
     from lorakit.cli import main
     llama = save_tiny("llama", tmp_path / "llama")
     data = write_instruct(tmp_path / "a.jsonl", n=24)
@@ -177,34 +177,40 @@ def test_generate_and_eval_in_bf16_say_so_and_record_it(tmp_path, capsys):
     assert main(["train", r, "--out", str(tmp_path / "run")]) == 0
     capsys.readouterr()
     adapter = str(tmp_path / "run" / "adapter")
-    assert main(["generate", "--adapter", adapter, "--prompt", "w5 w6", "--max-new-tokens", "6", "--dtype", "bf16",
-                 "--no-stream"]) == 0
-    out = capsys.readouterr()
-    assert "generating in bf16" in out.err and out.out.strip()
+    for dtype in ("bf16", "int8"):
+        assert main(["generate", "--adapter", adapter, "--prompt", "w5 w6", "--max-new-tokens", "6", "--dtype", dtype,
+                     "--no-stream"]) == 0
+        out = capsys.readouterr()
+        assert f"generating in {dtype}" in out.err and out.out.strip()
     results = {}
-    for dtype in ("fp32", "bf16"):
+    for dtype in ("fp32", "bf16", "int8"):
         assert main(["eval", str(tmp_path / "run"), "--dtype", dtype, "--no-base"]) == 0
         assert f"evaluating in {dtype}" in capsys.readouterr().out
         results[dtype] = json.loads((tmp_path / "run" / "eval.json").read_text())
         assert results[dtype]["dtype"] == dtype
     loss = {d: r["metrics"][next(iter(r["metrics"]))]["loss"] for d, r in results.items()}
     assert abs(loss["bf16"] - loss["fp32"]) <= 0.02 * loss["fp32"]
+    assert abs(loss["int8"] - loss["fp32"]) <= 0.02 * loss["fp32"]
 
 
-def test_the_server_and_the_page_cast_adapters_loaded_later(tmp_path):
-    """open_served and the page's Workbench with dtype bf16: the base and every adapter in bf16, and one the page
-    loads later too (fp32 weights beside bf16 ones would keep the engine off the C++ step)."""
+@pytest.mark.parametrize("dtype", ["bf16", "int8"])
+def test_the_server_and_the_page_cast_adapters_loaded_later(tmp_path, dtype):
+    """open_served and the page's Workbench with dtype bf16 or int8: the base and every adapter in bf16 (int8: every
+    linear's weight int8 codes), and one the page loads later too (fp32 weights beside bf16 ones would keep the
+    engine off the C++ step)."""
     from lorakit.cli import main
+    from lorakit.inference.precision import dtype_of
     from lorakit.serve import Workbench
     from lorakit.serve.api import open_served
     llama = save_tiny("llama", tmp_path / "llama")
     data = write_instruct(tmp_path / "a.jsonl", n=16)
     r = recipe(tmp_path, model=str(llama), task="instruct", data=str(data), max_steps=1)
     assert main(["train", r, "--out", str(tmp_path / "run")]) == 0
-    served = open_served(str(llama), [str(tmp_path / "run")], dtype="bf16")
-    assert served.dtype == "bf16"
+    served = open_served(str(llama), [str(tmp_path / "run")], dtype=dtype)
+    assert served.dtype == dtype == dtype_of(served.engine.model)
     assert {p.dtype for p in served.engine.model.parameters()} == {torch.bfloat16}
-    page = Workbench(str(llama), [], dtype="bf16")
+    page = Workbench(str(llama), [], dtype=dtype)
     page.add(tmp_path / "run")
     assert page.adapters and {p.dtype for p in page.model.parameters()} == {torch.bfloat16}
+    assert dtype_of(page.model) == dtype
     assert {p.dtype for p in Workbench(str(llama), [str(tmp_path / "run")]).model.parameters()} == {torch.float32}

@@ -84,9 +84,10 @@ def add_data_flags(p: argparse.ArgumentParser) -> None:
 
 
 def add_dtype_flag(p: argparse.ArgumentParser, default: str | None = "auto") -> None:
-    """--dtype: what the weights are in for generation and evaluation (engine.precision)."""
+    """--dtype: what the weights are in for generation and evaluation (inference/precision.py)."""
     p.add_argument("--dtype", choices=INFER_DTYPES, default=default,
-                   help="weights for generating and scoring: fp32 (exact), bf16, or auto: bf16 where the hardware "
+                   help="weights for generating and scoring: fp32 (exact), bf16, int8 (int8 weights computing in "
+                        "bf16: half bf16's bytes), or auto: bf16 where the hardware "
                         f"computes it (AVX-512 BF16 / AMX CPUs, bf16 GPUs){' (default: the recipe infer_dtype)' if default is None else ''}")
 
 

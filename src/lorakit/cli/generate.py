@@ -14,7 +14,8 @@ from .common import add_dtype_flag
 
 def _load_for_generation(args):
     """The model (base, or base + adapter merged first with --merge) in --dtype, its tokenizer and metadata."""
-    from ..engine import cast_for_inference, merge
+    from ..engine import merge
+    from ..inference.precision import cast_for_inference
     from ..models import load_adapted, load_model
     if args.adapter:
         model, tok, meta = load_adapted(args.adapter, model=args.model)

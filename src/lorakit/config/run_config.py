@@ -94,7 +94,7 @@ class RunConfig:
     init_adapter: str = ""  # start from this trained adapter (a run or adapter directory); the preference reference
     # eval
     max_new_tokens: int = 64
-    infer_dtype: str = "auto"  # generation and evaluation: fp32 (exact) or bf16 weights; auto as precision
+    infer_dtype: str = "auto"  # generation and evaluation: fp32 (exact), bf16 or int8 weights; auto as precision
     num_samples: int = 5
 
     recipe_path: str = ""

@@ -3,9 +3,11 @@
 DenseBase     the layer's own full-precision weight (nn.Linear's (out, in), or Conv1D's (in, out))
 NF4Base       lorakit's NF4 (quant.py): 4-bit codes and double-quantised scales, rebuilt block by block per matmul
 Bnb4bitBase   a bitsandbytes Linear4bit (NF4 too), the CUDA default
+(and for inference only, inference/int8.py's int8 weights with one scale per output channel)
 Each gives `matmul(x, bias)` (x·Wᵀ + bias), `dense()` (the (out, in) full-precision weight: a view of the stored one
 for DenseBase, a dequantised copy otherwise), `nbytes()`, `numel()`, `dtype` (the full-precision dtype) and
-`device`. The LoRA layer (layer.py) holds one and never asks which it is, except to merge (which needs a dense one).
+`device`; `stored()` is what the compiled decode step reads. The LoRA layer (layer.py) holds one and never asks
+which it is, except to merge (which needs a dense one). `StoredLinear` is a plain linear layer holding one.
 """
 from __future__ import annotations
 
@@ -29,6 +31,11 @@ class FrozenBase(nn.Module):
     def numel(self) -> int:
         return self.shape.numel()
 
+    def stored(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """(the (out, in) weight as stored, its per-output-channel scales or None) where a kernel can read it as it
+        is: a dense weight, int8 codes; None for block-quantised storage."""
+        return None
+
 
 class DenseBase(FrozenBase):
     """The weight as the original layer stored it; `transposed` for Conv1D's (in, out) layout."""
@@ -51,6 +58,9 @@ class DenseBase(FrozenBase):
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         w = self.dense()
         return F.linear(x if x.dtype == w.dtype else x.to(w.dtype), w, bias)
+
+    def stored(self) -> tuple[torch.Tensor, None]:
+        return self.dense(), None
 
     def nbytes(self) -> int:
         return self.weight.numel() * self.weight.element_size()
@@ -111,3 +121,19 @@ class Bnb4bitBase(FrozenBase):
 def quantized_base(w: torch.Tensor, backend: str = "auto") -> FrozenBase:
     """`w` (out, in) stored in NF4 by `backend` ("torch", "bitsandbytes", or "auto": bitsandbytes where installed)."""
     return Bnb4bitBase(w) if resolve_backend(backend) == "bitsandbytes" else NF4Base(w)
+
+
+class StoredLinear(nn.Module):
+    """A linear layer (no LoRA) whose weight is held by a FrozenBase: a model's plain linears quantised for
+    inference. LoRA wraps it as it wraps nn.Linear, keeping its storage."""
+
+    def __init__(self, frozen: FrozenBase, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.frozen, self.bias = frozen, bias
+        self.out_features, self.in_features = frozen.shape
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.frozen.matmul(x, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, {self.frozen.kind}"

@@ -17,10 +17,10 @@ from torch import nn
 
 from .config import LoRAError, lora_scaling
 from .dora import add_magnitude, base_changed, dora_scale, scale_output
-from .frozen_base import DenseBase, FrozenBase, quantized_base
+from .frozen_base import DenseBase, FrozenBase, StoredLinear, quantized_base
 from .function import LoRAFunction, lora_linear
 from .init import FROM_BASE, init_A, init_from_base, initial_pair
-from .mixed_rows import mixed_forward, mixed_terms
+from .mixed_rows import mixed_forward
 
 try:  # GPT-2 style linear with a transposed (in, out) weight; optional so a plain-torch model needs no transformers
     from transformers.pytorch_utils import Conv1D
@@ -33,13 +33,14 @@ def is_conv1d(module: nn.Module) -> bool:
 
 
 def is_lora_target_type(module: nn.Module) -> bool:
-    """Layers LoRA can wrap: nn.Linear (and subclasses) and transformers' GPT-2 Conv1D."""
-    return isinstance(module, nn.Linear) or is_conv1d(module)
+    """Layers LoRA can wrap: nn.Linear (and subclasses), transformers' GPT-2 Conv1D, a StoredLinear."""
+    return isinstance(module, (nn.Linear, StoredLinear)) or is_conv1d(module)
 
 
 def linear_features(module: nn.Module) -> tuple[int, int]:
-    """(in_features, out_features) of an nn.Linear, a Conv1D (weight stored (in, out)) or a LoRALinear."""
-    if isinstance(module, LoRALinear):
+    """(in_features, out_features) of an nn.Linear, a Conv1D (weight stored (in, out)), a LoRALinear or a
+    StoredLinear."""
+    if isinstance(module, (LoRALinear, StoredLinear)):
         return module.in_features, module.out_features
     in_f, out_f = module.weight.shape if is_conv1d(module) else module.weight.shape[::-1]
     return in_f, out_f
@@ -62,7 +63,8 @@ class LoRALinear(nn.Module):
             raise LoRAError(f"LoRA wraps nn.Linear or Conv1D, not {type(base).__name__}")
         self.fan_in_fan_out = is_conv1d(base)  # Conv1D stores its weight as (in, out)
         self.in_features, self.out_features = linear_features(base)
-        self.frozen: FrozenBase = DenseBase(base.weight, transposed=self.fan_in_fan_out)  # the base weight's storage
+        stored = isinstance(base, StoredLinear)  # the base weight's storage, kept where the base already has one
+        self.frozen: FrozenBase = base.frozen if stored else DenseBase(base.weight, transposed=self.fan_in_fan_out)
         self.bias = base.bias
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
@@ -75,7 +77,11 @@ class LoRALinear(nn.Module):
         self.row_adapters = None  # a batch mixing adapters: see mixed_rows.py
         # The original module, kept out of the module tree, so merge_and_unload can hand back the original class.
         # It lets go of its weight meanwhile: a second reference would keep a full copy alive under FSDP sharding.
-        base.weight, base.bias = None, None
+        base.bias = None
+        if stored:
+            base.frozen = None
+        else:
+            base.weight = None
         object.__setattr__(self, "_base_module", base)
 
     # ---- adapters
@@ -245,22 +251,6 @@ class LoRALinear(nn.Module):
         return (w is not None and dtype == w.dtype and A.dtype in (dtype, torch.float32) and not w.requires_grad
                 and (b is None or not b.requires_grad) and not torch.is_autocast_enabled(A.device.type))
 
-    def inference_terms(self, dtype: torch.dtype) -> tuple | None:
-        """(W, bias, A, B, scaling) when this layer's no-grad forward on inputs of `dtype` is x·Wᵀ + bias plus at
-        most one LoRA term s·(x·Aᵀ)·Bᵀ computed as `lora_linear` does (A, B None: no term); with adapters mixed by
-        row, (W, bias, A, B, 1.0, mask) as mixed_forward computes them: what the compiled decode step computes.
-        None for anything else: a quantised base, DoRA, dropout in training, another dtype."""
-        if self.row_adapters is not None and not self.disabled:
-            return mixed_terms(self, dtype)
-        name = self.active
-        if self.disabled or name is None or name == self.merged:
-            return (self.dense_weight(), self.bias, None, None, 0.0) if self.weight is not None else None
-        A, B = self.lora_A[name], self.lora_B[name]
-        if (name in self.lora_magnitude or (self.training and self.dropout[name] > 0) or A.dtype != dtype
-                or not self._fusable(dtype, A)):
-            return None
-        return self.dense_weight(), self.bias, A, B, self.scaling[name]
-
     def extra_repr(self) -> str:
         ranks = {n: f"{a.shape[0]}{' dora' if n in self.lora_magnitude else ''}" for n, a in self.lora_A.items()}
         return (f"in={self.in_features}, out={self.out_features}, adapters={ranks}, active={self.active!r}"
@@ -268,8 +258,11 @@ class LoRALinear(nn.Module):
 
     def unwrap(self) -> nn.Module:
         """The original module, holding this layer's (possibly merged) weight and bias."""
+        base = self._base_module
+        if isinstance(base, StoredLinear):
+            base.frozen, base.bias = self.frozen, self.bias
+            return base
         if self.quantized:
             self.dequantize_()
-        base = self._base_module
         base.weight, base.bias = self.weight, self.bias
         return base

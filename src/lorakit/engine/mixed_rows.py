@@ -52,16 +52,3 @@ def mixed_forward(layer: nn.Module, x: torch.Tensor, rows: list[str | None]) -> 
     if scale is None:
         return out
     return dora_scale_(out.view(x.shape[0], -1, out.shape[-1]), scale.to(out.dtype), layer.bias).view(out.shape)
-
-
-def mixed_terms(layer: nn.Module, dtype: torch.dtype) -> tuple | None:
-    """(W, bias, A, B, 1.0, mask): what mixed_forward computes, for the compiled decode step ((W, bias, None, None,
-    0.0) where no row's adapter is here); None where it does not fit: DoRA rows, a quantised base, another dtype."""
-    if layer.weight is None or layer.weight.dtype != dtype:
-        return None
-    if layer._row_weights is None:
-        layer._row_weights = side_by_side(layer, layer.row_adapters)
-    if not layer._row_weights:
-        return layer.dense_weight(), layer.bias, None, None, 0.0
-    A, B, mask, scale = layer._row_weights
-    return None if scale is not None or A.dtype != dtype else (layer.dense_weight(), layer.bias, A, B, 1.0, mask)

@@ -3,7 +3,8 @@
 bf16 halves the bytes every matrix product reads and, on CPUs with AVX-512 BF16 or AMX and on GPUs with bf16 units,
 runs those products about twice as fast. `store_frozen` casts the frozen weights once (no cast per step, as autocast
 does), while whatever trains (LoRA A/B, DoRA magnitudes, a new head) stays fp32 with its optimizer state: the
-adapter's own Function computes in bf16 and hands fp32 gradients back (function.py).
+adapter's own Function computes in bf16 and hands fp32 gradients back (function.py). Generation's dtypes, bf16 and
+int8, are inference/precision.py's.
 """
 from __future__ import annotations
 
@@ -59,7 +60,7 @@ def dtype_name(dtype: torch.dtype) -> str:
     return "bf16" if dtype == torch.bfloat16 else "fp32"
 
 
-def _cast_params(model: nn.Module, dtype: torch.dtype, frozen_only: bool) -> None:
+def cast_params(model: nn.Module, dtype: torch.dtype, frozen_only: bool) -> None:
     """Each floating-point parameter of `model` (tied ones once; with frozen_only, those that do not train) to
     `dtype`, in place of the old storage."""
     for param in {id(p): p for p in model.parameters()}.values():
@@ -82,7 +83,7 @@ def store_frozen(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     to their own dtype, and so do plain linears and layer norms after them, so the dtypes meet at module edges."""
     if dtype == torch.float32:
         return model
-    _cast_params(model, dtype, frozen_only=True)
+    cast_params(model, dtype, frozen_only=True)
     trained = {id(m) for copies in model.modules() if isinstance(copies, TrainedCopies)
                for m in copies.copies.modules()}
     for module in model.modules():
@@ -92,14 +93,3 @@ def store_frozen(model: nn.Module, dtype: torch.dtype) -> nn.Module:
         if isinstance(module, LoRALinear) and module.frozen.kind == "bitsandbytes":
             module.frozen.linear.compute_dtype = dtype
     return model
-
-
-@torch.no_grad()
-def cast_for_inference(model: nn.Module, name: str, device_type: str = "cpu") -> str:
-    """Put a model for generation or evaluation in `name` (auto, fp32 or bf16; see `resolve_dtype`): every
-    floating-point parameter, adapters included, cast once, buffers kept. fp32 leaves the model as it is (the exact
-    path). Returns the name of what is used, for the record."""
-    dtype = resolve_dtype(name, device_type, "--dtype")
-    if dtype != torch.float32:
-        _cast_params(model, dtype, frozen_only=False)
-    return dtype_name(dtype)

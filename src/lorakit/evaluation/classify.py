@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from ..data import batcher
-from ..engine.precision import cast_for_inference, dtype_name
+from ..inference.precision import cast_for_inference, dtype_of
 from ..files import atomic_file
 from ..models import head_name, is_seq2seq, load_model
 from .metrics import classification_metrics
@@ -102,7 +102,7 @@ def eval_classify(model, tok, splits, cfg, tuned: str = "lora", with_base: bool 
     if with_base:
         torch.manual_seed(cfg.seed)
         base, _ = load_model(cfg.model, "classify", num_labels=n)
-        cast_for_inference(base, dtype_name(next(model.parameters()).dtype))  # the adapted model's dtype
+        cast_for_inference(base, dtype_of(model))  # the adapted model's dtype
         base_pred, test_x = _classify(base, tok, splits.test, cfg, features=True, desc="classify (base)")
         rows["base (untrained head)"] = classification_metrics(base_pred, gold, n)
         for s, b in zip(samples, base_pred):

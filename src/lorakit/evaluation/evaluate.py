@@ -22,7 +22,7 @@ from ..config import RunConfig, data_file, validate
 from ..data import Splits, load_splits, read_file
 from ..data.pipeline import examples_of
 from ..engine import read_metadata
-from ..engine.precision import cast_for_inference
+from ..inference.precision import cast_for_inference
 from ..errors import UserError
 from ..config.paths import check_writable
 from ..models import load_model, load_trained

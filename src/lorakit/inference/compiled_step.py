@@ -5,7 +5,7 @@ microseconds of interpreter and dispatch, which at batch 1 adds up to a large sh
 the same ATen calls in the same order as decode.py's Python step, on the model's own weights, so its logits are the
 same bits (tested), and the same cache. Built once with torch's C++ extension loader (a C++ compiler and ninja) and
 kept in lorakit's cache (~/.cache/lorakit/compiled); where it cannot be built, or a model holds a module it does not
-describe (a quantised base, DoRA, adapters mixed by row, hooks, a replaced forward), decode.py runs the Python step.
+describe (an NF4 base, DoRA rows, hooks, a replaced forward), decode.py runs the Python step.
 """
 from __future__ import annotations
 
@@ -20,6 +20,8 @@ import torch
 from torch import nn
 
 from ..engine import LoRALinear
+from ..engine.frozen_base import StoredLinear
+from ..engine.step_terms import inference_terms
 from ..models.kernels import SWIGLU_MLPS, swiglu_forward
 from ..models.loading import cache_dir
 
@@ -89,8 +91,13 @@ def _check_plain(module: nn.Module) -> None:
 def _linear(ext, module: nn.Module, dtype: torch.dtype):
     if type(module) is nn.Linear:
         return ext.Linear(module.weight, module.bias, None, None, 0.0)
-    terms = module.inference_terms(dtype) if isinstance(module, LoRALinear) else None
-    if terms is None:
+    if isinstance(module, StoredLinear) and module.frozen.stored() is not None:
+        weight, scales = module.frozen.stored()
+        terms = (weight, module.bias, None, None, 0.0, None, scales)
+    else:
+        terms = inference_terms(module, dtype) if isinstance(module, LoRALinear) else None
+    # int8 weights only where the CPU runs the int8 kernel: elsewhere the Python step's dequantising path is faster
+    if terms is None or (terms[-1] is not None and not ext.skinny_supported()):
         raise Unsupported
     return ext.Linear(*terms)
 

@@ -50,7 +50,11 @@ def prefill(model, cache: KVCache, first: int, ids: torch.Tensor, mask: torch.Te
     """Run left-padded prompts (rows of `ids`) through the model as `generate` does, their keys and values going
     to slots first.., and return the logits of each row's last token."""
     positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1,
+    # The last position as an index tensor hands the LM head a contiguous input where a slice does not; a bf16 head
+    # needs that (torch's matmul would run a strided one as a batched product over a transposed copy of the whole
+    # weight). fp32 keeps generate's slice, so its logits stay generate's bit for bit.
+    keep = 1 if _float_like(model).dtype == torch.float32 else torch.tensor([ids.shape[1] - 1], device=ids.device)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=keep,
                 past_key_values=cache.prefill_cache(first, len(ids)))
     cache.filled(first, (mask == 0).sum(1), ids.shape[1])
     return out.logits[:, -1].float()

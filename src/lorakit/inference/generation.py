@@ -30,7 +30,10 @@ def _encode(tok, prompts: list[str], template: str, device) -> dict:
 
 @contextlib.contextmanager
 def merged(model, enabled: bool = True):
-    """Run with the active adapter folded into the weights (base-model speed), then take it out again."""
+    """Run with the active adapter folded into the weights (base-model speed), then take it out again. Not where
+    the base is held in bf16 or int8 (`--dtype`): folding in and out would round the base weights (and an int8 base
+    would be bf16 after), so the adapter runs unmerged there, as the decode step's own kernels run it."""
+    enabled = enabled and not any(low_precision_base(layer) for _, layer in lora_layers(model))
     if enabled:
         merge(model)
     try:
@@ -38,6 +41,13 @@ def merged(model, enabled: bool = True):
     finally:
         if enabled:
             unmerge(model)
+
+
+def low_precision_base(layer) -> bool:
+    """Whether a LoRA layer's (linear or embedding) frozen weight is held in int8 codes or dense bf16."""
+    if getattr(getattr(layer, "frozen", None), "kind", "") == "int8":
+        return True
+    return layer.weight is not None and layer.weight.dtype == torch.bfloat16
 
 
 def new_token_counts(new: torch.Tensor, eos_id: int | None) -> list[int]:

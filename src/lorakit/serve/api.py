@@ -104,8 +104,9 @@ def open_served(model: str | None, adapters: list[str], api_key: str | None = No
                 max_queue: int = 64, slots: int = 16, max_len: int | None = None, dtype: str = "auto") -> Served:
     """Load the base (the first adapter's, unless `model` names one) and every adapter onto it, with an engine
     over them that serve_api runs. Adapters named on the command line load from anywhere the user points; at run
-    time, only from under `adapter_root`. `dtype`: the weights' (auto, fp32, bf16; engine.precision)."""
-    from ..engine import cast_for_inference, load_adapter, read_metadata
+    time, only from under `adapter_root`. `dtype`: the weights' (auto, fp32, bf16, int8; inference/precision.py)."""
+    from ..engine import load_adapter, read_metadata
+    from ..inference.precision import cast_for_inference
     from ..inference.engine import Engine
     from ..models import adapter_dir, foreign_base, load_model
     from .workbench import adapter_name

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..data.chat_template import render
 from ..engine import delete_adapter, load_adapter, read_metadata
-from ..engine.precision import cast_for_inference
+from ..inference.precision import cast_for_inference
 from ..errors import UserError
 from ..inference import Sampling
 from ..inference.engine import Event, QueueFull, Request, Stopped

@@ -18,12 +18,13 @@ from torch import nn
 
 from ..data import format_prompt
 from ..data.conversations import reply_prompt
-from ..engine import cast_for_inference, delete_adapter, disable_adapters, load_adapter, read_metadata, set_adapter
+from ..engine import delete_adapter, disable_adapters, load_adapter, read_metadata, set_adapter
 from ..errors import UserError
 from ..inference import Sampling, generate, stream
 from ..inference.decode import supports
 from ..inference.engine import Engine, Request
 from ..inference.generation import prompt_ids
+from ..inference.precision import cast_for_inference
 from ..models import adapter_dir, foreign_base, is_seq2seq, load_model
 
 BASE = "base"

@@ -19,22 +19,26 @@ using c10::optional;
 // y = x·Wᵀ + b + s·(x·Aᵀ)·Bᵀ, computed as engine/function.py's lora_linear does: the LoRA term added into the base product.
 // With a row mask, rows of different adapters (engine/mixed_rows.py): A and the scaled B are the adapters' side by
 // side, and the mask keeps each row's share of x·Aᵀ to its own adapter.
-// bf16 weights (a model cast for inference, engine/precision.py; compiled_step passes adapters in the weight's dtype)
-// go through skinny_gemm's kernel, which reads the weight once for the few rows of a decode step; it hands larger
-// batches to at::linear itself. fp32 stays at::linear.
+// bf16 weights (a model cast for inference, inference/precision.py; compiled_step passes adapters in the weight's
+// dtype) go through skinny_gemm's kernel, which reads the weight once for the few rows of a decode step; it hands
+// larger batches to at::linear itself. int8 weights (with one scale per output row, inference/int8.py) go through
+// its int8 kernel, computing in bf16. fp32 stays at::linear.
 struct Linear {
   Tensor weight;
   optional<Tensor> bias, lora_A, lora_B;
   double scaling;
-  optional<Tensor> row_mask;
+  optional<Tensor> row_mask, scales;
+
+  bool computes_bf16() const { return scales || weight.scalar_type() == at::kBFloat16; }
 
   Tensor base(const Tensor& x) const {
+    if (scales) return skinny_linear_int8(x, weight, *scales, bias);
     return weight.scalar_type() == at::kBFloat16 ? skinny_linear(x, weight, bias) : at::linear(x, weight, bias);
   }
 
   Tensor operator()(const Tensor& x) const {
     if (!lora_A) return base(x);
-    if (weight.scalar_type() == at::kBFloat16 && lora_A->scalar_type() == at::kBFloat16) return bf16_lora(x);
+    if (computes_bf16() && lora_A->scalar_type() == at::kBFloat16) return bf16_lora(x);
     if (row_mask) {
       Tensor out = at::linear(x, weight, bias);
       Tensor h = at::matmul(x.reshape({x.size(0), -1, x.size(-1)}).to(lora_A->scalar_type()), lora_A->t());
@@ -52,10 +56,10 @@ struct Linear {
     return out.view(shape);
   }
 
-  // bf16 weights and adapters: the rank-r products through the skinny kernel too (oneDNN's bf16 GEMM is slow at a
-  // few rows, and a step has two per adapted layer); the LoRA term is rounded to bf16 before it is added.
+  // bf16 or int8 weights and bf16 adapters: the rank-r products through the skinny kernel too (oneDNN's bf16 GEMM
+  // is slow at a few rows, and a step has two per adapted layer); the LoRA term is rounded to bf16 before it is added.
   Tensor bf16_lora(const Tensor& x) const {
-    Tensor out = skinny_linear(x, weight, bias);
+    Tensor out = base(x);
     Tensor h = skinny_linear(x, *lora_A, {});
     if (row_mask) {
       h = h.reshape({x.size(0), -1, h.size(-1)}).mul_(*row_mask);
@@ -156,9 +160,10 @@ struct Model {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   namespace py = pybind11;
   py::class_<Linear>(m, "Linear")
-      .def(py::init<Tensor, optional<Tensor>, optional<Tensor>, optional<Tensor>, double, optional<Tensor>>(),
+      .def(py::init<Tensor, optional<Tensor>, optional<Tensor>, optional<Tensor>, double, optional<Tensor>,
+                    optional<Tensor>>(),
            py::arg("weight"), py::arg("bias"), py::arg("lora_A"), py::arg("lora_B"), py::arg("scaling"),
-           py::arg("row_mask") = py::none());
+           py::arg("row_mask") = py::none(), py::arg("scales") = py::none());
   m.def("skinny_linear", &skinny_linear, py::arg("x"), py::arg("weight"), py::arg("bias") = py::none(),
         py::call_guard<py::gil_scoped_release>());
   m.def("skinny_linear_int8", &skinny_linear_int8, py::arg("x"), py::arg("weight"), py::arg("scales"),

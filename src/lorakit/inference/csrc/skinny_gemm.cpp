@@ -47,6 +47,11 @@ using at::Tensor;
 constexpr int kCols = 4;            // W rows per register block
 constexpr int kMaxRowBlock = 6;     // x rows per register block: 6×4 accumulators + 4 W vectors + x <= 32 zmm
 constexpr int64_t kMaxRows = 12;    // bf16: more rows than this, at::linear (oneDNN's GEMM, AMX where there is) is faster
+// A product this narrow (an adapter's rank-r one) costs oneDNN ~20 us a call, mostly setting up: the kernel takes it
+// up to kMaxRowsSmall rows, while the multiply-adds stay under kMaxSmallMacs (past that oneDNN is faster again)
+constexpr int64_t kSmallDim = 64;
+constexpr int64_t kMaxRowsSmall = 32;
+constexpr int64_t kMaxSmallMacs = 3 << 19;
 constexpr int64_t kMaxRowsInt8 = 32;  // int8: the fallback (dequantize, then an fp32 GEMM) is slower for longer
 constexpr int64_t kMinColsPerTask = 64;  // W rows a parallel task takes at least, so a task's work outweighs its start
 constexpr int64_t kPrefetchBytes = 16384;  // how far ahead of the W rows in work to prefetch (into L2), at least
@@ -111,7 +116,7 @@ struct Raw {
 struct Bf16DotWeights {
   using T = uint16_t;
   using Layout = Raw;
-  static constexpr bool kDot = true;
+  static constexpr bool kDot = true, kGrouped = false;
   SKINNY_INLINE static __m512bh load(const T* p) { return (__m512bh)_mm512_loadu_si512(p); }
   SKINNY_INLINE static __m512bh load(const T* p, __mmask32 mask) { return (__m512bh)_mm512_maskz_loadu_epi16(mask, p); }
 };
@@ -119,7 +124,7 @@ struct Bf16DotWeights {
 struct Bf16Weights {
   using T = uint16_t;
   using Layout = EvenOdd;
-  static constexpr bool kDot = false;
+  static constexpr bool kDot = false, kGrouped = false;
   template <int H>
   SKINNY_INLINE static __m512 load(const T* p) {
     const __m512i v = _mm512_loadu_si512(p);
@@ -135,7 +140,7 @@ struct Bf16Weights {
 struct Int8Weights {
   using T = int8_t;
   using Layout = Halves;
-  static constexpr bool kDot = false;
+  static constexpr bool kDot = false, kGrouped = false;
   template <int H>
   SKINNY_INLINE static __m512 load(const T* p) {
     return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16 * H))));
@@ -145,6 +150,12 @@ struct Int8Weights {
     const __mmask16 m = static_cast<__mmask16>(mask >> (16 * H));
     return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, p + 16 * H)));
   }
+};
+
+// int8 weights with an fp32 scale for each block of 32 along a row (the block a kernel step takes): each step's
+// weights are multiplied by their block's scale in registers, before the products.
+struct Int8GroupWeights : Int8Weights {
+  static constexpr bool kGrouped = true;
 };
 
 __mmask32 tail_mask(int64_t n) { return n >= 32 ? ~__mmask32(0) : __mmask32((1u << n) - 1u); }
@@ -191,10 +202,13 @@ struct ColumnVector {
 };
 
 // Where the products go: y[m, n] = bf16(sum · scale[n] + bias[n]), each output rounded once, to nearest even.
+// group_scales: for Int8GroupWeights, W row n's block b scale at group_scales[n * groups + b].
 struct Output {
   c10::BFloat16* y;
   int64_t ldy;
   ColumnVector scale, bias;
+  const float* group_scales = nullptr;
+  int64_t groups = 0;
 };
 
 // The sums of the 16 lanes of a, b, c, d, as the 4 lanes of one __m128: a transposing reduction, cheaper than four
@@ -217,15 +231,43 @@ SKINNY_INLINE __m128 reduce4(__m512 a, __m512 b, __m512 c, __m512 d) {
 // against all of them (only NC weight vectors live at a time). kMasked: the last K % 32 elements, the lanes in mask.
 template <class WL, int MR, int NC, int H, bool kMasked>
 SKINNY_INLINE void dot_half(__m512 (&acc)[MR][NC], const float* x, const typename WL::T* w, int64_t K,
-                            __mmask32 mask) {
+                            __mmask32 mask, const __m512 (&block_scale)[NC]) {
   __m512 wv[NC];
 #pragma GCC unroll 8
-  for (int j = 0; j < NC; ++j) wv[j] = kMasked ? WL::template load<H>(w + j * K, mask) : WL::template load<H>(w + j * K);
+  for (int j = 0; j < NC; ++j) {
+    wv[j] = kMasked ? WL::template load<H>(w + j * K, mask) : WL::template load<H>(w + j * K);
+    if constexpr (WL::kGrouped) wv[j] = _mm512_mul_ps(wv[j], block_scale[j]);
+  }
 #pragma GCC unroll 8
   for (int i = 0; i < MR; ++i) {
     const __m512 xv = _mm512_loadu_ps(x + i * 32 + 16 * H);
 #pragma GCC unroll 8
     for (int j = 0; j < NC; ++j) acc[i][j] = _mm512_fmadd_ps(xv, wv[j], acc[i][j]);
+  }
+}
+
+// One step of dot_block for one row of x and block-scaled weights (Int8GroupWeights, MR = 1): the 32 products of
+// each W row summed in a vector, which is then scaled into the accumulator (three operations a W row, not the four
+// of scaling the weights first, which pays only with several rows of x to share them).
+template <class WL, int NC, bool kMasked>
+SKINNY_INLINE void dot_one_row_scaled(__m512 (&acc)[1][NC], const float* x, const typename WL::T* w, int64_t K,
+                                      __mmask32 mask, const __m512 (&block_scale)[NC]) {
+  const __m512 x0 = _mm512_loadu_ps(x), x1 = _mm512_loadu_ps(x + 16);
+#pragma GCC unroll 8
+  for (int j = 0; j < NC; ++j) {
+    const __m512 w0 = kMasked ? WL::template load<0>(w + j * K, mask) : WL::template load<0>(w + j * K);
+    const __m512 w1 = kMasked ? WL::template load<1>(w + j * K, mask) : WL::template load<1>(w + j * K);
+    acc[0][j] = _mm512_fmadd_ps(_mm512_fmadd_ps(x1, w1, _mm512_mul_ps(x0, w0)), block_scale[j], acc[0][j]);
+  }
+}
+
+// Int8GroupWeights: the scales of block b of each of the NC W rows (from gs, a row's scales `groups` apart), broadcast
+// (straight from memory: a load, no shuffle)
+template <class WL, int NC>
+SKINNY_INLINE void block_scales(__m512 (&block_scale)[NC], const float* gs, int64_t groups, int64_t b) {
+  if constexpr (WL::kGrouped) {
+#pragma GCC unroll 8
+    for (int j = 0; j < NC; ++j) block_scale[j] = _mm512_set1_ps(gs[j * groups + b]);
   }
 }
 
@@ -259,6 +301,8 @@ SKINNY_TARGET void dot_block(const float* x, int64_t x_step, const typename WL::
 
   int64_t k = 0;
   constexpr int kPfBytes = NC * 32 * sizeof(typename WL::T);
+  __m512 block_scale[NC];  // Int8GroupWeights: the scale of each W row's block at k
+  const float* gs = WL::kGrouped ? out.group_scales + n0 * out.groups : nullptr;
   for (; k + 32 <= K; k += 32, x += x_step) {
     if (pf) {
 #pragma GCC unroll 8
@@ -267,18 +311,26 @@ SKINNY_TARGET void dot_block(const float* x, int64_t x_step, const typename WL::
     }
     if constexpr (WL::kDot) {
       dot_pairs<WL, MR, NC, false>(acc, x, w + k, K, 0);
+    } else if constexpr (WL::kGrouped && MR == 1) {
+      block_scales<WL>(block_scale, gs, out.groups, k / 32);
+      dot_one_row_scaled<WL, NC, false>(acc, x, w + k, K, 0, block_scale);
     } else {
-      dot_half<WL, MR, NC, 0, false>(acc, x, w + k, K, 0);
-      dot_half<WL, MR, NC, 1, false>(acc, x, w + k, K, 0);
+      block_scales<WL>(block_scale, gs, out.groups, k / 32);
+      dot_half<WL, MR, NC, 0, false>(acc, x, w + k, K, 0, block_scale);
+      dot_half<WL, MR, NC, 1, false>(acc, x, w + k, K, 0, block_scale);
     }
   }
   if (k < K) {
     const __mmask32 mask = tail_mask(K - k);
     if constexpr (WL::kDot) {
       dot_pairs<WL, MR, NC, true>(acc, x, w + k, K, mask);
+    } else if constexpr (WL::kGrouped && MR == 1) {
+      block_scales<WL>(block_scale, gs, out.groups, k / 32);
+      dot_one_row_scaled<WL, NC, true>(acc, x, w + k, K, mask, block_scale);
     } else {
-      dot_half<WL, MR, NC, 0, true>(acc, x, w + k, K, mask);
-      dot_half<WL, MR, NC, 1, true>(acc, x, w + k, K, mask);
+      block_scales<WL>(block_scale, gs, out.groups, k / 32);
+      dot_half<WL, MR, NC, 0, true>(acc, x, w + k, K, mask, block_scale);
+      dot_half<WL, MR, NC, 1, true>(acc, x, w + k, K, mask, block_scale);
     }
   }
 
@@ -398,7 +450,10 @@ bool skinny_supported() {
 }
 
 Tensor skinny_linear(const Tensor& x, const Tensor& weight, const c10::optional<Tensor>& bias) {
-  if (!kernel_applies(x, weight, at::kBFloat16, bias, kMaxRows)) {
+  int64_t max_rows = kMaxRows;
+  if (weight.dim() == 2 && weight.numel() > 0 && std::min(weight.size(0), weight.size(1)) <= kSmallDim)
+    max_rows = std::max(kMaxRows, std::min(kMaxRowsSmall, kMaxSmallMacs / weight.numel()));
+  if (!kernel_applies(x, weight, at::kBFloat16, bias, max_rows)) {
     // at::linear wants x and bias in the weight's dtype: an fp32 x is rounded to bf16 as the kernel would
     const auto wtype = weight.scalar_type();
     const bool cast_bias = bias && bias->defined() && bias->scalar_type() != wtype;
@@ -420,16 +475,31 @@ Tensor skinny_linear(const Tensor& x, const Tensor& weight, const c10::optional<
 
 Tensor skinny_linear_int8(const Tensor& x, const Tensor& weight, const Tensor& scales,
                           const c10::optional<Tensor>& bias) {
-  if (!kernel_applies(x, weight, at::kChar, bias, kMaxRowsInt8) || !is_column_vector(scales, weight.size(0))) {
+  const int64_t N = weight.dim() == 2 ? weight.size(0) : 0, K = weight.dim() == 2 ? weight.size(1) : 0;
+  const bool grouped = scales.dim() == 2;
+  const bool scales_fit = grouped ? scales.scalar_type() == at::kFloat && scales.is_contiguous() &&
+                                        scales.size(0) == N && scales.size(1) == (K + 31) / 32 &&
+                                        scales.device().is_cpu()
+                                  : is_column_vector(scales, N);
+  if (!kernel_applies(x, weight, at::kChar, bias, kMaxRowsInt8) || !scales_fit) {
     // the same sums in fp32 the slow way (x rounded to bf16 first, as the kernel does), rounded to bf16 once
-    Tensor y = at::linear(x.to(at::kBFloat16).to(at::kFloat), weight.to(at::kFloat)) * scales.to(at::kFloat);
+    Tensor w = weight.to(at::kFloat);
+    w = grouped ? w * scales.to(at::kFloat).repeat_interleave(32, 1).slice(1, 0, K) : w;
+    Tensor y = at::linear(x.to(at::kBFloat16).to(at::kFloat), w);
+    if (!grouped) y.mul_(scales.to(at::kFloat));
     if (bias && bias->defined()) y.add_(bias->to(at::kFloat));
     return y.to(at::kBFloat16);
   }
-  const int64_t N = weight.size(0), K = weight.size(1);
   const Tensor x2 = x.reshape({-1, K}).contiguous();
   Tensor y = at::empty({x2.size(0), N}, x.options().dtype(at::kBFloat16));
-  const Output out{y.data_ptr<c10::BFloat16>(), N, column_vector(scales, 1.f), column_vector(bias, 0.f)};
-  skinny_gemm<Int8Weights>(x2, static_cast<const int8_t*>(weight.data_ptr()), out, x2.size(0), N, K);
+  const auto* codes = static_cast<const int8_t*>(weight.data_ptr());
+  if (grouped) {
+    const Output out{y.data_ptr<c10::BFloat16>(), N, column_vector(c10::nullopt, 1.f), column_vector(bias, 0.f),
+                     static_cast<const float*>(scales.data_ptr()), scales.size(1)};
+    skinny_gemm<Int8GroupWeights>(x2, codes, out, x2.size(0), N, K);
+  } else {
+    const Output out{y.data_ptr<c10::BFloat16>(), N, column_vector(scales, 1.f), column_vector(bias, 0.f)};
+    skinny_gemm<Int8Weights>(x2, codes, out, x2.size(0), N, K);
+  }
   return y.view(output_shape(x, N));
 }

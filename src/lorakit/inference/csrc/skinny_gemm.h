@@ -8,18 +8,23 @@
 //   bias   (N) bf16 or fp32, or none
 //   -> y   (..., N) bf16, each output accumulated in fp32 (exact bf16 products, fp32 sums), plus the bias in fp32,
 //          rounded to bf16 once (to nearest even; fp32 sums below 2^-126 in magnitude flush to zero).
-// For x with few rows, M = numel(x) / K <= 12: reads W once for all rows, at close to memory bandwidth. Anything else
+// For x with few rows, M = numel(x) / K <= 12 (up to 32 where N or K is at most 64 and M·N·K stays small: an adapter's
+// rank-r product, which oneDNN spends ~20 us a call setting up): reads W once for all rows, at close to memory
+// bandwidth. Anything else
 // (more rows, where oneDNN's GEMM is faster; no AVX-512 BF16 on this CPU; other dtypes or devices; a non-contiguous
 // weight) goes to at::linear, with x and bias cast to the weight's dtype (so an fp32 weight gives an fp32 y there).
 //
-// skinny_linear_int8: y = (x·w_intᵀ) · scales (+ bias), int8 weights with one symmetric scale per output channel.
+// skinny_linear_int8: y = (x·w_intᵀ) · scales (+ bias), int8 weights with one symmetric scale per output channel, or
+// one per block of 32 along each row.
 //   x      (..., K) bf16 or fp32 (fp32 rounded to bf16 once up front)
 //   weight (N, K) int8, row-major contiguous
-//   scales (N) fp32 or bf16
+//   scales (N) fp32 or bf16: one per output channel; or (N, ceil(K / 32)) fp32, contiguous: row n's weights
+//          k = 32b .. 32b+31 are w_int[n, k] · scales[n, b] (llama.cpp's q8_0 blocks), multiplied in fp32 in registers
 //   bias   (N) bf16 or fp32, or none
-//   -> y   (..., N) bf16: x·w_int accumulated in fp32, then times the scale, plus the bias, in fp32, rounded to bf16
-//   once. The kernel takes up to 32 rows of x; where it does not apply (more rows, no AVX-512 BF16, other dtypes or
-//   layouts) the same sums come from an fp32 at::linear on the weight converted to fp32 (slow, but the same numbers).
+//   -> y   (..., N) bf16: x·w_int accumulated in fp32 and times the scale (with block scales: each block's share
+//   times its scale, in fp32), plus the bias, in fp32, rounded to bf16 once. The kernel takes up to 32 rows of x;
+//   where it does not apply (more rows, no AVX-512 BF16, other dtypes or layouts) the same sums come from an fp32
+//   at::linear on the weight converted to fp32 (slow, but the same numbers).
 //   For comparison, ATen's torch._weight_int8pack_mm (bf16 scales) computes the same thing.
 #pragma once
 

@@ -1,0 +1,36 @@
+"""The dtype a model generates in (`--dtype`, recipe key `infer_dtype`): fp32, bf16, or int8 weights computing in bf16.
+
+fp32 is the exact path, token for token what transformers' generate gives. bf16 halves the bytes each decode step
+reads and, where the hardware computes bf16 natively, runs the products about twice as fast; int8 halves them again
+(int8.py). `auto` is bf16 where the hardware computes it, fp32 elsewhere (engine/precision.py's `resolve_dtype`).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..engine.precision import cast_params, dtype_name, resolve_dtype
+from .int8 import quantize_int8
+
+
+@torch.no_grad()
+def cast_for_inference(model: nn.Module, name: str, device_type: str = "cpu") -> str:
+    """Put a model for generation or evaluation in `name` (auto, fp32, bf16 or int8): every floating-point parameter,
+    adapters included, cast once (buffers kept), and for int8 every dense linear's weight quantised after. fp32
+    leaves the model as it is. Run again after an adapter is added, it brings the adapter to the same dtype. Returns
+    the name of what is used, for the record."""
+    dtype = resolve_dtype("bf16" if name == "int8" else name, device_type,
+                          "--dtype int8 computes in" if name == "int8" else "--dtype")
+    if dtype != torch.float32:
+        cast_params(model, dtype, frozen_only=False)
+    if name == "int8":
+        quantize_int8(model)
+        return "int8"
+    return dtype_name(dtype)
+
+
+def dtype_of(model: nn.Module) -> str:
+    """The name `cast_for_inference` gave `model`: int8 where a linear holds int8 codes, else its parameters'."""
+    if any(getattr(getattr(m, "frozen", None), "kind", "") == "int8" for m in model.modules()):
+        return "int8"
+    return dtype_name(next(model.parameters()).dtype)
