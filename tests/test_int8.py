@@ -148,3 +148,17 @@ def test_base_and_adapted_generation_leaves_a_low_precision_base_as_it_was(dtype
     assert adapted == generate(model, tok, prompts, sampling)
     with disable_adapters(model):
         assert base == generate(model, tok, prompts, sampling)
+
+
+def test_an_adapter_training_a_quantised_module_in_full_is_refused_with_why(tmp_path):
+    """An adapter that trains the LM head in full cannot go onto an int8 model, whose head is int8 codes: one
+    LoRAError that says so and what to do, the model as it was."""
+    from lorakit import LoRAError, load_adapter, save_adapter
+    trained = tiny_llama()
+    add_lora(trained, LoRAConfig(r=4, alpha=8, targets="all-linear", trainable=("lm_head",)))
+    save_adapter(trained, tmp_path / "adapter")
+    model = tiny_llama()
+    cast_for_inference(model, "int8")
+    with pytest.raises(LoRAError, match="trains 'lm_head' in full.*int8 codes.*fp32 or bf16"):
+        load_adapter(model, tmp_path / "adapter")
+    assert not any(isinstance(m, LoRALinear) for m in model.modules())

@@ -3,7 +3,7 @@
 DenseBase     the layer's own full-precision weight (nn.Linear's (out, in), or Conv1D's (in, out))
 NF4Base       lorakit's NF4 (quant.py): 4-bit codes and double-quantised scales, rebuilt block by block per matmul
 Bnb4bitBase   a bitsandbytes Linear4bit (NF4 too), the CUDA default
-(and for inference only, inference/int8.py's int8 weights with one scale per output channel)
+(and for inference only, inference/int8.py's int8 codes with an fp32 scale per block of 32 along a row)
 Each gives `matmul(x, bias)` (x·Wᵀ + bias), `dense()` (the (out, in) full-precision weight: a view of the stored one
 for DenseBase, a dequantised copy otherwise), `nbytes()`, `numel()`, `dtype` (the full-precision dtype) and
 `device`; `stored()` is what the compiled decode step reads. The LoRA layer (layer.py) holds one and never asks
@@ -22,7 +22,7 @@ from .quant import (NF4Matmul, NF4Weight, bnb_dequantize, bnb_linear4bit, bnb_nb
 class FrozenBase(nn.Module):
     """What every storage of a frozen base weight offers (see the module docstring)."""
 
-    kind = ""  # "dense", or the quantisation backend: "torch", "bitsandbytes"
+    kind = ""  # "dense", or the quantisation: "torch", "bitsandbytes" (NF4), "int8"
 
     def __init__(self, shape: torch.Size, dtype: torch.dtype) -> None:
         super().__init__()
@@ -32,8 +32,8 @@ class FrozenBase(nn.Module):
         return self.shape.numel()
 
     def stored(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-        """(the (out, in) weight as stored, its per-output-channel scales or None) where a kernel can read it as it
-        is: a dense weight, int8 codes; None for block-quantised storage."""
+        """(the (out, in) weight as stored, its scales or None) where the decode kernels read it as it is: a dense
+        weight (scales None), int8 codes with their block scales; None for NF4."""
         return None
 
 

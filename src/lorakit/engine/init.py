@@ -32,7 +32,7 @@ def init_from_base(layer: nn.Module, name: str, init: str) -> None:
     """PiSSA or OLoRA for adapter `name` of `layer`: A, B from W's SVD or QR, W becomes W_res = W - s·B₀·A₀, and
     (A₀, B₀) are kept (`initial_pair`). PEFT's pissa_init / olora_init, on the (out, in) layout."""
     if layer.quantized:
-        raise LoRAError(f"init {init} needs a full-precision base weight, not an NF4 one")
+        raise LoRAError(f"init {init} needs a full-precision base weight, not a quantised ({layer.quant_backend}) one")
     s, r = layer.scaling[name], layer.lora_A[name].shape[0]
     w = layer.dense_weight().float()
     if init == "pissa":

@@ -182,6 +182,8 @@ class LoRALinear(nn.Module):
         if self.merged is not None:
             self.unmerge()
         backend = self.quant_backend or "auto"
+        if requantize and backend not in ("auto", "torch", "bitsandbytes"):
+            raise LoRAError(f"requantize re-quantises to NF4; this base is {backend}: merge without it")
         if self.quantized:
             self.dequantize_()
         is_dora = self.active in self.lora_magnitude
@@ -253,8 +255,9 @@ class LoRALinear(nn.Module):
 
     def extra_repr(self) -> str:
         ranks = {n: f"{a.shape[0]}{' dora' if n in self.lora_magnitude else ''}" for n, a in self.lora_A.items()}
+        storage = {"dense": "", "int8": ", int8"}.get(self.frozen.kind, f", nf4 ({self.quant_backend})")
         return (f"in={self.in_features}, out={self.out_features}, adapters={ranks}, active={self.active!r}"
-                f"{', conv1d' if self.fan_in_fan_out else ''}{f', nf4 ({self.quant_backend})' if self.quantized else ''}")
+                f"{', conv1d' if self.fan_in_fan_out else ''}{storage}")
 
     def unwrap(self) -> nn.Module:
         """The original module, holding this layer's (possibly merged) weight and bias."""

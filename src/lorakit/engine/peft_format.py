@@ -21,6 +21,7 @@ from ..errors import LorakitWarning
 from ..files import atomic_file, write_text_atomic
 from .config import LoRAConfig, LoRAError
 from .embedding import LoRAEmbedding
+from .frozen_base import StoredLinear
 from .inject import add_lora, set_adapter
 from .layer import LoRALinear, is_lora_target_type, linear_features
 from .registry import PEFT_PREFIX, active_adapter, adapter_params, adapters, peft_keys
@@ -298,6 +299,9 @@ def check_fit(model: nn.Module, lora: dict[str, dict[str, torch.Tensor]], full: 
         module = model.get_submodule(module_path) if module_path in order else None
         if isinstance(module, TrainedCopies):  # trained by another adapter already: check against the original
             module = module.original
+        if isinstance(module, StoredLinear):
+            raise LoRAError(f"{d}: the adapter trains {module_path!r} in full, which this model holds as "
+                            f"{module.frozen.kind} codes: load it onto the model in fp32 or bf16 (--dtype)")
         p = dict(module.named_parameters()).get(pname) if module is not None else None
         if p is None:
             raise LoRAError(f"{d}: saved module parameter {k!r} is not in this model; "

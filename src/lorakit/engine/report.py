@@ -55,7 +55,7 @@ def parameter_report(model: nn.Module) -> ParameterReport:
     packed = packed_params(model)
     unique = [p for i, p in {id(p): p for p in model.parameters()}.items() if i not in packed]  # 4-bit: counted below
     trainable = sum(p.numel() for p in unique if p.requires_grad)
-    nf4 = sum(layer.frozen.numel() for _, layer in lora_layers(model) if layer.quantized)  # 4-bit base weights
+    nf4 = sum(layer.frozen.numel() for _, layer in lora_layers(model) if layer.quantized)  # NF4 / int8 codes: buffers
     total = sum(p.numel() for p in unique) + nf4
     rows = []
     active = active_adapter(model)

@@ -68,7 +68,7 @@ def baselines(base, tok, train: list, cfg, cache: Path | None) -> tuple[torch.nn
     """The head-only baseline's head and the majority class of the training split. Kept in the run (`cache`) the
     first time, so an evaluation on another file (eval --data) needs neither the training data nor minutes of
     retraining; None when neither the kept ones nor the training data are there."""
-    dtype = str(next(base.parameters()).dtype)  # features in bf16 and fp32 differ: so do their heads
+    dtype = dtype_of(base)  # features in bf16, int8 and fp32 differ: so do their heads
     key = (hashlib.sha256(json.dumps([[e.text, e.label] for e in train] + [dtype]).encode()).hexdigest() if train
            else None)
     if cache is not None and cache.is_file():

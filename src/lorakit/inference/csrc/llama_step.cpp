@@ -21,8 +21,9 @@ using c10::optional;
 // side, and the mask keeps each row's share of x·Aᵀ to its own adapter.
 // bf16 weights (a model cast for inference, inference/precision.py; compiled_step passes adapters in the weight's
 // dtype) go through skinny_gemm's kernel, which reads the weight once for the few rows of a decode step; it hands
-// larger batches to at::linear itself. int8 weights (with one scale per output row, inference/int8.py) go through
-// its int8 kernel, computing in bf16. fp32 stays at::linear.
+// larger batches to at::linear itself. int8 weights (with a scale per block of 32 along a row, inference/int8.py) go
+// through its int8 kernel, computing in bf16, and past its 32 rows through bf16 GEMMs on rebuilt weights. fp32 stays
+// at::linear.
 struct Linear {
   Tensor weight;
   optional<Tensor> bias, lora_A, lora_B;

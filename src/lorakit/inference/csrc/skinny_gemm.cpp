@@ -52,7 +52,8 @@ constexpr int64_t kMaxRows = 12;    // bf16: more rows than this, at::linear (on
 constexpr int64_t kSmallDim = 64;
 constexpr int64_t kMaxRowsSmall = 32;
 constexpr int64_t kMaxSmallMacs = 3 << 19;
-constexpr int64_t kMaxRowsInt8 = 32;  // int8: the fallback (dequantize, then an fp32 GEMM) is slower for longer
+constexpr int64_t kMaxRowsInt8 = 32;  // int8: past this, bf16 GEMMs on rebuilt weights are faster
+constexpr int64_t kRebuildRows = 4096;  // int8 weight rows rebuilt in bf16 at a time for those
 constexpr int64_t kMinColsPerTask = 64;  // W rows a parallel task takes at least, so a task's work outweighs its start
 constexpr int64_t kPrefetchBytes = 16384;  // how far ahead of the W rows in work to prefetch (into L2), at least
 
@@ -482,13 +483,18 @@ Tensor skinny_linear_int8(const Tensor& x, const Tensor& weight, const Tensor& s
                                         scales.device().is_cpu()
                                   : is_column_vector(scales, N);
   if (!kernel_applies(x, weight, at::kChar, bias, kMaxRowsInt8) || !scales_fit) {
-    // the same sums in fp32 the slow way (x rounded to bf16 first, as the kernel does), rounded to bf16 once
-    Tensor w = weight.to(at::kFloat);
-    w = grouped ? w * scales.to(at::kFloat).repeat_interleave(32, 1).slice(1, 0, K) : w;
-    Tensor y = at::linear(x.to(at::kBFloat16).to(at::kFloat), w);
-    if (!grouped) y.mul_(scales.to(at::kFloat));
-    if (bias && bias->defined()) y.add_(bias->to(at::kFloat));
-    return y.to(at::kBFloat16);
+    // bf16 GEMMs on the weight rebuilt a chunk of rows at a time (int8.py's dequantized_linear)
+    const Tensor xb = x.to(at::kBFloat16).reshape({-1, K});
+    std::vector<Tensor> parts;
+    for (int64_t n0 = 0; n0 < N; n0 += kRebuildRows) {
+      const int64_t n1 = std::min(N, n0 + kRebuildRows);
+      Tensor w = weight.slice(0, n0, n1).to(at::kFloat), s = scales.slice(0, n0, n1).to(at::kFloat);
+      w.mul_(grouped ? s.repeat_interleave(32, 1).slice(1, 0, K) : s.unsqueeze(1));
+      parts.push_back(at::linear(xb, w.to(at::kBFloat16)));
+    }
+    Tensor y = at::cat(parts, 1);
+    if (bias && bias->defined()) y.add_(bias->to(at::kBFloat16));
+    return y.view(output_shape(x, N));
   }
   const Tensor x2 = x.reshape({-1, K}).contiguous();
   Tensor y = at::empty({x2.size(0), N}, x.options().dtype(at::kBFloat16));

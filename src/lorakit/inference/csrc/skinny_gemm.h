@@ -21,10 +21,11 @@
 //   scales (N) fp32 or bf16: one per output channel; or (N, ceil(K / 32)) fp32, contiguous: row n's weights
 //          k = 32b .. 32b+31 are w_int[n, k] · scales[n, b] (llama.cpp's q8_0 blocks), multiplied in fp32 in registers
 //   bias   (N) bf16 or fp32, or none
-//   -> y   (..., N) bf16: x·w_int accumulated in fp32 and times the scale (with block scales: each block's share
-//   times its scale, in fp32), plus the bias, in fp32, rounded to bf16 once. The kernel takes up to 32 rows of x;
-//   where it does not apply (more rows, no AVX-512 BF16, other dtypes or layouts) the same sums come from an fp32
-//   at::linear on the weight converted to fp32 (slow, but the same numbers).
+//   -> y   (..., N) bf16: x·w_int accumulated in fp32 and times the scale (with block scales, applied in fp32 to
+//   each block's weights, or for a single row to each block's partial sum), plus the bias, in fp32, rounded to bf16
+//   once. The kernel takes up to 32 rows of x; where it does not apply (more rows, no AVX-512 BF16, other dtypes or
+//   layouts) the product is bf16 GEMMs (at::linear) on the weight rebuilt in bf16 4,096 rows at a time, as
+//   inference/int8.py's dequantized_linear computes it: within a bf16 rounding or two of the kernel.
 //   For comparison, ATen's torch._weight_int8pack_mm (bf16 scales) computes the same thing.
 #pragma once
 
@@ -33,7 +34,7 @@
 // y = x·Wᵀ (+ bias) for a few rows of x; see above.
 at::Tensor skinny_linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias);
 
-// y = (x·w_intᵀ)·scales (+ bias) for a few rows of x and per-output-channel int8 weights; see above.
+// y = (x·w_intᵀ)·scales (+ bias) for a few rows of x and int8 weights with per-row or per-block scales; see above.
 at::Tensor skinny_linear_int8(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scales,
                               const c10::optional<at::Tensor>& bias);
 
