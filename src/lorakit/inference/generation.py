@@ -11,6 +11,7 @@ import torch
 from ..engine import LoRAError, disable_adapters, lora_layers, merge, unmerge
 from ..models import is_seq2seq
 from .decode import decode, supports
+from .int8 import holds_int8
 from .sampling import Choice, Sampling
 
 
@@ -45,9 +46,7 @@ def merged(model, enabled: bool = True):
 
 def low_precision_base(layer) -> bool:
     """Whether a LoRA layer's (linear or embedding) frozen weight is held in int8 codes or dense bf16."""
-    if getattr(getattr(layer, "frozen", None), "kind", "") == "int8":
-        return True
-    return layer.weight is not None and layer.weight.dtype == torch.bfloat16
+    return holds_int8(layer) or (layer.weight is not None and layer.weight.dtype == torch.bfloat16)
 
 
 def new_token_counts(new: torch.Tensor, eos_id: int | None) -> list[int]:

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ..engine.precision import cast_params, dtype_name, resolve_dtype
-from .int8 import quantize_int8
+from .int8 import holds_int8, quantize_int8
 
 
 @torch.no_grad()
@@ -31,6 +31,6 @@ def cast_for_inference(model: nn.Module, name: str, device_type: str = "cpu") ->
 
 def dtype_of(model: nn.Module) -> str:
     """The name `cast_for_inference` gave `model`: int8 where a linear holds int8 codes, else its parameters'."""
-    if any(getattr(getattr(m, "frozen", None), "kind", "") == "int8" for m in model.modules()):
+    if any(holds_int8(m) for m in model.modules()):
         return "int8"
     return dtype_name(next(model.parameters()).dtype)

@@ -263,7 +263,7 @@ SKINNY_INLINE void dot_one_row_scaled(__m512 (&acc)[1][NC], const float* x, cons
 }
 
 // Int8GroupWeights: the scales of block b of each of the NC W rows (from gs, a row's scales `groups` apart), broadcast
-// (straight from memory: a load, no shuffle)
+// (straight from memory: a load, no shuffle); nothing for other weights
 template <class WL, int NC>
 SKINNY_INLINE void block_scales(__m512 (&block_scale)[NC], const float* gs, int64_t groups, int64_t b) {
   if constexpr (WL::kGrouped) {
@@ -310,26 +310,24 @@ SKINNY_TARGET void dot_block(const float* x, int64_t x_step, const typename WL::
       for (int l = 0; l < kPfBytes; l += 64) _mm_prefetch(pf + l, _MM_HINT_T1);
       pf += kPfBytes;
     }
+    block_scales<WL>(block_scale, gs, out.groups, k / 32);
     if constexpr (WL::kDot) {
       dot_pairs<WL, MR, NC, false>(acc, x, w + k, K, 0);
     } else if constexpr (WL::kGrouped && MR == 1) {
-      block_scales<WL>(block_scale, gs, out.groups, k / 32);
       dot_one_row_scaled<WL, NC, false>(acc, x, w + k, K, 0, block_scale);
     } else {
-      block_scales<WL>(block_scale, gs, out.groups, k / 32);
       dot_half<WL, MR, NC, 0, false>(acc, x, w + k, K, 0, block_scale);
       dot_half<WL, MR, NC, 1, false>(acc, x, w + k, K, 0, block_scale);
     }
   }
   if (k < K) {
     const __mmask32 mask = tail_mask(K - k);
+    block_scales<WL>(block_scale, gs, out.groups, k / 32);
     if constexpr (WL::kDot) {
       dot_pairs<WL, MR, NC, true>(acc, x, w + k, K, mask);
     } else if constexpr (WL::kGrouped && MR == 1) {
-      block_scales<WL>(block_scale, gs, out.groups, k / 32);
       dot_one_row_scaled<WL, NC, true>(acc, x, w + k, K, mask, block_scale);
     } else {
-      block_scales<WL>(block_scale, gs, out.groups, k / 32);
       dot_half<WL, MR, NC, 0, true>(acc, x, w + k, K, mask, block_scale);
       dot_half<WL, MR, NC, 1, true>(acc, x, w + k, K, mask, block_scale);
     }
