@@ -209,6 +209,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--check-prompts", type=int, default=20, help="prompts for the token-identity check (0: none)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "generate.json"))
+    ap.add_argument("--only", default="", help="comma-separated parts of case names: run just those cases")
     args = ap.parse_args()
     model, tok = load_model("smollm2")
     model.eval()
@@ -241,7 +242,10 @@ def main() -> None:
              "lorakit decode loop int8, batch 16": lambda: loop_generate(int8, tok, sixteen, 16, args.new_tokens),
              "lorakit prefill int8 8 x 256": lambda: loop_prefill(int8)}
     tmp = tempfile.TemporaryDirectory()
+    only = [part for part in args.only.split(",") if part]
     try:
+        if only and not any("llama.cpp" in part for part in only):
+            raise ImportError("not asked for (--only)")
         import llama_cpp  # noqa: F401
         from export import llama_cpp_case
         from lorakit.export.gguf import write_model_gguf
@@ -252,8 +256,9 @@ def main() -> None:
         q8 = write_model_gguf(model, tok, Path(tmp.name) / "smollm2-q8_0.gguf", "q8_0")
         cases["llama.cpp q8_0, batch 1"] = lambda: batch_one(llama_cpp_case(q8, ids, args.new_tokens,
                                                                           torch.get_num_threads()))
-    except ImportError:
-        print("llama-cpp-python is not built (make llama-cpp): its row is left out")
+    except ImportError as error:
+        print(f"llama.cpp's rows are left out ({error}; make llama-cpp builds it)")
+    cases = {name: case for name, case in cases.items() if not only or any(part in name for part in only)}
     for batch in (1, 8):  # first calls allocate and pick kernels: not timed
         hf_generate(model, tok, prompts[:batch], batch, 2)
         loop_generate(model, tok, prompts[:batch], batch, 2)

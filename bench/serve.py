@@ -238,9 +238,11 @@ def main() -> None:
             for c in levels:
                 rows.append(level(url, c, jobs[:jobs_at(c, a.requests)], a.max_tokens))
                 print(json.dumps(rows[-1]), flush=True)
+            levels_rss = rss_mb(proc.pid)
             soaked = soak(url, proc.pid, a.soak, rng) if a.soak else {}
             time.sleep(1)
             soaked["rss_after_warmup_mb"], soaked["rss_after_mb"] = warm_rss, rss_mb(proc.pid)
+            soaked["rss_after_levels_mb"] = levels_rss  # the soak's own growth: rss_after_mb against this
             print(json.dumps(soaked), flush=True)
         finally:
             proc.terminate()

@@ -133,6 +133,58 @@ def test_concurrent_requests_over_adapters_equal_each_adapter_alone(server):
     assert len({a[0] for a in answers}) > 1
 
 
+def test_waiting_requests_are_prefilled_together_by_length_and_each_equals_its_adapter_alone(tmp_path):
+    """Requests queued together are prefilled in one batch (left-padded, rows mixed by adapter, each row's keys
+    stored without its padding); each reply is what its adapter gives alone (float64). A request whose prompt cannot
+    run fails alone: its batch is prefilled again one request at a time."""
+    import queue
+
+    from lorakit.inference import Sampling
+    from lorakit.inference.engine import Engine, Request
+    served = tiny_served(tmp_path)
+    served.engine.close()
+    model, tok = served.engine.model, served.engine.tokenizer
+
+    def serve(prompts: list[list[int]], adapters: list[str | None]):
+        engine, batches = Engine(model, tok, slots=8, max_len=64), []
+        prefill = engine._prefill
+        engine._prefill = lambda slots, requests: batches.append([len(r.prompt_ids) for r in requests]) or prefill(
+            slots, requests)
+        boxes = [queue.Queue() for _ in prompts]
+        for ids, adapter, box in zip(prompts, adapters, boxes):
+            engine.submit(Request(ids, adapter, Sampling(max_new_tokens=6), box.put))
+        engine.start()
+        replies = []
+        for box in boxes:
+            text, event = "", box.get(timeout=60)
+            while not event.finish_reason:
+                text, event = text + event.text, box.get(timeout=60)
+            replies.append((text + event.text, event))
+        engine.close()
+        return replies, batches
+
+    jobs = [(prompt, [None, "a", "b", "c"][i % 4]) for i, prompt in enumerate(PROMPTS[:7])]
+    replies, batches = serve([tok(p)["input_ids"] for p, _ in jobs], [a for _, a in jobs])
+    for (prompt, adapter), (text, _) in zip(jobs, replies):
+        assert text.strip() == generated(served, prompt, adapter, 6, chat=False), (prompt, adapter)
+    assert batches == [[1, 2, 2, 3, 4, 4, 6]]  # one batch, padded to its longest prompt
+    good = tok("w5 w6 w7")["input_ids"]
+    replies, batches = serve([good, [5, 999, 7], good], ["a", "b", None])  # 999: past the vocabulary
+    assert [r[1].finish_reason == "error" for r in replies] == [False, True, False]
+    assert "IndexError" in replies[1][1].error
+    assert replies[0][0].strip() == generated(served, "w5 w6 w7", "a", 6, chat=False)
+    assert batches == [[3, 3, 3], [3], [3], [3]]  # the failing batch, then each of its requests alone
+
+
+def test_length_groups_bound_padding_and_size():
+    from lorakit.inference import Sampling
+    from lorakit.inference.engine import Request, length_groups
+    requests = [Request([1] * n, None, Sampling(), lambda e: None) for n in (100, 10, 12, 11, 90, 5000, 95)]
+    groups = [[len(r.prompt_ids) for r in g] for g in length_groups(requests, tokens=250, pad=20)]
+    assert groups == [[10, 11, 12], [90, 95], [100], [5000]]  # 78 tokens of padding to each of three: apart
+    assert [len(g) for g in length_groups(requests[:5], tokens=4096, pad=300)] == [5]
+
+
 def test_streaming_joins_to_the_whole_reply_and_completions_work_too(server):
     client = server.client()
     whole = client.chat.completions.create(model="b", max_tokens=8, temperature=0,
@@ -340,3 +392,52 @@ def test_cli_serves_a_trained_run(tmp_path):
         proc.terminate()
         code = proc.wait(timeout=30)
     assert code == 0, proc.stdout.read()  # SIGTERM: HTTP and the engine stop cleanly
+
+
+def test_a_busy_engine_waits_a_few_steps_to_prefill_requests_together(tmp_path):
+    """With at least half its slots decoding, the engine holds a lone waiting request for up to DEFER_STEPS steps
+    (a prefill of one prompt costs most of what a prefill of several does), and prefills at once when PREFILL_BATCH
+    can go together or when fewer slots are busy."""
+    from lorakit.inference import Sampling
+    from lorakit.inference.engine import DEFER_STEPS, PREFILL_BATCH, Engine, Request
+    served = tiny_served(tmp_path)
+    served.engine.close()
+    engine = Engine(served.engine.model, served.engine.tokenizer, slots=8, max_len=64)
+    request = Request([5, 6], None, Sampling(), lambda e: None)
+    engine.running[:5] = [object()] * 5
+    engine.waiting.append(request)
+    assert [engine._admit_now(3) for _ in range(DEFER_STEPS + 1)] == [False] * DEFER_STEPS + [True]
+    engine.running[4] = None
+    engine.waiting.extend([request] * (PREFILL_BATCH - 1))
+    assert engine._admit_now(4)  # four can go together
+    engine.running[:5] = [None] * 5
+    engine.running[:3] = [object()] * 3
+    engine.waiting.clear()
+    engine.waiting.append(request)
+    assert engine._admit_now(5)  # fewer than half busy: no waiting
+
+
+def test_the_handoff_delivers_every_event_in_order_with_one_wakeup_per_batch():
+    """serve/handoff.py: events put from another thread reach their asyncio queues in order, and the events put
+    before the loop runs share one wake-up of the loop."""
+    import asyncio
+
+    from lorakit.serve.handoff import Handoff
+    loop = asyncio.new_event_loop()
+    wakeups = []
+    call_soon = loop.call_soon_threadsafe
+    loop.call_soon_threadsafe = lambda *a: wakeups.append(1) or call_soon(*a)
+    handoff = Handoff(loop)
+    inboxes = [asyncio.Queue(), asyncio.Queue()]
+    sender = threading.Thread(target=lambda: [handoff.put(inboxes[i % 2], i) for i in range(100)])
+    sender.start()
+    sender.join()
+
+    async def drain():
+        return [[await box.get() for _ in range(50)] for box in inboxes]
+
+    try:
+        got = loop.run_until_complete(drain())
+    finally:
+        loop.close()
+    assert got == [list(range(0, 100, 2)), list(range(1, 100, 2))] and len(wakeups) == 1

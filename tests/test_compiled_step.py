@@ -222,3 +222,84 @@ def test_bf16_compiled_step_against_the_python_step_and_fp32(adapter, dtype):
     scale = fp32_logits.abs().max()
     assert (native - python).abs().max() <= 0.02 * scale
     assert (native - fp32_logits).abs().max() <= 0.05 * scale
+
+
+def attention_in_float64(q, keys, values, start, end, scaling):
+    """Softmax attention of each row's one query over its positions [start, end), query head h on kv head
+    h // (heads / kv_heads), in float64 on the same values."""
+    rows, heads, _, head_dim = q.shape
+    group = heads // keys.shape[1]
+    out = torch.zeros(rows, heads, head_dim, dtype=torch.float64)
+    for b in range(rows):
+        for h in range(heads):
+            k = keys[b, h // group, start[b]:end[b]].double()
+            weights = torch.softmax(scaling * (k @ q[b, h, 0].double()), 0)
+            out[b, h] = weights @ values[b, h // group, start[b]:end[b]].double()
+    return out.reshape(rows, 1, heads * head_dim)
+
+
+@pytest.mark.parametrize("rows,heads,kv_heads,head_dim,length", [(16, 9, 3, 64, 300), (1, 4, 2, 32, 17),
+                                                                 (3, 8, 1, 128, 70), (2, 6, 6, 96, 33)])
+def test_decode_attention_against_float64_on_the_same_values(rows, heads, kv_heads, head_dim, length):
+    """The bf16 step's attention (decode_attention.cpp): one query per row over that row's own [start, end) of a
+    strided view of the cache, grouped-query heads; each output within a bf16 rounding of float64 attention on the
+    same bf16 values, as SDPA's is."""
+    ext = extension()
+    if not ext.skinny_supported():
+        pytest.skip("no AVX-512 BF16 on this CPU: the step keeps SDPA")
+    g = torch.Generator().manual_seed(rows + head_dim)
+    q = torch.randn(rows, heads, 1, head_dim, generator=g).bfloat16()
+    cache_k, cache_v = (torch.randn(rows + 2, kv_heads, length + 8, head_dim, generator=g).bfloat16() * scale
+                        for scale in (3, 1))
+    keys, values = cache_k[:rows, :, :length], cache_v[:rows, :, :length]  # strided views, as a narrowed cache's
+    start = torch.randint(0, length // 2, (rows,), generator=g)
+    end = torch.randint(length // 2 + 1, length + 1, (rows,), generator=g)
+    assert ext.decode_attention_applies(q, keys)
+    got = ext.decode_attention(q, keys, values, start, end, head_dim ** -0.5)
+    want = attention_in_float64(q, keys, values, start, end, head_dim ** -0.5)
+    assert got.dtype == torch.bfloat16 and got.shape == (rows, 1, heads * head_dim)
+    assert bool(((got.double() - want).abs() <= 2 ** -8 * want.abs() + 1e-4).all())
+    positions = torch.arange(length)
+    mask = ((positions >= start[:, None]) & (positions < end[:, None]))[:, None, None, :]
+    sdpa = torch.nn.functional.scaled_dot_product_attention(
+        q.reshape(rows, kv_heads, -1, head_dim), keys, values, attn_mask=mask, scale=head_dim ** -0.5)
+    assert (got.double() - want).abs().max() <= (sdpa.reshape(rows, 1, -1).double() - want).abs().max() + 1e-3
+    assert not ext.decode_attention_applies(q.float(), keys.float())  # fp32 keeps SDPA (generate's bits)
+
+
+def tiny_llama_head_dim_32():
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, head_dim=32,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_bf16_step_with_the_attention_kernel_and_packed_weights_against_the_python_step(packed):
+    """In bf16 (head_dim 32) the C++ step attends with decode_attention over each row's own span and, from 8 rows,
+    multiplies by the weights' packed copies (precision.pack_for_batches): its logits stay within bf16 rounding of
+    the Python step's (SDPA, F.linear) with adapters mixed by row over rows of different lengths, and packing moves
+    no logit beyond that rounding."""
+    from lorakit.inference.precision import cast_for_inference, pack_for_batches
+    ext = extension()
+    if not ext.skinny_supported():
+        pytest.skip("no AVX-512 BF16 on this CPU")
+    model = with_lora(tiny_llama_head_dim_32())
+    add_lora(model, LoRAConfig(r=4, alpha=8, targets="all-linear"), "b")
+    randomize_lora(model, seed=2)
+    prompts, names = PROMPTS * 2, ["a", "b", None, "a"] * 2  # 8 rows: the packed products' side of PACKED_ROWS
+    with adapters_by_row(model, names):
+        fp32_logits, _ = steps(model, None, prompts, refill=False, forced=True)
+    cast_for_inference(model, "bf16")
+    q, keys = torch.zeros(1, 4, 1, 32, dtype=torch.bfloat16), torch.zeros(1, 2, 9, 32, dtype=torch.bfloat16)
+    assert ext.decode_attention_applies(q, keys)  # this model's shapes take the kernel
+    with adapters_by_row(model, names):
+        plain = steps(model, compiled_model(model, torch.bfloat16), prompts, refill=False, forced=True)[0]
+        if packed:
+            assert pack_for_batches(model) and type(model.lm_head).__name__ == "StoredLinear"
+        native = steps(model, compiled_model(model, torch.bfloat16), prompts, refill=False, forced=True)[0]
+        python = steps(model, None, prompts, refill=False, forced=True)[0]
+    scale = fp32_logits.abs().max()
+    assert (native - python).abs().max() <= 0.02 * scale and (native - plain).abs().max() <= 0.02 * scale
+    assert (native - fp32_logits).abs().max() <= 0.05 * scale

@@ -214,3 +214,77 @@ def test_the_server_and_the_page_cast_adapters_loaded_later(tmp_path, dtype):
     assert page.adapters and {p.dtype for p in page.model.parameters()} == {torch.bfloat16}
     assert dtype_of(page.model) == dtype
     assert {p.dtype for p in Workbench(str(llama), [str(tmp_path / "run")]).model.parameters()} == {torch.float32}
+
+
+def test_a_packed_bf16_weight_multiplies_as_f_linear_and_is_dropped_when_the_weight_changes():
+    """DenseBase.pack: from PACKED_ROWS rows (inference) the product runs on oneDNN's packed copy, within a bf16
+    rounding of F.linear (the same bits where oneDNN picks the same kernel); fewer rows, or with autograd, F.linear
+    itself; a weight changed in place (a merge) or an fp32 one is never multiplied by a stale or packed copy."""
+    import torch.nn.functional as F
+
+    from lorakit.engine.frozen_base import PACKED_ROWS, DenseBase, packing_supported
+    if not packing_supported():
+        pytest.skip("this PyTorch has no oneDNN bf16")
+    g = torch.Generator().manual_seed(0)
+    weight = torch.nn.Parameter(torch.randn(96, 64, generator=g).bfloat16(), requires_grad=False)
+    bias = torch.randn(96, generator=g).bfloat16()
+    base = DenseBase(weight)
+    assert base.pack() and base.packed() is not None
+    x = torch.randn(3, PACKED_ROWS, 64, generator=g).bfloat16()
+    with torch.no_grad():
+        assert base.takes_packed(x) and not base.takes_packed(x[:1, :PACKED_ROWS - 1])
+        got, want = base.matmul(x, bias).float(), F.linear(x, weight, bias).float()
+        assert bool(((got - want).abs() <= 2 ** -7 * want.abs() + 1e-2).all())
+        assert torch.equal(base.matmul(x[:1, :3], bias), F.linear(x[:1, :3], weight, bias))
+        weight.add_(1)  # merged into
+        assert base.packed() is None and torch.equal(base.matmul(x, bias), F.linear(x, weight, bias))
+    assert not base.takes_packed(x)  # autograd on: never the packed copy
+    assert not DenseBase(torch.nn.Parameter(torch.randn(8, 8), requires_grad=False)).pack()
+
+
+def test_pack_for_batches_packs_every_bf16_linear_and_changes_no_prompt_beyond_rounding():
+    """precision.pack_for_batches on a bf16 Llama with LoRA: the LM head and every adapted linear get packed copies
+    (plain linears become StoredLinear, which an adapter added later wraps, keeping the copy); a batch of prompts'
+    logits stay within bf16 rounding of the unpacked model's; an fp32 model is left as it is."""
+    from lorakit.engine import lora_layers
+    from lorakit.engine.frozen_base import packing_supported
+    from lorakit.inference.decode import _left_padded
+    from lorakit.inference.precision import cast_for_inference, pack_for_batches
+    if not packing_supported():
+        pytest.skip("this PyTorch has no oneDNN bf16")
+    model = add_lora(TINY["llama"](), LoRAConfig(r=4, targets=["q_proj", "v_proj"]))
+    randomize_lora(model)
+    assert pack_for_batches(model) == []  # fp32: nothing to pack
+    cast_for_inference(model, "bf16")
+    ids, mask = _left_padded([[5, 9, 3, 7, 2, 8, 4, 6, 10, 12, 3], [3, 3, 14, 20, 21]] * 4, 0, "cpu")
+    with torch.no_grad():
+        before = model(input_ids=ids, attention_mask=mask).logits.float()
+        assert pack_for_batches(model) and type(model.lm_head).__name__ == "StoredLinear"
+        assert all(layer.frozen.packed() is not None for _, layer in lora_layers(model))
+        after = model(input_ids=ids, attention_mask=mask).logits.float()
+    assert (after - before).abs().max() <= 2 ** -6 * before.abs().max()
+    add_lora(model, LoRAConfig(r=4, targets=["lm_head"]), "head")
+    assert model.lm_head.frozen.packed() is not None  # the adapter wrapped the packed storage
+
+
+def test_batched_decoding_packs_for_the_call_and_gives_the_memory_back():
+    """decode() with PACKED_ROWS rows or more on a bf16 model runs on packed weights during the call (seen from its
+    prefill callback) and drops them after; fewer rows never pack."""
+    from lorakit.engine import lora_layers
+    from lorakit.engine.frozen_base import PACKED_ROWS, packing_supported
+    from lorakit.inference import Sampling
+    from lorakit.inference.decode import decode
+    from lorakit.inference.precision import cast_for_inference
+    from lorakit.inference.sampling import Choice
+    if not packing_supported():
+        pytest.skip("this PyTorch has no oneDNN bf16")
+    model = add_lora(TINY["llama"](), LoRAConfig(r=4, targets=["q_proj", "v_proj"]))
+    cast_for_inference(model, "bf16")
+    layer = next(iter(lora_layers(model)))[1]
+    seen = []
+    prompts = [[5, 9, 3, 7, 2][: 2 + i % 4] for i in range(PACKED_ROWS)]
+    for slots in (PACKED_ROWS, PACKED_ROWS - 1):
+        made = list(decode(model, prompts, Choice(Sampling(max_new_tokens=3)), set(), 0, slots=slots,
+                           on_prefill=lambda _: seen.append(layer.frozen.packed() is not None)))
+        assert len(made) == 3 * len(prompts) and layer.frozen.packed_copy is None
+    assert seen[0] and not any(seen[1:]) and len(seen) > 2

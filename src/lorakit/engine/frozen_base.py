@@ -6,7 +6,7 @@ Bnb4bitBase   a bitsandbytes Linear4bit (NF4 too), the CUDA default
 (and for inference only, inference/int8.py's int8 codes with an fp32 scale per block of 32 along a row)
 Each gives `matmul(x, bias)` (x·Wᵀ + bias), `dense()` (the (out, in) full-precision weight: a view of the stored one
 for DenseBase, a dequantised copy otherwise), `nbytes()`, `numel()`, `dtype` (the full-precision dtype) and
-`device`; `stored()` is what the compiled decode step reads. The LoRA layer (layer.py) holds one and never asks
+`device`; `stored()` and `packed()` are what the compiled decode step reads. The LoRA layer (layer.py) holds one and never asks
 which it is, except to merge (which needs a dense one). `StoredLinear` is a plain linear layer holding one.
 """
 from __future__ import annotations
@@ -36,6 +36,22 @@ class FrozenBase(nn.Module):
         weight (scales None), int8 codes with their block scales; None for NF4."""
         return None
 
+    def packed(self) -> torch.Tensor | None:
+        """A copy of the weight laid out for oneDNN's GEMM (DenseBase.pack), while it holds the weight's values."""
+        return None
+
+    def takes_packed(self, x: torch.Tensor) -> bool:
+        """Whether `matmul(x)` runs on the packed copy: inference, at least PACKED_ROWS rows."""
+        return False
+
+
+PACKED_ROWS = 8  # rows from which oneDNN's GEMM on a packed bf16 weight beats the decode kernel (csrc: the same)
+
+
+def packing_supported() -> bool:
+    """Whether this CPU build of PyTorch has oneDNN's bf16 GEMM on packed weights."""
+    return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
 
 class DenseBase(FrozenBase):
     """The weight as the original layer stored it; `transposed` for Conv1D's (in, out) layout."""
@@ -46,6 +62,36 @@ class DenseBase(FrozenBase):
         super().__init__(weight.shape[::-1] if transposed else weight.shape, weight.dtype)
         self.weight = weight
         self.transposed = transposed
+        self.packed_copy: tuple | None = None  # (oneDNN's layout, the weight's data_ptr and version then): see pack
+
+    @torch.no_grad()
+    def pack(self) -> bool:
+        """Keep a copy of a bf16 weight in oneDNN's blocked layout, for inference: a product of many rows (a prompt,
+        a batched decode step) then skips re-laying the weight out on every call, with the same bits as F.linear.
+        Costs the weight's bytes again. False where it does not apply (another dtype or device, Conv1D's layout, no
+        oneDNN bf16). A weight trained after is safe: autograd never uses the copy, and a changed weight drops it."""
+        w = self.weight
+        if self.transposed or w.dtype != torch.bfloat16 or w.device.type != "cpu" or not packing_supported():
+            return False
+        self.packed_copy = (torch.ops.mkldnn._reorder_linear_weight(w, 16), w.data_ptr(), w._version)
+        return True
+
+    def unpack(self) -> None:
+        """Drop the packed copy (its memory)."""
+        self.packed_copy = None
+
+    def packed(self) -> torch.Tensor | None:
+        if self.packed_copy is None:
+            return None
+        copy, address, version = self.packed_copy
+        if self.weight.data_ptr() != address or self.weight._version != version:  # merged into, or cast, since
+            self.packed_copy = None
+            return None
+        return copy
+
+    def takes_packed(self, x: torch.Tensor) -> bool:
+        return (self.packed_copy is not None and x.numel() >= PACKED_ROWS * x.shape[-1] and not x.requires_grad
+                and not torch.is_grad_enabled() and self.packed() is not None)
 
     @property
     def device(self) -> torch.device:
@@ -57,7 +103,10 @@ class DenseBase(FrozenBase):
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         w = self.dense()
-        return F.linear(x if x.dtype == w.dtype else x.to(w.dtype), w, bias)
+        x = x if x.dtype == w.dtype else x.to(w.dtype)
+        if self.takes_packed(x):
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed(), bias, "none", [], "")
+        return F.linear(x, w, bias)
 
     def stored(self) -> tuple[torch.Tensor, None]:
         return self.dense(), None

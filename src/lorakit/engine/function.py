@@ -8,18 +8,20 @@ from .dropout import dropout_drops, dropout_scale, zero_at, zeroed
 
 
 def lora_linear(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, A: torch.Tensor,
-                B: torch.Tensor, scaling: float, p: float = 0.0
+                B: torch.Tensor, scaling: float, p: float = 0.0, out: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """x @ W.T + b + scaling · B · A · dropout(x) for x of shape (tokens, in) (W None: the LoRA term alone), with
-    what a backward needs: the rank-r activations h = A · dropout(x) and dropout's drops (flat indices). LoRAFunction
-    wraps it for training; inference calls it bare, without autograd's per-call cost, which shows when decoding one
-    token at a time (three ops then, the LoRA term added into the base output in place)."""
+    """x @ W.T + b + scaling · B · A · dropout(x) for x of shape (tokens, in) (W None: the LoRA term alone; `out`:
+    x @ W.T + b already computed, the term added into it), with what a backward needs: the rank-r activations
+    h = A · dropout(x) and dropout's drops (flat indices). LoRAFunction wraps it for training; inference calls it
+    bare, without autograd's per-call cost, which shows when decoding one token at a time (three ops then, the LoRA
+    term added into the base output in place)."""
     A, B = A.to(x.dtype), B.to(x.dtype)  # fp32 adapters on a bf16 base compute in bf16 (no-ops otherwise)
     drops = dropout_drops(x.numel(), p, x.device) if p > 0 else None
     h = F.linear(x, A) if drops is None else F.linear(zero_at(x, drops), A).mul_(dropout_scale(p))
-    if weight is None:
-        return torch.mm(h, (B * scaling).t()), h, drops
-    out = torch.mm(x, weight.t()) if bias is None else torch.addmm(bias, x, weight.t())
+    if out is None:
+        if weight is None:
+            return torch.mm(h, (B * scaling).t()), h, drops
+        out = torch.mm(x, weight.t()) if bias is None else torch.addmm(bias, x, weight.t())
     return out.addmm_(h, B.t(), alpha=scaling), h, drops
 
 

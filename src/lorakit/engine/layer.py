@@ -237,6 +237,9 @@ class LoRALinear(nn.Module):
         compute = compute_dtype(self.weight, x.dtype, A)
         fused = self._fusable(compute, A)  # base matmul and LoRA term in one; else the base runs on its own (NF4)
         x2 = x.to(compute).reshape(-1, x.shape[-1])  # (tokens, in); the output is viewed back
+        if fused and self.frozen.takes_packed(x2):  # inference on the weight's packed copy: the term added as fused
+            out = self.frozen.matmul(x2, self.bias)
+            return lora_linear(x2, None, None, A, B, self.scaling[name], out=out)[0].view(*x.shape[:-1], -1)
         args = (x2, self.dense_weight() if fused else None, self.bias if fused else None, A, B, self.scaling[name], p)
         y = (LoRAFunction.apply(*args) if torch.is_grad_enabled() else lora_linear(*args)[0]).view(*x.shape[:-1], -1)
         if fused:

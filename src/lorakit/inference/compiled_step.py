@@ -26,7 +26,9 @@ from ..models.kernels import SWIGLU_MLPS, swiglu_forward
 from ..models.loading import cache_dir
 
 SOURCE = Path(__file__).parent / "csrc" / "llama_step.cpp"
-KERNELS = Path(__file__).parent / "csrc" / "skinny_gemm.cpp"  # bf16 / int8 products for a decode step's few rows
+KERNELS = [Path(__file__).parent / "csrc" / name for name in (
+    "skinny_gemm.cpp",  # bf16 / int8 products for a decode step's few rows
+    "decode_attention.cpp")]  # one query per row over a bf16 cache
 NAME = "lorakit_llama_step"
 # norm classes whose forward is exactly LlamaRMSNorm's (checked against their source)
 RMS_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")
@@ -53,7 +55,7 @@ def extension():
               flush=True)
     try:
         build.mkdir(parents=True, exist_ok=True)
-        return cpp_extension.load(NAME, sources=[str(SOURCE), str(KERNELS)], extra_cflags=["-O2"],
+        return cpp_extension.load(NAME, sources=[str(SOURCE), *map(str, KERNELS)], extra_cflags=["-O2"],
                                   build_directory=str(build), verbose=False)
     except Exception as error:  # no compiler, no ninja, a failed build: the Python step works everywhere
         lines = str(error).strip().splitlines() or [type(error).__name__]
@@ -93,11 +95,11 @@ def _linear(ext, module: nn.Module, dtype: torch.dtype):
         return ext.Linear(module.weight, module.bias, None, None, 0.0)
     if isinstance(module, StoredLinear) and module.frozen.stored() is not None:
         weight, scales = module.frozen.stored()
-        terms = (weight, module.bias, None, None, 0.0, None, scales)
+        terms = (weight, module.bias, None, None, 0.0, None, scales, module.frozen.packed())
     else:
         terms = inference_terms(module, dtype) if isinstance(module, LoRALinear) else None
     # int8 weights only where the CPU runs the int8 kernel: elsewhere the Python step's dequantising path is faster
-    if terms is None or (terms[-1] is not None and not ext.skinny_supported()):
+    if terms is None or (terms[6] is not None and not ext.skinny_supported()):
         raise Unsupported
     return ext.Linear(*terms)
 

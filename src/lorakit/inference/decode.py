@@ -20,8 +20,10 @@ from typing import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
+from ..engine.frozen_base import PACKED_ROWS
 from .compiled_step import compiled_model, extension
 from .kv_cache import KVCache, Slots
+from .precision import pack_for_batches
 from .sampling import Choice
 
 LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3")
@@ -48,15 +50,32 @@ def supports(model, length: int = 0) -> bool:
 @torch.no_grad()
 def prefill(model, cache: KVCache, first: int, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Run left-padded prompts (rows of `ids`) through the model as `generate` does, their keys and values going
-    to slots first.., and return the logits of each row's last token."""
+    to slots first.. (padding kept, as `generate` keeps it), and return the logits of each row's last token."""
+    logits = _last_logits(model, ids, mask, cache.prefill_cache(first, len(ids)))
+    cache.filled(first, (mask == 0).sum(1), ids.shape[1])
+    return logits
+
+
+@torch.no_grad()
+def prefill_packed(model, cache: KVCache, slots: list[int], ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Prefill left-padded prompts together into any free `slots`, each row's keys and values stored without its
+    padding (a server's requests, batched by length; each then steps as if prefilled alone); the last logits."""
+    pads = (mask == 0).sum(1)
+    logits = _last_logits(model, ids, mask, cache.packed_cache(slots, pads.tolist()))
+    cache.packed(slots, ids.shape[1] - pads)
+    return logits
+
+
+def _last_logits(model, ids: torch.Tensor, mask: torch.Tensor, past) -> torch.Tensor:
+    """The model over left-padded `ids` with positions counted as `generate` counts them, keys and values going to
+    `past`; each row's last-token logits in fp32."""
     positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
     # The last position as an index tensor hands the LM head a contiguous input where a slice does not; a bf16 head
     # needs that (torch's matmul would run a strided one as a batched product over a transposed copy of the whole
     # weight). fp32 keeps generate's slice, so its logits stay generate's bit for bit.
     keep = 1 if _float_like(model).dtype == torch.float32 else torch.tensor([ids.shape[1] - 1], device=ids.device)
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=keep,
-                past_key_values=cache.prefill_cache(first, len(ids)))
-    cache.filled(first, (mask == 0).sum(1), ids.shape[1])
+                past_key_values=past)
     return out.logits[:, -1].float()
 
 
@@ -151,10 +170,22 @@ def decode(model, prompts: list[list[int]], choose: Choice, eos_ids: set[int], p
     The first `slots` prompts are prefilled together (left-padded, as `generate` batches them); when a row ends
     (an EOS or max_new_tokens) the next queued prompt is prefilled alone into its slot. With nothing left to
     queue, an ended row stays in the batch, computing padding, so the batch keeps its row count (and rounding).
-    Llama-family steps run in C++ where compiled_step can (`compiled`; False: the Python step)."""
-    max_new_tokens = choose.sampling.max_new_tokens
-    if not prompts or max_new_tokens <= 0:
+    Llama-family steps run in C++ where compiled_step can (`compiled`; False: the Python step). A bf16 model
+    decoding PACKED_ROWS rows or more runs on packed copies of its weights for the call (precision.py's
+    pack_for_batches; the copies are dropped after)."""
+    if not prompts or choose.sampling.max_new_tokens <= 0:
         return
+    packed = pack_for_batches(model) if min(slots, len(prompts)) >= PACKED_ROWS else []
+    try:
+        yield from _decode(model, prompts, choose, eos_ids, pad_id, slots, on_prefill, compiled)
+    finally:
+        for base in packed:
+            base.unpack()
+
+
+def _decode(model, prompts: list[list[int]], choose: Choice, eos_ids: set[int], pad_id: int, slots: int,
+            on_prefill: Callable[[list[int]], None] | None, compiled: bool) -> Iterator[tuple[int, int]]:
+    max_new_tokens = choose.sampling.max_new_tokens
     like = _float_like(model)
     device, config, rows = like.device, model.config, min(slots, len(prompts))
     cache = KVCache.for_model(config, rows, max(len(p) for p in prompts) + max_new_tokens, like)

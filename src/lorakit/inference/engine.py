@@ -2,7 +2,8 @@
 
 A request is a prompt's token ids, the adapter it asks for (None: the base), its sampling settings and stop strings.
 One thread owns the model and runs the decode loop's pieces (kv_cache.py, decode.py): a request waits in a bounded
-queue until a slot frees, is prefilled alone into that slot with its adapter on, then steps with every other
+queue until a slot frees, is prefilled into it together with the other waiting requests of like length (rows mixed
+by adapter; each row's keys stored without its padding, so it steps as if prefilled alone), then steps with every other
 running request in one batch whose rows each use their own adapter (`adapters_by_row`: the base matmul for all
 rows plus one product over the adapters' A and B side by side, each row masked to its own; or, when every running
 request asks for the same adapter, that adapter alone), through the C++ step where it is built. Each row picks its
@@ -26,10 +27,11 @@ from typing import Callable
 
 import torch
 
-from ..engine import adapter_in_use, disable_adapters, lora_layers
-from ..engine.trained_copies import trained_copies
-from .decode import _float_like, _left_padded, compiled_view, prefill, step
+from ..engine.frozen_base import PACKED_ROWS
+from .batch_adapters import BatchAdapters
+from .decode import _float_like, _left_padded, prefill_packed, step
 from .kv_cache import KVCache
+from .precision import pack_for_batches
 from .sampling import Choice, Sampling
 
 
@@ -75,6 +77,14 @@ class Running:
     ids: list[int] = field(default_factory=list)
     sent: int = 0  # characters of the decoded text already emitted
 
+    @classmethod
+    def seeded(cls, request: Request, device: torch.device) -> Running:
+        """`request` starting, drawing from a generator of its own seeded by its `seed` (or at random)."""
+        generator = torch.Generator(device)
+        generator.manual_seed(request.sampling.seed if request.sampling.seed is not None else
+                              int(torch.randint(0, 2 ** 62, (1,))))
+        return cls(request, Choice(request.sampling, generator))
+
 
 class Engine:
     """The serving loop over `model` (GPT-2 or the Llama family, adapters already loaded): `submit` requests from
@@ -86,16 +96,17 @@ class Engine:
         self.eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
         self.like = _float_like(model)
+        if slots >= PACKED_ROWS:  # steps of that many rows, and every prompt's prefill, on packed bf16 weights
+            pack_for_batches(model)
         self.cache = KVCache.for_model(model.config, slots, max_len, self.like)
         self.running: list[Running | None] = [None] * slots
         self.waiting: deque[Request] = deque()
         self.calls: deque[tuple[Callable, Future]] = deque()
         self.wake = threading.Condition()
-        self.compiled: dict[str | None, object] = {}  # the C++ step's view per adapter, built once each
-        self.rows: list[str | None] | None = None  # the row adapters the layers hold now
-        self.compiled_rows: object = None  # the C++ step's view for those rows (False: none), rebuilt as they change
+        self.adapters = BatchAdapters(model, self.like.dtype)
         self.thread: threading.Thread | None = None
         self.stopping = False  # set by close, or by run as it ends: no more requests or calls
+        self.deferred = 0  # steps run since a request began waiting beside a free slot (see _admit_now)
 
     # ---- from any thread
     def start(self) -> "Engine":
@@ -122,7 +133,7 @@ class Engine:
                 calls, self.calls = list(self.calls), deque()
             for _, future in calls:
                 future.set_exception(RuntimeError("the engine has stopped"))
-            self._use_rows(None)  # the model as it was: no rows mixed
+            self.adapters.mix(None)  # the model as it was: no rows mixed
 
     def close(self) -> None:
         """Stop the loop at its next step boundary (requests still running hear why) and wait for its thread."""
@@ -186,42 +197,70 @@ class Engine:
 
     def _run_call(self, fn: Callable, future: Future) -> None:
         try:
-            self._use_rows(None)  # the model as a caller expects it: no rows mixed
+            self.adapters.mix(None)  # the model as a caller expects it: no rows mixed
             future.set_result(fn())
         except Exception as error:  # noqa: BLE001 - handed to the caller
             future.set_exception(error)
         finally:
-            self.compiled.clear()  # adapters may have changed: the C++ views are rebuilt when next needed
-            self.rows, self.compiled_rows = None, None
+            self.adapters.changed()  # adapters may have changed: the C++ views are rebuilt when next needed
 
     def _admit(self) -> None:
-        """Prefill waiting requests into free slots, one at a time, each with its adapter."""
-        while None in self.running:
-            with self.wake:
-                request = self.waiting.popleft() if self.waiting else None
-            if request is None:
-                return
-            if request.cancelled.is_set():
-                continue
-            slot = self.running.index(None)
-            try:
-                self._prefill_into(slot, request)
-            except Exception as error:  # noqa: BLE001 - this request hears why; the others go on
-                self.running[slot] = None
-                request.emit(Event(finish_reason="error", error=f"{type(error).__name__}: {error}"))
+        """Prefill waiting requests into the free slots, those of like length together (`length_groups`), when
+        `_admit_now` says so."""
+        free = [s for s, r in enumerate(self.running) if r is None]
+        if not (free and self.waiting and self._admit_now(len(free))):
+            return
+        requests: list[Request] = []
+        with self.wake:
+            while self.waiting and len(requests) < len(free):
+                request = self.waiting.popleft()
+                if not request.cancelled.is_set():
+                    requests.append(request)
+        for group in length_groups(requests):
+            slots, free = free[:len(group)], free[len(group):]
+            self._prefill_group(slots, group)
 
-    def _prefill_into(self, slot: int, request: Request) -> None:
-        """Prefill `request` alone into `slot` with its adapter, and take its first token."""
-        generator = torch.Generator(self.like.device)
-        generator.manual_seed(request.sampling.seed if request.sampling.seed is not None else
-                              int(torch.randint(0, 2 ** 62, (1,))))
-        running = Running(request, Choice(request.sampling, generator))
-        ids, mask = _left_padded([request.prompt_ids], self.pad, self.like.device)
-        self._use_rows(None)
-        with self._adapter(request.adapter):
-            logits = prefill(self.model, self.cache, slot, ids, mask)
-        self.running[slot] = running
-        self._took(slot, int(running.choose(logits, None)[0]))
+    def _admit_now(self, free: int) -> bool:
+        """Whether to prefill the waiting requests now. A prefill of one prompt costs most of what a prefill of a
+        few costs (the same weights read, the same calls), so while at least half the slots are decoding a request
+        waits (as TGI's router does) until PREFILL_BATCH can be prefilled together or DEFER_STEPS steps have
+        passed; with fewer running, each is prefilled as it comes."""
+        running = len(self.running) - free
+        if (running * 2 < len(self.running) or min(len(self.waiting), free) >= PREFILL_BATCH
+                or self.deferred >= DEFER_STEPS):
+            self.deferred = 0
+            return True
+        self.deferred += 1
+        return False
+
+    def _prefill_group(self, slots: list[int], requests: list[Request]) -> None:
+        """Prefill `requests` together into `slots`, rows mixed by adapter, and take their first tokens. Where that
+        fails, each is prefilled alone, so that only a request that fails alone hears why."""
+        try:
+            started = self._prefill(slots, requests)
+        except Exception as error:  # noqa: BLE001 - this request hears why; the others go on
+            if len(requests) > 1:
+                for slot, request in zip(slots, requests):
+                    self._prefill_group([slot], [request])
+            else:
+                requests[0].emit(Event(finish_reason="error", error=f"{type(error).__name__}: {error}"))
+            return
+        for slot, (running, token) in zip(slots, started):
+            self.running[slot] = running
+            self._took(slot, token)
+
+    def _prefill(self, slots: list[int], requests: list[Request]) -> list[tuple[Running, int]]:
+        """The prompts of `requests` through the model in one batch, into `slots`: each a Running and first token."""
+        started = [Running.seeded(request, self.like.device) for request in requests]
+        ids, mask = _left_padded([request.prompt_ids for request in requests], self.pad, self.like.device)
+        adapters = [request.adapter for request in requests]
+        if len(set(adapters)) == 1:
+            with self.adapters.alone(adapters[0]):
+                logits = prefill_packed(self.model, self.cache, slots, ids, mask)
+        else:
+            self.adapters.mix(adapters)
+            logits = prefill_packed(self.model, self.cache, slots, ids, mask)
+        return [(running, int(running.choose(logits[b:b + 1], None)[0])) for b, running in enumerate(started)]
 
     def _step(self) -> None:
         """One token for every running request, the rows' adapters mixed in one batch (or one adapter for all). Only
@@ -235,14 +274,11 @@ class Engine:
         adapters = {r.request.adapter for r in running if r is not None}
         if len(adapters) == 1:
             name = adapters.pop()
-            self._use_rows(None)
-            with self._adapter(name):
-                logits = step(self.model, cache, tokens, self._compiled(name))
+            with self.adapters.alone(name):
+                logits = step(self.model, cache, tokens, self.adapters.view(name))
         else:
-            self._use_rows([r.request.adapter if r is not None else None for r in running])
-            if self.compiled_rows is None:
-                self.compiled_rows = compiled_view(self.model, self.like.dtype) or False
-            logits = step(self.model, cache, tokens, self.compiled_rows or None)
+            self.adapters.mix([r.request.adapter if r is not None else None for r in running])
+            logits = step(self.model, cache, tokens, self.adapters.mixed_view())
         for s, r in enumerate(running):
             if r is None:
                 cache.start[s] = cache.end[s] = 0  # an empty slot attends to nothing in the next step
@@ -255,25 +291,6 @@ class Engine:
         if r.request.cancelled.is_set() or took(r, token, self.tokenizer, self.eos, self.max_len):
             self.running[slot] = None
 
-    def _adapter(self, name: str | None):
-        return disable_adapters(self.model) if name is None else adapter_in_use(self.model, name)
-
-    def _use_rows(self, rows: list[str | None] | None) -> None:
-        """Set the layers' row adapters, only when they change (the layers set their adapters side by side again
-        then, and the C++ step's view of them is rebuilt)."""
-        if rows == self.rows:
-            return
-        for _, layer in [*lora_layers(self.model), *trained_copies(self.model)]:
-            layer.row_adapters = rows
-        self.rows, self.compiled_rows = rows, None
-
-    def _compiled(self, name: str | None):
-        """The C++ step's view with adapter `name` alone (None: the base), built once each."""
-        if name not in self.compiled:
-            with self._adapter(name):
-                self.compiled[name] = compiled_view(self.model, self.like.dtype)
-        return self.compiled[name]
-
     def _fail_all(self, message: str, waiting: bool = False) -> None:
         """End every running request (and with `waiting`, every queued one) with an error event."""
         for s, r in enumerate(self.running):
@@ -284,6 +301,30 @@ class Engine:
             queued, self.waiting = (list(self.waiting), deque()) if waiting else ([], self.waiting)
         for request in queued:
             request.emit(Event(finish_reason="error", error=message))
+
+
+PREFILL_BATCH = 4  # waiting requests worth a prefill of their own while the batch is busy (Engine._admit_now)
+DEFER_STEPS = 8  # decode steps a waiting request waits at most for others to prefill beside it
+PREFILL_TOKENS = 4096  # a batched prefill's padded tokens at most (its activations' memory)
+PREFILL_PAD_TOKENS = 128  # padding worth one prefill call less: about what a call costs beyond its tokens on CPU
+
+
+def length_groups(requests: list[Request], tokens: int = PREFILL_TOKENS, pad: int = PREFILL_PAD_TOKENS
+                  ) -> list[list[Request]]:
+    """`requests` in groups to prefill together, by prompt length: a prompt joins the group of those just shorter
+    while the padding it adds to them (each is left-padded to the longest) is at most `pad` tokens, a prefill call
+    saved for at most its cost, and the group stays within `tokens` (a longer prompt goes alone)."""
+    groups: list[list[Request]] = []
+    group: list[Request] = []
+    longest = 0
+    for request in sorted(requests, key=lambda r: len(r.prompt_ids)):
+        n = len(request.prompt_ids)
+        if group and (len(group) * (n - longest) > pad or (len(group) + 1) * n > tokens):
+            groups.append(group)
+            group = []
+        group.append(request)
+        longest = n
+    return groups + [group] if group else groups
 
 
 def took(r: Running, token: int, tokenizer, eos: set[int], max_len: int) -> bool:

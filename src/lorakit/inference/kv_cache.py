@@ -8,12 +8,14 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 
 class Slots(NamedTuple):
-    """One step's view of the cache: row b's new key/value goes to column[b]; attention spans [0, width)."""
+    """One step's view of the cache: row b's new key/value goes to column[b]; attention spans [0, width), masked to
+    each row's [start[b], column[b]] (mask None: every row spans it all)."""
 
     rows: torch.Tensor
     column: torch.Tensor
     width: int
     mask: torch.Tensor | None
+    start: torch.Tensor | None = None
 
 
 class KVCache:
@@ -42,7 +44,8 @@ class KVCache:
         column = self.end.clamp(max=self.length - 1)
         self.end.copy_(column + 1)  # in place: a narrowed view's step moves its parent's slots too
         width = int(self.end.max())
-        return Slots(torch.arange(len(column), device=column.device), column, width, self.attention_mask(width))
+        return Slots(torch.arange(len(column), device=column.device), column, width, self.attention_mask(width),
+                     self.start)
 
     def narrow(self, rows: int) -> KVCache:
         """The first `rows` slots as a cache of their own, sharing this one's tensors: a step computes only the
@@ -63,6 +66,18 @@ class KVCache:
         """Slots first.. now hold a prefill of `length` positions, the first pads[b] of row b padding."""
         self.start[first:first + len(pads)] = pads
         self.end[first:first + len(pads)] = length
+
+    def packed_cache(self, slots: list[int], pads: list[int]) -> Cache:
+        """A transformers Cache for a prefill of left-padded rows into any free `slots`: row b's keys and values
+        go to slots[b] without its pads[b] padding columns, from column 0 (so a short prompt batched with long
+        ones takes no more of its slot than alone)."""
+        return Cache(layers=[_PackedLayer(keys, values, slots, pads) for keys, values in zip(self.keys, self.values)])
+
+    def packed(self, slots: list[int], lengths: torch.Tensor) -> None:
+        """`slots` now hold prompts of `lengths` tokens each, from column 0."""
+        index = torch.tensor(slots, device=self.start.device)
+        self.start[index] = 0
+        self.end[index] = lengths.to(self.end.device)
 
     def attention_mask(self, width: int) -> torch.Tensor | None:
         """[rows, 1, 1, width] True where a slot holds a token; None when every slot fills [0, width) (as
@@ -85,5 +100,23 @@ class _SlotLayer(DynamicLayer):
         length = key_states.shape[-2]
         self.keys = self.storage[0][:, :, :length].copy_(key_states)
         self.values = self.storage[1][:, :, :length].copy_(value_states)
+        self.dtype, self.device, self.is_initialized = key_states.dtype, key_states.device, True
+        return self.keys, self.values
+
+
+class _PackedLayer(DynamicLayer):
+    """One layer of a packed prefill's cache: attention reads the batch's own keys and values (padding masked as
+    transformers masks it); each row's real ones are copied into its slot of the static cache."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, slots: list[int], pads: list[int]):
+        super().__init__()
+        self.storage, self.slots, self.pads = (keys, values), slots, pads
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        length = key_states.shape[-2]
+        for row, (slot, pad) in enumerate(zip(self.slots, self.pads)):
+            self.storage[0][slot, :, :length - pad].copy_(key_states[row, :, pad:])
+            self.storage[1][slot, :, :length - pad].copy_(value_states[row, :, pad:])
+        self.keys, self.values = key_states, value_states
         self.dtype, self.device, self.is_initialized = key_states.dtype, key_states.device, True
         return self.keys, self.values

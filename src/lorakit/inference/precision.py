@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..engine.frozen_base import DenseBase, StoredLinear, packing_supported
 from ..engine.precision import cast_params, dtype_name, resolve_dtype
 from .int8 import holds_int8, quantize_int8
 
@@ -34,3 +35,24 @@ def dtype_of(model: nn.Module) -> str:
     if any(holds_int8(m) for m in model.modules()):
         return "int8"
     return dtype_name(next(model.parameters()).dtype)
+
+
+@torch.no_grad()
+def pack_for_batches(model: nn.Module) -> list[DenseBase]:
+    """Give every bf16 dense linear of `model` a copy in oneDNN's blocked layout (DenseBase.pack), so products of
+    many rows (prompts, a server's batched steps) skip laying the weight out again on each call: the same bits as
+    F.linear, faster, for the weights' bytes again. Plain linears become StoredLinear over a DenseBase (LoRA wraps
+    it as nn.Linear). Run again after an adapter is added, it packs what is new. Returns the bases it packed (none:
+    not bf16, or no oneDNN bf16 in this PyTorch), whose `unpack` gives the memory back."""
+    if not packing_supported():
+        return []
+    packed = []
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Linear and child.weight.dtype == torch.bfloat16:
+                child = StoredLinear(DenseBase(child.weight), child.bias)
+                setattr(parent, name, child)
+            frozen = getattr(child, "frozen", None)
+            if isinstance(frozen, DenseBase) and frozen.packed() is None and frozen.pack():
+                packed.append(frozen)
+    return packed

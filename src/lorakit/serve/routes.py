@@ -18,6 +18,7 @@ from ..errors import UserError
 from ..inference import Sampling
 from ..inference.engine import Event, QueueFull, Request, Stopped
 from ..models import adapter_dir, foreign_base
+from .handoff import Handoff
 from .served import POLL, APIError, Served
 
 
@@ -131,8 +132,11 @@ async def events_of(served: Served, body: Generation, prompt_ids: list[int], par
     """(the engine Request, an async iterator of its Events); the request is cancelled when the iterator is left
     early or the client goes away."""
     loop = asyncio.get_running_loop()
+    if served.handoff is None or served.handoff.loop is not loop:
+        served.handoff = Handoff(loop)
     inbox: asyncio.Queue = asyncio.Queue()
-    request = engine_request(served, body, prompt_ids, param, lambda e: loop.call_soon_threadsafe(inbox.put_nowait, e))
+    handoff = served.handoff
+    request = engine_request(served, body, prompt_ids, param, lambda e: handoff.put(inbox, e))
     submit(served, request)
 
     async def events():

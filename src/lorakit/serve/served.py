@@ -38,6 +38,7 @@ class Served:
     template: str = "chat"
     dtype: str = "fp32"  # what the weights are in (adapters loaded at run time are cast to it)
     max_body: int = MAX_BODY
+    handoff: object = None  # handoff.Handoff to the HTTP loop, made by the first request
     created: int = field(default_factory=lambda: int(time.time()))
     changing: threading.Lock = field(default_factory=threading.Lock)  # one load or unload at a time
 

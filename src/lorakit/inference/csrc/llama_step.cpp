@@ -8,12 +8,25 @@
 
 #include <vector>
 
+#include "decode_attention.h"
 #include "skinny_gemm.h"
 
 namespace {
 
 using at::Tensor;
 using c10::optional;
+
+// From this many rows a bf16 weight's packed copy (engine/frozen_base.py's DenseBase.pack, oneDNN's blocked layout)
+// runs the product: oneDNN's GEMM then skips laying the weight out again, and gives F.linear's bits.
+constexpr int64_t kPackedRows = 8;
+
+Tensor packed_linear(const Tensor& x, const Tensor& packed, const optional<Tensor>& bias) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("mkldnn::_linear_pointwise", "")
+                             .typed<Tensor(const Tensor&, const Tensor&, const optional<Tensor>&, c10::string_view,
+                                           c10::List<optional<at::Scalar>>, optional<c10::string_view>)>();
+  return op.call(x, packed, bias, "none", c10::List<optional<at::Scalar>>(), c10::nullopt);
+}
 
 // y = x·Wᵀ + b (nn.Linear, or a LoRA layer whose adapter is merged or off); with an unmerged LoRA adapter
 // y = x·Wᵀ + b + s·(x·Aᵀ)·Bᵀ, computed as engine/function.py's lora_linear does: the LoRA term added into the base product.
@@ -28,12 +41,13 @@ struct Linear {
   Tensor weight;
   optional<Tensor> bias, lora_A, lora_B;
   double scaling;
-  optional<Tensor> row_mask, scales;
+  optional<Tensor> row_mask, scales, packed;
 
   bool computes_bf16() const { return scales || weight.scalar_type() == at::kBFloat16; }
 
   Tensor base(const Tensor& x) const {
     if (scales) return skinny_linear_int8(x, weight, *scales, bias);
+    if (packed && x.numel() >= kPackedRows * x.size(-1)) return packed_linear(x, *packed, bias);
     return weight.scalar_type() == at::kBFloat16 ? skinny_linear(x, weight, bias) : at::linear(x, weight, bias);
   }
 
@@ -95,7 +109,7 @@ struct Layer {
 struct Slots {
   Tensor rows, column;
   int64_t width;
-  optional<Tensor> mask;
+  optional<Tensor> mask, start;
 };
 
 Tensor rotate_half(const Tensor& x) {
@@ -103,7 +117,9 @@ Tensor rotate_half(const Tensor& x) {
   return at::cat({-x.slice(-1, half), x.slice(-1, 0, half)}, -1);
 }
 
-// Store layer i's new key and value at each slot's column, attend the one query per row over the slot's positions
+// Store layer i's new key and value at each slot's column, attend the one query per row over the slot's positions:
+// SDPA as the Python step calls it, or in bf16 (where the CPU has AVX-512 BF16) decode_attention over each row's
+// [start, column] alone.
 Tensor attend(Tensor keys_i, Tensor values_i, const Tensor& q, const Tensor& k, const Tensor& v,
               const Slots& slots, double scaling) {
   using at::indexing::Slice;
@@ -111,6 +127,8 @@ Tensor attend(Tensor keys_i, Tensor values_i, const Tensor& q, const Tensor& k, 
   keys_i.index_put_({slots.rows, Slice(), slots.column}, k.select(2, 0));
   values_i.index_put_({slots.rows, Slice(), slots.column}, v.select(2, 0));
   Tensor keys = keys_i.slice(2, 0, slots.width), values = values_i.slice(2, 0, slots.width);
+  if (slots.start && decode_attention_applies(q, keys))
+    return decode_attention(q, keys, values, *slots.start, slots.column + 1, scaling);
   Tensor out;
   if (!slots.mask) {
     out = at::scaled_dot_product_attention(q, keys, values, {}, 0.0, false, scaling, heads != keys.size(1));
@@ -162,14 +180,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   namespace py = pybind11;
   py::class_<Linear>(m, "Linear")
       .def(py::init<Tensor, optional<Tensor>, optional<Tensor>, optional<Tensor>, double, optional<Tensor>,
-                    optional<Tensor>>(),
+                    optional<Tensor>, optional<Tensor>>(),
            py::arg("weight"), py::arg("bias"), py::arg("lora_A"), py::arg("lora_B"), py::arg("scaling"),
-           py::arg("row_mask") = py::none(), py::arg("scales") = py::none());
+           py::arg("row_mask") = py::none(), py::arg("scales") = py::none(), py::arg("packed") = py::none());
   m.def("skinny_linear", &skinny_linear, py::arg("x"), py::arg("weight"), py::arg("bias") = py::none(),
         py::call_guard<py::gil_scoped_release>());
   m.def("skinny_linear_int8", &skinny_linear_int8, py::arg("x"), py::arg("weight"), py::arg("scales"),
         py::arg("bias") = py::none(), py::call_guard<py::gil_scoped_release>());
   m.def("skinny_supported", &skinny_supported);
+  m.def("decode_attention", &decode_attention, py::arg("q"), py::arg("keys"), py::arg("values"), py::arg("start"),
+        py::arg("end"), py::arg("scaling"), py::call_guard<py::gil_scoped_release>());
+  m.def("decode_attention_applies", &decode_attention_applies);
   py::class_<RMSNorm>(m, "RMSNorm").def(py::init<Tensor, double>(), py::arg("weight"), py::arg("eps"));
   py::class_<Layer>(m, "Layer")
       .def(py::init<RMSNorm, RMSNorm, optional<RMSNorm>, optional<RMSNorm>, Linear, Linear, Linear, Linear, Linear,
@@ -178,8 +199,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            py::arg("k"), py::arg("v"), py::arg("o"), py::arg("gate"), py::arg("up"), py::arg("down"),
            py::arg("head_dim"), py::arg("scaling"));
   py::class_<Slots>(m, "Slots")
-      .def(py::init<Tensor, Tensor, int64_t, optional<Tensor>>(), py::arg("rows"), py::arg("column"),
-           py::arg("width"), py::arg("mask"));
+      .def(py::init<Tensor, Tensor, int64_t, optional<Tensor>, optional<Tensor>>(), py::arg("rows"),
+           py::arg("column"), py::arg("width"), py::arg("mask"), py::arg("start") = py::none());
   py::class_<Model>(m, "Model")
       .def(py::init<std::vector<Layer>, RMSNorm, Linear>(), py::arg("layers"), py::arg("norm"), py::arg("lm_head"))
       .def("step", &Model::step, py::call_guard<py::gil_scoped_release>());

@@ -14,6 +14,7 @@
 // The kernels carry a target attribute so that this file compiles without global -mavx512 flags; skinny_supported()
 // decides at run time whether they may be called.
 #include "skinny_gemm.h"
+#include "parallel.h"
 
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -25,21 +26,10 @@
 #include <utility>
 #include <vector>
 
-// at::parallel_for is serial in a translation unit compiled without -fopenmp (its OpenMP loop is a #pragma in ATen's
-// inline headers), as this one may be. Then parallel_for below calls the OpenMP runtime that torch uses directly:
-// GOMP_parallel is what `#pragma omp parallel` compiles to (libgomp's ABI, also provided by LLVM's and Intel's
-// runtimes). Weak, so that without an OpenMP runtime loaded the work runs serially.
-#ifndef _OPENMP
-extern "C" {
-void GOMP_parallel(void (*fn)(void*), void* data, unsigned num_threads, unsigned flags) __attribute__((weak));
-int omp_get_thread_num() __attribute__((weak));
-int omp_get_num_threads() __attribute__((weak));
-}
-#endif
-
 namespace {
 
 using at::Tensor;
+using lorakit_kernels::parallel_for;
 
 #define SKINNY_TARGET __attribute__((target("avx512f,avx512bf16,avx512bw,avx512vl,fma")))
 #define SKINNY_INLINE SKINNY_TARGET __attribute__((always_inline)) inline
@@ -56,35 +46,6 @@ constexpr int64_t kMaxRowsInt8 = 32;  // int8: past this, bf16 GEMMs on rebuilt 
 constexpr int64_t kRebuildRows = 4096;  // int8 weight rows rebuilt in bf16 at a time for those
 constexpr int64_t kMinColsPerTask = 64;  // W rows a parallel task takes at least, so a task's work outweighs its start
 constexpr int64_t kPrefetchBytes = 16384;  // how far ahead of the W rows in work to prefetch (into L2), at least
-
-// at::parallel_for(begin, end, grain, f), split the same way: each of up to at::get_num_threads() threads takes one
-// contiguous chunk of the range.
-template <class F>
-void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& f) {
-#ifdef _OPENMP
-  at::parallel_for(begin, end, grain, f);
-#else
-  at::internal::lazy_init_num_threads();
-  const int64_t tasks = std::min<int64_t>(at::get_num_threads(), at::divup(end - begin, grain));
-  if (tasks <= 1 || !GOMP_parallel || !omp_get_thread_num || !omp_get_num_threads || at::in_parallel_region()) {
-    f(begin, end);
-    return;
-  }
-  struct Range {
-    int64_t begin, end, tasks;
-    const F* f;
-  } range{begin, end, tasks, &f};
-  // no num_threads (0: the team torch set up), as ATen does: see the note in ATen/ParallelOpenMP.h
-  GOMP_parallel(
-      [](void* p) {
-        const Range& r = *static_cast<const Range*>(p);
-        const int64_t chunk = at::divup(r.end - r.begin, std::min<int64_t>(r.tasks, omp_get_num_threads()));
-        const int64_t b = r.begin + omp_get_thread_num() * chunk;
-        if (b < r.end) (*r.f)(b, std::min(r.end, b + chunk));
-      },
-      &range, 0, 0);
-#endif
-}
 
 // Layouts of a block of 32 consecutive elements (of a W row, and of an x row to match) as two vectors of 16 fp32.
 // From 32 bf16 in a zmm: EvenOdd is the cheaper (one shift, one and: the even elements, then the odd ones), Halves
