@@ -395,26 +395,24 @@ def test_cli_serves_a_trained_run(tmp_path):
 
 
 def test_a_busy_engine_waits_a_few_steps_to_prefill_requests_together(tmp_path):
-    """With at least half its slots decoding, the engine holds a lone waiting request for up to DEFER_STEPS steps
-    (a prefill of one prompt costs most of what a prefill of several does), and prefills at once when PREFILL_BATCH
-    can go together or when fewer slots are busy."""
+    """With at least half its slots decoding, the engine holds waiting requests for up to DEFER_STEPS steps (a
+    prefill of one prompt costs most of what a prefill of several does), and prefills at once when PREFILL_BATCH
+    can go together or when fewer slots are busy; the count of steps held starts again at each prefill."""
     from lorakit.inference import Sampling
-    from lorakit.inference.engine import DEFER_STEPS, PREFILL_BATCH, Engine, Request
+    from lorakit.inference.engine import DEFER_STEPS, PREFILL_BATCH, Engine, Request, prefill_now
+    assert [prefill_now(5, 8, 1, 3, held) for held in range(DEFER_STEPS + 1)] == [False] * DEFER_STEPS + [True]
+    assert prefill_now(4, 8, PREFILL_BATCH, 4, 0) and not prefill_now(5, 8, PREFILL_BATCH, 3, 0)
+    assert prefill_now(3, 8, 1, 5, 0)  # fewer than half busy: no waiting
     served = tiny_served(tmp_path)
     served.engine.close()
     engine = Engine(served.engine.model, served.engine.tokenizer, slots=8, max_len=64)
-    request = Request([5, 6], None, Sampling(), lambda e: None)
     engine.running[:5] = [object()] * 5
-    engine.waiting.append(request)
-    assert [engine._admit_now(3) for _ in range(DEFER_STEPS + 1)] == [False] * DEFER_STEPS + [True]
-    engine.running[4] = None
-    engine.waiting.extend([request] * (PREFILL_BATCH - 1))
-    assert engine._admit_now(4)  # four can go together
-    engine.running[:5] = [None] * 5
-    engine.running[:3] = [object()] * 3
-    engine.waiting.clear()
-    engine.waiting.append(request)
-    assert engine._admit_now(5)  # fewer than half busy: no waiting
+    engine.waiting.append(Request([5, 6], None, Sampling(max_new_tokens=1), lambda e: None))
+    for _ in range(DEFER_STEPS):
+        engine._admit()
+    assert engine.deferred == DEFER_STEPS and len(engine.waiting) == 1
+    engine._admit()
+    assert engine.deferred == 0 and not engine.waiting
 
 
 def test_the_handoff_delivers_every_event_in_order_with_one_wakeup_per_batch():

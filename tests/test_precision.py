@@ -243,11 +243,12 @@ def test_a_packed_bf16_weight_multiplies_as_f_linear_and_is_dropped_when_the_wei
 
 
 def test_pack_for_batches_packs_every_bf16_linear_and_changes_no_prompt_beyond_rounding():
-    """precision.pack_for_batches on a bf16 Llama with LoRA: the LM head and every adapted linear get packed copies
-    (plain linears become StoredLinear, which an adapter added later wraps, keeping the copy); a batch of prompts'
-    logits stay within bf16 rounding of the unpacked model's; an fp32 model is left as it is."""
+    """precision.pack_for_batches on a bf16 Llama with LoRA: the LM head and every adapted linear get packed copies,
+    no module or state-dict key changes (the head's copy sits beside it, and an adapter added later adopts it); a
+    batch of prompts' logits stay within bf16 rounding of the unpacked model's; a merge drops the merged layer's
+    copy; an fp32 model is left as it is."""
     from lorakit.engine import lora_layers
-    from lorakit.engine.frozen_base import packing_supported
+    from lorakit.engine.frozen_base import packed_linear, packing_supported
     from lorakit.inference.decode import _left_padded
     from lorakit.inference.precision import cast_for_inference, pack_for_batches
     if not packing_supported():
@@ -257,14 +258,20 @@ def test_pack_for_batches_packs_every_bf16_linear_and_changes_no_prompt_beyond_r
     assert pack_for_batches(model) == []  # fp32: nothing to pack
     cast_for_inference(model, "bf16")
     ids, mask = _left_padded([[5, 9, 3, 7, 2, 8, 4, 6, 10, 12, 3], [3, 3, 14, 20, 21]] * 4, 0, "cpu")
+    keys = list(model.state_dict())
     with torch.no_grad():
         before = model(input_ids=ids, attention_mask=mask).logits.float()
-        assert pack_for_batches(model) and type(model.lm_head).__name__ == "StoredLinear"
+        assert pack_for_batches(model) and packed_linear(model.lm_head) is not None
         assert all(layer.frozen.packed() is not None for _, layer in lora_layers(model))
         after = model(input_ids=ids, attention_mask=mask).logits.float()
     assert (after - before).abs().max() <= 2 ** -6 * before.abs().max()
+    assert type(model.lm_head) is torch.nn.Linear and list(model.state_dict()) == keys
     add_lora(model, LoRAConfig(r=4, targets=["lm_head"]), "head")
-    assert model.lm_head.frozen.packed() is not None  # the adapter wrapped the packed storage
+    assert model.lm_head.frozen.packed() is not None  # the adapter adopted the packed copy
+    layer = next(iter(lora_layers(model)))[1]
+    layer.active = "default"
+    layer.merge()  # through .data, which moves no version counter: the merge itself drops the copy
+    assert layer.frozen.packed() is None
 
 
 def test_batched_decoding_packs_for_the_call_and_gives_the_memory_back():

@@ -52,8 +52,11 @@ def row_sq_norm(layer: nn.Module) -> torch.Tensor:
 
 
 def base_changed(layer: nn.Module) -> None:
-    """The base weight changed (merge, quantisation, PiSSA): what DoRA keeps of it is out of date."""
+    """The base weight changed (merge, quantisation, PiSSA): what DoRA keeps of it, and a packed copy of it
+    (frozen_base.DenseBase.pack), are out of date."""
     layer.__dict__["_w_sq"] = None
+    if hasattr(layer.frozen, "unpack"):
+        layer.frozen.unpack()
     layer.__dict__["_base_epoch"] = layer.__dict__.get("_base_epoch", 0) + 1
 
 

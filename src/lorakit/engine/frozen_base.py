@@ -6,8 +6,9 @@ Bnb4bitBase   a bitsandbytes Linear4bit (NF4 too), the CUDA default
 (and for inference only, inference/int8.py's int8 codes with an fp32 scale per block of 32 along a row)
 Each gives `matmul(x, bias)` (x·Wᵀ + bias), `dense()` (the (out, in) full-precision weight: a view of the stored one
 for DenseBase, a dequantised copy otherwise), `nbytes()`, `numel()`, `dtype` (the full-precision dtype) and
-`device`; `stored()` and `packed()` are what the compiled decode step reads. The LoRA layer (layer.py) holds one and never asks
-which it is, except to merge (which needs a dense one). `StoredLinear` is a plain linear layer holding one.
+`device`; `stored()` and `packed()` are what the compiled decode step reads. The LoRA layer (layer.py) holds one
+and never asks which it is, except to merge (which needs a dense one). `StoredLinear` is a plain linear layer
+holding one.
 """
 from __future__ import annotations
 
@@ -170,6 +171,13 @@ class Bnb4bitBase(FrozenBase):
 def quantized_base(w: torch.Tensor, backend: str = "auto") -> FrozenBase:
     """`w` (out, in) stored in NF4 by `backend` ("torch", "bitsandbytes", or "auto": bitsandbytes where installed)."""
     return Bnb4bitBase(w) if resolve_backend(backend) == "bitsandbytes" else NF4Base(w)
+
+
+def packed_linear(module: nn.Module) -> torch.Tensor | None:
+    """The packed copy kept beside a plain nn.Linear (inference/precision.py's pack_for_batches puts a DenseBase in
+    its __dict__, not as a submodule), while it holds the weight's values."""
+    base = module.__dict__.get("packed_base")
+    return base.packed() if base is not None and base.weight is module.weight else None
 
 
 class StoredLinear(nn.Module):

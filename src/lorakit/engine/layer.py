@@ -63,8 +63,8 @@ class LoRALinear(nn.Module):
             raise LoRAError(f"LoRA wraps nn.Linear or Conv1D, not {type(base).__name__}")
         self.fan_in_fan_out = is_conv1d(base)  # Conv1D stores its weight as (in, out)
         self.in_features, self.out_features = linear_features(base)
-        stored = isinstance(base, StoredLinear)  # the base weight's storage, kept where the base already has one
-        self.frozen: FrozenBase = base.frozen if stored else DenseBase(base.weight, transposed=self.fan_in_fan_out)
+        kept = base.frozen if isinstance(base, StoredLinear) else base.__dict__.pop("packed_base", None)  # its storage
+        self.frozen: FrozenBase = kept or DenseBase(base.weight, transposed=self.fan_in_fan_out)
         self.bias = base.bias
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
@@ -78,7 +78,7 @@ class LoRALinear(nn.Module):
         # The original module, kept out of the module tree, so merge_and_unload can hand back the original class.
         # It lets go of its weight meanwhile: a second reference would keep a full copy alive under FSDP sharding.
         base.bias = None
-        if stored:
+        if isinstance(base, StoredLinear):
             base.frozen = None
         else:
             base.weight = None
@@ -99,6 +99,7 @@ class LoRALinear(nn.Module):
             init_from_base(self, name, init)
         if dora:
             add_magnitude(self, name)
+        self.__dict__.pop("_stacked", None)  # mixed_rows.stacked: built again with the adapters as they are
 
     def initial_pair(self, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(A₀, B₀) of an adapter initialised from the base (PiSSA, OLoRA), else None."""
@@ -108,6 +109,7 @@ class LoRALinear(nn.Module):
         if self.merged == name:
             self.unmerge()
         del self.lora_A[name], self.lora_B[name], self.scaling[name], self.dropout[name]
+        self.__dict__.pop("_stacked", None)
         if name in self.lora_magnitude:
             del self.lora_magnitude[name]
         if self.active == name:
@@ -239,7 +241,7 @@ class LoRALinear(nn.Module):
         x2 = x.to(compute).reshape(-1, x.shape[-1])  # (tokens, in); the output is viewed back
         if fused and self.frozen.takes_packed(x2):  # inference on the weight's packed copy: the term added as fused
             out = self.frozen.matmul(x2, self.bias)
-            return lora_linear(x2, None, None, A, B, self.scaling[name], out=out)[0].view(*x.shape[:-1], -1)
+            return lora_linear(x2, None, None, A, B, self.scaling[name], p, out=out)[0].view(*x.shape[:-1], -1)
         args = (x2, self.dense_weight() if fused else None, self.bias if fused else None, A, B, self.scaling[name], p)
         y = (LoRAFunction.apply(*args) if torch.is_grad_enabled() else lora_linear(*args)[0]).view(*x.shape[:-1], -1)
         if fused:

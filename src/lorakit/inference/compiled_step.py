@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..engine import LoRALinear
-from ..engine.frozen_base import StoredLinear
+from ..engine.frozen_base import StoredLinear, packed_linear
 from ..engine.step_terms import inference_terms
 from ..models.kernels import SWIGLU_MLPS, swiglu_forward
 from ..models.loading import cache_dir
@@ -92,7 +92,7 @@ def _check_plain(module: nn.Module) -> None:
 
 def _linear(ext, module: nn.Module, dtype: torch.dtype):
     if type(module) is nn.Linear:
-        return ext.Linear(module.weight, module.bias, None, None, 0.0)
+        return ext.Linear(module.weight, module.bias, None, None, 0.0, None, None, packed_linear(module))
     if isinstance(module, StoredLinear) and module.frozen.stored() is not None:
         weight, scales = module.frozen.stored()
         terms = (weight, module.bias, None, None, 0.0, None, scales, module.frozen.packed())

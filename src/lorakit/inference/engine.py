@@ -96,8 +96,8 @@ class Engine:
         self.eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
         self.like = _float_like(model)
-        if slots >= PACKED_ROWS:  # steps of that many rows, and every prompt's prefill, on packed bf16 weights
-            pack_for_batches(model)
+        # steps of that many rows, and every prompt's prefill, on packed bf16 weights (given back when run ends)
+        self.packed = pack_for_batches(model) if slots >= PACKED_ROWS else []
         self.cache = KVCache.for_model(model.config, slots, max_len, self.like)
         self.running: list[Running | None] = [None] * slots
         self.waiting: deque[Request] = deque()
@@ -106,7 +106,7 @@ class Engine:
         self.adapters = BatchAdapters(model, self.like.dtype)
         self.thread: threading.Thread | None = None
         self.stopping = False  # set by close, or by run as it ends: no more requests or calls
-        self.deferred = 0  # steps run since a request began waiting beside a free slot (see _admit_now)
+        self.deferred = 0  # turns a waiting request has been held beside a free slot (see prefill_now)
 
     # ---- from any thread
     def start(self) -> "Engine":
@@ -133,7 +133,9 @@ class Engine:
                 calls, self.calls = list(self.calls), deque()
             for _, future in calls:
                 future.set_exception(RuntimeError("the engine has stopped"))
-            self.adapters.mix(None)  # the model as it was: no rows mixed
+            self.adapters.mix(None)  # the model as it was: no rows mixed, no packed copies
+            for base in self.packed:
+                base.unpack()
 
     def close(self) -> None:
         """Stop the loop at its next step boundary (requests still running hear why) and wait for its thread."""
@@ -206,32 +208,30 @@ class Engine:
 
     def _admit(self) -> None:
         """Prefill waiting requests into the free slots, those of like length together (`length_groups`), when
-        `_admit_now` says so."""
+        `prefill_now` says so."""
         free = [s for s, r in enumerate(self.running) if r is None]
-        if not (free and self.waiting and self._admit_now(len(free))):
+        if not (free and self.waiting):
             return
+        if not prefill_now(len(self.running) - len(free), len(self.running), len(self.waiting), len(free),
+                           self.deferred):
+            self.deferred += 1
+            return
+        self.deferred = 0
         requests: list[Request] = []
         with self.wake:
             while self.waiting and len(requests) < len(free):
                 request = self.waiting.popleft()
                 if not request.cancelled.is_set():
                     requests.append(request)
-        for group in length_groups(requests):
+        groups = length_groups(requests)
+        for i, group in enumerate(groups):
             slots, free = free[:len(group)], free[len(group):]
-            self._prefill_group(slots, group)
-
-    def _admit_now(self, free: int) -> bool:
-        """Whether to prefill the waiting requests now. A prefill of one prompt costs most of what a prefill of a
-        few costs (the same weights read, the same calls), so while at least half the slots are decoding a request
-        waits (as TGI's router does) until PREFILL_BATCH can be prefilled together or DEFER_STEPS steps have
-        passed; with fewer running, each is prefilled as it comes."""
-        running = len(self.running) - free
-        if (running * 2 < len(self.running) or min(len(self.waiting), free) >= PREFILL_BATCH
-                or self.deferred >= DEFER_STEPS):
-            self.deferred = 0
-            return True
-        self.deferred += 1
-        return False
+            try:
+                self._prefill_group(slots, group)
+            except BaseException:
+                with self.wake:  # the groups not reached wait again, first in line (_turn fails the running ones)
+                    self.waiting.extendleft(reversed([r for later in groups[i + 1:] for r in later]))
+                raise
 
     def _prefill_group(self, slots: list[int], requests: list[Request]) -> None:
         """Prefill `requests` together into `slots`, rows mixed by adapter, and take their first tokens. Where that
@@ -245,8 +245,9 @@ class Engine:
             else:
                 requests[0].emit(Event(finish_reason="error", error=f"{type(error).__name__}: {error}"))
             return
-        for slot, (running, token) in zip(slots, started):
-            self.running[slot] = running
+        for slot, (running, _) in zip(slots, started):
+            self.running[slot] = running  # all placed first: should sending a first token fail, _fail_all reaches them
+        for slot, (_, token) in zip(slots, started):
             self._took(slot, token)
 
     def _prefill(self, slots: list[int], requests: list[Request]) -> list[tuple[Running, int]]:
@@ -305,6 +306,14 @@ class Engine:
 
 PREFILL_BATCH = 4  # waiting requests worth a prefill of their own while the batch is busy (Engine._admit_now)
 DEFER_STEPS = 8  # decode steps a waiting request waits at most for others to prefill beside it
+def prefill_now(running: int, slots: int, waiting: int, free: int, deferred: int) -> bool:
+    """Whether to prefill the waiting requests now. A prefill of one prompt costs most of what a prefill of a few
+    costs on CPU (the same weights read, the same calls), so while at least half the slots are decoding, waiting
+    requests are held (as TGI's router holds them) until PREFILL_BATCH can go together or they have been held
+    DEFER_STEPS steps; with fewer running, each is prefilled as it comes."""
+    return running * 2 < slots or min(waiting, free) >= PREFILL_BATCH or deferred >= DEFER_STEPS
+
+
 PREFILL_TOKENS = 4096  # a batched prefill's padded tokens at most (its activations' memory)
 PREFILL_PAD_TOKENS = 128  # padding worth one prefill call less: about what a call costs beyond its tokens on CPU
 

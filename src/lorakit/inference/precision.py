@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..engine.frozen_base import DenseBase, StoredLinear, packing_supported
+from ..engine.frozen_base import DenseBase, packing_supported
+from ..engine.trained_copies import TrainedCopies
 from ..engine.precision import cast_params, dtype_name, resolve_dtype
 from .int8 import holds_int8, quantize_int8
 
@@ -41,18 +42,21 @@ def dtype_of(model: nn.Module) -> str:
 def pack_for_batches(model: nn.Module) -> list[DenseBase]:
     """Give every bf16 dense linear of `model` a copy in oneDNN's blocked layout (DenseBase.pack), so products of
     many rows (prompts, a server's batched steps) skip laying the weight out again on each call: the same bits as
-    F.linear, faster, for the weights' bytes again. Plain linears become StoredLinear over a DenseBase (LoRA wraps
-    it as nn.Linear). Run again after an adapter is added, it packs what is new. Returns the bases it packed (none:
-    not bf16, or no oneDNN bf16 in this PyTorch), whose `unpack` gives the memory back."""
+    F.linear, faster, for the weights' bytes again. A plain nn.Linear (the LM head) keeps its copy beside it
+    (frozen_base.packed_linear), for the C++ step; modules that train in full (trained copies) are left as they
+    are. Run again after an adapter is added, it packs what is new. Returns the bases it packed (none: not bf16, or
+    no oneDNN bf16 in this PyTorch), whose `unpack` gives the memory back."""
     if not packing_supported():
         return []
+    trained = {id(m) for copies in model.modules() if isinstance(copies, TrainedCopies) for m in copies.modules()}
     packed = []
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if type(child) is nn.Linear and child.weight.dtype == torch.bfloat16:
-                child = StoredLinear(DenseBase(child.weight), child.bias)
-                setattr(parent, name, child)
-            frozen = getattr(child, "frozen", None)
-            if isinstance(frozen, DenseBase) and frozen.packed() is None and frozen.pack():
-                packed.append(frozen)
+    for module in model.modules():
+        if id(module) in trained:
+            continue
+        if type(module) is nn.Linear and module.weight.dtype == torch.bfloat16:
+            module.__dict__.setdefault("packed_base", DenseBase(module.weight))  # not a submodule: no state_dict key
+        base = module.__dict__.get("packed_base") or getattr(module, "frozen", None)
+        if isinstance(base, DenseBase) and base.packed() is None and base.pack():
+            packed.append(base)
     return packed
+

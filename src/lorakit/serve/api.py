@@ -145,6 +145,7 @@ def serve_api(served: Served, host: str = "127.0.0.1", port: int = 8000) -> None
     # The engine thread's prompts run through Python between PyTorch's ops, each of which lets the GIL go; with
     # Python's default 5 ms switch interval a burst of HTTP work (a step's worth of streamed chunks) then holds it for
     # milliseconds at a time. 0.5 ms hands it back soon after the engine asks (measured: docs/api.md).
+    switch = sys.getswitchinterval()
     sys.setswitchinterval(GIL_SWITCH_SECONDS)
     http = threading.Thread(target=server.run, name="lorakit-http", daemon=True)
     previous = signal.signal(signal.SIGTERM, _interrupt)
@@ -155,6 +156,7 @@ def serve_api(served: Served, host: str = "127.0.0.1", port: int = 8000) -> None
         pass
     finally:
         signal.signal(signal.SIGTERM, previous)
+        sys.setswitchinterval(switch)
         server.should_exit = True
         http.join(timeout=10)
         served.engine.close()

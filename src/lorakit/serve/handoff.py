@@ -25,7 +25,12 @@ class Handoff:
             self.pending.append((inbox, item))
             first = len(self.pending) == 1
         if first:
-            self.loop.call_soon_threadsafe(self._deliver)
+            try:
+                self.loop.call_soon_threadsafe(self._deliver)
+            except RuntimeError:  # the loop has closed: nothing will deliver these, and later puts must not wait on it
+                with self.lock:
+                    self.pending.clear()
+                raise
 
     def _deliver(self) -> None:
         with self.lock:
