@@ -57,12 +57,12 @@ def prefill(model, cache: KVCache, first: int, ids: torch.Tensor, mask: torch.Te
 
 
 @torch.no_grad()
-def prefill_packed(model, cache: KVCache, slots: list[int], ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def prefill_unpadded(model, cache: KVCache, slots: list[int], ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Prefill left-padded prompts together into any free `slots`, each row's keys and values stored without its
     padding (a server's requests, batched by length; each then steps as if prefilled alone); the last logits."""
     pads = (mask == 0).sum(1)
-    logits = _last_logits(model, ids, mask, cache.packed_cache(slots, pads.tolist()))
-    cache.packed(slots, ids.shape[1] - pads)
+    logits = _last_logits(model, ids, mask, cache.unpadded_cache(slots, pads.tolist()))
+    cache.filled_unpadded(slots, ids.shape[1] - pads)
     return logits
 
 

@@ -29,7 +29,7 @@ import torch
 
 from ..engine.frozen_base import PACKED_ROWS
 from .batch_adapters import BatchAdapters
-from .decode import _float_like, _left_padded, prefill_packed, step
+from .decode import _float_like, _left_padded, prefill_unpadded, step
 from .kv_cache import KVCache
 from .precision import pack_for_batches
 from .sampling import Choice, Sampling
@@ -257,10 +257,10 @@ class Engine:
         adapters = [request.adapter for request in requests]
         if len(set(adapters)) == 1:
             with self.adapters.alone(adapters[0]):
-                logits = prefill_packed(self.model, self.cache, slots, ids, mask)
+                logits = prefill_unpadded(self.model, self.cache, slots, ids, mask)
         else:
             self.adapters.mix(adapters)
-            logits = prefill_packed(self.model, self.cache, slots, ids, mask)
+            logits = prefill_unpadded(self.model, self.cache, slots, ids, mask)
         return [(running, int(running.choose(logits[b:b + 1], None)[0])) for b, running in enumerate(started)]
 
     def _step(self) -> None:

@@ -67,13 +67,13 @@ class KVCache:
         self.start[first:first + len(pads)] = pads
         self.end[first:first + len(pads)] = length
 
-    def packed_cache(self, slots: list[int], pads: list[int]) -> Cache:
+    def unpadded_cache(self, slots: list[int], pads: list[int]) -> Cache:
         """A transformers Cache for a prefill of left-padded rows into any free `slots`: row b's keys and values
         go to slots[b] without its pads[b] padding columns, from column 0 (so a short prompt batched with long
         ones takes no more of its slot than alone)."""
-        return Cache(layers=[_PackedLayer(keys, values, slots, pads) for keys, values in zip(self.keys, self.values)])
+        return Cache(layers=[_UnpaddedLayer(keys, values, slots, pads) for keys, values in zip(self.keys, self.values)])
 
-    def packed(self, slots: list[int], lengths: torch.Tensor) -> None:
+    def filled_unpadded(self, slots: list[int], lengths: torch.Tensor) -> None:
         """`slots` now hold prompts of `lengths` tokens each, from column 0."""
         index = torch.tensor(slots, device=self.start.device)
         self.start[index] = 0
@@ -104,8 +104,8 @@ class _SlotLayer(DynamicLayer):
         return self.keys, self.values
 
 
-class _PackedLayer(DynamicLayer):
-    """One layer of a packed prefill's cache: attention reads the batch's own keys and values (padding masked as
+class _UnpaddedLayer(DynamicLayer):
+    """One layer of an unpadded prefill's cache: attention reads the batch's own keys and values (padding masked as
     transformers masks it); each row's real ones are copied into its slot of the static cache."""
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, slots: list[int], pads: list[int]):
