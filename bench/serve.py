@@ -4,9 +4,11 @@ tokens as prompts, 64 new tokens (greedy), streamed.
 
     python bench/serve.py [--levels 1,4,16] [--soak 1000] [--dtype bf16 --out bench/results/serve-bf16.json]
 For each level of concurrent clients: throughput (completion tokens/s), p50 / p95 time to first token and request
-latency; the 1-client level is the same requests served one at a time. Where llama.cpp's server is installed
-(`make llama-cpp`), it serves a merged GGUF export of one adapter as the single-adapter
-anchor. Then a soak: --soak requests, 10% malformed, 5% from clients that leave mid-stream: no 5xx, every good request
+latency; the 1-client level is like requests served one at a time. Each level (and the warm-up) has dialogues of
+its own, so that the server's prefix cache finds only what real traffic shares (the chat template's system prompt),
+not a prompt seen at an earlier level; the prompt tokens it took from the cache are recorded. Where llama.cpp's
+server is installed (`make llama-cpp`), it serves a merged GGUF export of one adapter as the single-adapter anchor.
+Then a soak: --soak requests, 10% malformed, 5% from clients that leave mid-stream: no 5xx, every good request
 answered in full, the server's RSS after within 5% of its RSS after warm-up. Writes bench/results/serve.json.
 """
 from __future__ import annotations
@@ -90,7 +92,7 @@ def one(url: str, model: str, prompt: str, max_tokens: int) -> dict:
     body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
             "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
     t0 = time.perf_counter()
-    first, tokens, pieces, finish, text = None, 0, 0, None, ""
+    first, tokens, pieces, finish, text, used = None, 0, 0, None, "", {}
     with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=600) as response:
         if response.status_code != 200:
             return {"status": response.status_code}
@@ -99,7 +101,8 @@ def one(url: str, model: str, prompt: str, max_tokens: int) -> dict:
                 continue
             chunk = json.loads(line[6:])
             if chunk.get("usage"):
-                tokens = chunk["usage"]["completion_tokens"]
+                used = chunk["usage"]
+                tokens = used["completion_tokens"]
             for choice in chunk.get("choices", []):
                 piece = choice.get("delta", {}).get("content")
                 if piece and first is None:
@@ -108,7 +111,9 @@ def one(url: str, model: str, prompt: str, max_tokens: int) -> dict:
                 text += piece or ""
                 finish = choice.get("finish_reason") or finish
     return {"status": 200, "ttft": first or time.perf_counter() - t0, "latency": time.perf_counter() - t0,
-            "tokens": tokens or pieces, "finish": finish, "text": text}  # no usage chunk: a piece a token
+            "tokens": tokens or pieces, "finish": finish, "text": text,  # no usage chunk: a piece a token
+            "prompt_tokens": used.get("prompt_tokens", 0),
+            "cached_tokens": (used.get("prompt_tokens_details") or {}).get("cached_tokens", 0)}
 
 
 def level(url: str, clients: int, jobs: list[tuple[str, str]], max_tokens: int) -> dict:
@@ -125,7 +130,8 @@ def level(url: str, clients: int, jobs: list[tuple[str, str]], max_tokens: int) 
 
     return {"clients": clients, "requests": len(jobs), "ok": len(ok), "seconds": wall,
             "tokens_per_s": sum(r["tokens"] for r in ok) / wall, "ttft_p50": pct("ttft", 0.5),
-            "ttft_p95": pct("ttft", 0.95), "latency_p50": pct("latency", 0.5), "latency_p95": pct("latency", 0.95)}
+            "ttft_p95": pct("ttft", 0.95), "latency_p50": pct("latency", 0.5), "latency_p95": pct("latency", 0.95),
+            "prompt_tokens": sum(r["prompt_tokens"] for r in ok), "cached_tokens": sum(r["cached_tokens"] for r in ok)}
 
 
 def jobs_at(clients: int, requests: int) -> int:
@@ -177,7 +183,7 @@ def soak(url: str, pid: int, n: int, rng: random.Random) -> dict:
             "good": kinds.count("good")}
 
 
-def llama_cpp_anchor(folder: Path, adapter: Path, levels: list[int], jobs, max_tokens: int) -> list[dict] | None:
+def llama_cpp_anchor(folder: Path, adapter: Path, level_jobs: dict[int, list], max_tokens: int) -> list[dict] | None:
     """llama.cpp's server on a merged f16 GGUF of one adapter, where its server extra is installed."""
     try:
         import llama_cpp.server.app  # noqa: F401 - the server's own dependencies (make llama-cpp installs them)
@@ -193,18 +199,20 @@ def llama_cpp_anchor(folder: Path, adapter: Path, levels: list[int], jobs, max_t
                          "--interrupt_requests", "False"],  # else each new request cuts off the one running
                         port, folder / "llama.log")
     try:
-        return [level(f"http://127.0.0.1:{port}", c, [("a1", p) for _, p in jobs[:jobs_at(c, len(jobs))]],
-                      max_tokens) for c in levels]
+        return [level(f"http://127.0.0.1:{port}", c, [("a1", p) for _, p in jobs], max_tokens)
+                for c, jobs in level_jobs.items()]
     finally:
         proc.terminate()
         proc.wait()
 
 
 def table(title: str, rows: list[dict]) -> None:
-    print(f"\n{title}\n{'clients':>7} {'tokens/s':>9} {'TTFT p50':>9} {'p95':>6} {'latency p50':>12} {'p95':>6}")
+    print(f"\n{title}\n{'clients':>7} {'tokens/s':>9} {'TTFT p50':>9} {'p95':>6} {'latency p50':>12} {'p95':>6} "
+          f"{'prompt cached':>14}")
     for r in rows:
         print(f"{r['clients']:>7} {r['tokens_per_s']:>9.1f} {r['ttft_p50']:>9.2f} {r['ttft_p95']:>6.2f} "
-              f"{r['latency_p50']:>12.2f} {r['latency_p95']:>6.2f}")
+              f"{r['latency_p50']:>12.2f} {r['latency_p95']:>6.2f} "
+              f"{r['cached_tokens'] / max(1, r['prompt_tokens']):>14.1%}")
 
 
 def main() -> None:
@@ -215,6 +223,7 @@ def main() -> None:
     ap.add_argument("--soak", type=int, default=1000)
     ap.add_argument("--dtype", default="fp32", help="the server's --dtype (fp32, bf16, auto)")
     ap.add_argument("--no-anchor", action="store_true", help="leave out llama.cpp's server")
+    ap.add_argument("--prefix-cache-mb", help="the server's --prefix-cache-mb (0: no prefix cache)")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "serve.json"))
     a = ap.parse_args()
     levels = [int(x) for x in a.levels.split(",")]
@@ -224,19 +233,20 @@ def main() -> None:
         adapters = make_adapters(folder)
         port = free_port()
         proc = start_server([sys.executable, "-m", "lorakit", "serve", "--api", *map(str, adapters), "--model",
-                             "smollm2", "--port", str(port), "--slots", "16", "--max-queue", "256", "--dtype", a.dtype],
-                            port,
-                            folder / "server.log")
+                             "smollm2", "--port", str(port), "--slots", "16", "--max-queue", "256", "--dtype", a.dtype,
+                             *(["--prefix-cache-mb", a.prefix_cache_mb] if a.prefix_cache_mb else [])],
+                            port, folder / "server.log")
         url = f"http://127.0.0.1:{port}"
         try:
             models = ["smollm2", *ADAPTERS]
-            texts = prompts(a.requests)
-            jobs = [(models[i % 4], texts[i]) for i in range(a.requests)]
+            texts = prompts(8 + sum(jobs_at(c, a.requests) for c in levels))
+            jobs = [(models[i % 4], text) for i, text in enumerate(texts)]
             level(url, 4, jobs[:8], 8)  # warm-up: the compiled step, the allocator
             warm_rss = rss_mb(proc.pid)
-            rows = []
+            rows, level_jobs, taken = [], {}, 8
             for c in levels:
-                rows.append(level(url, c, jobs[:jobs_at(c, a.requests)], a.max_tokens))
+                level_jobs[c], taken = jobs[taken:taken + jobs_at(c, a.requests)], taken + jobs_at(c, a.requests)
+                rows.append(level(url, c, level_jobs[c], a.max_tokens))
                 print(json.dumps(rows[-1]), flush=True)
             levels_rss = rss_mb(proc.pid)
             soaked = soak(url, proc.pid, a.soak, rng) if a.soak else {}
@@ -247,7 +257,7 @@ def main() -> None:
         finally:
             proc.terminate()
             proc.wait()
-        anchor = None if a.no_anchor else llama_cpp_anchor(folder, adapters[0], levels, jobs, a.max_tokens)
+        anchor = None if a.no_anchor else llama_cpp_anchor(folder, adapters[0], level_jobs, a.max_tokens)
     for r in rows:
         r["x_one_at_a_time"] = r["tokens_per_s"] / rows[0]["tokens_per_s"]
     table(f"lorakit serve --api --dtype {a.dtype}, the base and 3 adapters", rows)

@@ -148,8 +148,8 @@ def test_waiting_requests_are_prefilled_together_by_length_and_each_equals_its_a
     def serve(prompts: list[list[int]], adapters: list[str | None]):
         engine, batches = Engine(model, tok, slots=8, max_len=64), []
         prefill = engine._prefill
-        engine._prefill = lambda slots, requests: batches.append([len(r.prompt_ids) for r in requests]) or prefill(
-            slots, requests)
+        engine._prefill = lambda slots, requests, known: batches.append([len(r.prompt_ids) for r in requests]) or (
+            prefill(slots, requests, known))
         boxes = [queue.Queue() for _ in prompts]
         for ids, adapter, box in zip(prompts, adapters, boxes):
             engine.submit(Request(ids, adapter, Sampling(max_new_tokens=6), box.put))
@@ -174,6 +174,96 @@ def test_waiting_requests_are_prefilled_together_by_length_and_each_equals_its_a
     assert "IndexError" in replies[1][1].error
     assert replies[0][0].strip() == generated(served, "w5 w6 w7", "a", 6, chat=False)
     assert batches == [[3, 3, 3], [3], [3], [3]]  # the failing batch, then each of its requests alone
+
+
+def test_prompts_that_share_a_prefix_reuse_its_keys_and_each_equals_its_adapter_alone(tmp_path):
+    """A prompt's whole blocks of keys and values are kept per adapter; a later prompt on the same adapter that
+    starts with them computes only the rest (prefilled with others that know as much, rows mixed by adapter), and
+    says how many it took (cached_tokens); each reply is what its adapter gives alone (float64). Loading or unloading
+    an adapter clears the cache."""
+    import queue
+    from concurrent.futures import Future
+
+    from lorakit.inference import Sampling
+    from lorakit.inference.engine import Engine, Request
+    from lorakit.inference.prefix_cache import BLOCK
+    served = tiny_served(tmp_path)
+    served.engine.close()
+    model, tok = served.engine.model, served.engine.tokenizer
+    engine, batches = Engine(model, tok, slots=4, max_len=64), []
+    prefill = engine._prefill
+    engine._prefill = lambda slots, requests, known: batches.append((known, [len(r.prompt_ids) for r in requests])
+                                                                     ) or prefill(slots, requests, known)
+    preamble = " ".join(f"w{i}" for i in range(4, 4 + 2 * BLOCK + 3))  # two whole blocks and three tokens
+
+    def serve(jobs: list[tuple[str, str | None]]) -> list[int]:
+        """Each (suffix, adapter) after the preamble, queued together and served to the end on this thread; each
+        reply checked against its adapter alone; how many prompt tokens each took from the cache."""
+        boxes = [queue.Queue() for _ in jobs]
+        for (suffix, adapter), box in zip(jobs, boxes):
+            engine.submit(Request(tok(f"{preamble} {suffix}")["input_ids"], adapter, Sampling(max_new_tokens=6),
+                                  box.put))
+        with torch.no_grad():
+            while engine.waiting or any(engine.running):
+                engine._turn()
+        engine.adapters.mix(None)  # the model as generate expects it
+        cached = []
+        for (suffix, adapter), box in zip(jobs, boxes):
+            events = [box.get_nowait() for _ in range(box.qsize())]
+            assert events[-1].finish_reason in ("stop", "length"), events[-1]
+            text = "".join(e.text for e in events)
+            assert text.strip() == generated(served, f"{preamble} {suffix}", adapter, 6, chat=False), (suffix, adapter)
+            cached.append(events[-1].cached_tokens)
+        return cached
+
+    assert serve([("w90 w91", "a")]) == [0] and batches == [(0, [37])]
+    assert len(engine.prefixes) == 2  # its two whole blocks on adapter a
+    batches.clear()
+    assert serve([("w92", "a"), ("w92 w93", "b"), ("w94", None), ("w95 w96 w97", "a")]) == [32, 0, 0, 32]
+    assert batches == [(32, [36, 38]), (0, [36, 37])]
+    batches.clear()
+    assert serve([("w80", "b"), ("w81 w82", None), ("w83", "a")]) == [32, 32, 32]
+    assert batches == [(32, [36, 36, 37])]  # rows mixed by adapter, each after its own adapter's prefix
+    engine._run_call(lambda: None, Future())  # as /v1/load_lora_adapter and unload do
+    assert len(engine.prefixes) == 0 and serve([("w84", "a")]) == [0]
+
+
+def test_the_prefix_cache_keeps_first_blocks_longest_and_can_be_off():
+    """Past its capacity the least recently used blocks go, a prefix's later blocks before its first ones (useless
+    without them); a block is found only after the same tokens on the same adapter; capacity 0 keeps nothing."""
+    from lorakit.inference.kv_cache import KVCache
+    from lorakit.inference.prefix_cache import BLOCK, PrefixCache
+    cache = KVCache(layers=1, rows=2, kv_heads=1, length=64, head_dim=2, like=torch.zeros(0))
+    cache.keys.normal_(), cache.values.normal_()
+    per_block = 2 * BLOCK * 2 * 4
+    prefixes = PrefixCache(per_block, 3 * per_block)
+    first, second = list(range(3 * BLOCK)), list(range(100, 100 + 2 * BLOCK))
+    prefixes.keep("a", first, cache, 0)
+    assert prefixes.known("a", first) == 2 * BLOCK  # short of the last token
+    assert prefixes.known("a", first + [7]) == 3 * BLOCK and prefixes.known("b", first + [7]) == 0
+    assert prefixes.known("a", [1] + first) == 0
+    keys, values = prefixes.gather([("a", first + [7])], 2 * BLOCK)
+    assert torch.equal(keys[:, 0], cache.keys[:, 0, :, :2 * BLOCK]) and keys.shape == (1, 1, 1, 2 * BLOCK, 2)
+    assert torch.equal(values[:, 0], cache.values[:, 0, :, :2 * BLOCK])
+    prefixes.keep("a", second, cache, 1)  # five blocks for three: the first prompt's last two go
+    assert len(prefixes) == 3 and prefixes.known("a", first + [7]) == BLOCK
+    assert prefixes.known("a", second + [7]) == 2 * BLOCK
+    off = PrefixCache(per_block, 0)
+    off.keep("a", first, cache, 0)
+    assert len(off) == 0 and off.known("a", first) == 0
+
+
+def test_a_repeated_prefix_is_reported_as_cached_tokens(server):
+    """usage.prompt_tokens_details.cached_tokens, through the real client, streamed and not."""
+    client = server.client()
+    prompt = " ".join(f"w{i}" for i in range(10, 30))  # 20 tokens: one whole block
+    first = client.completions.create(model="c", prompt=prompt + " w40", max_tokens=3, temperature=0)
+    again = client.completions.create(model="c", prompt=prompt + " w41", max_tokens=3, temperature=0)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    assert again.usage.prompt_tokens_details.cached_tokens == 16
+    stream = client.completions.create(model="c", prompt=prompt + " w42", max_tokens=3, temperature=0, stream=True,
+                                       stream_options={"include_usage": True})
+    assert [c.usage.prompt_tokens_details.cached_tokens for c in stream if c.usage] == [16]
 
 
 def test_length_groups_bound_padding_and_size():

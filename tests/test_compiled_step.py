@@ -238,6 +238,47 @@ def attention_in_float64(q, keys, values, start, end, scaling):
     return out.reshape(rows, 1, heads * head_dim)
 
 
+@pytest.mark.parametrize("rows,width", [(16, 576), (1, 100), (5, 1536)])
+def test_fused_bf16_ops_against_transformers_and_aten(rows, width):
+    """The bf16 step's fused passes (fused_ops.cpp) against what they replace on the same bf16 values: transformers'
+    LlamaRMSNorm and apply_rotary_pos_emb, ATen's add and silu · up. The rotation and the sum are the same bits; the
+    norm (its sum of squares in another order) and SiLU (another exp) within one bf16 rounding."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
+    ext = extension()
+    if not ext.skinny_supported():
+        pytest.skip("no AVX-512 BF16 on this CPU: the step keeps ATen's operations")
+    g = torch.Generator().manual_seed(width)
+    a, b, up = (torch.randn(rows, 1, width, generator=g).bfloat16() * 3 for _ in range(3))
+    norm = LlamaRMSNorm(width, eps=1e-5)
+    norm.weight.data = torch.randn(width, generator=g).bfloat16()
+
+    def within_one_rounding(got, want):
+        assert got.dtype == torch.bfloat16 and got.shape == want.shape
+        assert bool(((got.float() - want.float()).abs() <= 2 ** -7 * want.float().abs()).all())
+        assert (got == want).float().mean() > 0.95
+
+    within_one_rounding(ext.rms_norm(a, norm.weight, 1e-5), norm(a))
+    total, normed = ext.add_rms_norm(a, b, norm.weight, 1e-5)
+    assert torch.equal(total, a + b)
+    within_one_rounding(normed, norm(a + b))
+    within_one_rounding(ext.silu_mul(a, up), torch.nn.functional.silu(a) * up)
+    heads, kv_heads, head_dim, length = 9, 3, 64, 40
+    q = torch.randn(rows, 1, heads * head_dim, generator=g).bfloat16()
+    k, v = (torch.randn(rows, 1, kv_heads * head_dim, generator=g).bfloat16() for _ in range(2))
+    angles = torch.rand(rows, 1, head_dim // 2, generator=g) * 30
+    cos, sin = (f(torch.cat([angles, angles], -1)).bfloat16() for f in (torch.cos, torch.sin))
+    keys, values = (torch.zeros(rows + 1, kv_heads, length, head_dim, dtype=torch.bfloat16) for _ in range(2))
+    column = torch.randint(0, length, (rows,), generator=g)
+    rotated = ext.rotary_store(q, k, v, cos, sin, keys[:rows], values[:rows], column)
+    shape = (rows, 1, -1, head_dim)
+    want_q, want_k = apply_rotary_pos_emb(q.view(shape).transpose(1, 2), k.view(shape).transpose(1, 2), cos, sin)
+    assert torch.equal(rotated, want_q)
+    for row in range(rows):
+        assert torch.equal(keys[row, :, column[row]], want_k[row, :, 0])
+        assert torch.equal(values[row, :, column[row]], v.view(shape)[row, 0])
+    assert int((keys != 0).sum()) == int((want_k != 0).sum()) and int((values != 0).sum()) == int((v != 0).sum())
+
+
 @pytest.mark.parametrize("rows,heads,kv_heads,head_dim,length", [(16, 9, 3, 64, 300), (1, 4, 2, 32, 17),
                                                                  (3, 8, 1, 128, 70), (2, 6, 6, 96, 33)])
 def test_decode_attention_against_float64_on_the_same_values(rows, heads, kv_heads, head_dim, length):

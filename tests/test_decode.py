@@ -114,6 +114,41 @@ def test_continuous_batching_equals_one_prompt_at_a_time(name):
     assert any(len(t) < 10 for t in got) and any(len(t) == 10 for t in got)
 
 
+@pytest.mark.parametrize("name", ["llama", "gpt2", "qwen3"])
+def test_a_prefill_after_known_keys_equals_the_whole_prompts_prefilled(name):
+    """prefill_unpadded of prompts' last tokens after their first 16 tokens' keys and values, computed before (the
+    server's prefix cache), gives the logits and slot contents of the whole prompts prefilled in float64 (rows of
+    different lengths, left-padded, into other slots). The attention weights are scaled up so that attention is
+    sharp: a wrong position or a misplaced key changes the logits."""
+    from lorakit.inference.decode import _left_padded, prefill_unpadded
+    from lorakit.inference.kv_cache import KVCache
+    model = tiny_decoder(name).double()
+    with torch.no_grad():
+        for module in model.modules():
+            if type(module).__name__ in ("LlamaAttention", "Qwen3Attention"):
+                module.q_proj.weight.mul_(8), module.k_proj.weight.mul_(8)
+            elif type(module).__name__ == "GPT2Attention":
+                module.c_attn.weight.mul_(8)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(8, 128, (n,), generator=g).tolist() for n in (20, 27, 17)]
+    like = next(model.parameters())
+    whole = KVCache.for_model(model.config, 3, 40, like)
+    expected = prefill_unpadded(model, whole, [0, 1, 2], *_left_padded(prompts, 0, "cpu"))
+    parts = KVCache.for_model(model.config, 4, 40, like)
+    prefill_unpadded(model, parts, [0, 1, 2], *_left_padded([p[:16] for p in prompts], 0, "cpu"))
+    known = parts.keys[:, :3, :, :16].clone(), parts.values[:, :3, :, :16].clone()
+    got = prefill_unpadded(model, parts, [3, 1, 0], *_left_padded([p[16:] for p in prompts], 0, "cpu"), known)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+    assert parts.end[[3, 1, 0]].tolist() == whole.end.tolist() == [20, 27, 17]
+    for slot, row in zip((3, 1, 0), range(3)):
+        n = len(prompts[row])
+        torch.testing.assert_close(parts.keys[:, slot, :, :n], whole.keys[:, row, :, :n], rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(parts.values[:, slot, :, :n], whole.values[:, row, :, :n], rtol=1e-10, atol=1e-10)
+    wrong = prefill_unpadded(model, parts, [3, 1, 0], *_left_padded([p[16:] for p in prompts], 0, "cpu"),
+                             (known[0].roll(1, 3), known[1]))  # keys one position off: the test can fail
+    assert not torch.allclose(wrong, expected, rtol=1e-3, atol=1e-3)
+
+
 def tiny_decoder(name: str):
     return TINY[name]() if name in ("llama", "gpt2") else tiny_llama_family(name)
 

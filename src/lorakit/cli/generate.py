@@ -103,7 +103,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         check_port_free(args.host, port)
         served = open_served(args.model, adapters, api_key, args.adapter_root,
                              64 if args.max_queue is None else args.max_queue, args.slots or 16, args.max_model_len,
-                             args.dtype)
+                             args.dtype, args.prefix_cache_mb)
         print(f"lorakit: serving {served.base} with adapters: {', '.join(served.adapters) or 'none'} on "
               f"http://{args.host}:{port}/v1 (OpenAI API{', key required' if api_key else ''})", flush=True)
         serve_api(served, args.host, port)
@@ -146,14 +146,16 @@ def check_network_launch(host: str, api_key: str | None, insecure: bool, what: s
 def check_api_flags(args: argparse.Namespace) -> None:
     """--api's own flags: never silently ignored by the page, each in its range."""
     given = [f for f, v in (("--adapter-root", args.adapter_root), ("--max-queue", args.max_queue),
-                             ("--slots", args.slots), ("--max-model-len", args.max_model_len)) if v is not None]
+                             ("--slots", args.slots), ("--max-model-len", args.max_model_len),
+                             ("--prefix-cache-mb", args.prefix_cache_mb)) if v is not None]
     if given and not args.api:
         raise UserError(f"{', '.join(given)}: for the API server; add --api (the page serves one request at a time)")
     if args.api and args.task:
         raise UserError("--task chooses the page's task; the API serves each adapter in its own (leave --task out)")
     for flag, value, low in (("--max-queue", args.max_queue, 1), ("--slots", args.slots, 1),
-                             ("--max-model-len", args.max_model_len, 16)):
-        if value is not None and value < low:
+                             ("--max-model-len", args.max_model_len, 16),
+                             ("--prefix-cache-mb", args.prefix_cache_mb, 0)):
+        if value is not None and not low <= value < float("inf"):  # NaN and inf too
             raise UserError(f"{flag} {value}: must be >= {low}")
 
 
@@ -206,6 +208,8 @@ def _serve_parser(sub) -> None:
     g.add_argument("--max-queue", type=int, help="requests waiting for a slot before 429 (default 64)")
     g.add_argument("--slots", type=int, help="requests decoded together (default 16)")
     g.add_argument("--max-model-len", type=int, help="context for prompt + reply (default: the model's, at most 1024)")
+    g.add_argument("--prefix-cache-mb", type=float, help="memory for the keys and values of prompt prefixes already "
+                   "computed, reused by later prompts on the same adapter (default 64; 0: off)")
     p.set_defaults(func=cmd_serve)
 
 

@@ -27,6 +27,13 @@ class BatchAdapters:
         self.mix(None)
         return disable_adapters(self.model) if name is None else adapter_in_use(self.model, name)
 
+    def by_row(self, rows: list[str | None]) -> contextlib.AbstractContextManager:
+        """Row i through adapter rows[i] while the context lasts: that adapter alone when all rows ask for one."""
+        if len(set(rows)) == 1:
+            return self.alone(rows[0])
+        self.mix(rows)
+        return contextlib.nullcontext()
+
     def mix(self, rows: list[str | None] | None) -> None:
         """Row i through adapter rows[i] (None: no rows mixed), set on the layers only when it changes (they set
         their adapters side by side again then, and the C++ step's view of them is rebuilt)."""

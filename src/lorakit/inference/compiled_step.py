@@ -28,7 +28,8 @@ from ..models.loading import cache_dir
 SOURCE = Path(__file__).parent / "csrc" / "llama_step.cpp"
 KERNELS = [Path(__file__).parent / "csrc" / name for name in (
     "skinny_gemm.cpp",  # bf16 / int8 products for a decode step's few rows
-    "decode_attention.cpp")]  # one query per row over a bf16 cache
+    "decode_attention.cpp",  # one query per row over a bf16 cache
+    "fused_ops.cpp")]  # a bf16 step's norms, rotary embedding and SwiGLU, a pass each
 NAME = "lorakit_llama_step"
 # norm classes whose forward is exactly LlamaRMSNorm's (checked against their source)
 RMS_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")

@@ -57,19 +57,25 @@ def prefill(model, cache: KVCache, first: int, ids: torch.Tensor, mask: torch.Te
 
 
 @torch.no_grad()
-def prefill_unpadded(model, cache: KVCache, slots: list[int], ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def prefill_unpadded(model, cache: KVCache, slots: list[int], ids: torch.Tensor, mask: torch.Tensor,
+                     known: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Prefill left-padded prompts together into any free `slots`, each row's keys and values stored without its
-    padding (a server's requests, batched by length; each then steps as if prefilled alone); the last logits."""
+    padding (a server's requests, batched by length; each then steps as if prefilled alone); the last logits.
+    `known`: the keys and values of a prefix of the same length that every row's `ids` follow (KVCache's
+    unpadded_cache), computed before; the rows' positions count on from it."""
     pads = (mask == 0).sum(1)
-    logits = _last_logits(model, ids, mask, cache.unpadded_cache(slots, pads.tolist()))
-    cache.filled_unpadded(slots, ids.shape[1] - pads)
+    if known is not None:
+        mask = torch.cat([mask.new_ones(len(ids), known[0].shape[-2]), mask], dim=1)
+    logits = _last_logits(model, ids, mask, cache.unpadded_cache(slots, pads.tolist(), known))
+    cache.filled_unpadded(slots, mask.shape[1] - pads)
     return logits
 
 
 def _last_logits(model, ids: torch.Tensor, mask: torch.Tensor, past) -> torch.Tensor:
     """The model over left-padded `ids` with positions counted as `generate` counts them, keys and values going to
-    `past`; each row's last-token logits in fp32."""
-    positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    `past`; each row's last-token logits in fp32. `mask` may be longer than `ids`: it then covers the tokens in
+    `past` first."""
+    positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)[:, -ids.shape[1]:]
     # The last position as an index tensor hands the LM head a contiguous input where a slice does not; a bf16 head
     # needs that (torch's matmul would run a strided one as a batched product over a transposed copy of the whole
     # weight). fp32 keeps generate's slice, so its logits stay generate's bit for bit.

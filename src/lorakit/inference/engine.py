@@ -3,7 +3,9 @@
 A request is a prompt's token ids, the adapter it asks for (None: the base), its sampling settings and stop strings.
 One thread owns the model and runs the decode loop's pieces (kv_cache.py, decode.py): a request waits in a bounded
 queue until a slot frees, is prefilled into it together with the other waiting requests of like length (rows mixed
-by adapter; each row's keys stored without its padding, so it steps as if prefilled alone), then steps with every other
+by adapter; each row's keys stored without its padding, so it steps as if prefilled alone; a prefix whose keys and
+values an earlier prompt computed on the same adapter, such as a chat's system prompt, is copied from the prefix
+cache instead of computed again: prefix_cache.py), then steps with every other
 running request in one batch whose rows each use their own adapter (`adapters_by_row`: the base matmul for all
 rows plus one product over the adapters' A and B side by side, each row masked to its own; or, when every running
 request asks for the same adapter, that adapter alone), through the C++ step where it is built. Each row picks its
@@ -31,6 +33,7 @@ from ..engine.frozen_base import PACKED_ROWS
 from .batch_adapters import BatchAdapters
 from .decode import _float_like, _left_padded, prefill_unpadded, step
 from .kv_cache import KVCache
+from .prefix_cache import PREFIX_CACHE_MB, PrefixCache
 from .precision import pack_for_batches
 from .sampling import Choice, Sampling
 
@@ -52,6 +55,7 @@ class Event:
     finish_reason: str | None = None
     completion_tokens: int = 0  # tokens made so far (at the end: all of them)
     error: str = ""
+    cached_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache
 
 
 @dataclass
@@ -76,21 +80,24 @@ class Running:
     choose: Choice
     ids: list[int] = field(default_factory=list)
     sent: int = 0  # characters of the decoded text already emitted
+    cached: int = 0  # prompt tokens taken from the prefix cache
 
     @classmethod
-    def seeded(cls, request: Request, device: torch.device) -> Running:
+    def seeded(cls, request: Request, device: torch.device, cached: int = 0) -> Running:
         """`request` starting, drawing from a generator of its own seeded by its `seed` (or at random)."""
         generator = torch.Generator(device)
         generator.manual_seed(request.sampling.seed if request.sampling.seed is not None else
                               int(torch.randint(0, 2 ** 62, (1,))))
-        return cls(request, Choice(request.sampling, generator))
+        return cls(request, Choice(request.sampling, generator), cached=cached)
 
 
 class Engine:
     """The serving loop over `model` (GPT-2 or the Llama family, adapters already loaded): `submit` requests from
-    any thread; `call` runs a function on the model's thread between steps (loading or unloading an adapter)."""
+    any thread; `call` runs a function on the model's thread between steps (loading or unloading an adapter).
+    `prefix_cache_mb`: memory for prefixes' keys and values kept for later prompts (0: none)."""
 
-    def __init__(self, model, tokenizer, slots: int = 16, max_len: int = 1024, max_queue: int = 64) -> None:
+    def __init__(self, model, tokenizer, slots: int = 16, max_len: int = 1024, max_queue: int = 64,
+                 prefix_cache_mb: float = PREFIX_CACHE_MB) -> None:
         self.model, self.tokenizer = model.eval(), tokenizer
         self.max_len, self.max_queue = max_len, max_queue
         self.eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
@@ -99,6 +106,7 @@ class Engine:
         # steps of that many rows, and every prompt's prefill, on packed bf16 weights (given back when run ends)
         self.packed = pack_for_batches(model) if slots >= PACKED_ROWS else []
         self.cache = KVCache.for_model(model.config, slots, max_len, self.like)
+        self.prefixes = PrefixCache.for_cache(self.cache, prefix_cache_mb)
         self.running: list[Running | None] = [None] * slots
         self.waiting: deque[Request] = deque()
         self.calls: deque[tuple[Callable, Future]] = deque()
@@ -203,12 +211,13 @@ class Engine:
             future.set_result(fn())
         except Exception as error:  # noqa: BLE001 - handed to the caller
             future.set_exception(error)
-        finally:
-            self.adapters.changed()  # adapters may have changed: the C++ views are rebuilt when next needed
+        finally:  # adapters may have changed: the C++ views are rebuilt when next needed, no prefix is reused
+            self.adapters.changed()
+            self.prefixes.clear()
 
     def _admit(self) -> None:
-        """Prefill waiting requests into the free slots, those of like length together (`length_groups`), when
-        `prefill_now` says so."""
+        """Prefill waiting requests into the free slots, those with as much of their prompt in the prefix cache and
+        of like length together (`prefill_groups`), when `prefill_now` says so."""
         free = [s for s, r in enumerate(self.running) if r is None]
         if not (free and self.waiting):
             return
@@ -223,25 +232,26 @@ class Engine:
                 request = self.waiting.popleft()
                 if not request.cancelled.is_set():
                     requests.append(request)
-        groups = length_groups(requests)
-        for i, group in enumerate(groups):
+        groups = prefill_groups(requests, self.prefixes)
+        for i, (known, group) in enumerate(groups):
             slots, free = free[:len(group)], free[len(group):]
             try:
-                self._prefill_group(slots, group)
+                self._prefill_group(slots, group, known)
             except BaseException:
                 with self.wake:  # the groups not reached wait again, first in line (_turn fails the running ones)
-                    self.waiting.extendleft(reversed([r for later in groups[i + 1:] for r in later]))
+                    self.waiting.extendleft(reversed([r for _, later in groups[i + 1:] for r in later]))
                 raise
 
-    def _prefill_group(self, slots: list[int], requests: list[Request]) -> None:
+    def _prefill_group(self, slots: list[int], requests: list[Request], known: int = 0) -> None:
         """Prefill `requests` together into `slots`, rows mixed by adapter, and take their first tokens. Where that
-        fails, each is prefilled alone, so that only a request that fails alone hears why."""
+        fails, each is prefilled alone, so that only a request that fails alone hears why. `known`: the prompts'
+        first tokens whose keys and values the prefix cache holds."""
         try:
-            started = self._prefill(slots, requests)
+            started = self._prefill(slots, requests, known)
         except Exception as error:  # noqa: BLE001 - this request hears why; the others go on
             if len(requests) > 1:
                 for slot, request in zip(slots, requests):
-                    self._prefill_group([slot], [request])
+                    self._prefill_group([slot], [request], known)
             else:
                 requests[0].emit(Event(finish_reason="error", error=f"{type(error).__name__}: {error}"))
             return
@@ -250,17 +260,17 @@ class Engine:
         for slot, (_, token) in zip(slots, started):
             self._took(slot, token)
 
-    def _prefill(self, slots: list[int], requests: list[Request]) -> list[tuple[Running, int]]:
-        """The prompts of `requests` through the model in one batch, into `slots`: each a Running and first token."""
-        started = [Running.seeded(request, self.like.device) for request in requests]
-        ids, mask = _left_padded([request.prompt_ids for request in requests], self.pad, self.like.device)
-        adapters = [request.adapter for request in requests]
-        if len(set(adapters)) == 1:
-            with self.adapters.alone(adapters[0]):
-                logits = prefill_unpadded(self.model, self.cache, slots, ids, mask)
-        else:
-            self.adapters.mix(adapters)
-            logits = prefill_unpadded(self.model, self.cache, slots, ids, mask)
+    def _prefill(self, slots: list[int], requests: list[Request], known: int) -> list[tuple[Running, int]]:
+        """The prompts of `requests` through the model in one batch, into `slots`, the first `known` tokens of each
+        from the prefix cache: each a Running and first token. Their whole blocks go to the prefix cache."""
+        started = [Running.seeded(request, self.like.device, known) for request in requests]
+        ids, mask = _left_padded([r.prompt_ids[known:] for r in requests], self.pad, self.like.device)
+        rows = [(r.adapter, r.prompt_ids) for r in requests]
+        with self.adapters.by_row([adapter for adapter, _ in rows]):
+            logits = prefill_unpadded(self.model, self.cache, slots, ids, mask,
+                                      self.prefixes.gather(rows, known) if known else None)
+        for slot, (adapter, prompt) in zip(slots, rows):
+            self.prefixes.keep(adapter, prompt, self.cache, slot)
         return [(running, int(running.choose(logits[b:b + 1], None)[0])) for b, running in enumerate(started)]
 
     def _step(self) -> None:
@@ -294,10 +304,9 @@ class Engine:
 
     def _fail_all(self, message: str, waiting: bool = False) -> None:
         """End every running request (and with `waiting`, every queued one) with an error event."""
-        for s, r in enumerate(self.running):
-            if r is not None:
-                r.request.emit(Event(finish_reason="error", error=message))
-                self.running[s] = None
+        running, self.running[:] = list(filter(None, self.running)), [None] * len(self.running)
+        for r in running:
+            r.request.emit(Event(finish_reason="error", error=message))
         with self.wake:
             queued, self.waiting = (list(self.waiting), deque()) if waiting else ([], self.waiting)
         for request in queued:
@@ -318,16 +327,26 @@ PREFILL_TOKENS = 4096  # a batched prefill's padded tokens at most (its activati
 PREFILL_PAD_TOKENS = 128  # padding worth one prefill call less: about what a call costs beyond its tokens on CPU
 
 
-def length_groups(requests: list[Request], tokens: int = PREFILL_TOKENS, pad: int = PREFILL_PAD_TOKENS
-                  ) -> list[list[Request]]:
-    """`requests` in groups to prefill together, by prompt length: a prompt joins the group of those just shorter
-    while the padding it adds to them (each is left-padded to the longest) is at most `pad` tokens, a prefill call
-    saved for at most its cost, and the group stays within `tokens` (a longer prompt goes alone)."""
+def prefill_groups(requests: list[Request], prefixes: PrefixCache) -> list[tuple[int, list[Request]]]:
+    """`requests` in groups to prefill together, each with how many of its prompts' first tokens the prefix cache
+    holds: those with as many cached, by the length of the rest (`length_groups`)."""
+    by_known: dict[int, list[Request]] = {}
+    for request in requests:
+        by_known.setdefault(prefixes.known(request.adapter, request.prompt_ids), []).append(request)
+    return [(known, group) for known, same in by_known.items() for group in length_groups(same, known)]
+
+
+def length_groups(requests: list[Request], known: int = 0, tokens: int = PREFILL_TOKENS,
+                  pad: int = PREFILL_PAD_TOKENS) -> list[list[Request]]:
+    """`requests` in groups to prefill together, by prompt length past their first `known` tokens: a prompt joins
+    the group of those just shorter while the padding it adds to them (each is left-padded to the longest) is at most
+    `pad` tokens, a prefill call saved for at most its cost, and the group stays within `tokens` (a longer prompt
+    goes alone)."""
     groups: list[list[Request]] = []
     group: list[Request] = []
     longest = 0
     for request in sorted(requests, key=lambda r: len(r.prompt_ids)):
-        n = len(request.prompt_ids)
+        n = len(request.prompt_ids) - known
         if group and (len(group) * (n - longest) > pad or (len(group) + 1) * n > tokens):
             groups.append(group)
             group = []
@@ -346,7 +365,8 @@ def took(r: Running, token: int, tokenizer, eos: set[int], max_len: int) -> bool
     full = len(r.ids) >= r.request.sampling.max_new_tokens or len(r.request.prompt_ids) + len(r.ids) >= max_len
     if cut >= 0 or ended or full:
         text = text[:cut] if cut >= 0 else text
-        r.request.emit(Event(text[r.sent:], "stop" if cut >= 0 or ended else "length", len(r.ids)))
+        r.request.emit(Event(text[r.sent:], "stop" if cut >= 0 or ended else "length", len(r.ids),
+                             cached_tokens=r.cached))
         return True
     ready = len(text) - held_back(text, r.request.stop)
     if text.endswith("\ufffd"):  # a character cut between tokens: wait for its other bytes

@@ -67,11 +67,16 @@ class KVCache:
         self.start[first:first + len(pads)] = pads
         self.end[first:first + len(pads)] = length
 
-    def unpadded_cache(self, slots: list[int], pads: list[int]) -> Cache:
+    def unpadded_cache(self, slots: list[int], pads: list[int],
+                       known: tuple[torch.Tensor, torch.Tensor] | None = None) -> Cache:
         """A transformers Cache for a prefill of left-padded rows into any free `slots`: row b's keys and values
         go to slots[b] without its pads[b] padding columns, from column 0 (so a short prompt batched with long
-        ones takes no more of its slot than alone)."""
-        return Cache(layers=[_UnpaddedLayer(keys, values, slots, pads) for keys, values in zip(self.keys, self.values)])
+        ones takes no more of its slot than alone). `known`: keys and values of a prefix every row has already
+        computed ([layers, rows, kv_heads, length, head_dim] each; prefix_cache.py), which the rows' tokens
+        follow (after their padding) and which go first into their slots."""
+        known_layers = zip(*known) if known is not None else [None] * len(self.keys)
+        return Cache(layers=[_UnpaddedLayer(keys, values, slots, pads, layer_known)
+                             for keys, values, layer_known in zip(self.keys, self.values, known_layers)])
 
     def filled_unpadded(self, slots: list[int], lengths: torch.Tensor) -> None:
         """`slots` now hold prompts of `lengths` tokens each, from column 0."""
@@ -106,17 +111,28 @@ class _SlotLayer(DynamicLayer):
 
 class _UnpaddedLayer(DynamicLayer):
     """One layer of an unpadded prefill's cache: attention reads the batch's own keys and values (padding masked as
-    transformers masks it); each row's real ones are copied into its slot of the static cache."""
+    transformers masks it), after those of a prefix already known, if any; each row's real ones are copied into its
+    slot of the static cache."""
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, slots: list[int], pads: list[int]):
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, slots: list[int], pads: list[int],
+                 known: tuple[torch.Tensor, torch.Tensor] | None = None):
         super().__init__()
-        self.storage, self.slots, self.pads = (keys, values), slots, pads
+        self.storage, self.slots, self.pads, self.known = (keys, values), slots, pads, 0
+        if known is not None:  # the cache then reports the prefix's length, as transformers counts past tokens
+            self.keys, self.values = known
+            self.known = known[0].shape[-2]
+            self.dtype, self.device, self.is_initialized = self.keys.dtype, self.keys.device, True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        length = key_states.shape[-2]
+        if self.known:
+            key_states = torch.cat([self.keys, key_states], dim=-2)
+            value_states = torch.cat([self.values, value_states], dim=-2)
+        length, known = key_states.shape[-2], self.known
         for row, (slot, pad) in enumerate(zip(self.slots, self.pads)):
-            self.storage[0][slot, :, :length - pad].copy_(key_states[row, :, pad:])
-            self.storage[1][slot, :, :length - pad].copy_(value_states[row, :, pad:])
+            for stored, states in zip(self.storage, (key_states, value_states)):
+                if known:
+                    stored[slot, :, :known].copy_(states[row, :, :known])
+                stored[slot, :, known:length - pad].copy_(states[row, :, known + pad:])
         self.keys, self.values = key_states, value_states
         self.dtype, self.device, self.is_initialized = key_states.dtype, key_states.device, True
         return self.keys, self.values

@@ -104,10 +104,12 @@ class BodyLimit:
 
 
 def open_served(model: str | None, adapters: list[str], api_key: str | None = None, adapter_root: str | None = None,
-                max_queue: int = 64, slots: int = 16, max_len: int | None = None, dtype: str = "auto") -> Served:
+                max_queue: int = 64, slots: int = 16, max_len: int | None = None, dtype: str = "auto",
+                prefix_cache_mb: float | None = None) -> Served:
     """Load the base (the first adapter's, unless `model` names one) and every adapter onto it, with an engine
     over them that serve_api runs. Adapters named on the command line load from anywhere the user points; at run
-    time, only from under `adapter_root`. `dtype`: the weights' (auto, fp32, bf16, int8; inference/precision.py)."""
+    time, only from under `adapter_root`. `dtype`: the weights' (auto, fp32, bf16, int8; inference/precision.py).
+    `prefix_cache_mb`: memory for prompt prefixes' keys and values (inference/prefix_cache.py; None: its default)."""
     from ..engine import load_adapter, read_metadata
     from ..inference.precision import cast_for_inference
     from ..inference.engine import Engine
@@ -129,7 +131,8 @@ def open_served(model: str | None, adapters: list[str], api_key: str | None = No
         names[name] = str(d)
     base.eval()
     used = cast_for_inference(base, dtype)
-    engine = Engine(base, tok, slots=slots, max_len=min(max_len or 1024, context), max_queue=max_queue)
+    cache_mb = {} if prefix_cache_mb is None else {"prefix_cache_mb": prefix_cache_mb}
+    engine = Engine(base, tok, slots=slots, max_len=min(max_len or 1024, context), max_queue=max_queue, **cache_mb)
     root = Path(adapter_root).expanduser() if adapter_root else None
     return Served(engine, spec, str(base.config._name_or_path or spec), names, api_key, root, dtype=used)
 

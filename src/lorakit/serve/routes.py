@@ -157,8 +157,10 @@ async def events_of(served: Served, body: Generation, prompt_ids: list[int], par
     return request, events()
 
 
-def usage(prompt: int, completion: int) -> dict:
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+def usage(prompt: int, completion: int, cached: int = 0) -> dict:
+    """OpenAI's usage object; `cached`: prompt tokens taken from the prefix cache (prompt_tokens_details)."""
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 async def respond(served: Served, body: Generation, prompt_ids: list[int], param: str, http_request, chat: bool):
@@ -176,7 +178,8 @@ async def respond(served: Served, body: Generation, prompt_ids: list[int], param
         raise APIError(500, last.error, "InternalServerError")
     choice = ({"index": 0, "message": {"role": "assistant", "content": text}} if chat else {"index": 0, "text": text})
     choice |= {"finish_reason": last.finish_reason, "logprobs": None}
-    return JSONResponse(head | {"choices": [choice], "usage": usage(len(prompt_ids), last.completion_tokens)})
+    used = usage(len(prompt_ids), last.completion_tokens, last.cached_tokens)
+    return JSONResponse(head | {"choices": [choice], "usage": used})
 
 
 async def chunks(head: dict, events, prompt_tokens: int, chat: bool, body: Generation):
@@ -194,7 +197,7 @@ async def chunks(head: dict, events, prompt_tokens: int, chat: bool, body: Gener
 
     if chat:
         yield chunk(None, None, role=True)
-    made = 0
+    made = cached = 0
     async for event in events:
         if event.finish_reason == "error":
             yield "data: " + json.dumps(APIError(500, event.error, "InternalServerError").body()) + "\n\n"
@@ -202,10 +205,10 @@ async def chunks(head: dict, events, prompt_tokens: int, chat: bool, body: Gener
         if event.text:
             yield chunk(event.text, None)
         if event.finish_reason:
-            made = event.completion_tokens
+            made, cached = event.completion_tokens, event.cached_tokens
             yield chunk(None if chat else "", event.finish_reason)
     if (body.stream_options or {}).get("include_usage"):
-        yield "data: " + json.dumps(head | {"choices": [], "usage": usage(prompt_tokens, made)}) + "\n\n"
+        yield "data: " + json.dumps(head | {"choices": [], "usage": usage(prompt_tokens, made, cached)}) + "\n\n"
     yield "data: [DONE]\n\n"
 
 

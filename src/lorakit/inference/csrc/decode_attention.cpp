@@ -1,9 +1,10 @@
 // Attention for a decode step on CPU (one query per row, bf16 cache): see decode_attention.h.
 //
 // A task is one (row, kv head): the query heads that share that kv head score every cached position against their
-// queries (vdpbf16ps on 32 bf16 at a time, summed across the vector), take the softmax of their scores in fp32 (a
-// vectorised exp), then sum the values weighted by it, widened to fp32, in registers, and round once to bf16. The
-// kernels carry a target attribute, as skinny_gemm.cpp's do; decode_attention_applies checks the CPU at run time.
+// queries (vdpbf16ps on 32 bf16 at a time; the 16 lanes of 16 positions' products summed together, one vector of
+// 16 scores), take the softmax of their scores in fp32 (a vectorised exp), then sum the values weighted by it,
+// widened to fp32 once for a block of heads, in registers, and round once to bf16. The kernels carry a target
+// attribute, as skinny_gemm.cpp's do; decode_attention_applies checks the CPU at run time.
 #include "decode_attention.h"
 
 #include <c10/util/BFloat16.h>
@@ -15,58 +16,69 @@
 #include <limits>
 #include <vector>
 
+#include "bf16_vectors.h"
 #include "parallel.h"
 #include "skinny_gemm.h"
 
 namespace {
 
 using at::Tensor;
+using lorakit_kernels::exp_ps;
 using lorakit_kernels::parallel_for;
+using lorakit_kernels::tail_mask;
+using lorakit_kernels::widen;
 
-#define ATTENTION_TARGET __attribute__((target("avx512f,avx512bf16,avx512bw,avx512vl,fma")))
-#define ATTENTION_INLINE ATTENTION_TARGET __attribute__((always_inline)) inline
+#define ATTENTION_TARGET BF16_TARGET
+#define ATTENTION_INLINE BF16_INLINE
 
 constexpr int64_t kMaxChunks = 8;  // head_dim / 32: up to 256
 constexpr int64_t kMaxGroup = 16;  // query heads per kv head
 
-// e^x for x <= 0 (a score less the row's maximum): x = n·ln 2 + r with n an integer and |r| <= ln 2 / 2 (ln 2 in two
-// parts, so r is exact to fp32), e^r by its Taylor series to r^7 (relative error < 1e-8), times 2^n by scalef (0 far
-// below).
-ATTENTION_INLINE __m512 exp_ps(__m512 x) {
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
-  __m512 p = _mm512_set1_ps(1.f / 5040);
-  for (float c : {1.f / 720, 1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f}) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
-  return _mm512_scalef_ps(p, n);
+// The sums of the 16 lanes of v[0], ..., v[15], as lanes 0..15 of one vector: pairs of vectors interleaved and
+// added (their 128-bit lanes' halves), then quarters, then the four 128-bit lanes, 45 instructions for 16 sums.
+ATTENTION_INLINE __m512 sum16(const __m512* v) {
+  __m512 pairs[8], quads[4];
+  for (int i = 0; i < 8; ++i)
+    pairs[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  for (int i = 0; i < 4; ++i) {  // each 128-bit lane: the partial sums of vectors 4i..4i+3 over that lane
+    const __m512d a = _mm512_castps_pd(pairs[2 * i]), b = _mm512_castps_pd(pairs[2 * i + 1]);
+    quads[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+  }
+  const __m512 s01 = _mm512_add_ps(_mm512_shuffle_f32x4(quads[0], quads[1], 0x88),
+                                   _mm512_shuffle_f32x4(quads[0], quads[1], 0xDD));
+  const __m512 s23 = _mm512_add_ps(_mm512_shuffle_f32x4(quads[2], quads[3], 0x88),
+                                   _mm512_shuffle_f32x4(quads[2], quads[3], 0xDD));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(s01, s23, 0x88), _mm512_shuffle_f32x4(s01, s23, 0xDD));
 }
 
-// 16 bf16 at p, widened to fp32 in order
-ATTENTION_INLINE __m512 widen(const uint16_t* p) {
-  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
-}
-
-ATTENTION_INLINE __mmask16 tail_mask(int64_t left) {
-  return left >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1);
-}
-
-// scores[h·n + j] = scaling · q_h·k_j for the group's query heads h and positions j < n
+// scores[h·n + j] = scaling · q_h·k_j for the group's query heads h and positions j < n, 16 positions at a time
 template <int64_t CH>
 ATTENTION_TARGET void score(const uint16_t* q, const uint16_t* keys, int64_t key_stride, int64_t n, int64_t group,
                             float scaling, float* scores) {
-  __m512bh qv[kMaxGroup][CH];
-  for (int64_t h = 0; h < group; ++h)
-    for (int64_t c = 0; c < CH; ++c) qv[h][c] = (__m512bh)_mm512_loadu_si512(q + h * CH * 32 + c * 32);
-  for (int64_t j = 0; j < n; ++j) {
-    const uint16_t* k = keys + j * key_stride;
-    __m512bh kv[CH];
-    for (int64_t c = 0; c < CH; ++c) kv[c] = (__m512bh)_mm512_loadu_si512(k + c * 32);
-    for (int64_t h = 0; h < group; ++h) {
+  const __m512 scale = _mm512_set1_ps(scaling);
+  for (int64_t h = 0; h < group; ++h) {
+    __m512bh qv[CH];
+#pragma GCC unroll 8
+    for (int64_t c = 0; c < CH; ++c) qv[c] = (__m512bh)_mm512_loadu_si512(q + h * CH * 32 + c * 32);
+    int64_t j0 = 0;
+    for (; j0 + 16 <= n; j0 += 16) {
+      __m512 acc[16];
+      const uint16_t* k = keys + j0 * key_stride;
+#pragma GCC unroll 16
+      for (int64_t p = 0; p < 16; ++p) {
+        acc[p] = _mm512_dpbf16_ps(_mm512_setzero_ps(), qv[0], (__m512bh)_mm512_loadu_si512(k + p * key_stride));
+  #pragma GCC unroll 8
+        for (int64_t c = 1; c < CH; ++c)
+          acc[p] = _mm512_dpbf16_ps(acc[p], qv[c], (__m512bh)_mm512_loadu_si512(k + p * key_stride + c * 32));
+      }
+      _mm512_storeu_ps(scores + h * n + j0, _mm512_mul_ps(sum16(acc), scale));
+    }
+    for (; j0 < n; ++j0) {  // the last positions, one at a time
       __m512 acc = _mm512_setzero_ps();
-      for (int64_t c = 0; c < CH; ++c) acc = _mm512_dpbf16_ps(acc, qv[h][c], kv[c]);
-      scores[h * n + j] = _mm512_reduce_add_ps(acc) * scaling;
+#pragma GCC unroll 8
+      for (int64_t c = 0; c < CH; ++c)
+        acc = _mm512_dpbf16_ps(acc, qv[c], (__m512bh)_mm512_loadu_si512(keys + j0 * key_stride + c * 32));
+      scores[h * n + j0] = _mm512_reduce_add_ps(acc) * scaling;
     }
   }
 }
@@ -89,21 +101,36 @@ ATTENTION_TARGET float softmax(float* s, int64_t n) {
   return 1.f / _mm512_reduce_add_ps(sum);
 }
 
-// out_h = Σ_j w_j · v_j / Σ_j w_j for one head (2·CH pieces of 16 fp32 in registers), rounded to bf16
-template <int64_t CH>
-ATTENTION_TARGET void weigh(const float* w, float inverse_sum, const uint16_t* values, int64_t value_stride,
-                            int64_t n, uint16_t* out) {
-  __m512 acc[2 * CH];
-  for (int64_t p = 0; p < 2 * CH; ++p) acc[p] = _mm512_setzero_ps();
+// out_h = Σ_j w_h,j · v_j / Σ_j w_h,j for a block of HB heads (HB · 2·CH pieces of 16 fp32 in registers), each
+// value widened once for the block, rounded to bf16
+template <int64_t CH, int64_t HB>
+ATTENTION_TARGET void weigh(const float* w, int64_t w_stride, const float* inverse_sums, const uint16_t* values,
+                            int64_t value_stride, int64_t n, uint16_t* out) {
+  __m512 acc[HB][2 * CH];
+#pragma GCC unroll 32
+  for (int64_t h = 0; h < HB; ++h)
+#pragma GCC unroll 32
+    for (int64_t p = 0; p < 2 * CH; ++p) acc[h][p] = _mm512_setzero_ps();
   for (int64_t j = 0; j < n; ++j) {
-    const __m512 weight = _mm512_set1_ps(w[j]);
     const uint16_t* v = values + j * value_stride;
-    for (int64_t p = 0; p < 2 * CH; ++p) acc[p] = _mm512_fmadd_ps(weight, widen(v + 16 * p), acc[p]);
+    __m512 wide[2 * CH];
+#pragma GCC unroll 32
+    for (int64_t p = 0; p < 2 * CH; ++p) wide[p] = widen(v + 16 * p);
+#pragma GCC unroll 32
+    for (int64_t h = 0; h < HB; ++h) {
+      const __m512 weight = _mm512_set1_ps(w[h * w_stride + j]);
+#pragma GCC unroll 32
+      for (int64_t p = 0; p < 2 * CH; ++p) acc[h][p] = _mm512_fmadd_ps(weight, wide[p], acc[h][p]);
+    }
   }
-  const __m512 scale = _mm512_set1_ps(inverse_sum);
-  for (int64_t p = 0; p < 2 * CH; ++p) {
-    const __m256bh rounded = _mm512_cvtneps_pbh(_mm512_mul_ps(acc[p], scale));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 16 * p), (__m256i)rounded);
+#pragma GCC unroll 32
+  for (int64_t h = 0; h < HB; ++h) {
+    const __m512 scale = _mm512_set1_ps(inverse_sums[h]);
+#pragma GCC unroll 32
+    for (int64_t p = 0; p < 2 * CH; ++p) {
+      const __m256bh rounded = _mm512_cvtneps_pbh(_mm512_mul_ps(acc[h][p], scale));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + h * CH * 32 + 16 * p), (__m256i)rounded);
+    }
   }
 }
 
@@ -114,13 +141,25 @@ struct Task {
   uint16_t* out;
 };
 
+// Heads weighed together: as many as keep their sums in 16 registers, at most 4
+template <int64_t CH>
+constexpr int64_t kHeadBlock = std::max<int64_t>(1, std::min<int64_t>(4, 8 / CH));
+
 template <int64_t CH>
 void attend(const Task& t, std::vector<float>& scores) {
   scores.resize(t.group * t.n);
+  float inverse_sums[kMaxGroup];
   score<CH>(t.q, t.keys, t.key_stride, t.n, t.group, t.scaling, scores.data());
-  for (int64_t h = 0; h < t.group; ++h) {
-    float* w = scores.data() + h * t.n;
-    weigh<CH>(w, softmax(w, t.n), t.values, t.value_stride, t.n, t.out + h * CH * 32);
+  for (int64_t h = 0; h < t.group; ++h) inverse_sums[h] = softmax(scores.data() + h * t.n, t.n);
+  for (int64_t h = 0; h < t.group; h += kHeadBlock<CH>) {
+    const float* w = scores.data() + h * t.n;
+    uint16_t* out = t.out + h * CH * 32;
+    switch (std::min<int64_t>(kHeadBlock<CH>, t.group - h)) {
+      case 1: weigh<CH, 1>(w, t.n, inverse_sums + h, t.values, t.value_stride, t.n, out); break;
+      case 2: weigh<CH, 2>(w, t.n, inverse_sums + h, t.values, t.value_stride, t.n, out); break;
+      case 3: weigh<CH, 3>(w, t.n, inverse_sums + h, t.values, t.value_stride, t.n, out); break;
+      default: weigh<CH, 4>(w, t.n, inverse_sums + h, t.values, t.value_stride, t.n, out); break;
+    }
   }
 }
 

@@ -6,9 +6,11 @@
 // below from a model's modules and falls back to the Python step for anything they do not describe.
 #include <torch/extension.h>
 
+#include <tuple>
 #include <vector>
 
 #include "decode_attention.h"
+#include "fused_ops.h"
 #include "skinny_gemm.h"
 
 namespace {
@@ -84,12 +86,15 @@ struct Linear {
   }
 };
 
-// transformers' LlamaRMSNorm: x / sqrt(mean(x²) + eps) in fp32, times the weight
+// transformers' LlamaRMSNorm: x / sqrt(mean(x²) + eps) in fp32, times the weight (in bf16: fused_ops' one pass)
 struct RMSNorm {
   Tensor weight;
   double eps;
 
+  bool fuses(const Tensor& x) const { return fused_ops_apply(x) && fused_ops_apply(weight); }
+
   Tensor operator()(const Tensor& x) const {
+    if (fuses(x)) return rms_norm(x, weight, eps);
     Tensor h = x.to(at::kFloat);
     Tensor variance = h.pow(2).mean(-1, true);
     h = h * at::rsqrt(variance + eps);
@@ -117,15 +122,12 @@ Tensor rotate_half(const Tensor& x) {
   return at::cat({-x.slice(-1, half), x.slice(-1, 0, half)}, -1);
 }
 
-// Store layer i's new key and value at each slot's column, attend the one query per row over the slot's positions:
-// SDPA as the Python step calls it, or in bf16 (where the CPU has AVX-512 BF16) decode_attention over each row's
-// [start, column] alone.
-Tensor attend(Tensor keys_i, Tensor values_i, const Tensor& q, const Tensor& k, const Tensor& v,
-              const Slots& slots, double scaling) {
-  using at::indexing::Slice;
+// Attend the one query per row over the slot's positions of layer i's cache (its new key and value stored): SDPA as
+// the Python step calls it, or in bf16 (where the CPU has AVX-512 BF16) decode_attention over each row's [start,
+// column] alone.
+Tensor attend_stored(const Tensor& keys_i, const Tensor& values_i, const Tensor& q, const Slots& slots,
+                     double scaling) {
   int64_t rows = q.size(0), heads = q.size(1), head_dim = q.size(3);
-  keys_i.index_put_({slots.rows, Slice(), slots.column}, k.select(2, 0));
-  values_i.index_put_({slots.rows, Slice(), slots.column}, v.select(2, 0));
   Tensor keys = keys_i.slice(2, 0, slots.width), values = values_i.slice(2, 0, slots.width);
   if (slots.start && decode_attention_applies(q, keys))
     return decode_attention(q, keys, values, *slots.start, slots.column + 1, scaling);
@@ -139,23 +141,45 @@ Tensor attend(Tensor keys_i, Tensor values_i, const Tensor& q, const Tensor& k, 
   return out.reshape({rows, heads, 1, head_dim}).transpose(1, 2).reshape({rows, 1, -1});
 }
 
-Tensor layer_step(const Layer& layer, const Tensor& hidden, const Tensor& cos, const Tensor& sin,
-                  Tensor keys_i, Tensor values_i, const Slots& slots) {
-  Tensor x = layer.input_norm(hidden);
-  std::vector<int64_t> head = {x.size(0), 1, -1, layer.head_dim};
-  Tensor q = layer.q(x).view(head), k = layer.k(x).view(head), v = layer.v(x).view(head);
+// q, k, v of a layer's step (rows, 1, heads · head_dim) rotated (transformers' apply_rotary_pos_emb), the new key
+// and value stored at each slot's column, then attention; in bf16 the rotation and the store are fused_ops' one pass.
+Tensor rotate_and_attend(const Layer& layer, Tensor q, Tensor k, Tensor v, const Tensor& cos, const Tensor& sin,
+                         Tensor keys_i, Tensor values_i, const Slots& slots) {
+  using at::indexing::Slice;
+  const std::vector<int64_t> head = {q.size(0), 1, -1, layer.head_dim};
+  if (!layer.q_norm && layer.head_dim % 32 == 0 && fused_ops_apply(q) && fused_ops_apply(cos) &&
+      slots.rows.size(0) == keys_i.size(0)) {
+    Tensor rotated = rotary_store(q, k, v, cos, sin, keys_i, values_i, slots.column);
+    return attend_stored(keys_i, values_i, rotated, slots, layer.scaling);
+  }
+  q = q.view(head);
+  k = k.view(head);
   if (layer.q_norm) {
     q = (*layer.q_norm)(q);
     k = (*layer.k_norm)(k);
   }
   q = q.transpose(1, 2);
   k = k.transpose(1, 2);
-  Tensor c = cos.unsqueeze(1), s = sin.unsqueeze(1);  // transformers' apply_rotary_pos_emb
+  Tensor c = cos.unsqueeze(1), s = sin.unsqueeze(1);
   Tensor q_rotated = (q * c) + (rotate_half(q) * s);
   Tensor k_rotated = (k * c) + (rotate_half(k) * s);
-  Tensor out = attend(keys_i, values_i, q_rotated, k_rotated, v.transpose(1, 2), slots, layer.scaling);
-  Tensor h = hidden + layer.o(out);
-  Tensor y = layer.post_attention_norm(h);
+  keys_i.index_put_({slots.rows, Slice(), slots.column}, k_rotated.select(2, 0));
+  values_i.index_put_({slots.rows, Slice(), slots.column}, v.view(head).transpose(1, 2).select(2, 0));
+  return attend_stored(keys_i, values_i, q_rotated, slots, layer.scaling);
+}
+
+Tensor layer_step(const Layer& layer, const Tensor& hidden, const Tensor& cos, const Tensor& sin,
+                  Tensor keys_i, Tensor values_i, const Slots& slots) {
+  Tensor x = layer.input_norm(hidden);
+  Tensor out = rotate_and_attend(layer, layer.q(x), layer.k(x), layer.v(x), cos, sin, keys_i, values_i, slots);
+  Tensor h, y;
+  if (layer.post_attention_norm.fuses(hidden)) {  // bf16: the residual sum and the norm in one pass, SwiGLU's too
+    std::tie(h, y) = add_rms_norm(hidden, layer.o(out), layer.post_attention_norm.weight,
+                                  layer.post_attention_norm.eps);
+    return h + layer.down(silu_mul(layer.gate(y), layer.up(y)));
+  }
+  h = hidden + layer.o(out);
+  y = layer.post_attention_norm(h);
   return h + layer.down(at::silu(layer.gate(y)) * layer.up(y));
 }
 
@@ -191,6 +215,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_attention", &decode_attention, py::arg("q"), py::arg("keys"), py::arg("values"), py::arg("start"),
         py::arg("end"), py::arg("scaling"), py::call_guard<py::gil_scoped_release>());
   m.def("decode_attention_applies", &decode_attention_applies);
+  m.def("fused_ops_apply", &fused_ops_apply);
+  m.def("rms_norm", &rms_norm, py::arg("x"), py::arg("weight"), py::arg("eps"));
+  m.def("add_rms_norm", &add_rms_norm, py::arg("a"), py::arg("b"), py::arg("weight"), py::arg("eps"));
+  m.def("rotary_store", &rotary_store, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("cos"), py::arg("sin"),
+        py::arg("keys"), py::arg("values"), py::arg("column"));
+  m.def("silu_mul", &silu_mul, py::arg("gate"), py::arg("up"));
   py::class_<RMSNorm>(m, "RMSNorm").def(py::init<Tensor, double>(), py::arg("weight"), py::arg("eps"));
   py::class_<Layer>(m, "Layer")
       .def(py::init<RMSNorm, RMSNorm, optional<RMSNorm>, optional<RMSNorm>, Linear, Linear, Linear, Linear, Linear,

@@ -1,0 +1,133 @@
+// The bf16 decode step's elementwise work, one pass each: see fused_ops.h.
+#include "fused_ops.h"
+
+#include <c10/util/BFloat16.h>
+
+#include <cmath>
+#include <cstdint>
+
+#include "bf16_vectors.h"
+#include "skinny_gemm.h"
+
+namespace {
+
+using at::Tensor;
+using lorakit_kernels::exp_ps;
+using lorakit_kernels::round_bf16;
+using lorakit_kernels::store_bf16;
+using lorakit_kernels::tail_mask;
+using lorakit_kernels::widen;
+
+uint16_t* bits(const Tensor& t) { return reinterpret_cast<uint16_t*>(t.data_ptr<at::BFloat16>()); }
+
+// One row of LlamaRMSNorm: h = x in fp32, h · 1/sqrt(mean(h²) + eps) rounded to bf16, times the weight, rounded
+BF16_TARGET void norm_row(const uint16_t* x, const uint16_t* weight, int64_t d, float eps, uint16_t* out) {
+  __m512 squares = _mm512_setzero_ps();
+  for (int64_t j = 0; j < d; j += 16) {
+    const __m512 h = widen(x + j, tail_mask(d - j));
+    squares = _mm512_add_ps(squares, _mm512_mul_ps(h, h));
+  }
+  const float variance = _mm512_reduce_add_ps(squares) / static_cast<float>(d);
+  const __m512 scale = _mm512_set1_ps(1.f / std::sqrt(variance + eps));
+  for (int64_t j = 0; j < d; j += 16) {
+    const __mmask16 m = tail_mask(d - j);
+    const __m512 normed = round_bf16(_mm512_mul_ps(widen(x + j, m), scale));
+    store_bf16(out + j, _mm512_mul_ps(widen(weight + j, m), normed), m);
+  }
+}
+
+// out = a + b, rounded to bf16
+BF16_TARGET void add_row(const uint16_t* a, const uint16_t* b, int64_t d, uint16_t* out) {
+  for (int64_t j = 0; j < d; j += 16) {
+    const __mmask16 m = tail_mask(d - j);
+    store_bf16(out + j, _mm512_add_ps(widen(a + j, m), widen(b + j, m)), m);
+  }
+}
+
+// One head of apply_rotary_pos_emb: x·cos + rotate_half(x)·sin, each product and the sum rounded to bf16 (half a
+// multiple of 16)
+BF16_TARGET void rotate_head(const uint16_t* x, const uint16_t* cos, const uint16_t* sin, int64_t half,
+                             uint16_t* out) {
+  const __m512i sign = _mm512_set1_epi32(static_cast<int>(0x80000000u));
+  for (int64_t j = 0; j < half; j += 16) {
+    const __m512 first = widen(x + j), second = widen(x + half + j);
+    const __m512 c1 = widen(cos + j), c2 = widen(cos + half + j), s1 = widen(sin + j), s2 = widen(sin + half + j);
+    const __m512 rotated1 = round_bf16(_mm512_mul_ps(_mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(second), sign)), s1));
+    const __m512 rotated2 = round_bf16(_mm512_mul_ps(first, s2));
+    store_bf16(out + j, _mm512_add_ps(round_bf16(_mm512_mul_ps(first, c1)), rotated1));
+    store_bf16(out + half + j, _mm512_add_ps(round_bf16(_mm512_mul_ps(second, c2)), rotated2));
+  }
+}
+
+// silu(gate) · up: gate / (1 + e^-gate) rounded to bf16, times up, rounded
+BF16_TARGET void silu_mul_row(const uint16_t* gate, const uint16_t* up, int64_t d, uint16_t* out) {
+  const __m512 one = _mm512_set1_ps(1.f);
+  for (int64_t j = 0; j < d; j += 16) {
+    const __mmask16 m = tail_mask(d - j);
+    const __m512 g = widen(gate + j, m);
+    const __m512 silu = round_bf16(_mm512_div_ps(g, _mm512_add_ps(one, exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), g)))));
+    store_bf16(out + j, _mm512_mul_ps(silu, widen(up + j, m)), m);
+  }
+}
+
+int64_t rows_of(const Tensor& x) { return x.numel() / x.size(-1); }
+
+}  // namespace
+
+bool fused_ops_apply(const Tensor& x) {
+  return skinny_supported() && x.device().is_cpu() && x.scalar_type() == at::kBFloat16 && x.is_contiguous();
+}
+
+Tensor rms_norm(const Tensor& x, const Tensor& weight, double eps) {
+  TORCH_CHECK(fused_ops_apply(x) && fused_ops_apply(weight) && weight.numel() == x.size(-1), "rms_norm: bf16 inputs");
+  Tensor out = at::empty_like(x);
+  const int64_t d = x.size(-1);
+  for (int64_t r = 0; r < rows_of(x); ++r)
+    norm_row(bits(x) + r * d, bits(weight), d, static_cast<float>(eps), bits(out) + r * d);
+  return out;
+}
+
+std::pair<Tensor, Tensor> add_rms_norm(const Tensor& a, const Tensor& b, const Tensor& weight, double eps) {
+  TORCH_CHECK(fused_ops_apply(a) && fused_ops_apply(b) && a.sizes() == b.sizes(), "add_rms_norm: bf16 inputs");
+  Tensor sum = at::empty_like(a);
+  const int64_t d = a.size(-1);
+  for (int64_t r = 0; r < rows_of(a); ++r) add_row(bits(a) + r * d, bits(b) + r * d, d, bits(sum) + r * d);
+  return {sum, rms_norm(sum, weight, eps)};
+}
+
+Tensor rotary_store(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& cos, const Tensor& sin,
+                    Tensor keys, Tensor values, const Tensor& column) {
+  const int64_t rows = keys.size(0), kv_heads = keys.size(1), head_dim = keys.size(3);
+  TORCH_CHECK(fused_ops_apply(q) && fused_ops_apply(k) && fused_ops_apply(v) && fused_ops_apply(cos) &&
+                  fused_ops_apply(sin) && head_dim % 32 == 0 && keys.stride(3) == 1 && values.stride(3) == 1 &&
+                  rows_of(q) == rows && rows_of(cos) == rows && cos.size(-1) == head_dim &&
+                  k.numel() == rows * kv_heads * head_dim && v.numel() == k.numel() && q.size(-1) % head_dim == 0,
+              "rotary_store: bf16 inputs, head_dim a multiple of 32");
+  const int64_t heads = q.size(-1) / head_dim, half = head_dim / 2;
+  Tensor out = at::empty({rows, heads, 1, head_dim}, q.options());
+  const Tensor columns = column.to(at::kCPU, at::kLong).contiguous();
+  const int64_t* at_column = columns.data_ptr<int64_t>();
+  for (int64_t b = 0; b < rows; ++b) {
+    const uint16_t *c = bits(cos) + b * head_dim, *s = bits(sin) + b * head_dim;
+    for (int64_t h = 0; h < heads; ++h) {
+      const int64_t offset = (b * heads + h) * head_dim;
+      rotate_head(bits(q) + offset, c, s, half, bits(out) + offset);
+    }
+    for (int64_t h = 0; h < kv_heads; ++h) {
+      const int64_t from = (b * kv_heads + h) * head_dim;
+      const int64_t to_k = b * keys.stride(0) + h * keys.stride(1) + at_column[b] * keys.stride(2);
+      const int64_t to_v = b * values.stride(0) + h * values.stride(1) + at_column[b] * values.stride(2);
+      rotate_head(bits(k) + from, c, s, half, bits(keys) + to_k);
+      std::copy(bits(v) + from, bits(v) + from + head_dim, bits(values) + to_v);
+    }
+  }
+  return out;
+}
+
+Tensor silu_mul(const Tensor& gate, const Tensor& up) {
+  TORCH_CHECK(fused_ops_apply(gate) && fused_ops_apply(up) && gate.sizes() == up.sizes(), "silu_mul: bf16 inputs");
+  Tensor out = at::empty_like(gate);
+  const int64_t d = gate.size(-1);
+  for (int64_t r = 0; r < rows_of(gate); ++r) silu_mul_row(bits(gate) + r * d, bits(up) + r * d, d, bits(out) + r * d);
+  return out;
+}
