@@ -226,6 +226,16 @@ def test_prompts_that_share_a_prefix_reuse_its_keys_and_each_equals_its_adapter_
     assert batches == [(32, [36, 36, 37])]  # rows mixed by adapter, each after its own adapter's prefix
     engine._run_call(lambda: None, Future())  # as /v1/load_lora_adapter and unload do
     assert len(engine.prefixes) == 0 and serve([("w84", "a")]) == [0]
+    # room for three blocks: the first group's blocks push out one that the next group was counted on
+    engine.close()
+    three_blocks = 3 * 2 * 2 * 2 * BLOCK * 8 * 8 / 2 ** 20  # keys and values, 2 layers, 2 kv heads, head_dim 8, float64
+    engine, batches = Engine(model, tok, slots=4, max_len=64, prefix_cache_mb=three_blocks), []
+    prefill = engine._prefill
+    engine._prefill = lambda slots, requests, known: batches.append((known, [len(r.prompt_ids) for r in requests])
+                                                                     ) or prefill(slots, requests, known)
+    assert serve([("w90 w91", "a")]) == [0] and len(engine.prefixes) == 2
+    assert serve([("w60 w61", "b"), ("w62", "a")]) == [0, BLOCK]  # a's second block went with b's two
+    assert batches[1:] == [(0, [37]), (2 * BLOCK, [36])]
 
 
 def test_the_prefix_cache_keeps_first_blocks_longest_and_can_be_off():
@@ -251,6 +261,9 @@ def test_the_prefix_cache_keeps_first_blocks_longest_and_can_be_off():
     off = PrefixCache(per_block, 0)
     off.keep("a", first, cache, 0)
     assert len(off) == 0 and off.known("a", first) == 0
+    for bad in (-1, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="give a size >= 0"):
+            PrefixCache.for_cache(cache, bad)
 
 
 def test_a_repeated_prefix_is_reported_as_cached_tokens(server):

@@ -277,6 +277,8 @@ def test_fused_bf16_ops_against_transformers_and_aten(rows, width):
         assert torch.equal(keys[row, :, column[row]], want_k[row, :, 0])
         assert torch.equal(values[row, :, column[row]], v.view(shape)[row, 0])
     assert int((keys != 0).sum()) == int((want_k != 0).sum()) and int((values != 0).sum()) == int((v != 0).sum())
+    with pytest.raises(RuntimeError, match="a column outside the cache"):
+        ext.rotary_store(q, k, v, cos, sin, keys[:rows], values[:rows], column + length)
 
 
 @pytest.mark.parametrize("rows,heads,kv_heads,head_dim,length", [(16, 9, 3, 64, 300), (1, 4, 2, 32, 17),

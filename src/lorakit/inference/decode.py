@@ -6,7 +6,8 @@ and value copied, every step), builds a 4-D mask and runs the logits processors 
 batch; and a fixed batch waits for its longest row while the rows that ended compute padding. Here a step writes
 one key/value per row into a preallocated cache, attends over a strided view of it, and calls the model's own
 norm, projection and MLP modules, so LoRA layers work as they are: unmerged, merged, or mixed by row. For the
-Llama family compiled_step runs the same pass in C++ where it can (the same operations, the same bits).
+Llama family compiled_step runs the same pass in C++ where it can (in fp32 the same operations, the same bits; in
+bf16 its own kernels, within bf16 rounding).
 
 The arithmetic is the model's: the same modules, the same rotary embedding, the same SDPA call transformers makes
 for one query token. With the same rows in a batch, greedy tokens equal `generate`'s (tested at batch 1 and at
@@ -89,7 +90,7 @@ def _last_logits(model, ids: torch.Tensor, mask: torch.Tensor, past) -> torch.Te
 def step(model, cache: KVCache, tokens: torch.Tensor, compiled=None) -> torch.Tensor:
     """One token per slot through every layer; returns the next-token logits [rows, vocab]. Each token's position
     is its count of real tokens before it, as left-padded `generate` counts. `compiled` (compiled_step's view of
-    a Llama-family model) runs the layers in C++: the same operations, the same bits."""
+    a Llama-family model) runs the layers in C++: in fp32 the same operations, the same bits (bf16: its own kernels)."""
     positions = (cache.end - cache.start)[:, None]
     slots = cache.advance()
     if model.config.model_type == "gpt2":

@@ -93,8 +93,7 @@ class Running:
 
 class Engine:
     """The serving loop over `model` (GPT-2 or the Llama family, adapters already loaded): `submit` requests from
-    any thread; `call` runs a function on the model's thread between steps (loading or unloading an adapter).
-    `prefix_cache_mb`: memory for prefixes' keys and values kept for later prompts (0: none)."""
+    any thread; `call` runs a function on the model's thread between steps (loading or unloading an adapter)."""
 
     def __init__(self, model, tokenizer, slots: int = 16, max_len: int = 1024, max_queue: int = 64,
                  prefix_cache_mb: float = PREFIX_CACHE_MB) -> None:
@@ -106,7 +105,7 @@ class Engine:
         # steps of that many rows, and every prompt's prefill, on packed bf16 weights (given back when run ends)
         self.packed = pack_for_batches(model) if slots >= PACKED_ROWS else []
         self.cache = KVCache.for_model(model.config, slots, max_len, self.like)
-        self.prefixes = PrefixCache.for_cache(self.cache, prefix_cache_mb)
+        self.prefixes = PrefixCache.for_cache(self.cache, prefix_cache_mb)  # MiB for prompt prefixes (0: none)
         self.running: list[Running | None] = [None] * slots
         self.waiting: deque[Request] = deque()
         self.calls: deque[tuple[Callable, Future]] = deque()
@@ -261,8 +260,9 @@ class Engine:
             self._took(slot, token)
 
     def _prefill(self, slots: list[int], requests: list[Request], known: int) -> list[tuple[Running, int]]:
-        """The prompts of `requests` through the model in one batch, into `slots`, the first `known` tokens of each
-        from the prefix cache: each a Running and first token. Their whole blocks go to the prefix cache."""
+        """`requests`' prompts through the model in one batch into `slots`, the first `known` tokens (fewer if pushed
+        out since) from the prefix cache, their whole blocks kept there after: each a Running and first token."""
+        known = min([known, *(self.prefixes.known(r.adapter, r.prompt_ids) for r in requests)])
         started = [Running.seeded(request, self.like.device, known) for request in requests]
         ids, mask = _left_padded([r.prompt_ids[known:] for r in requests], self.pad, self.like.device)
         rows = [(r.adapter, r.prompt_ids) for r in requests]
@@ -340,14 +340,14 @@ def length_groups(requests: list[Request], known: int = 0, tokens: int = PREFILL
                   pad: int = PREFILL_PAD_TOKENS) -> list[list[Request]]:
     """`requests` in groups to prefill together, by prompt length past their first `known` tokens: a prompt joins
     the group of those just shorter while the padding it adds to them (each is left-padded to the longest) is at most
-    `pad` tokens, a prefill call saved for at most its cost, and the group stays within `tokens` (a longer prompt
-    goes alone)."""
+    `pad` tokens, a prefill call saved for at most its cost, and the group stays within `tokens`, its known tokens
+    counted (a longer prompt goes alone)."""
     groups: list[list[Request]] = []
     group: list[Request] = []
     longest = 0
     for request in sorted(requests, key=lambda r: len(r.prompt_ids)):
         n = len(request.prompt_ids) - known
-        if group and (len(group) * (n - longest) > pad or (len(group) + 1) * n > tokens):
+        if group and (len(group) * (n - longest) > pad or (len(group) + 1) * (n + known) > tokens):
             groups.append(group)
             group = []
         group.append(request)

@@ -2,10 +2,12 @@
 automatic prefix caching): a chat template's system prompt, or a conversation's earlier turns, run through the model
 once per adapter and are then copied into each later request's slot instead of computed again.
 
-Kept in blocks of BLOCK tokens, each under its adapter's name and every token up to the block's end, so a block is
-used only after exactly the same tokens on the same adapter; beyond the capacity, the least recently used blocks go
-first (a prefix's first blocks are kept longest: its later ones are useless without them). The engine clears it when
-an adapter is loaded or unloaded (a name may come back with other weights).
+Kept in blocks of BLOCK tokens, each under its adapter's name, the block before it and its own tokens, so a block is
+used only after exactly the same tokens on the same adapter (a lookup walks a prompt's blocks in order, each key
+naming its parent's number: no hash that two prefixes could share, and no key as long as the prompt); beyond the
+capacity, the least recently used blocks go first (a prefix's first blocks are kept longest: its later ones are
+useless without them). The engine clears it when an adapter is loaded or unloaded (a name may come back with other
+weights).
 
 Rounding: a prefix's keys and values come from the prefill that first computed them, whose batch (rows, padding)
 rounds its products its own way, so a request that reuses them can differ from the same request prefilled alone in
@@ -20,19 +22,23 @@ import torch
 from .kv_cache import KVCache
 
 BLOCK = 16  # tokens a block holds (vLLM's default block size)
-PREFIX_CACHE_MB = 64  # memory for it by default: a few thousand tokens of a small model (SmolLM2-135M in bf16: 2,800)
+PREFIX_CACHE_MB = 64  # MiB for it by default: a few thousand tokens of a small model (SmolLM2-135M in bf16: 2,900)
 
 
 class PrefixCache:
-    """Blocks of cached keys and values, [layers, kv_heads, BLOCK, head_dim] each, by (adapter, tokens to its end)."""
+    """Blocks of cached keys and values, [layers, kv_heads, BLOCK, head_dim] each, by (adapter, the number of the
+    block before it (0: none), its tokens); each block numbered as it is kept."""
 
     def __init__(self, bytes_per_block: int, capacity: int) -> None:
-        self.blocks: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
-        self.limit = capacity // bytes_per_block  # blocks kept at most (0: off)
+        self.blocks: OrderedDict[tuple, tuple[int, torch.Tensor, torch.Tensor]] = OrderedDict()
+        self.limit = max(0, capacity // bytes_per_block)  # blocks kept at most (0: off)
+        self.numbered = 0  # blocks numbered so far
 
     @classmethod
     def for_cache(cls, cache: KVCache, megabytes: float) -> PrefixCache:
-        """A prefix cache of up to `megabytes` for blocks of `cache`'s layers, heads and dtype."""
+        """A prefix cache of up to `megabytes` MiB for blocks of `cache`'s layers, heads and dtype."""
+        if not 0 <= megabytes < float("inf"):
+            raise ValueError(f"prefix cache of {megabytes} MiB: give a size >= 0 (0 turns it off)")
         layers, _, kv_heads, _, head_dim = cache.keys.shape
         per_block = 2 * layers * kv_heads * BLOCK * head_dim * cache.keys.element_size()
         return cls(per_block, int(megabytes * 2 ** 20))
@@ -40,42 +46,54 @@ class PrefixCache:
     def known(self, adapter: str | None, ids: list[int]) -> int:
         """How many of `ids`' first tokens have their keys and values cached for `adapter`: whole blocks, always
         short of the last token (whose logits a prefill computes)."""
-        n = 0
-        while n + BLOCK < len(ids) and (adapter, tuple(ids[:n + BLOCK])) in self.blocks:
-            n += BLOCK
-        return n
+        return len(self._chain(adapter, ids, len(ids) - 1)) * BLOCK
 
     def gather(self, rows: list[tuple[str | None, list[int]]], length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The cached keys and values of the first `length` tokens of each (adapter, ids) row (`known` for each at
         least `length`): [layers, rows, kv_heads, length, head_dim] each."""
         keys, values = [], []
         for adapter, ids in rows:
-            blocks = [self.blocks[adapter, tuple(ids[:end])] for end in range(BLOCK, length + 1, BLOCK)]
-            keys.append(torch.cat([k for k, _ in blocks], dim=2))
-            values.append(torch.cat([v for _, v in blocks], dim=2))
-            self._used(adapter, ids, length)
+            chain = self._chain(adapter, ids, length)
+            if len(chain) * BLOCK < length:
+                raise KeyError(f"{length} tokens asked for, {len(chain) * BLOCK} cached")
+            keys.append(torch.cat([self.blocks[key][1] for key in chain], dim=2))
+            values.append(torch.cat([self.blocks[key][2] for key in chain], dim=2))
+            self._used(chain)
         return torch.stack(keys, 1), torch.stack(values, 1)
 
     def keep(self, adapter: str | None, ids: list[int], cache: KVCache, slot: int) -> None:
         """Keep the whole blocks of `ids`, now in `slot` of `cache` from column 0, for later prompts."""
         if not self.limit:
             return
-        length = len(ids) // BLOCK * BLOCK
-        for end in range(BLOCK, length + 1, BLOCK):
-            key = (adapter, tuple(ids[:end]))
+        chain, parent = [], 0
+        for end in range(BLOCK, len(ids) + 1, BLOCK):
+            key = (adapter, parent, tuple(ids[end - BLOCK:end]))
             if key not in self.blocks:
                 span = slice(end - BLOCK, end)
-                self.blocks[key] = (cache.keys[:, slot, :, span].clone(), cache.values[:, slot, :, span].clone())
-        self._used(adapter, ids, length)
+                self.numbered += 1
+                self.blocks[key] = (self.numbered, cache.keys[:, slot, :, span].clone(),
+                                    cache.values[:, slot, :, span].clone())
+            chain.append(key)
+            parent = self.blocks[key][0]
+        self._used(chain)
         while len(self.blocks) > self.limit:
             self.blocks.popitem(last=False)
 
-    def _used(self, adapter: str | None, ids: list[int], length: int) -> None:
-        """Mark the blocks of `ids`' first `length` tokens used now, the first ones last (the most recent)."""
-        for end in range(length, 0, -BLOCK):
-            key = (adapter, tuple(ids[:end]))
-            if key in self.blocks:
-                self.blocks.move_to_end(key)
+    def _chain(self, adapter: str | None, ids: list[int], length: int) -> list[tuple]:
+        """The keys of the cached blocks that begin `ids`, in order, within its first `length` tokens."""
+        chain, parent = [], 0
+        for end in range(BLOCK, length + 1, BLOCK):
+            key = (adapter, parent, tuple(ids[end - BLOCK:end]))
+            if key not in self.blocks:
+                break
+            chain.append(key)
+            parent = self.blocks[key][0]
+        return chain
+
+    def _used(self, chain: list[tuple]) -> None:
+        """Mark the blocks of `chain` used now, the first ones last (the most recent)."""
+        for key in reversed(chain):
+            self.blocks.move_to_end(key)
 
     def clear(self) -> None:
         self.blocks.clear()

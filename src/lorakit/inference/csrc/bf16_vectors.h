@@ -1,5 +1,6 @@
 // AVX-512 helpers shared by the bf16 kernels (decode_attention.cpp, fused_ops.cpp): 16 bf16 widened to fp32 and
-// rounded back (to nearest even, as c10::BFloat16 rounds), a mask for a row's last few elements, and e^x in fp32.
+// rounded back (to nearest even, as c10::BFloat16 rounds, but values below the normal range flushed to zero), a mask
+// for a row's last few elements, and e^x in fp32.
 // Each carries a target attribute, so the files compile without global -mavx512 flags; the callers check the CPU
 // (skinny_supported) before calling them.
 #pragma once
@@ -33,9 +34,11 @@ BF16_INLINE __m512 round_bf16(__m512 v) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(v)), 16));
 }
 
-// e^x: x = n·ln 2 + r with n an integer and |r| <= ln 2 / 2 (ln 2 in two parts, so r is exact to fp32), e^r by its
-// Taylor series to r^7 (relative error < 1e-8), times 2^n by scalef (0 far below, infinity far above).
+// e^x: x (kept within [-104, 89], where e^x is 0 or past fp32's largest) = n·ln 2 + r with n an integer and
+// |r| <= ln 2 / 2 (ln 2 in two parts, so r is exact to fp32), e^r by its Taylor series to r^7 (relative error
+// < 1e-8), times 2^n by scalef.
 BF16_INLINE __m512 exp_ps(__m512 x) {
+  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(89.f)), _mm512_set1_ps(-104.f));
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);

@@ -3,6 +3,7 @@
 
 #include <c10/util/BFloat16.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 
@@ -52,7 +53,8 @@ BF16_TARGET void rotate_head(const uint16_t* x, const uint16_t* cos, const uint1
   for (int64_t j = 0; j < half; j += 16) {
     const __m512 first = widen(x + j), second = widen(x + half + j);
     const __m512 c1 = widen(cos + j), c2 = widen(cos + half + j), s1 = widen(sin + j), s2 = widen(sin + half + j);
-    const __m512 rotated1 = round_bf16(_mm512_mul_ps(_mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(second), sign)), s1));
+    const __m512 negated = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(second), sign));
+    const __m512 rotated1 = round_bf16(_mm512_mul_ps(negated, s1));
     const __m512 rotated2 = round_bf16(_mm512_mul_ps(first, s2));
     store_bf16(out + j, _mm512_add_ps(round_bf16(_mm512_mul_ps(first, c1)), rotated1));
     store_bf16(out + half + j, _mm512_add_ps(round_bf16(_mm512_mul_ps(second, c2)), rotated2));
@@ -65,7 +67,8 @@ BF16_TARGET void silu_mul_row(const uint16_t* gate, const uint16_t* up, int64_t 
   for (int64_t j = 0; j < d; j += 16) {
     const __mmask16 m = tail_mask(d - j);
     const __m512 g = widen(gate + j, m);
-    const __m512 silu = round_bf16(_mm512_div_ps(g, _mm512_add_ps(one, exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), g)))));
+    const __m512 e = exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), g));
+    const __m512 silu = round_bf16(_mm512_div_ps(g, _mm512_add_ps(one, e)));
     store_bf16(out + j, _mm512_mul_ps(silu, widen(up + j, m)), m);
   }
 }
@@ -95,18 +98,31 @@ std::pair<Tensor, Tensor> add_rms_norm(const Tensor& a, const Tensor& b, const T
   return {sum, rms_norm(sum, weight, eps)};
 }
 
+bool rotary_store_applies(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& cos, const Tensor& sin,
+                          const Tensor& keys, const Tensor& values) {
+  if (!(fused_ops_apply(q) && fused_ops_apply(k) && fused_ops_apply(v) && fused_ops_apply(cos) &&
+        fused_ops_apply(sin) && keys.dim() == 4 && keys.scalar_type() == at::kBFloat16 && keys.device().is_cpu() &&
+        values.sizes() == keys.sizes() && values.scalar_type() == at::kBFloat16 && keys.stride(3) == 1 &&
+        values.stride(3) == 1))
+    return false;
+  const int64_t rows = keys.size(0), kv_heads = keys.size(1), head_dim = keys.size(3);
+  return head_dim % 32 == 0 && rows_of(q) == rows && q.size(-1) % head_dim == 0 && rows_of(cos) == rows &&
+         cos.size(-1) == head_dim && sin.sizes() == cos.sizes() && k.numel() == rows * kv_heads * head_dim &&
+         v.numel() == k.numel();
+}
+
 Tensor rotary_store(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& cos, const Tensor& sin,
                     Tensor keys, Tensor values, const Tensor& column) {
-  const int64_t rows = keys.size(0), kv_heads = keys.size(1), head_dim = keys.size(3);
-  TORCH_CHECK(fused_ops_apply(q) && fused_ops_apply(k) && fused_ops_apply(v) && fused_ops_apply(cos) &&
-                  fused_ops_apply(sin) && head_dim % 32 == 0 && keys.stride(3) == 1 && values.stride(3) == 1 &&
-                  rows_of(q) == rows && rows_of(cos) == rows && cos.size(-1) == head_dim &&
-                  k.numel() == rows * kv_heads * head_dim && v.numel() == k.numel() && q.size(-1) % head_dim == 0,
-              "rotary_store: bf16 inputs, head_dim a multiple of 32");
+  TORCH_CHECK(rotary_store_applies(q, k, v, cos, sin, keys, values),
+              "rotary_store: inputs it does not take (see fused_ops.h)");
+  const int64_t rows = keys.size(0), kv_heads = keys.size(1), head_dim = keys.size(3), length = keys.size(2);
   const int64_t heads = q.size(-1) / head_dim, half = head_dim / 2;
   Tensor out = at::empty({rows, heads, 1, head_dim}, q.options());
   const Tensor columns = column.to(at::kCPU, at::kLong).contiguous();
+  TORCH_CHECK(columns.numel() == rows, "rotary_store: one column per row");
   const int64_t* at_column = columns.data_ptr<int64_t>();
+  for (int64_t b = 0; b < rows; ++b)
+    TORCH_CHECK(at_column[b] >= 0 && at_column[b] < length, "rotary_store: a column outside the cache");
   for (int64_t b = 0; b < rows; ++b) {
     const uint16_t *c = bits(cos) + b * head_dim, *s = bits(sin) + b * head_dim;
     for (int64_t h = 0; h < heads; ++h) {

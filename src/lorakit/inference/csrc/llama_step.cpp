@@ -1,9 +1,11 @@
 // One decode step of a Llama-family model (Llama, Mistral, Qwen2, Qwen3, SmolLM) through every layer, in C++.
 //
 // The same ATen calls, in the same order and on the same tensors, as the Python step in decode.py (which mirrors
-// transformers' modules), so the results are the same bits; what it saves is Python's cost for each of the dozens
-// of small operations a layer between the matrix products of a one-token step. compiled_step.py builds the structs
-// below from a model's modules and falls back to the Python step for anything they do not describe.
+// transformers' modules), so the results are the same bits in fp32; what it saves is Python's cost for each of the
+// dozens of small operations a layer between the matrix products of a one-token step. In bf16 its own kernels take
+// the products, the attention and the elementwise passes (fused_ops.h), within bf16 rounding of the Python step.
+// compiled_step.py builds the structs below from a model's modules and falls back to the Python step for anything
+// they do not describe.
 #include <torch/extension.h>
 
 #include <tuple>
@@ -147,8 +149,8 @@ Tensor rotate_and_attend(const Layer& layer, Tensor q, Tensor k, Tensor v, const
                          Tensor keys_i, Tensor values_i, const Slots& slots) {
   using at::indexing::Slice;
   const std::vector<int64_t> head = {q.size(0), 1, -1, layer.head_dim};
-  if (!layer.q_norm && layer.head_dim % 32 == 0 && fused_ops_apply(q) && fused_ops_apply(cos) &&
-      slots.rows.size(0) == keys_i.size(0)) {
+  if (!layer.q_norm && slots.rows.size(0) == keys_i.size(0) &&
+      rotary_store_applies(q, k, v, cos, sin, keys_i, values_i)) {
     Tensor rotated = rotary_store(q, k, v, cos, sin, keys_i, values_i, slots.column);
     return attend_stored(keys_i, values_i, rotated, slots, layer.scaling);
   }
@@ -172,15 +174,15 @@ Tensor layer_step(const Layer& layer, const Tensor& hidden, const Tensor& cos, c
                   Tensor keys_i, Tensor values_i, const Slots& slots) {
   Tensor x = layer.input_norm(hidden);
   Tensor out = rotate_and_attend(layer, layer.q(x), layer.k(x), layer.v(x), cos, sin, keys_i, values_i, slots);
-  Tensor h, y;
-  if (layer.post_attention_norm.fuses(hidden)) {  // bf16: the residual sum and the norm in one pass, SwiGLU's too
-    std::tie(h, y) = add_rms_norm(hidden, layer.o(out), layer.post_attention_norm.weight,
-                                  layer.post_attention_norm.eps);
-    return h + layer.down(silu_mul(layer.gate(y), layer.up(y)));
+  Tensor attended = layer.o(out), h, y;
+  if (layer.post_attention_norm.fuses(hidden) && fused_ops_apply(attended)) {  // bf16: the sum and the norm at once
+    std::tie(h, y) = add_rms_norm(hidden, attended, layer.post_attention_norm.weight, layer.post_attention_norm.eps);
+  } else {
+    h = hidden + attended;
+    y = layer.post_attention_norm(h);
   }
-  h = hidden + layer.o(out);
-  y = layer.post_attention_norm(h);
-  return h + layer.down(at::silu(layer.gate(y)) * layer.up(y));
+  Tensor gate = layer.gate(y), up = layer.up(y);
+  return h + layer.down(fused_ops_apply(gate) && fused_ops_apply(up) ? silu_mul(gate, up) : at::silu(gate) * up);
 }
 
 // Every layer, the final norm and the LM head: the next-token logits [rows, vocab] in fp32
