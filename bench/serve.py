@@ -245,7 +245,8 @@ def main() -> None:
             warm_rss = rss_mb(proc.pid)
             rows, level_jobs, taken = [], {}, 8
             for c in levels:
-                level_jobs[c], taken = jobs[taken:taken + jobs_at(c, a.requests)], taken + jobs_at(c, a.requests)
+                count = jobs_at(c, a.requests)
+                level_jobs[c], taken = jobs[taken:taken + count], taken + count
                 rows.append(level(url, c, level_jobs[c], a.max_tokens))
                 print(json.dumps(rows[-1]), flush=True)
             levels_rss = rss_mb(proc.pid)

@@ -3,9 +3,10 @@
 A one-token step is dozens of small operations a layer around its seven matrix products; from Python each costs
 microseconds of interpreter and dispatch, which at batch 1 adds up to a large share of the step. The C++ step makes
 the same ATen calls in the same order as decode.py's Python step, on the model's own weights, so its logits are the
-same bits in fp32 (tested; in bf16 its own kernels, within bf16 rounding), and the same cache. Built once with torch's C++ extension loader (a C++ compiler and ninja) and
-kept in lorakit's cache (~/.cache/lorakit/compiled); where it cannot be built, or a model holds a module it does not
-describe (an NF4 base, DoRA rows, hooks, a replaced forward), decode.py runs the Python step.
+same bits in fp32 (tested; in bf16 its own kernels, within bf16 rounding), and the same cache. Built once with
+torch's C++ extension loader (a C++ compiler and ninja) and kept in lorakit's cache (~/.cache/lorakit/compiled);
+where it cannot be built, or a model holds a module it does not describe (an NF4 base, DoRA rows, hooks, a replaced
+forward), decode.py runs the Python step.
 """
 from __future__ import annotations
 

@@ -59,4 +59,3 @@ def pack_for_batches(model: nn.Module) -> list[DenseBase]:
         if isinstance(base, DenseBase) and base.packed() is None and base.pack():
             packed.append(base)
     return packed
-

@@ -113,6 +113,7 @@ def open_served(model: str | None, adapters: list[str], api_key: str | None = No
     from ..engine import load_adapter, read_metadata
     from ..inference.precision import cast_for_inference
     from ..inference.engine import Engine
+    from ..inference.prefix_cache import PREFIX_CACHE_MB
     from ..models import adapter_dir, foreign_base, load_model
     from .workbench import adapter_name
     dirs = [adapter_dir(path) for path in adapters]
@@ -131,8 +132,8 @@ def open_served(model: str | None, adapters: list[str], api_key: str | None = No
         names[name] = str(d)
     base.eval()
     used = cast_for_inference(base, dtype)
-    cache_mb = {} if prefix_cache_mb is None else {"prefix_cache_mb": prefix_cache_mb}
-    engine = Engine(base, tok, slots=slots, max_len=min(max_len or 1024, context), max_queue=max_queue, **cache_mb)
+    engine = Engine(base, tok, slots=slots, max_len=min(max_len or 1024, context), max_queue=max_queue,
+                    prefix_cache_mb=PREFIX_CACHE_MB if prefix_cache_mb is None else prefix_cache_mb)
     root = Path(adapter_root).expanduser() if adapter_root else None
     return Served(engine, spec, str(base.config._name_or_path or spec), names, api_key, root, dtype=used)
 

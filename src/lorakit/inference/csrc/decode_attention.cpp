@@ -67,7 +67,7 @@ ATTENTION_TARGET void score(const uint16_t* q, const uint16_t* keys, int64_t key
 #pragma GCC unroll 16
       for (int64_t p = 0; p < 16; ++p) {
         acc[p] = _mm512_dpbf16_ps(_mm512_setzero_ps(), qv[0], (__m512bh)_mm512_loadu_si512(k + p * key_stride));
-  #pragma GCC unroll 8
+#pragma GCC unroll 8
         for (int64_t c = 1; c < CH; ++c)
           acc[p] = _mm512_dpbf16_ps(acc[p], qv[c], (__m512bh)_mm512_loadu_si512(k + p * key_stride + c * 32));
       }
