@@ -91,27 +91,51 @@ def test_rows_mixing_adapters_equal_transformers_generate(smollm2):
     assert len(set(texts)) == len(texts)  # the three adapters (and none) really answer differently
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen2", "qwen3", "gpt2"])
+@pytest.mark.parametrize("name, refill_rows, penalty", [("llama", None, 1.0), ("qwen2", None, 1.0),
+                                                         ("qwen3", None, 1.0), ("gpt2", None, 1.0),
+                                                         ("llama", 2, 1.0), ("gpt2", 2, 1.3), ("qwen3", 3, 1.3)])
 @torch.no_grad()
-def test_continuous_batching_equals_one_prompt_at_a_time(name):
+def test_continuous_batching_equals_one_prompt_at_a_time(name, refill_rows, penalty):
     """Three slots for ten prompts: rows end at an EOS (the token the model makes most often, so some rows end
-    early) or at max_new_tokens and are refilled from the queue; in float64 (rounding far below any logit gap)
-    each prompt's tokens equal generate's for that prompt alone."""
+    early) or at max_new_tokens and are refilled from the queue, one at a time or `refill_rows` prompts prefilled
+    together into the slots that wait (each stored without its padding; with a repetition penalty each slot's
+    tokens start again from its new prompt); in float64 (rounding far below any logit gap) each prompt's tokens
+    equal generate's for that prompt alone."""
     model = tiny_decoder(name).double()
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(8, 128, (int(n),), generator=g).tolist() for n in torch.randint(2, 12, (10,), generator=g)]
-    made = [t for _, t in decode(model, prompts, Choice.greedy(10), set(), 0, slots=3)]
+    choose = Choice(Sampling(max_new_tokens=10, repetition_penalty=penalty))
+    made = [t for _, t in decode(model, prompts, choose, set(), 0, slots=3)]
     eos = max(set(made), key=made.count)
     prefilled: list[list[int]] = []
     got: list[list[int]] = [[] for _ in prompts]
-    for j, token in decode(model, prompts, Choice.greedy(10), {eos}, 0, slots=3, on_prefill=prefilled.append):
+    for j, token in decode(model, prompts, choose, {eos}, 0, slots=3, on_prefill=prefilled.append,
+                           refill_rows=refill_rows):
         got[j].append(token)
     for p, tokens in zip(prompts, got):
         out = model.generate(input_ids=torch.tensor([p]), max_new_tokens=10, do_sample=False, eos_token_id=eos,
-                             pad_token_id=0)[0, len(p):].tolist()
+                             pad_token_id=0, repetition_penalty=penalty)[0, len(p):].tolist()
         assert tokens == (out[:out.index(eos) + 1] if eos in out else out)
-    assert prefilled[0] == [0, 1, 2] and len(prefilled) == 8  # the first three together, then one per refill
+    assert prefilled[0] == [0, 1, 2] and sorted(sum(prefilled, [])) == list(range(10))  # each prompt once
+    if refill_rows is None:  # a quarter of three slots: the slots that end together are refilled at once
+        assert len(prefilled) > 3 and max(map(len, prefilled[1:])) > 1
+    else:  # refills wait for refill_rows free slots (all three rows here end before the queue's last prompts)
+        assert len(prefilled[1]) >= refill_rows and len(prefilled) < 6
     assert any(len(t) < 10 for t in got) and any(len(t) == 10 for t in got)
+
+
+def test_refills_wait_for_company_but_not_long():
+    """Ended rows are refilled together once refill_rows of them wait (or the queue's rest), after DEFER_STEPS steps
+    of waiting at most, or at once when no row is left generating; never beyond the queue."""
+    from lorakit.inference.decode import DEFER_STEPS, _refills_due
+    running = [0, -1, 2, -1]
+    assert _refills_due(2, 10, 4, 0, running) == 0  # two of four wait: hold on
+    assert _refills_due(4, 10, 4, 0, running) == 4 and _refills_due(6, 10, 4, 0, running) == 6
+    assert _refills_due(2, 2, 4, 0, running) == 2  # the queue's last two: no one else is coming
+    assert _refills_due(2, 10, 4, DEFER_STEPS - 1, running) == 0 and _refills_due(2, 10, 4, DEFER_STEPS, running) == 2
+    assert _refills_due(2, 10, 4, 0, [-1, -1, -1, -1]) == 2  # nothing else runs: no reason to wait
+    assert _refills_due(0, 10, 4, 99, running) == 0 and _refills_due(3, 0, 4, 99, running) == 0
+    assert _refills_due(6, 3, 4, 0, running) == 3  # no more than are queued
 
 
 @pytest.mark.parametrize("name", ["llama", "gpt2", "qwen3"])

@@ -30,7 +30,8 @@ SOURCE = Path(__file__).parent / "csrc" / "llama_step.cpp"
 KERNELS = [Path(__file__).parent / "csrc" / name for name in (
     "skinny_gemm.cpp",  # bf16 / int8 products for a decode step's few rows
     "decode_attention.cpp",  # one query per row over a bf16 cache
-    "fused_ops.cpp")]  # a bf16 step's norms, rotary embedding and SwiGLU, a pass each
+    "fused_ops.cpp",  # a bf16 step's norms, rotary embedding and SwiGLU, a pass each
+    "amx_gemm.cpp")]  # fp32 logits from a bf16 head on AMX tiles
 NAME = "lorakit_llama_step"
 # norm classes whose forward is exactly LlamaRMSNorm's (checked against their source)
 RMS_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")
@@ -84,20 +85,23 @@ def compiled_model(model: nn.Module, dtype: torch.dtype):
 
 
 def _check_plain(module: nn.Module) -> None:
-    """No hooks and no replaced forward (accelerate's offloading sets both), except lorakit's own SwiGLU MLP."""
+    """No hooks and no replaced forward (accelerate's offloading sets both), except lorakit's own SwiGLU MLP and an
+    LM head giving fp32 logits (inference/logits.py)."""
     if module._forward_hooks or module._forward_pre_hooks:
         raise Unsupported
     forward = vars(module).get("forward")
-    if forward is not None and getattr(forward, "__func__", None) is not swiglu_forward:
+    if (forward is not None and getattr(forward, "__func__", None) is not swiglu_forward
+            and not vars(module).get("gives_fp32_logits")):
         raise Unsupported
 
 
 def _linear(ext, module: nn.Module, dtype: torch.dtype):
+    fp32_logits = bool(vars(module).get("gives_fp32_logits"))
     if type(module) is nn.Linear:
-        return ext.Linear(module.weight, module.bias, None, None, 0.0, None, None, packed_linear(module))
+        return ext.Linear(module.weight, module.bias, None, None, 0.0, None, None, packed_linear(module), fp32_logits)
     if isinstance(module, StoredLinear) and module.frozen.stored() is not None:
         weight, scales = module.frozen.stored()
-        terms = (weight, module.bias, None, None, 0.0, None, scales, module.frozen.packed())
+        terms = (weight, module.bias, None, None, 0.0, None, scales, module.frozen.packed(), fp32_logits)
     else:
         terms = inference_terms(module, dtype) if isinstance(module, LoRALinear) else None
     # int8 weights only where the CPU runs the int8 kernel: elsewhere the Python step's dequantising path is faster

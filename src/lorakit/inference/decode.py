@@ -28,6 +28,8 @@ from .precision import pack_for_batches
 from .sampling import Choice
 
 LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3")
+PREFILL_BATCH = 4  # prompts worth a prefill of their own while the batch is busy (a server's, decode's refills)
+DEFER_STEPS = 8  # decode steps a waiting prompt waits at most for others to prefill beside it
 
 
 def supports(model, length: int = 0) -> bool:
@@ -170,50 +172,56 @@ def _float_like(model) -> torch.Tensor:
 
 
 def decode(model, prompts: list[list[int]], choose: Choice, eos_ids: set[int], pad_id: int, slots: int = 16,
-           on_prefill: Callable[[list[int]], None] | None = None, compiled: bool = True
-           ) -> Iterator[tuple[int, int]]:
+           on_prefill: Callable[[list[int]], None] | None = None, compiled: bool = True,
+           refill_rows: int | None = None) -> Iterator[tuple[int, int]]:
     """Generate for token-id `prompts` in `slots` rows at once; yields (prompt index, token) as each is made.
 
-    The first `slots` prompts are prefilled together (left-padded, as `generate` batches them); when a row ends
-    (an EOS or max_new_tokens) the next queued prompt is prefilled alone into its slot. With nothing left to
-    queue, an ended row stays in the batch, computing padding, so the batch keeps its row count (and rounding).
-    Llama-family steps run in C++ where compiled_step can (`compiled`; False: the Python step). A bf16 model
-    decoding PACKED_ROWS rows or more runs on packed copies of its weights for the call (precision.py's
-    pack_for_batches; the copies are dropped after)."""
+    The first `slots` prompts are prefilled together (left-padded, as `generate` batches them). A row that ends (an
+    EOS or max_new_tokens) waits, computing padding, until `refill_rows` rows have ended (default a quarter of the
+    slots, at most PREFILL_BATCH; fewer where fewer prompts are queued), or for DEFER_STEPS steps at most, or until
+    no row is left generating; then the next queued prompts are prefilled together into the waiting slots, each
+    stored without its padding: one prefill of several prompts costs much less than one each, and stalls the other
+    rows once. The batch keeps its row count (and rounding). Llama-family steps run in C++ where compiled_step can
+    (`compiled`; False: the Python step). A bf16 model decoding PACKED_ROWS rows or more runs on packed copies of
+    its weights for the call (precision.py's pack_for_batches; the copies are dropped after)."""
     if not prompts or choose.sampling.max_new_tokens <= 0:
         return
-    packed = pack_for_batches(model) if min(slots, len(prompts)) >= PACKED_ROWS else []
+    rows = min(slots, len(prompts))
+    packed = pack_for_batches(model) if rows >= PACKED_ROWS else []
     try:
-        yield from _decode(model, prompts, choose, eos_ids, pad_id, slots, on_prefill, compiled)
+        yield from _decode(model, prompts, choose, eos_ids, pad_id, rows, on_prefill, compiled,
+                           min(PREFILL_BATCH, max(1, rows // 4)) if refill_rows is None else max(1, refill_rows))
     finally:
         for base in packed:
             base.unpack()
 
 
-def _decode(model, prompts: list[list[int]], choose: Choice, eos_ids: set[int], pad_id: int, slots: int,
-            on_prefill: Callable[[list[int]], None] | None, compiled: bool) -> Iterator[tuple[int, int]]:
+def _decode(model, prompts: list[list[int]], choose: Choice, eos_ids: set[int], pad_id: int, rows: int,
+            on_prefill: Callable[[list[int]], None] | None, compiled: bool, refill_rows: int
+            ) -> Iterator[tuple[int, int]]:
     max_new_tokens = choose.sampling.max_new_tokens
     like = _float_like(model)
-    device, config, rows = like.device, model.config, min(slots, len(prompts))
+    device, config = like.device, model.config
     cache = KVCache.for_model(config, rows, max(len(p) for p in prompts) + max_new_tokens, like)
     native = compiled_view(model, like.dtype) if compiled else None
     seen = (torch.zeros(rows, config.vocab_size, dtype=torch.bool, device=device)
             if choose.sampling.repetition_penalty != 1.0 else None)  # tokens each row holds, for the penalty
-    slot_prompt = list(range(rows))  # which prompt each slot is generating for (-1: none, finished)
-    made = [0] * rows
-    queue = iter(range(rows, len(prompts)))
+    slot_prompt, made = list(range(rows)), [0] * rows  # each slot's prompt (-1: ended or waiting), its tokens
+    queued, held = rows, 0  # the next prompt to prefill; steps the oldest waiting slot has waited
+    waiting: list[int] = []  # slots whose prompt ended, to be refilled together
 
-    def start(first: int, indices: list[int]) -> torch.Tensor:
-        """Prefill prompts `indices` into slots first..; their first tokens."""
+    def start(at: list[int], indices: list[int], padded: bool = False) -> torch.Tensor:
+        """Prefill prompts `indices` into slots `at`, stored without their padding (`padded`: slots 0.. with it, as
+        `generate` batches them); their first tokens."""
         if on_prefill is not None:
             on_prefill(list(indices))
         ids, mask = _left_padded([prompts[j] for j in indices], pad_id, device)
-        span = slice(first, first + len(indices))
         if seen is not None:
-            seen[span] = False
-            for s, j in enumerate(indices, first):
+            seen[at] = False
+            for s, j in zip(at, indices):
                 seen[s, torch.tensor(prompts[j], device=device)] = True
-        return choose(prefill(model, cache, first, ids, mask), None if seen is None else seen[span])
+        logits = prefill(model, cache, 0, ids, mask) if padded else prefill_unpadded(model, cache, at, ids, mask)
+        return choose(logits, None if seen is None else seen[at])
 
     def took(s: int, token: int) -> bool:
         """Count slot s's new token; True when its prompt has ended."""
@@ -222,22 +230,38 @@ def _decode(model, prompts: list[list[int]], choose: Choice, eos_ids: set[int], 
             seen[s, token] = True
         return token in eos_ids or made[s] >= max_new_tokens
 
-    tokens = start(0, slot_prompt)
-    while True:
-        ended = []
-        for s, token in enumerate(tokens.tolist()):
+    def emit(at: list[int], tokens: list[int]) -> Iterator[tuple[int, int]]:
+        """Yield the slots' new tokens; the slots whose prompt ended wait for a refill."""
+        for s, token in zip(at, tokens):
             if slot_prompt[s] >= 0:
                 yield slot_prompt[s], token
                 if took(s, token):
-                    ended.append(s)
-        while ended:  # refill ended slots; a prompt may end on its first token, then its slot is filled again
-            s = ended.pop()
-            slot_prompt[s], made[s] = next(queue, -1), 0
-            if slot_prompt[s] >= 0:
-                tokens[s] = start(s, [slot_prompt[s]])[0]
-                yield slot_prompt[s], int(tokens[s])
-                if took(s, int(tokens[s])):
-                    ended.append(s)
+                    slot_prompt[s] = -1
+                    waiting.append(s)
+
+    tokens = start(list(range(rows)), list(range(rows)), padded=True)
+    yield from emit(list(range(rows)), tokens.tolist())
+    while True:
+        # a prompt may end on its first token: then its slot waits again
+        while count := _refills_due(len(waiting), len(prompts) - queued, refill_rows, held, slot_prompt):
+            at, indices = sorted(waiting[:count]), list(range(queued, queued + count))
+            del waiting[:count]
+            queued, held = queued + count, 0
+            for s, j in zip(at, indices):
+                slot_prompt[s], made[s] = j, 0
+            tokens[at] = first = start(at, indices)
+            yield from emit(at, first.tolist())
         if all(j < 0 for j in slot_prompt):
             return
         tokens = choose(step(model, cache, tokens, native), seen)
+        held += bool(waiting)
+        yield from emit(list(range(rows)), tokens.tolist())
+
+
+def _refills_due(waiting: int, queued: int, refill_rows: int, held: int, slot_prompt: list[int]) -> int:
+    """How many waiting slots to refill now: all that can be once `refill_rows` wait (or the queue's rest fits), the
+    oldest has been held DEFER_STEPS steps, or no row is left generating; 0 before."""
+    if not waiting or not queued:
+        return 0
+    due = waiting >= min(refill_rows, queued) or held >= DEFER_STEPS or all(j < 0 for j in slot_prompt)
+    return min(waiting, queued) if due else 0

@@ -31,7 +31,7 @@ import torch
 
 from ..engine.frozen_base import PACKED_ROWS
 from .batch_adapters import BatchAdapters
-from .decode import _float_like, _left_padded, prefill_unpadded, step
+from .decode import DEFER_STEPS, PREFILL_BATCH, _float_like, _left_padded, prefill_unpadded, step
 from .kv_cache import KVCache
 from .prefix_cache import PREFIX_CACHE_MB, PrefixCache
 from .precision import pack_for_batches
@@ -313,8 +313,6 @@ class Engine:
             request.emit(Event(finish_reason="error", error=message))
 
 
-PREFILL_BATCH = 4  # waiting requests worth a prefill of their own while the batch is busy (Engine._admit_now)
-DEFER_STEPS = 8  # decode steps a waiting request waits at most for others to prefill beside it
 def prefill_now(running: int, slots: int, waiting: int, free: int, deferred: int) -> bool:
     """Whether to prefill the waiting requests now. A prefill of one prompt costs most of what a prefill of a few
     costs on CPU (the same weights read, the same calls), so while at least half the slots are decoding, waiting

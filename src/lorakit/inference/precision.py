@@ -13,22 +13,24 @@ from ..engine.frozen_base import DenseBase, packing_supported
 from ..engine.trained_copies import TrainedCopies
 from ..engine.precision import cast_params, dtype_name, resolve_dtype
 from .int8 import holds_int8, quantize_int8
+from .logits import batch_base, keep_fp32_logits
 
 
 @torch.no_grad()
 def cast_for_inference(model: nn.Module, name: str, device_type: str = "cpu") -> str:
     """Put a model for generation or evaluation in `name` (auto, fp32, bf16 or int8): every floating-point parameter,
-    adapters included, cast once (buffers kept), and for int8 every dense linear's weight quantised after. fp32
-    leaves the model as it is. Run again after an adapter is added, it brings the adapter to the same dtype. Returns
-    the name of what is used, for the record."""
+    adapters included, cast once (buffers kept), and for int8 every dense linear's weight quantised after; the LM
+    head then gives fp32 logits (logits.py). fp32 leaves the model as it is. Run again after an adapter is added,
+    it brings the adapter to the same dtype. Returns the name of what is used, for the record."""
     dtype = resolve_dtype("bf16" if name == "int8" else name, device_type,
                           "--dtype int8 computes in" if name == "int8" else "--dtype")
     if dtype != torch.float32:
         cast_params(model, dtype, frozen_only=False)
     if name == "int8":
         quantize_int8(model)
-        return "int8"
-    return dtype_name(dtype)
+    if dtype != torch.float32:
+        keep_fp32_logits(model)
+    return "int8" if name == "int8" else dtype_name(dtype)
 
 
 def dtype_of(model: nn.Module) -> str:
@@ -43,9 +45,10 @@ def pack_for_batches(model: nn.Module) -> list[DenseBase]:
     """Give every bf16 dense linear of `model` a copy in oneDNN's blocked layout (DenseBase.pack), so products of
     many rows (prompts, a server's batched steps) skip laying the weight out again on each call: the same bits as
     F.linear, faster, for the weights' bytes again. A plain nn.Linear (the LM head) keeps its copy beside it
-    (frozen_base.packed_linear), for the C++ step; modules that train in full (trained copies) are left as they
-    are. Run again after an adapter is added, it packs what is new. Returns the bases it packed (none: not bf16, or
-    no oneDNN bf16 in this PyTorch), whose `unpack` gives the memory back."""
+    (frozen_base.packed_linear), for the C++ step; a head giving fp32 logits gets AMX's layout (logits.py). Modules
+    that train in full (trained copies) are left as they are. Run again after an adapter is added, it packs what is
+    new. Returns the bases it packed (none: not bf16, or no oneDNN bf16 in this PyTorch), whose `unpack` gives the
+    memory back."""
     if not packing_supported():
         return []
     trained = {id(m) for copies in model.modules() if isinstance(copies, TrainedCopies) for m in copies.modules()}
@@ -54,7 +57,7 @@ def pack_for_batches(model: nn.Module) -> list[DenseBase]:
         if id(module) in trained:
             continue
         if type(module) is nn.Linear and module.weight.dtype == torch.bfloat16:
-            module.__dict__.setdefault("packed_base", DenseBase(module.weight))  # not a submodule: no state_dict key
+            module.__dict__.setdefault("packed_base", batch_base(module))  # not a submodule: no state_dict key
         base = module.__dict__.get("packed_base") or getattr(module, "frozen", None)
         if isinstance(base, DenseBase) and base.packed() is None and base.pack():
             packed.append(base)

@@ -11,6 +11,7 @@
 #include <tuple>
 #include <vector>
 
+#include "amx_gemm.h"
 #include "decode_attention.h"
 #include "fused_ops.h"
 #include "skinny_gemm.h"
@@ -46,6 +47,7 @@ struct Linear {
   optional<Tensor> bias, lora_A, lora_B;
   double scaling;
   optional<Tensor> row_mask, scales, packed;
+  bool fp32_logits = false;  // an LM head giving fp32 logits (inference/logits.py): skinny_logits, unrounded
 
   bool computes_bf16() const { return scales || weight.scalar_type() == at::kBFloat16; }
 
@@ -196,6 +198,12 @@ struct Model {
     for (size_t i = 0; i < layers.size(); ++i) {
       hidden = layer_step(layers[i], hidden, cos, sin, keys.select(0, i), values.select(0, i), slots);
     }
+    if (lm_head.fp32_logits) {  // inference/logits.py: AMX's layout packed for batches, else the skinny kernel
+      const Tensor last = norm(hidden).select(1, -1);
+      if (lm_head.packed && last.size(0) >= kPackedRows)
+        return amx_logits(last, *lm_head.packed, lm_head.weight.size(0));
+      return skinny_logits(last, lm_head.weight, lm_head.scales);
+    }
     return lm_head(norm(hidden)).select(1, -1).to(at::kFloat);
   }
 };
@@ -206,10 +214,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   namespace py = pybind11;
   py::class_<Linear>(m, "Linear")
       .def(py::init<Tensor, optional<Tensor>, optional<Tensor>, optional<Tensor>, double, optional<Tensor>,
-                    optional<Tensor>, optional<Tensor>>(),
+                    optional<Tensor>, optional<Tensor>, bool>(),
            py::arg("weight"), py::arg("bias"), py::arg("lora_A"), py::arg("lora_B"), py::arg("scaling"),
-           py::arg("row_mask") = py::none(), py::arg("scales") = py::none(), py::arg("packed") = py::none());
+           py::arg("row_mask") = py::none(), py::arg("scales") = py::none(), py::arg("packed") = py::none(),
+           py::arg("fp32_logits") = false);
   m.def("skinny_linear", &skinny_linear, py::arg("x"), py::arg("weight"), py::arg("bias") = py::none(),
+        py::call_guard<py::gil_scoped_release>());
+  m.def("skinny_logits", &skinny_logits, py::arg("x"), py::arg("weight"), py::arg("scales") = py::none(),
+        py::call_guard<py::gil_scoped_release>());
+  m.def("amx_supported", &amx_supported);
+  m.def("pack_for_amx", &pack_for_amx, py::arg("weight"));
+  m.def("amx_logits", &amx_logits, py::arg("x"), py::arg("packed"), py::arg("N"),
         py::call_guard<py::gil_scoped_release>());
   m.def("skinny_linear_int8", &skinny_linear_int8, py::arg("x"), py::arg("weight"), py::arg("scales"),
         py::arg("bias") = py::none(), py::call_guard<py::gil_scoped_release>());

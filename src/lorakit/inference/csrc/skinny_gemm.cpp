@@ -44,6 +44,7 @@ constexpr int64_t kMaxRowsSmall = 32;
 constexpr int64_t kMaxSmallMacs = 3 << 19;
 constexpr int64_t kMaxRowsInt8 = 32;  // int8: past this, bf16 GEMMs on rebuilt weights are faster
 constexpr int64_t kRebuildRows = 4096;  // int8 weight rows rebuilt in bf16 at a time for those
+constexpr int64_t kMaxRowsLogits = 32;  // skinny_logits: the kernel up to this many rows (fp32 GEMMs past it)
 constexpr int64_t kMinColsPerTask = 64;  // W rows a parallel task takes at least, so a task's work outweighs its start
 constexpr int64_t kPrefetchBytes = 16384;  // how far ahead of the W rows in work to prefetch (into L2), at least
 
@@ -171,6 +172,7 @@ struct Output {
   ColumnVector scale, bias;
   const float* group_scales = nullptr;
   int64_t groups = 0;
+  float* y_fp32 = nullptr;  // where set, the outputs go here unrounded (fp32 logits) instead of to y
 };
 
 // The sums of the 16 lanes of a, b, c, d, as the 4 lanes of one __m128: a transposing reduction, cheaper than four
@@ -299,7 +301,10 @@ SKINNY_TARGET void dot_block(const float* x, int64_t x_step, const typename WL::
 #pragma GCC unroll 8
     for (int i = 0; i < MR; ++i) {
       const __m128 v = _mm_fmadd_ps(reduce4(acc[i][0], acc[i][1], acc[i][2], acc[i][3]), scale, bias);
-      _mm_storel_epi64(reinterpret_cast<__m128i*>(out.y + (m0 + i) * out.ldy + n0), (__m128i)_mm_cvtneps_pbh(v));
+      if (out.y_fp32)
+        _mm_storeu_ps(out.y_fp32 + (m0 + i) * out.ldy + n0, v);
+      else
+        _mm_storel_epi64(reinterpret_cast<__m128i*>(out.y + (m0 + i) * out.ldy + n0), (__m128i)_mm_cvtneps_pbh(v));
     }
   } else {
 #pragma GCC unroll 8
@@ -307,7 +312,11 @@ SKINNY_TARGET void dot_block(const float* x, int64_t x_step, const typename WL::
 #pragma GCC unroll 8
       for (int j = 0; j < NC; ++j) {
         const int64_t n = n0 + j;
-        out.y[(m0 + i) * out.ldy + n] = c10::BFloat16(std::fma(_mm512_reduce_add_ps(acc[i][j]), out.scale[n], out.bias[n]));
+        const float v = std::fma(_mm512_reduce_add_ps(acc[i][j]), out.scale[n], out.bias[n]);
+        if (out.y_fp32)
+          out.y_fp32[(m0 + i) * out.ldy + n] = v;
+        else
+          out.y[(m0 + i) * out.ldy + n] = c10::BFloat16(v);
       }
   }
 }
@@ -465,6 +474,41 @@ Tensor skinny_linear_int8(const Tensor& x, const Tensor& weight, const Tensor& s
   } else {
     const Output out{y.data_ptr<c10::BFloat16>(), N, column_vector(scales, 1.f), column_vector(bias, 0.f)};
     skinny_gemm<Int8Weights>(x2, codes, out, x2.size(0), N, K);
+  }
+  return y.view(output_shape(x, N));
+}
+
+Tensor skinny_logits(const Tensor& x, const Tensor& weight, const c10::optional<Tensor>& scales) {
+  const bool int8 = scales && scales->defined();
+  const int64_t N = weight.dim() == 2 ? weight.size(0) : 0, K = weight.dim() == 2 ? weight.size(1) : 0;
+  const bool scales_fit = !int8 || (scales->dim() == 2 && scales->scalar_type() == at::kFloat &&
+                                    scales->is_contiguous() && scales->device().is_cpu() && scales->size(0) == N &&
+                                    scales->size(1) == (K + 31) / 32);
+  if (!kernel_applies(x, weight, int8 ? at::kChar : at::kBFloat16, c10::nullopt, kMaxRowsLogits) || !scales_fit) {
+    // fp32 GEMMs on the weight widened to fp32 (exactly) a chunk of rows at a time, x rounded to bf16 first
+    const Tensor xf = x.to(at::kBFloat16).to(at::kFloat).reshape({-1, K});
+    std::vector<Tensor> parts;
+    for (int64_t n0 = 0; n0 < N; n0 += kRebuildRows) {
+      const int64_t n1 = std::min(N, n0 + kRebuildRows);
+      Tensor w = weight.slice(0, n0, n1).to(at::kFloat);
+      if (int8) w.mul_(scales->slice(0, n0, n1).to(at::kFloat).repeat_interleave(32, 1).slice(1, 0, K));
+      parts.push_back(at::linear(xf, w));
+    }
+    return at::cat(parts, 1).view(output_shape(x, N));
+  }
+  const Tensor x2 = x.reshape({-1, K}).contiguous();
+  const int64_t M = x2.size(0);
+  Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
+  Output out{nullptr, N, column_vector(c10::nullopt, 1.f), column_vector(c10::nullopt, 0.f)};
+  out.y_fp32 = y.data_ptr<float>();
+  if (int8) {
+    out.group_scales = static_cast<const float*>(scales->data_ptr());
+    out.groups = scales->size(1);
+    skinny_gemm<Int8GroupWeights>(x2, static_cast<const int8_t*>(weight.data_ptr()), out, M, N, K);
+  } else if (M == 1) {
+    skinny_gemm<Bf16DotWeights>(x2, static_cast<const uint16_t*>(weight.data_ptr()), out, M, N, K);
+  } else {
+    skinny_gemm<Bf16Weights>(x2, static_cast<const uint16_t*>(weight.data_ptr()), out, M, N, K);
   }
   return y.view(output_shape(x, N));
 }

@@ -27,6 +27,15 @@
 //   layouts) the product is bf16 GEMMs (at::linear) on the weight rebuilt in bf16 4,096 rows at a time, as
 //   inference/int8.py's dequantized_linear computes it: within a bf16 rounding or two of the kernel.
 //   For comparison, ATen's torch._weight_int8pack_mm (bf16 scales) computes the same thing.
+//
+// skinny_logits: the next-token logits of a bf16 or int8 model in fp32: y = x·Wᵀ (· block scales) with the sums left
+// unrounded, as llama.cpp keeps its logits. Rounding them to bf16 (a step of 1/16 to 1/8 at the logits' size) makes
+// near ties and exact ties of tokens that fp32 tells apart; half of bf16's teacher-forced top-1 disagreement with fp32
+// was that rounding (docs/precision.md).
+//   x      (..., K) bf16 or fp32 (rounded to bf16 once)
+//   weight (N, K) bf16, or int8 codes with `scales` (N, ceil(K / 32)) fp32 as skinny_linear_int8 takes them
+//   -> y   (..., N) fp32. The kernel up to 32 rows; past that (or without AVX-512 BF16) fp32 GEMMs on the weight
+//          widened to fp32 a chunk of rows at a time: the same exact products, summed in another order.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -37,6 +46,9 @@ at::Tensor skinny_linear(const at::Tensor& x, const at::Tensor& weight, const c1
 // y = (x·w_intᵀ)·scales (+ bias) for a few rows of x and int8 weights with per-row or per-block scales; see above.
 at::Tensor skinny_linear_int8(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scales,
                               const c10::optional<at::Tensor>& bias);
+
+// The logits x·Wᵀ in fp32 for a bf16 weight, or int8 codes with block scales; see above.
+at::Tensor skinny_logits(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& scales);
 
 // Whether this CPU has the instructions the kernels use (AVX-512F/BW/VL, AVX-512 BF16, FMA), checked at run time.
 bool skinny_supported();
