@@ -2,14 +2,17 @@
 projections, random B), chat requests spread over the base and the adapters, DialogSum dialogues cut to 64-256
 tokens as prompts, 64 new tokens (greedy), streamed.
 
-    python bench/serve.py [--levels 1,4,16] [--soak 1000] [--dtype bf16 --out bench/results/serve-bf16.json]
+    python bench/serve.py [--levels 1,4,16] [--rounds 3] [--soak 1000] [--dtype bf16 --out ...serve-bf16.json]
 For each level of concurrent clients: throughput (completion tokens/s), p50 / p95 time to first token and request
-latency; the 1-client level is like requests served one at a time. Each level (and the warm-up) has dialogues of
-its own, so that the server's prefix cache finds only what real traffic shares (the chat template's system prompt),
-not a prompt seen at an earlier level; the prompt tokens it took from the cache are recorded. Where llama.cpp's
-server is installed (`make llama-cpp`), it serves a merged GGUF export of one adapter as the single-adapter anchor.
-Then a soak: --soak requests, 10% malformed, 5% from clients that leave mid-stream: no 5xx, every good request
-answered in full, the server's RSS after within 5% of its RSS after warm-up. Writes bench/results/serve.json.
+latency; the 1-client level is like requests served one at a time. With --rounds N the levels take turns N times
+(the order reversed every other round) and each level's ratio to one at a time is taken within its round, the median
+reported: the box's speed drifts by 10-15% over minutes, more than the ratios differ. Each level (and the warm-up)
+has dialogues of its own, so that the server's prefix cache finds only what real traffic shares (the chat template's
+system prompt), not a prompt seen at an earlier level; the prompt tokens it took from the cache are recorded. Where
+llama.cpp's server is installed (`make llama-cpp`), it serves a merged GGUF export of one adapter as the single-
+adapter anchor. Then a soak: --soak requests, 10% malformed, 5% from clients that leave mid-stream: no 5xx, every
+good request answered in full, the server's RSS after within 5% of its RSS after warm-up. Writes
+bench/results/serve.json.
 """
 from __future__ import annotations
 
@@ -30,7 +33,8 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from step import PROJECTIONS, machine  # noqa: E402
 
-DIALOGSUM = Path(__file__).resolve().parents[2] / "shared" / "data" / "dialogsum" / "dialogsum.test.jsonl"
+DIALOGSUM = Path(__file__).resolve().parents[2] / "shared" / "data" / "dialogsum"
+SPLITS = ("dialogsum.test.jsonl", "dialogsum.dev.jsonl")  # 400 + 500 dialogues, in this order
 ADAPTERS = ("a1", "a2", "a3")
 
 
@@ -65,7 +69,10 @@ def prompts(n: int, seed: int = 0) -> list[str]:
     tok = load_tokenizer(resolve_spec("smollm2")[0])
     rng = random.Random(seed)
     out = []
-    for line in DIALOGSUM.read_text().splitlines()[:n]:
+    lines = [line for split in SPLITS for line in (DIALOGSUM / split).read_text().splitlines()]
+    if n > len(lines):
+        raise SystemExit(f"bench/serve.py needs {n} dialogues; {DIALOGSUM} has {len(lines)}: fewer --rounds")
+    for line in lines[:n]:
         ids = tok(json.loads(line)["dialogue"], add_special_tokens=False)["input_ids"]
         out.append("Summarize this dialogue.\n\n" + tok.decode(ids[:rng.randint(64, 256)]))
     return out
@@ -206,12 +213,24 @@ def llama_cpp_anchor(folder: Path, adapter: Path, level_jobs: dict[int, list], m
         proc.wait()
 
 
-def table(title: str, rows: list[dict]) -> None:
-    print(f"\n{title}\n{'clients':>7} {'tokens/s':>9} {'TTFT p50':>9} {'p95':>6} {'latency p50':>12} {'p95':>6} "
-          f"{'prompt cached':>14}")
+def within_rounds(rows: list[dict]) -> dict[int, tuple[float, list[float]]]:
+    """Each row's tokens/s over its round's 1-client level (`x_one_at_a_time`, set on the rows); per level, the
+    median over the rounds and the rounds' own ratios."""
+    alone = {r["round"]: r["tokens_per_s"] for r in rows if r["clients"] == 1}
+    ratios: dict[int, list[float]] = {}
     for r in rows:
-        print(f"{r['clients']:>7} {r['tokens_per_s']:>9.1f} {r['ttft_p50']:>9.2f} {r['ttft_p95']:>6.2f} "
-              f"{r['latency_p50']:>12.2f} {r['latency_p95']:>6.2f} "
+        r["x_one_at_a_time"] = r["tokens_per_s"] / alone[r["round"]] if r["round"] in alone else None
+        if r["x_one_at_a_time"] is not None:
+            ratios.setdefault(r["clients"], []).append(r["x_one_at_a_time"])
+    return {c: (sorted(v)[len(v) // 2], v) for c, v in ratios.items()}
+
+
+def table(title: str, rows: list[dict]) -> None:
+    print(f"\n{title}\n{'round':>5} {'clients':>7} {'tokens/s':>9} {'TTFT p50':>9} {'p95':>6} {'latency p50':>12} "
+          f"{'p95':>6} {'prompt cached':>14}")
+    for r in rows:
+        print(f"{r.get('round', 1):>5} {r['clients']:>7} {r['tokens_per_s']:>9.1f} {r['ttft_p50']:>9.2f} "
+              f"{r['ttft_p95']:>6.2f} {r['latency_p50']:>12.2f} {r['latency_p95']:>6.2f} "
               f"{r['cached_tokens'] / max(1, r['prompt_tokens']):>14.1%}")
 
 
@@ -220,6 +239,7 @@ def main() -> None:
     ap.add_argument("--levels", default="1,4,16")
     ap.add_argument("--requests", type=int, default=64, help="requests per level (the 1-client level: a quarter)")
     ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=1, help="the levels taking turns this many times (see above)")
     ap.add_argument("--soak", type=int, default=1000)
     ap.add_argument("--dtype", default="fp32", help="the server's --dtype (fp32, bf16, auto)")
     ap.add_argument("--no-anchor", action="store_true", help="leave out llama.cpp's server")
@@ -239,16 +259,18 @@ def main() -> None:
         url = f"http://127.0.0.1:{port}"
         try:
             models = ["smollm2", *ADAPTERS]
-            texts = prompts(8 + sum(jobs_at(c, a.requests) for c in levels))
+            texts = prompts(8 + a.rounds * sum(jobs_at(c, a.requests) for c in levels))
             jobs = [(models[i % 4], text) for i, text in enumerate(texts)]
             level(url, 4, jobs[:8], 8)  # warm-up: the compiled step, the allocator
             warm_rss = rss_mb(proc.pid)
             rows, level_jobs, taken = [], {}, 8
-            for c in levels:
-                count = jobs_at(c, a.requests)
-                level_jobs[c], taken = jobs[taken:taken + count], taken + count
-                rows.append(level(url, c, level_jobs[c], a.max_tokens))
-                print(json.dumps(rows[-1]), flush=True)
+            for r in range(a.rounds):
+                for c in (levels if r % 2 == 0 else levels[::-1]):
+                    count = jobs_at(c, a.requests)
+                    level_jobs.setdefault(c, jobs[taken:taken + count])  # the first round's, for the anchor
+                    rows.append({"round": r + 1} | level(url, c, jobs[taken:taken + count], a.max_tokens))
+                    taken += count
+                    print(json.dumps(rows[-1]), flush=True)
             levels_rss = rss_mb(proc.pid)
             soaked = soak(url, proc.pid, a.soak, rng) if a.soak else {}
             time.sleep(1)
@@ -259,12 +281,14 @@ def main() -> None:
             proc.terminate()
             proc.wait()
         anchor = None if a.no_anchor else llama_cpp_anchor(folder, adapters[0], level_jobs, a.max_tokens)
-    for r in rows:
-        r["x_one_at_a_time"] = r["tokens_per_s"] / rows[0]["tokens_per_s"]
+    ratios = within_rounds(rows)
     table(f"lorakit serve --api --dtype {a.dtype}, the base and 3 adapters", rows)
+    print("x one at a time, median of the rounds (each round's):",
+          ", ".join(f"{c} clients {m:.2f}x ({', '.join(f'{x:.2f}' for x in each)})" for c, (m, each) in ratios.items()))
     if anchor:
         table("llama.cpp server (llama-cpp-python), one merged adapter (f16 GGUF)", anchor)
-    result = {"levels": rows, "soak": soaked, "llama_cpp": anchor, "max_tokens": a.max_tokens}
+    result = {"levels": rows, "x_one_at_a_time_median": {c: m for c, (m, _) in ratios.items()}, "soak": soaked,
+              "llama_cpp": anchor, "max_tokens": a.max_tokens}
     args = argparse.Namespace(**vars(a) | {"out": a.out})
     machine("serve", args, [result])
 

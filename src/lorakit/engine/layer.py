@@ -63,7 +63,8 @@ class LoRALinear(nn.Module):
             raise LoRAError(f"LoRA wraps nn.Linear or Conv1D, not {type(base).__name__}")
         self.fan_in_fan_out = is_conv1d(base)  # Conv1D stores its weight as (in, out)
         self.in_features, self.out_features = linear_features(base)
-        kept = base.frozen if isinstance(base, StoredLinear) else base.__dict__.pop("packed_base", None)  # its storage
+        packed = base.__dict__.pop("packed_base", None)  # a copy in oneDNN's layout (another layout: not for this)
+        kept = base.frozen if isinstance(base, StoredLinear) else packed if type(packed) is DenseBase else None
         self.frozen: FrozenBase = kept or DenseBase(base.weight, transposed=self.fan_in_fan_out)
         self.bias = base.bias
         self.lora_A = nn.ParameterDict()

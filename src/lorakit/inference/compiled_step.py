@@ -89,14 +89,13 @@ def _check_plain(module: nn.Module) -> None:
     LM head giving fp32 logits (inference/logits.py)."""
     if module._forward_hooks or module._forward_pre_hooks:
         raise Unsupported
-    forward = vars(module).get("forward")
-    if (forward is not None and getattr(forward, "__func__", None) is not swiglu_forward
-            and not vars(module).get("gives_fp32_logits")):
+    allowed = (swiglu_forward, vars(module).get("gives_fp32_logits", swiglu_forward))
+    if "forward" in vars(module) and getattr(vars(module)["forward"], "__func__", None) not in allowed:
         raise Unsupported
 
 
 def _linear(ext, module: nn.Module, dtype: torch.dtype):
-    fp32_logits = bool(vars(module).get("gives_fp32_logits"))
+    fp32_logits = "gives_fp32_logits" in vars(module)
     if type(module) is nn.Linear:
         return ext.Linear(module.weight, module.bias, None, None, 0.0, None, None, packed_linear(module), fp32_logits)
     if isinstance(module, StoredLinear) and module.frozen.stored() is not None:

@@ -6,9 +6,9 @@ bf16's teacher-forced top-1 disagreement with fp32 (docs/precision.md); llama.cp
 same reason. The head's weight stays as it is (bf16, or int8 codes with block scales): the C++ kernel
 (csrc/skinny_gemm.h's skinny_logits) reads it once for the few rows of a decode step and writes fp32. For batches
 (PACKED_ROWS rows or more) `pack_for_batches` gives a bf16 head a copy laid out for AMX (csrc/amx_gemm.h): oneDNN's
-micro-kernel then computes on tiles and keeps its fp32 sums. Many rows without that copy (a teacher-forced pass over
-every position) lay the head out for AMX for that call; without AMX (or for int8), fp32 GEMMs on the weight
-widened a chunk at a time.
+micro-kernel then computes on tiles and keeps its fp32 sums. From PACK_ONCE_ROWS rows without that copy (a
+teacher-forced pass over many positions) the head is laid out for AMX for that call; otherwise past the kernel's 32
+rows, without AMX, for int8 and off the CPU, fp32 GEMMs on the weight widened a chunk at a time.
 """
 from __future__ import annotations
 
@@ -36,13 +36,17 @@ def head_storage(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] 
 
 
 def logits_forward(head: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The head's output in fp32: x (rounded to bf16) times the weight, exact products summed in fp32."""
-    weight, scales = head_storage(head)
-    ext = extension()
-    if ext is not None and x.device.type == "cpu":
+    """The head's output in fp32: x (rounded to bf16) times the weight, exact products summed in fp32. A head that no
+    longer holds such a weight, or a product that needs gradients, runs the module's own forward."""
+    storage = head_storage(head)
+    if storage is None or (torch.is_grad_enabled() and (x.requires_grad or storage[0].requires_grad)):
+        return type(head).forward(head, x)
+    weight, scales = storage
+    ext = extension() if x.device.type == "cpu" else None
+    if ext is not None:
         rows = x.numel() // x.shape[-1]
-        packed = head.__dict__.get("packed_base")
-        packed = packed.packed() if isinstance(packed, LogitsBase) else None
+        base = head.__dict__.get("packed_base")
+        packed = base.packed() if isinstance(base, LogitsBase) and base.weight is weight else None
         if packed is None and rows >= PACK_ONCE_ROWS and scales is None and ext.amx_supported():
             packed = ext.pack_for_amx(weight)  # many positions at once (a loss over a batch): worth a copy
         if packed is not None and rows >= PACKED_ROWS:
@@ -66,7 +70,7 @@ def keep_fp32_logits(model: nn.Module) -> bool:
     head.forward = types.MethodType(logits_forward, head)
     if not isinstance(head.__dict__.get("packed_base"), LogitsBase):  # oneDNN's layout, for products it no longer runs
         head.__dict__.pop("packed_base", None)
-    head.__dict__["gives_fp32_logits"] = True  # what compiled_step reads: its step then asks the kernel for fp32
+    head.__dict__["gives_fp32_logits"] = logits_forward  # what compiled_step checks the forward against
     return True
 
 
@@ -85,4 +89,4 @@ class LogitsBase(DenseBase):
 
 def batch_base(module: nn.Module) -> DenseBase:
     """What `pack_for_batches` packs for a plain bf16 linear: the AMX copy for a head giving fp32 logits."""
-    return LogitsBase(module.weight) if vars(module).get("gives_fp32_logits") else DenseBase(module.weight)
+    return LogitsBase(module.weight) if "gives_fp32_logits" in vars(module) else DenseBase(module.weight)

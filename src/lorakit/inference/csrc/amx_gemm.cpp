@@ -29,10 +29,16 @@ std::vector<int64_t> output_shape(const at::Tensor& x, int64_t N) {
 }
 
 void check_fits(const at::Tensor& x, const at::Tensor& packed, int64_t N) {
-  TORCH_CHECK(packed.dim() == 2 && packed.size(1) % kBlockN == 0 &&
-                  padded_k(x.size(-1)) == packed.size(1) / kBlockN && packed.size(0) * kBlockN >= N,
+  TORCH_CHECK(packed.dim() == 2 && packed.scalar_type() == at::kBFloat16 && packed.is_contiguous() &&
+                  packed.device().is_cpu() && packed.size(1) % kBlockN == 0 &&
+                  padded_k(x.size(-1)) == packed.size(1) / kBlockN && packed.size(0) == (N + kBlockN - 1) / kBlockN,
               "amx_logits: the packed weight does not fit x");
 }
+
+// Releases the AMX tile configuration of this thread at the end of its share, however it ends.
+struct TilesReleased {
+  ~TilesReleased() { at::native::cpublas::brgemm_release(true); }
+};
 
 }  // namespace
 
@@ -61,6 +67,7 @@ at::Tensor amx_logits(const at::Tensor& x, const at::Tensor& packed, int64_t N) 
   // parallel over blocks of 64 columns; each block's sums for 32 rows at a time go to a buffer of the task (the
   // last block may be narrower than the packed one), then to y
   lorakit_kernels::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    const TilesReleased release;
     std::vector<float> sums(kBlockM * kBlockN);
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t n0 = b * kBlockN, columns = std::min(kBlockN, N - n0);
@@ -72,7 +79,6 @@ at::Tensor amx_logits(const at::Tensor& x, const at::Tensor& packed, int64_t N) 
           std::copy(sums.data() + i * kBlockN, sums.data() + i * kBlockN + columns, out + (m0 + i) * N + n0);
       }
     }
-    at::native::cpublas::brgemm_release(true);
   });
   return y.view(output_shape(x, N));
 }
