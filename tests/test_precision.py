@@ -244,11 +244,12 @@ def test_a_packed_bf16_weight_multiplies_as_f_linear_and_is_dropped_when_the_wei
 
 def test_pack_for_batches_packs_every_bf16_linear_and_changes_no_prompt_beyond_rounding():
     """precision.pack_for_batches on a bf16 Llama with LoRA: the LM head and every adapted linear get packed copies,
-    no module or state-dict key changes (the head's copy sits beside it, and an adapter added later adopts it); a
+    no module or state-dict key changes (the copies sit beside the plain linears, and an adapter added later adopts
+    oneDNN's; the head's, in AMX's layout for fp32 logits, it lays out anew); a
     batch of prompts' logits stay within bf16 rounding of the unpacked model's; a merge drops the merged layer's
     copy; an fp32 model is left as it is."""
     from lorakit.engine import lora_layers
-    from lorakit.engine.frozen_base import packed_linear, packing_supported
+    from lorakit.engine.frozen_base import DenseBase, packed_linear, packing_supported
     from lorakit.inference.decode import _left_padded
     from lorakit.inference.precision import cast_for_inference, pack_for_batches
     if not packing_supported():
@@ -266,8 +267,12 @@ def test_pack_for_batches_packs_every_bf16_linear_and_changes_no_prompt_beyond_r
         after = model(input_ids=ids, attention_mask=mask).logits.float()
     assert (after - before).abs().max() <= 2 ** -6 * before.abs().max()
     assert type(model.lm_head) is torch.nn.Linear and list(model.state_dict()) == keys
-    add_lora(model, LoRAConfig(r=4, targets=["lm_head"]), "head")
-    assert model.lm_head.frozen.packed() is not None  # the adapter adopted the packed copy
+    adopted = model.model.layers[0].mlp.up_proj.__dict__["packed_base"]
+    add_lora(model, LoRAConfig(r=4, targets=["up_proj", "lm_head"]), "head")
+    assert model.model.layers[0].mlp.up_proj.frozen is adopted  # the adapter adopted the packed copy
+    # the head's copy is AMX's layout (fp32 logits): the adapter wraps the plain weight, packed at the next call
+    assert type(model.lm_head.frozen) is DenseBase and model.lm_head.frozen.packed() is None
+    assert pack_for_batches(model) and model.lm_head.frozen.packed() is not None
     layer = next(iter(lora_layers(model)))[1]
     layer.active = "default"
     layer.merge()  # through .data, which moves no version counter: the merge itself drops the copy

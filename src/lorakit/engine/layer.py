@@ -54,6 +54,15 @@ def compute_dtype(weight: torch.Tensor | None, dtype: torch.dtype, A: torch.Tens
     return base if base == torch.bfloat16 and A.dtype == torch.float32 and not autocast else A.dtype
 
 
+def kept_storage(base: nn.Module) -> FrozenBase | None:
+    """The storage a linear about to be wrapped already has: a StoredLinear's, or the copy in oneDNN's layout that
+    pack_for_batches keeps beside an nn.Linear (an LM head's copy in AMX's layout is not one a LoRA layer reads)."""
+    if isinstance(base, StoredLinear):
+        return base.frozen
+    packed = base.__dict__.pop("packed_base", None)
+    return packed if type(packed) is DenseBase else None
+
+
 class LoRALinear(nn.Module):
     """A base linear (nn.Linear or Conv1D) with any number of named LoRA branches, one active at a time."""
 
@@ -63,9 +72,7 @@ class LoRALinear(nn.Module):
             raise LoRAError(f"LoRA wraps nn.Linear or Conv1D, not {type(base).__name__}")
         self.fan_in_fan_out = is_conv1d(base)  # Conv1D stores its weight as (in, out)
         self.in_features, self.out_features = linear_features(base)
-        packed = base.__dict__.pop("packed_base", None)  # a copy in oneDNN's layout (another layout: not for this)
-        kept = base.frozen if isinstance(base, StoredLinear) else packed if type(packed) is DenseBase else None
-        self.frozen: FrozenBase = kept or DenseBase(base.weight, transposed=self.fan_in_fan_out)
+        self.frozen: FrozenBase = kept_storage(base) or DenseBase(base.weight, transposed=self.fan_in_fan_out)
         self.bias = base.bias
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
