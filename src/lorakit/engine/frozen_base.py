@@ -72,10 +72,15 @@ class DenseBase(FrozenBase):
         Costs the weight's bytes again. False where it does not apply (another dtype or device, Conv1D's layout, no
         oneDNN bf16). A weight trained after is safe: autograd never uses the copy, and a changed weight drops it."""
         w = self.weight
-        if self.transposed or w.dtype != torch.bfloat16 or w.device.type != "cpu" or not packing_supported():
+        copy = None if self.transposed or w.dtype != torch.bfloat16 or w.device.type != "cpu" else self.laid_out(w)
+        if copy is None:
             return False
-        self.packed_copy = (torch.ops.mkldnn._reorder_linear_weight(w, 16), w.data_ptr(), w._version)
+        self.packed_copy = (copy, w.data_ptr(), w._version)
         return True
+
+    def laid_out(self, w: torch.Tensor) -> torch.Tensor | None:
+        """The copy `pack` keeps of a bf16 CPU weight: oneDNN's blocked layout (None without oneDNN bf16)."""
+        return torch.ops.mkldnn._reorder_linear_weight(w, 16) if packing_supported() else None
 
     def unpack(self) -> None:
         """Drop the packed copy (its memory)."""

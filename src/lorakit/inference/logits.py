@@ -77,14 +77,9 @@ def keep_fp32_logits(model: nn.Module) -> bool:
 class LogitsBase(DenseBase):
     """A bf16 head's weight with, while packed, the copy csrc/amx_gemm.h reads (in place of oneDNN's layout)."""
 
-    @torch.no_grad()
-    def pack(self) -> bool:
+    def laid_out(self, w: torch.Tensor) -> torch.Tensor | None:
         ext = extension()
-        w = self.weight
-        if ext is None or w.dtype != torch.bfloat16 or w.device.type != "cpu" or not ext.amx_supported():
-            return False
-        self.packed_copy = (ext.pack_for_amx(w), w.data_ptr(), w._version)
-        return True
+        return ext.pack_for_amx(w) if ext is not None and ext.amx_supported() else None
 
 
 def batch_base(module: nn.Module) -> DenseBase:

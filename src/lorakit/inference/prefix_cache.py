@@ -65,30 +65,31 @@ class PrefixCache:
         """Keep the whole blocks of `ids`, now in `slot` of `cache` from column 0, for later prompts."""
         if not self.limit:
             return
-        chain, parent = [], 0
-        for end in range(BLOCK, len(ids) + 1, BLOCK):
-            key = (adapter, parent, tuple(ids[end - BLOCK:end]))
-            if key not in self.blocks:
-                span = slice(end - BLOCK, end)
-                self.numbered += 1
-                self.blocks[key] = (self.numbered, cache.keys[:, slot, :, span].clone(),
-                                    cache.values[:, slot, :, span].clone())
+        chain = self._chain(adapter, ids, len(ids))
+        for end in range((len(chain) + 1) * BLOCK, len(ids) + 1, BLOCK):  # the blocks not cached yet
+            key = self._key(adapter, chain, ids, end)
+            span = slice(end - BLOCK, end)
+            self.numbered += 1
+            self.blocks[key] = (self.numbered, cache.keys[:, slot, :, span].clone(),
+                                cache.values[:, slot, :, span].clone())
             chain.append(key)
-            parent = self.blocks[key][0]
         self._used(chain)
         while len(self.blocks) > self.limit:
             self.blocks.popitem(last=False)
 
     def _chain(self, adapter: str | None, ids: list[int], length: int) -> list[tuple]:
         """The keys of the cached blocks that begin `ids`, in order, within its first `length` tokens."""
-        chain, parent = [], 0
+        chain: list[tuple] = []
         for end in range(BLOCK, length + 1, BLOCK):
-            key = (adapter, parent, tuple(ids[end - BLOCK:end]))
+            key = self._key(adapter, chain, ids, end)
             if key not in self.blocks:
                 break
             chain.append(key)
-            parent = self.blocks[key][0]
         return chain
+
+    def _key(self, adapter: str | None, chain: list[tuple], ids: list[int], end: int) -> tuple:
+        """The key of `ids`' block ending at `end`, after the blocks of `chain` (0 for the parent of the first)."""
+        return adapter, (self.blocks[chain[-1]][0] if chain else 0), tuple(ids[end - BLOCK:end])
 
     def _used(self, chain: list[tuple]) -> None:
         """Mark the blocks of `chain` used now, the first ones last (the most recent)."""

@@ -407,6 +407,31 @@ std::vector<int64_t> output_shape(const Tensor& x, int64_t N) {
   return shape;
 }
 
+// Block scales as the int8 kernel reads them: (N, ceil(K / 32)) fp32, contiguous, on the CPU.
+bool block_scales_fit(const Tensor& scales, int64_t N, int64_t K) {
+  return scales.dim() == 2 && scales.scalar_type() == at::kFloat && scales.is_contiguous() &&
+         scales.device().is_cpu() && scales.size(0) == N && scales.size(1) == (K + 31) / 32;
+}
+
+// Rows n0 .. n1-1 of W in fp32 (exactly): int8 codes times their scales (one per row, or per block of 32 along it), or
+// bf16 weights (no scales) widened. The products past the kernels' rows run on these, a chunk at a time.
+Tensor widened_rows(const Tensor& weight, const c10::optional<Tensor>& scales, int64_t n0, int64_t n1) {
+  Tensor w = weight.slice(0, n0, n1).to(at::kFloat);
+  if (scales && scales->defined()) {
+    const Tensor s = scales->slice(0, n0, n1).to(at::kFloat);
+    w.mul_(s.dim() == 2 ? s.repeat_interleave(32, 1).slice(1, 0, weight.size(1)) : s.unsqueeze(1));
+  }
+  return w;
+}
+
+// y = x·Wᵀ for bf16 weights through the kernel: dot products for one row, FMAs for several (the note at the top).
+void bf16_gemm(const Tensor& x2, const uint16_t* w, const Output& out, int64_t M, int64_t N, int64_t K) {
+  if (M == 1)
+    skinny_gemm<Bf16DotWeights>(x2, w, out, M, N, K);
+  else
+    skinny_gemm<Bf16Weights>(x2, w, out, M, N, K);
+}
+
 }  // namespace
 
 bool skinny_supported() {
@@ -434,11 +459,7 @@ Tensor skinny_linear(const Tensor& x, const Tensor& weight, const c10::optional<
   Tensor y = at::empty({x2.size(0), N}, x.options().dtype(at::kBFloat16));
   const Output out{y.data_ptr<c10::BFloat16>(), N, column_vector(c10::nullopt, 1.f), column_vector(bias, 0.f)};
   const auto* w = static_cast<const uint16_t*>(weight.data_ptr());
-  const int64_t M = x2.size(0);
-  if (M == 1)  // see the note at the top: dot products for one row, FMAs for several
-    skinny_gemm<Bf16DotWeights>(x2, w, out, M, N, K);
-  else
-    skinny_gemm<Bf16Weights>(x2, w, out, M, N, K);
+  bf16_gemm(x2, w, out, x2.size(0), N, K);
   return y.view(output_shape(x, N));
 }
 
@@ -446,18 +467,13 @@ Tensor skinny_linear_int8(const Tensor& x, const Tensor& weight, const Tensor& s
                           const c10::optional<Tensor>& bias) {
   const int64_t N = weight.dim() == 2 ? weight.size(0) : 0, K = weight.dim() == 2 ? weight.size(1) : 0;
   const bool grouped = scales.dim() == 2;
-  const bool scales_fit = grouped ? scales.scalar_type() == at::kFloat && scales.is_contiguous() &&
-                                        scales.size(0) == N && scales.size(1) == (K + 31) / 32 &&
-                                        scales.device().is_cpu()
-                                  : is_column_vector(scales, N);
+  const bool scales_fit = grouped ? block_scales_fit(scales, N, K) : is_column_vector(scales, N);
   if (!kernel_applies(x, weight, at::kChar, bias, kMaxRowsInt8) || !scales_fit) {
     // bf16 GEMMs on the weight rebuilt a chunk of rows at a time (int8.py's dequantized_linear)
     const Tensor xb = x.to(at::kBFloat16).reshape({-1, K});
     std::vector<Tensor> parts;
     for (int64_t n0 = 0; n0 < N; n0 += kRebuildRows) {
-      const int64_t n1 = std::min(N, n0 + kRebuildRows);
-      Tensor w = weight.slice(0, n0, n1).to(at::kFloat), s = scales.slice(0, n0, n1).to(at::kFloat);
-      w.mul_(grouped ? s.repeat_interleave(32, 1).slice(1, 0, K) : s.unsqueeze(1));
+      const Tensor w = widened_rows(weight, scales, n0, std::min(N, n0 + kRebuildRows));
       parts.push_back(at::linear(xb, w.to(at::kBFloat16)));
     }
     Tensor y = at::cat(parts, 1);
@@ -481,19 +497,13 @@ Tensor skinny_linear_int8(const Tensor& x, const Tensor& weight, const Tensor& s
 Tensor skinny_logits(const Tensor& x, const Tensor& weight, const c10::optional<Tensor>& scales) {
   const bool int8 = scales && scales->defined();
   const int64_t N = weight.dim() == 2 ? weight.size(0) : 0, K = weight.dim() == 2 ? weight.size(1) : 0;
-  const bool scales_fit = !int8 || (scales->dim() == 2 && scales->scalar_type() == at::kFloat &&
-                                    scales->is_contiguous() && scales->device().is_cpu() && scales->size(0) == N &&
-                                    scales->size(1) == (K + 31) / 32);
+  const bool scales_fit = !int8 || block_scales_fit(*scales, N, K);
   if (!kernel_applies(x, weight, int8 ? at::kChar : at::kBFloat16, c10::nullopt, kMaxRowsLogits) || !scales_fit) {
     // fp32 GEMMs on the weight widened to fp32 (exactly) a chunk of rows at a time, x rounded to bf16 first
     const Tensor xf = x.to(at::kBFloat16).to(at::kFloat).reshape({-1, K});
     std::vector<Tensor> parts;
-    for (int64_t n0 = 0; n0 < N; n0 += kRebuildRows) {
-      const int64_t n1 = std::min(N, n0 + kRebuildRows);
-      Tensor w = weight.slice(0, n0, n1).to(at::kFloat);
-      if (int8) w.mul_(scales->slice(0, n0, n1).to(at::kFloat).repeat_interleave(32, 1).slice(1, 0, K));
-      parts.push_back(at::linear(xf, w));
-    }
+    for (int64_t n0 = 0; n0 < N; n0 += kRebuildRows)
+      parts.push_back(at::linear(xf, widened_rows(weight, scales, n0, std::min(N, n0 + kRebuildRows))));
     return at::cat(parts, 1).view(output_shape(x, N));
   }
   const Tensor x2 = x.reshape({-1, K}).contiguous();
@@ -505,10 +515,8 @@ Tensor skinny_logits(const Tensor& x, const Tensor& weight, const c10::optional<
     out.group_scales = static_cast<const float*>(scales->data_ptr());
     out.groups = scales->size(1);
     skinny_gemm<Int8GroupWeights>(x2, static_cast<const int8_t*>(weight.data_ptr()), out, M, N, K);
-  } else if (M == 1) {
-    skinny_gemm<Bf16DotWeights>(x2, static_cast<const uint16_t*>(weight.data_ptr()), out, M, N, K);
   } else {
-    skinny_gemm<Bf16Weights>(x2, static_cast<const uint16_t*>(weight.data_ptr()), out, M, N, K);
+    bf16_gemm(x2, static_cast<const uint16_t*>(weight.data_ptr()), out, M, N, K);
   }
   return y.view(output_shape(x, N));
 }
