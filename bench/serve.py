@@ -11,7 +11,8 @@ has dialogues of its own, so that the server's prefix cache finds only what real
 system prompt), not a prompt seen at an earlier level; the prompt tokens it took from the cache are recorded. Where
 llama.cpp's server is installed (`make llama-cpp`), it serves a merged GGUF export of one adapter as the single-
 adapter anchor. Then a soak: --soak requests, 10% malformed, 5% from clients that leave mid-stream: no 5xx, every
-good request answered in full, the server's RSS after within 5% of its RSS after warm-up. Writes
+good request answered in full, the server's RSS after within 5% of its RSS after warm-up (the largest level once,
+twice as many requests as clients: the steps at every row count, a dozen prompts' prefills). Writes
 bench/results/serve.json.
 """
 from __future__ import annotations
@@ -259,11 +260,13 @@ def main() -> None:
         url = f"http://127.0.0.1:{port}"
         try:
             models = ["smollm2", *ADAPTERS]
-            texts = prompts(8 + a.rounds * sum(jobs_at(c, a.requests) for c in levels))
+            warm = 2 * max(levels)  # warm-up: every slot in use twice over, prompts of its own
+            texts = prompts(warm + a.rounds * sum(jobs_at(c, a.requests) for c in levels))
             jobs = [(models[i % 4], text) for i, text in enumerate(texts)]
-            level(url, 4, jobs[:8], 8)  # warm-up: the compiled step, the allocator
+            level(url, max(levels), jobs[:warm], a.max_tokens)
+            time.sleep(1)
             warm_rss = rss_mb(proc.pid)
-            rows, level_jobs, taken = [], {}, 8
+            rows, level_jobs, taken = [], {}, warm
             for r in range(a.rounds):
                 for c in (levels if r % 2 == 0 else levels[::-1]):
                     count = jobs_at(c, a.requests)
@@ -271,6 +274,7 @@ def main() -> None:
                     rows.append({"round": r + 1} | level(url, c, jobs[taken:taken + count], a.max_tokens))
                     taken += count
                     print(json.dumps(rows[-1]), flush=True)
+            time.sleep(1)  # the engine idle, its free memory given back (inference/native_memory.py)
             levels_rss = rss_mb(proc.pid)
             soaked = soak(url, proc.pid, a.soak, rng) if a.soak else {}
             time.sleep(1)

@@ -240,13 +240,16 @@ def test_prompts_that_share_a_prefix_reuse_its_keys_and_each_equals_its_adapter_
 
 def test_the_prefix_cache_keeps_first_blocks_longest_and_can_be_off():
     """Past its capacity the least recently used blocks go, a prefix's later blocks before its first ones (useless
-    without them); a block is found only after the same tokens on the same adapter; capacity 0 keeps nothing."""
+    without them); a block is found only after the same tokens on the same adapter; capacity 0 keeps nothing; the
+    blocks live in a pool allocated up front, their places reused; a prompt longer than the pool keeps its first ones."""
     from lorakit.inference.kv_cache import KVCache
     from lorakit.inference.prefix_cache import BLOCK, PrefixCache
     cache = KVCache(layers=1, rows=2, kv_heads=1, length=64, head_dim=2, like=torch.zeros(0))
     cache.keys.normal_(), cache.values.normal_()
-    per_block = 2 * BLOCK * 2 * 4
-    prefixes = PrefixCache(per_block, 3 * per_block)
+    prefixes = PrefixCache(cache, 3)
+    pool = prefixes.keys.data_ptr(), prefixes.values.data_ptr()
+    assert prefixes.keys.shape == (3, 1, 1, BLOCK, 2) and PrefixCache.for_cache(cache, 2 * 2 * BLOCK * 2 * 4 / 2 ** 20
+                                                                                ).limit == 2
     first, second = list(range(3 * BLOCK)), list(range(100, 100 + 2 * BLOCK))
     prefixes.keep("a", first, cache, 0)
     assert prefixes.known("a", first) == 2 * BLOCK  # short of the last token
@@ -258,7 +261,13 @@ def test_the_prefix_cache_keeps_first_blocks_longest_and_can_be_off():
     prefixes.keep("a", second, cache, 1)  # five blocks for three: the first prompt's last two go
     assert len(prefixes) == 3 and prefixes.known("a", first + [7]) == BLOCK
     assert prefixes.known("a", second + [7]) == 2 * BLOCK
-    off = PrefixCache(per_block, 0)
+    keys, _ = prefixes.gather([("a", second + [7]), ("a", first + [7])], BLOCK)
+    assert torch.equal(keys[:, 0], cache.keys[:, 1, :, :BLOCK]) and torch.equal(keys[:, 1], cache.keys[:, 0, :, :BLOCK])
+    assert (prefixes.keys.data_ptr(), prefixes.values.data_ptr()) == pool
+    one = PrefixCache(cache, 1)
+    one.keep("a", first, cache, 0)  # three blocks for one place
+    assert len(one) == 1 and one.known("a", first + [7]) == BLOCK
+    off = PrefixCache(cache, 0)
     off.keep("a", first, cache, 0)
     assert len(off) == 0 and off.known("a", first) == 0
     for bad in (-1, float("nan"), float("inf")):

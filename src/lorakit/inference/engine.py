@@ -33,6 +33,7 @@ from ..engine.frozen_base import PACKED_ROWS
 from .batch_adapters import BatchAdapters
 from .decode import DEFER_STEPS, PREFILL_BATCH, _float_like, _left_padded, prefill_unpadded, step
 from .kv_cache import KVCache
+from .native_memory import release_free_memory
 from .prefix_cache import PREFIX_CACHE_MB, PrefixCache
 from .precision import pack_for_batches
 from .sampling import Choice, Sampling
@@ -201,6 +202,8 @@ class Engine:
             self._admit()
             if any(self.running):
                 self._step()
+            if not any(self.running) and not self.waiting:
+                release_free_memory()  # idle now: what the work freed goes back to the system (native_memory.py)
         except Exception as error:  # noqa: BLE001 - the server keeps serving; the requests hear why
             self._fail_all(f"{type(error).__name__}: {error}")
 
@@ -278,10 +281,7 @@ class Engine:
         the slots up to the last one in use are computed (requests take the lowest free slot)."""
         running = self.running[:max(s for s, r in enumerate(self.running) if r is not None) + 1]
         cache = self.cache.narrow(len(running))
-        tokens = torch.full((len(running),), self.pad, dtype=torch.long, device=self.like.device)
-        for s, r in enumerate(running):
-            if r is not None:
-                tokens[s] = r.ids[-1]
+        tokens = torch.tensor([self.pad if r is None else r.ids[-1] for r in running], device=self.like.device)
         adapters = {r.request.adapter for r in running if r is not None}
         if len(adapters) == 1:
             name = adapters.pop()

@@ -26,12 +26,18 @@ PREFIX_CACHE_MB = 64  # MiB for it by default: a few thousand tokens of a small 
 
 
 class PrefixCache:
-    """Blocks of cached keys and values, [layers, kv_heads, BLOCK, head_dim] each, by (adapter, the number of the
-    block before it (0: none), its tokens); each block numbered as it is kept."""
+    """Blocks of cached keys and values in a pool allocated up front (as vLLM's block pool: the memory is the
+    server's from the start, and keeping a block allocates nothing), each block [layers, kv_heads, BLOCK, head_dim]
+    of the pool's keys and values, found by (adapter, the number of the block before it (0: none), its tokens);
+    each block numbered as it is kept."""
 
-    def __init__(self, bytes_per_block: int, capacity: int) -> None:
-        self.blocks: OrderedDict[tuple, tuple[int, torch.Tensor, torch.Tensor]] = OrderedDict()
-        self.limit = max(0, capacity // bytes_per_block)  # blocks kept at most (0: off)
+    def __init__(self, cache: KVCache, blocks: int) -> None:
+        layers, _, kv_heads, _, head_dim = cache.keys.shape
+        self.limit = max(0, blocks)  # blocks kept at most (0: off)
+        self.keys = cache.keys.new_zeros((self.limit, layers, kv_heads, BLOCK, head_dim))  # zeros: touched now
+        self.values = torch.zeros_like(self.keys)
+        self.blocks: OrderedDict[tuple, tuple[int, int]] = OrderedDict()  # key -> (its number, its place in the pool)
+        self.free = list(range(self.limit))[::-1]  # places in the pool no block holds
         self.numbered = 0  # blocks numbered so far
 
     @classmethod
@@ -41,7 +47,7 @@ class PrefixCache:
             raise ValueError(f"prefix cache of {megabytes} MiB: give a size >= 0 (0 turns it off)")
         layers, _, kv_heads, _, head_dim = cache.keys.shape
         per_block = 2 * layers * kv_heads * BLOCK * head_dim * cache.keys.element_size()
-        return cls(per_block, int(megabytes * 2 ** 20))
+        return cls(cache, int(megabytes * 2 ** 20) // per_block)
 
     def known(self, adapter: str | None, ids: list[int]) -> int:
         """How many of `ids`' first tokens have their keys and values cached for `adapter`: whole blocks, always
@@ -56,8 +62,9 @@ class PrefixCache:
             chain = self._chain(adapter, ids, length)
             if len(chain) * BLOCK < length:
                 raise KeyError(f"{length} tokens asked for, {len(chain) * BLOCK} cached")
-            keys.append(torch.cat([self.blocks[key][1] for key in chain], dim=2))
-            values.append(torch.cat([self.blocks[key][2] for key in chain], dim=2))
+            places = [self.blocks[key][1] for key in chain]
+            keys.append(torch.cat(list(self.keys[places]), dim=2))
+            values.append(torch.cat(list(self.values[places]), dim=2))
             self._used(chain)
         return torch.stack(keys, 1), torch.stack(values, 1)
 
@@ -66,16 +73,20 @@ class PrefixCache:
         if not self.limit:
             return
         chain = self._chain(adapter, ids, len(ids))
+        self._used(chain)  # the blocks found stay: a place is taken from the least recently used others
         for end in range((len(chain) + 1) * BLOCK, len(ids) + 1, BLOCK):  # the blocks not cached yet
             key = self._key(adapter, chain, ids, end)
-            span = slice(end - BLOCK, end)
+            if not self.free:
+                if next(iter(self.blocks)) in chain:  # every block is this prompt's: it keeps its first ones
+                    break
+                self.free.append(self.blocks.popitem(last=False)[1][1])
+            place, span = self.free.pop(), slice(end - BLOCK, end)
+            self.keys[place].copy_(cache.keys[:, slot, :, span])
+            self.values[place].copy_(cache.values[:, slot, :, span])
             self.numbered += 1
-            self.blocks[key] = (self.numbered, cache.keys[:, slot, :, span].clone(),
-                                cache.values[:, slot, :, span].clone())
+            self.blocks[key] = (self.numbered, place)
             chain.append(key)
         self._used(chain)
-        while len(self.blocks) > self.limit:
-            self.blocks.popitem(last=False)
 
     def _chain(self, adapter: str | None, ids: list[int], length: int) -> list[tuple]:
         """The keys of the cached blocks that begin `ids`, in order, within its first `length` tokens."""
@@ -98,6 +109,7 @@ class PrefixCache:
 
     def clear(self) -> None:
         self.blocks.clear()
+        self.free = list(range(self.limit))[::-1]
 
     def __len__(self) -> int:
         return len(self.blocks)

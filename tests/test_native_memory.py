@@ -1,0 +1,96 @@
+"""Native memory a long-running process keeps (inference/native_memory.py): oneDNN's caches bounded, measured in a
+fresh process with and without the bound; the heap's free pages given back (RSS before and after); the engine
+giving them back when it falls idle; the command line setting the bound before any work, never over the user's."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from conftest import tiny_llama, word_tokenizer
+
+# a fresh process: packed bf16 products at 160 row counts (as prompts of 160 lengths), RSS growth in MB printed
+SHAPES = textwrap.dedent("""
+    import sys
+    from lorakit.inference.native_memory import bound_onednn_caches
+    if sys.argv[1] == "bounded":
+        bound_onednn_caches(16)
+    import torch
+    weights = [torch.ops.mkldnn._reorder_linear_weight(torch.randn(n, 256).bfloat16(), 16) for n in (256, 768)]
+    def rss():
+        return int(next(l.split()[1] for l in open("/proc/self/status") if l.startswith("RssAnon"))) / 1024
+    torch.ops.mkldnn._linear_pointwise(torch.randn(9, 256).bfloat16(), weights[0], None, "none", [], "")
+    before = rss()
+    for rows in range(40, 40 + 160 * 7, 7):
+        for w in weights:
+            torch.ops.mkldnn._linear_pointwise(torch.randn(rows, 256).bfloat16(), w, None, "none", [], "")
+    print(rss() - before)
+""")
+
+
+def rss_mb() -> float:
+    return int(next(line.split()[1] for line in open("/proc/self/status") if line.startswith("RssAnon"))) / 1024
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_bounded_onednn_caches_stop_growing_with_new_shapes():
+    from lorakit.engine.frozen_base import packing_supported
+    if not packing_supported():
+        pytest.skip("no oneDNN bf16 on this CPU")
+    env = {k: v for k, v in os.environ.items() if k not in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")}
+    env["OMP_NUM_THREADS"] = "1"
+    grew = {case: float(subprocess.run([sys.executable, "-c", SHAPES, case], env=env, capture_output=True, text=True,
+                                       check=True).stdout.split()[-1]) for case in ("bounded", "default")}
+    assert grew["bounded"] < 60 and grew["default"] > 3 * grew["bounded"] + 30, grew
+
+
+def test_bound_respects_what_the_user_set(monkeypatch):
+    from lorakit.inference.native_memory import bound_onednn_caches
+    monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
+    monkeypatch.setenv("LRU_CACHE_CAPACITY", "2048")
+    assert bound_onednn_caches(64) == {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "64", "LRU_CACHE_CAPACITY": "2048"}
+
+
+def test_the_command_line_bounds_the_caches(monkeypatch, capsys):
+    from lorakit.cli import main
+    from lorakit.inference.native_memory import ONEDNN_CACHE_ENTRIES
+    monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
+    monkeypatch.delenv("LRU_CACHE_CAPACITY", raising=False)
+    assert main(["recipes", "list"]) == 0
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == os.environ["LRU_CACHE_CAPACITY"] == str(
+        ONEDNN_CACHE_ENTRIES)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_trim, RSS from /proc")
+def test_free_heap_pages_go_back_to_the_system():
+    """Small blocks freed below a live one stay in glibc's heap (RSS) until trimmed."""
+    from lorakit.inference.native_memory import release_free_memory
+    release_free_memory()
+    blocks = [bytearray(48 * 1024) for _ in range(4096)]  # 192 MB of heap blocks (under glibc's mmap threshold)
+    keep = blocks[-1]
+    del blocks
+    before = rss_mb()
+    assert release_free_memory() is True
+    assert before - rss_mb() > 100, (before, rss_mb())
+    assert len(keep) == 48 * 1024
+
+
+def test_the_engine_gives_memory_back_when_it_falls_idle(monkeypatch):
+    from lorakit.inference import Sampling
+    from lorakit.inference import engine as engine_module
+    from lorakit.inference.engine import Engine, collect
+    idle = []
+    monkeypatch.setattr(engine_module, "release_free_memory", lambda: idle.append(len(running.waiting)) or True)
+    model = tiny_llama().double().eval()
+    running = Engine(model, word_tokenizer(), slots=2, max_len=64).start()
+    try:
+        ids = word_tokenizer()("w5 w6")["input_ids"]
+        assert idle == []
+        collect(running, ids, None, Sampling(max_new_tokens=4))
+        running.call(lambda: None)  # a turn after the request ended
+        assert len(idle) >= 1 and set(idle) == {0}
+    finally:
+        running.close()
