@@ -22,8 +22,13 @@ using at::Tensor;
 using c10::optional;
 
 // From this many rows a bf16 weight's packed copy (engine/frozen_base.py's DenseBase.pack, oneDNN's blocked layout)
-// runs the product: oneDNN's GEMM then skips laying the weight out again, and gives F.linear's bits.
-constexpr int64_t kPackedRows = 8;
+// runs the product: oneDNN's GEMM then skips laying the weight out again, and gives F.linear's bits. With AMX it beats
+// the skinny kernel from 8 rows (PACKED_ROWS); on AVX-512 BF16 alone oneDNN's kernels for few rows are slower, and the
+// skinny kernel keeps the product up to 24 rows (docs/precision.md has both).
+int64_t packed_rows() {
+  static const int64_t rows = amx_supported() || !skinny_supported() ? 8 : 24;
+  return rows;
+}
 
 Tensor packed_linear(const Tensor& x, const Tensor& packed, const optional<Tensor>& bias) {
   static const auto op = c10::Dispatcher::singleton()
@@ -53,7 +58,7 @@ struct Linear {
 
   Tensor base(const Tensor& x) const {
     if (scales) return skinny_linear_int8(x, weight, *scales, bias);
-    if (packed && x.numel() >= kPackedRows * x.size(-1)) return packed_linear(x, *packed, bias);
+    if (packed && x.numel() >= packed_rows() * x.size(-1)) return packed_linear(x, *packed, bias);
     return weight.scalar_type() == at::kBFloat16 ? skinny_linear(x, weight, bias) : at::linear(x, weight, bias);
   }
 
@@ -200,7 +205,7 @@ struct Model {
     }
     if (lm_head.fp32_logits) {  // inference/logits.py: AMX's layout packed for batches, else the skinny kernel
       const Tensor last = norm(hidden).select(1, -1);
-      if (lm_head.packed && last.size(0) >= kPackedRows)
+      if (lm_head.packed && last.size(0) >= packed_rows())
         return amx_logits(last, *lm_head.packed, lm_head.weight.size(0));
       return skinny_logits(last, lm_head.weight, lm_head.scales);
     }
