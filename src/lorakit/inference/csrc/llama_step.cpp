@@ -23,8 +23,8 @@ using c10::optional;
 
 // From this many rows a bf16 weight's packed copy (engine/frozen_base.py's DenseBase.pack, oneDNN's blocked layout)
 // runs the product: oneDNN's GEMM then skips laying the weight out again, and gives F.linear's bits. With AMX it beats
-// the skinny kernel from 8 rows (PACKED_ROWS); on AVX-512 BF16 alone oneDNN's kernels for few rows are slower, and the
-// skinny kernel keeps the product up to 24 rows (docs/precision.md has both).
+// skinny_linear from 8 rows (PACKED_ROWS); on AVX-512 BF16 alone oneDNN's GEMM on the packed copy is slower up to
+// about 20 rows than skinny_linear (its kernel to 12 rows, at::linear on the plain weight past that; docs/precision.md).
 int64_t packed_rows() {
   static const int64_t rows = amx_supported() || !skinny_supported() ? 8 : 24;
   return rows;
