@@ -248,8 +248,8 @@ def test_the_prefix_cache_keeps_first_blocks_longest_and_can_be_off():
     cache.keys.normal_(), cache.values.normal_()
     prefixes = PrefixCache(cache, 3)
     pool = prefixes.keys.data_ptr(), prefixes.values.data_ptr()
-    assert prefixes.keys.shape == (3, 1, 1, BLOCK, 2) and PrefixCache.for_cache(cache, 2 * 2 * BLOCK * 2 * 4 / 2 ** 20
-                                                                                ).limit == 2
+    two_blocks_mb = 2 * 2 * BLOCK * 2 * 4 / 2 ** 20  # keys and values, 2 floats a token
+    assert prefixes.keys.shape == (3, 1, 1, BLOCK, 2) and PrefixCache.for_cache(cache, two_blocks_mb).limit == 2
     first, second = list(range(3 * BLOCK)), list(range(100, 100 + 2 * BLOCK))
     prefixes.keep("a", first, cache, 0)
     assert prefixes.known("a", first) == 2 * BLOCK  # short of the last token
@@ -261,8 +261,13 @@ def test_the_prefix_cache_keeps_first_blocks_longest_and_can_be_off():
     prefixes.keep("a", second, cache, 1)  # five blocks for three: the first prompt's last two go
     assert len(prefixes) == 3 and prefixes.known("a", first + [7]) == BLOCK
     assert prefixes.known("a", second + [7]) == 2 * BLOCK
-    keys, _ = prefixes.gather([("a", second + [7]), ("a", first + [7])], BLOCK)
+    keys, values = prefixes.gather([("a", second + [7]), ("a", [*first[:BLOCK], 1] * 2)], BLOCK)
     assert torch.equal(keys[:, 0], cache.keys[:, 1, :, :BLOCK]) and torch.equal(keys[:, 1], cache.keys[:, 0, :, :BLOCK])
+    assert torch.equal(values[:, 0], cache.values[:, 1, :, :BLOCK])
+    assert torch.equal(values[:, 1], cache.values[:, 0, :, :BLOCK])
+    keys, values = prefixes.gather([("a", second + [7])], 2 * BLOCK)  # two blocks in order, keys and values apart
+    assert torch.equal(keys[:, 0], cache.keys[:, 1, :, :2 * BLOCK])
+    assert torch.equal(values[:, 0], cache.values[:, 1, :, :2 * BLOCK])
     assert (prefixes.keys.data_ptr(), prefixes.values.data_ptr()) == pool
     one = PrefixCache(cache, 1)
     one.keep("a", first, cache, 0)  # three blocks for one place

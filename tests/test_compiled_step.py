@@ -320,8 +320,9 @@ def tiny_llama_head_dim_32():
 
 @pytest.mark.parametrize("packed", [False, True])
 def test_bf16_step_with_the_attention_kernel_and_packed_weights_against_the_python_step(packed):
-    """In bf16 (head_dim 32) the C++ step attends with decode_attention over each row's own span and, from 8 rows,
-    multiplies by the weights' packed copies (precision.pack_for_batches): its logits stay within bf16 rounding of
+    """In bf16 (head_dim 32) the C++ step attends with decode_attention over each row's own span and, from
+    `packed_rows()` (8 with AMX, 24 without), multiplies by the weights' packed copies (precision.pack_for_batches),
+    here at that many rows: its logits stay within bf16 rounding of
     the Python step's (SDPA, F.linear) with adapters mixed by row over rows of different lengths, and packing moves
     no logit beyond that rounding."""
     from lorakit.engine.frozen_base import packed_linear
@@ -332,7 +333,9 @@ def test_bf16_step_with_the_attention_kernel_and_packed_weights_against_the_pyth
     model = with_lora(tiny_llama_head_dim_32())
     add_lora(model, LoRAConfig(r=4, alpha=8, targets="all-linear"), "b")
     randomize_lora(model, seed=2)
-    prompts, names = PROMPTS * 2, ["a", "b", None, "a"] * 2  # 8 rows: the packed products' side of PACKED_ROWS
+    assert ext.packed_rows() == (8 if ext.amx_supported() else 24)
+    copies = ext.packed_rows() // len(PROMPTS)  # rows: the packed products' side of packed_rows()
+    prompts, names = PROMPTS * copies, ["a", "b", None, "a"] * copies
     with adapters_by_row(model, names):
         fp32_logits, _ = steps(model, None, prompts, refill=False, forced=True)
     cast_for_inference(model, "bf16")

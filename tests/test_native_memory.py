@@ -15,10 +15,10 @@ from conftest import tiny_llama, word_tokenizer
 # a fresh process: packed bf16 products at 160 row counts (as prompts of 160 lengths), RSS growth in MB printed
 SHAPES = textwrap.dedent("""
     import sys
+    import torch  # imported first, as by `lorakit serve`: the caches read their capacity at their first use
     from lorakit.inference.native_memory import bound_onednn_caches
     if sys.argv[1] == "bounded":
         bound_onednn_caches(16)
-    import torch
     weights = [torch.ops.mkldnn._reorder_linear_weight(torch.randn(n, 256).bfloat16(), 16) for n in (256, 768)]
     def rss():
         return int(next(l.split()[1] for l in open("/proc/self/status") if l.startswith("RssAnon"))) / 1024
@@ -47,19 +47,27 @@ def test_bounded_onednn_caches_stop_growing_with_new_shapes():
     assert grew["bounded"] < 60 and grew["default"] > 3 * grew["bounded"] + 30, grew
 
 
+def unset_cache_variables(monkeypatch) -> None:
+    """Both variables absent for the test, and as they were after it (delenv alone restores nothing it did not find
+    set)."""
+    from lorakit.inference.native_memory import CACHE_VARIABLES
+    for name in CACHE_VARIABLES:
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
+
+
 def test_bound_respects_what_the_user_set(monkeypatch):
     from lorakit.inference.native_memory import bound_onednn_caches
-    monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
+    unset_cache_variables(monkeypatch)
     monkeypatch.setenv("LRU_CACHE_CAPACITY", "2048")
     assert bound_onednn_caches(64) == {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "64", "LRU_CACHE_CAPACITY": "2048"}
 
 
-def test_the_command_line_bounds_the_caches(monkeypatch, capsys):
+def test_lorakit_serve_bounds_the_caches(monkeypatch, capsys):
     from lorakit.cli import main
     from lorakit.inference.native_memory import ONEDNN_CACHE_ENTRIES
-    monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
-    monkeypatch.delenv("LRU_CACHE_CAPACITY", raising=False)
-    assert main(["recipes", "list"]) == 0
+    unset_cache_variables(monkeypatch)
+    assert main(["serve", "--api", "--host", "0.0.0.0"]) == 2  # refused (no key), the bound set first
     assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == os.environ["LRU_CACHE_CAPACITY"] == str(
         ONEDNN_CACHE_ENTRIES)
 
@@ -78,19 +86,26 @@ def test_free_heap_pages_go_back_to_the_system():
     assert len(keep) == 48 * 1024
 
 
-def test_the_engine_gives_memory_back_when_it_falls_idle(monkeypatch):
+def test_the_engine_gives_memory_back_once_idle(monkeypatch):
+    """Half a second idle after work, once, never while a request waits or runs; not before any work."""
+    import time
+
     from lorakit.inference import Sampling
     from lorakit.inference import engine as engine_module
     from lorakit.inference.engine import Engine, collect
     idle = []
-    monkeypatch.setattr(engine_module, "release_free_memory", lambda: idle.append(len(running.waiting)) or True)
+    monkeypatch.setattr(engine_module, "release_free_memory",
+                        lambda: idle.append((len(running.waiting), any(running.running))) or True)
     model = tiny_llama().double().eval()
     running = Engine(model, word_tokenizer(), slots=2, max_len=64).start()
     try:
         ids = word_tokenizer()("w5 w6")["input_ids"]
+        time.sleep(1.2)
+        assert idle == []  # nothing worked yet
+        for _ in range(3):  # back to back: no idle half second between them
+            collect(running, ids, None, Sampling(max_new_tokens=4))
         assert idle == []
-        collect(running, ids, None, Sampling(max_new_tokens=4))
-        running.call(lambda: None)  # a turn after the request ended
-        assert len(idle) >= 1 and set(idle) == {0}
+        time.sleep(1.6)
+        assert idle == [(0, False)]  # once, for three idle waits
     finally:
         running.close()

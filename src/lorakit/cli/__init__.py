@@ -12,7 +12,6 @@ import sys
 import warnings
 
 from ..errors import LorakitWarning, TrainingStopped, UserError
-from ..inference.native_memory import bound_onednn_caches
 from ..version import __version__
 from . import adapters, evaluate, generate, recipes, train
 
@@ -58,7 +57,6 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(joined_negative_values(argv))
     args.argv = argv
     warnings.showwarning = _show_warning
-    bound_onednn_caches()  # before any bf16 product: a server's RSS stays flat (inference/native_memory.py)
     try:
         return args.func(args)
     except TrainingStopped as e:

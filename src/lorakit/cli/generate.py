@@ -91,6 +91,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     --api an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models, ...) that batches
     requests for different adapters together."""
     import importlib.util
+
+    from ..inference.native_memory import bound_onednn_caches
+    bound_onednn_caches()  # before any bf16 product: a server's RSS stays flat (inference/native_memory.py)
     adapters = [*args.adapters, *(args.adapter or [])]
     api_key = args.api_key or os.environ.get("LORAKIT_API_KEY")
     port = args.port or (8000 if args.api else 7860)

@@ -115,6 +115,7 @@ class Engine:
         self.thread: threading.Thread | None = None
         self.stopping = False  # set by close, or by run as it ends: no more requests or calls
         self.deferred = 0  # turns a waiting request has been held beside a free slot (see prefill_now)
+        self.worked = False  # a turn ran since memory was last given back (see _wait)
 
     # ---- from any thread
     def start(self) -> "Engine":
@@ -125,10 +126,8 @@ class Engine:
 
     def run(self, alive: Callable[[], bool] = lambda: True) -> None:
         """The loop on the calling thread, until `close` (from another thread) or until `alive()` is False (asked
-        at least every half second while idle). Why the caller's thread: PyTorch's CPU kernels run in OpenMP
-        thread teams, and libgomp gives every further thread that computes a team of its own, which decodes far
-        slower on a few cores than the main thread's (docs/api.md has the measurement); so `lorakit serve --api`
-        runs the engine on the main thread and HTTP on another."""
+        at least every half second while idle). `lorakit serve --api` runs it on the main thread, HTTP on another:
+        libgomp gives every further thread that computes an OpenMP team of its own, far slower (docs/api.md)."""
         try:
             with torch.no_grad():
                 while self._wait(alive):
@@ -179,18 +178,21 @@ class Engine:
         return {"running": sum(r is not None for r in self.running), "waiting": len(self.waiting)}
 
     def in_use(self, adapter: str) -> int:
-        return sum(1 for r in list(self.running) if r is not None and r.request.adapter == adapter) + sum(
-            1 for r in list(self.waiting) if r.adapter == adapter)
+        return sum(r.adapter == adapter for r in [*(x.request for x in list(self.running) if x), *list(self.waiting)])
 
     # ---- on the engine's thread
     def _wait(self, alive: Callable[[], bool]) -> bool:
-        """Sleep until there is work; False when the loop should end."""
-        with self.wake:
-            while not (self.stopping or self.calls or self.waiting or any(self.running)):
+        """Sleep until there is work (False: end the loop); idle half a second after work, give back what it freed."""
+        while True:
+            with self.wake:
+                if self.stopping or self.calls or self.waiting or any(self.running):
+                    return not self.stopping
                 if not alive():
                     return False
-                self.wake.wait(0.5)
-            return not self.stopping
+                idle = not self.wake.wait(0.5) and not (self.calls or self.waiting or self.stopping)
+            if idle and self.worked:
+                self.worked = False
+                release_free_memory()
 
     def _turn(self) -> None:
         """Calls waiting for the model, then new requests into free slots, then one step of the running ones."""
@@ -198,12 +200,11 @@ class Engine:
             calls, self.calls = list(self.calls), deque()
         for fn, future in calls:
             self._run_call(fn, future)
+        self.worked = True
         try:
             self._admit()
             if any(self.running):
                 self._step()
-            if not any(self.running) and not self.waiting:
-                release_free_memory()  # idle now: what the work freed goes back to the system (native_memory.py)
         except Exception as error:  # noqa: BLE001 - the server keeps serving; the requests hear why
             self._fail_all(f"{type(error).__name__}: {error}")
 

@@ -9,7 +9,7 @@ by hundreds of MB over its first thousand prompts. ONEDNN_CACHE_ENTRIES holds th
 thread), hence `bound_onednn_caches` before any bf16 work.
 
 glibc's heap. Freed activations of many sizes leave free memory inside glibc's arenas that it does not return to the
-system; `release_free_memory` (malloc_trim) returns it, which the engine does whenever it falls idle.
+system; `release_free_memory` (malloc_trim) returns it, which the engine does once it has been idle half a second.
 """
 from __future__ import annotations
 
@@ -18,13 +18,14 @@ import ctypes.util
 import functools
 import os
 
-ONEDNN_CACHE_ENTRIES = 128  # product shapes each cache keeps; a server's steps use under 60 (docs/api.md)
+ONEDNN_CACHE_ENTRIES = 128  # product shapes each cache keeps; a server's steps use under 40 (docs/api.md)
 CACHE_VARIABLES = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")  # oneDNN's, ideep's
 
 
 def bound_onednn_caches(entries: int = ONEDNN_CACHE_ENTRIES) -> dict[str, str]:
     """Set both caches' capacity where the user has not set it; effective only before the process's first oneDNN
-    product (the command line calls it first thing). The capacities in force, by variable."""
+    product (`lorakit serve` calls it first thing; a program of your own that serves for long should too). The
+    capacities in force, by variable."""
     for name in CACHE_VARIABLES:
         os.environ.setdefault(name, str(entries))
     return {name: os.environ[name] for name in CACHE_VARIABLES}

@@ -57,16 +57,16 @@ class PrefixCache:
     def gather(self, rows: list[tuple[str | None, list[int]]], length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The cached keys and values of the first `length` tokens of each (adapter, ids) row (`known` for each at
         least `length`): [layers, rows, kv_heads, length, head_dim] each."""
-        keys, values = [], []
-        for adapter, ids in rows:
-            chain = self._chain(adapter, ids, length)
-            if len(chain) * BLOCK < length:
-                raise KeyError(f"{length} tokens asked for, {len(chain) * BLOCK} cached")
-            places = [self.blocks[key][1] for key in chain]
-            keys.append(torch.cat(list(self.keys[places]), dim=2))
-            values.append(torch.cat(list(self.values[places]), dim=2))
+        chains = [self._chain(adapter, ids, length) for adapter, ids in rows]
+        if min(map(len, chains)) * BLOCK < length:
+            raise KeyError(f"{length} tokens asked for, {min(map(len, chains)) * BLOCK} cached")
+        for chain in chains:
             self._used(chain)
-        return torch.stack(keys, 1), torch.stack(values, 1)
+        places = torch.tensor([[self.blocks[key][1] for key in chain] for chain in chains], device=self.keys.device)
+        shape = (self.keys.shape[1], len(rows), self.keys.shape[2], length, self.keys.shape[4])
+        # [rows, blocks, layers, kv_heads, BLOCK, head_dim] -> [layers, rows, kv_heads, length, head_dim]: one copy
+        keys, values = (pool[places].permute(2, 0, 3, 1, 4, 5).reshape(shape) for pool in (self.keys, self.values))
+        return keys, values
 
     def keep(self, adapter: str | None, ids: list[int], cache: KVCache, slot: int) -> None:
         """Keep the whole blocks of `ids`, now in `slot` of `cache` from column 0, for later prompts."""

@@ -22,9 +22,10 @@ using at::Tensor;
 using c10::optional;
 
 // From this many rows a bf16 weight's packed copy (engine/frozen_base.py's DenseBase.pack, oneDNN's blocked layout)
-// runs the product: oneDNN's GEMM then skips laying the weight out again, and gives F.linear's bits. With AMX it beats
-// skinny_linear from 8 rows (PACKED_ROWS); on AVX-512 BF16 alone oneDNN's GEMM on the packed copy is slower up to
-// about 20 rows than skinny_linear (its kernel to 12 rows, at::linear on the plain weight past that; docs/precision.md).
+// runs the product: oneDNN's GEMM then skips laying the weight out again, and gives F.linear's bits. With AMX it
+// beats skinny_linear from 8 rows (PACKED_ROWS); on AVX-512 BF16 alone oneDNN's GEMM on the packed copy is slower up
+// to about 20 rows than skinny_linear (its kernel to 12 rows, at::linear on the plain weight past that;
+// docs/precision.md).
 int64_t packed_rows() {
   static const int64_t rows = amx_supported() || !skinny_supported() ? 8 : 24;
   return rows;
@@ -228,6 +229,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("skinny_logits", &skinny_logits, py::arg("x"), py::arg("weight"), py::arg("scales") = py::none(),
         py::call_guard<py::gil_scoped_release>());
   m.def("amx_supported", &amx_supported);
+  m.def("packed_rows", &packed_rows);
   m.def("pack_for_amx", &pack_for_amx, py::arg("weight"));
   m.def("amx_logits", &amx_logits, py::arg("x"), py::arg("packed"), py::arg("N"),
         py::call_guard<py::gil_scoped_release>());
