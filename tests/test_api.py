@@ -241,7 +241,8 @@ def test_prompts_that_share_a_prefix_reuse_its_keys_and_each_equals_its_adapter_
 def test_the_prefix_cache_keeps_first_blocks_longest_and_can_be_off():
     """Past its capacity the least recently used blocks go, a prefix's later blocks before its first ones (useless
     without them); a block is found only after the same tokens on the same adapter; capacity 0 keeps nothing; the
-    blocks live in a pool allocated up front, their places reused; a prompt longer than the pool keeps its first ones."""
+    blocks live in a pool allocated up front, their places reused; a prompt longer than the pool keeps its first
+    ones."""
     from lorakit.inference.kv_cache import KVCache
     from lorakit.inference.prefix_cache import BLOCK, PrefixCache
     cache = KVCache(layers=1, rows=2, kv_heads=1, length=64, head_dim=2, like=torch.zeros(0))
