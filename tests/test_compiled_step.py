@@ -322,9 +322,8 @@ def tiny_llama_head_dim_32():
 def test_bf16_step_with_the_attention_kernel_and_packed_weights_against_the_python_step(packed):
     """In bf16 (head_dim 32) the C++ step attends with decode_attention over each row's own span and, from
     `packed_rows()` (8 with AMX, 24 without), multiplies by the weights' packed copies (precision.pack_for_batches),
-    here at that many rows: its logits stay within bf16 rounding of
-    the Python step's (SDPA, F.linear) with adapters mixed by row over rows of different lengths, and packing moves
-    no logit beyond that rounding."""
+    here at that many rows: its logits stay within bf16 rounding of the Python step's (SDPA, F.linear) with adapters
+    mixed by row over rows of different lengths, and packing moves no logit beyond that rounding."""
     from lorakit.engine.frozen_base import packed_linear
     from lorakit.inference.precision import cast_for_inference, pack_for_batches
     ext = extension()

@@ -38,9 +38,10 @@ def rss_mb() -> float:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_bounded_onednn_caches_stop_growing_with_new_shapes():
     from lorakit.engine.frozen_base import packing_supported
+    from lorakit.inference.native_memory import CACHE_VARIABLES
     if not packing_supported():
         pytest.skip("no oneDNN bf16 on this CPU")
-    env = {k: v for k, v in os.environ.items() if k not in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")}
+    env = {k: v for k, v in os.environ.items() if k not in CACHE_VARIABLES}
     env["OMP_NUM_THREADS"] = "1"
     grew = {case: float(subprocess.run([sys.executable, "-c", SHAPES, case], env=env, capture_output=True, text=True,
                                        check=True).stdout.split()[-1]) for case in ("bounded", "default")}

@@ -37,7 +37,7 @@ class PrefixCache:
         self.keys = cache.keys.new_zeros((self.limit, layers, kv_heads, BLOCK, head_dim))  # zeros: touched now
         self.values = torch.zeros_like(self.keys)
         self.blocks: OrderedDict[tuple, tuple[int, int]] = OrderedDict()  # key -> (its number, its place in the pool)
-        self.free = list(range(self.limit))[::-1]  # places in the pool no block holds
+        self.clear()  # every place in the pool free
         self.numbered = 0  # blocks numbered so far
 
     @classmethod
@@ -109,7 +109,7 @@ class PrefixCache:
 
     def clear(self) -> None:
         self.blocks.clear()
-        self.free = list(range(self.limit))[::-1]
+        self.free = list(range(self.limit))[::-1]  # places in the pool no block holds
 
     def __len__(self) -> int:
         return len(self.blocks)
