@@ -4,6 +4,8 @@ Llama family (Llama, Mistral, Qwen2, Qwen3) with and without LoRA, at one row an
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -197,6 +199,39 @@ def test_skinny_kernels_against_fp32_on_the_same_values(m, n, k):
     assert bool(((got_blocks.float() - want_blocks).abs() <= 2 ** -8 * want_blocks.abs() + spread + 1e-3).all())
 
 
+BOTH_PRODUCT_FORMS = """
+import torch
+from lorakit.inference.compiled_step import extension
+ext = extension()
+rows = ext.skinny_max_rows()
+g = torch.Generator().manual_seed(rows)
+x, w = torch.randn(rows, 200, generator=g).bfloat16(), torch.randn(96, 200, generator=g).bfloat16()
+got = ext.skinny_linear(x, w)
+want = torch.nn.functional.linear(x.float(), w.float())
+spread = 2 ** -16 * (x.float().abs() @ w.float().abs().t())
+close = bool(((got.float() - want).abs() <= 2 ** -8 * want.abs() + spread + 1e-6).all())
+alone = torch.cat([ext.skinny_linear(x[i:i + 1], w) for i in range(rows)])
+print(ext.skinny_dot_rows(), rows, close, torch.equal(got, alone), ext.packed_rows())
+"""
+
+
+@pytest.mark.parametrize("dot", [False, True])
+def test_both_forms_of_the_bf16_products_for_several_rows(dot):
+    """The kernel's two forms of a bf16 product for several rows, each as LORAKIT_SKINNY_DOT picks it in a fresh
+    process (by default dot products on AMD, FMAs on Intel): dot products up to 24 rows, FMAs up to 12, each output
+    within one bf16 rounding of fp32; with dot products a row's outputs are the same bits in a batch as alone (one
+    row always takes them)."""
+    if not extension().skinny_supported():
+        pytest.skip("no AVX-512 BF16 on this CPU")
+    env = dict(os.environ, LORAKIT_SKINNY_DOT="1" if dot else "0")
+    done = subprocess.run([sys.executable, "-c", BOTH_PRODUCT_FORMS], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    said, rows, close, batch_invariant, packed_rows = done.stdout.split()
+    assert (said, int(rows), close) == (str(dot), 24 if dot else 12, "True")
+    assert batch_invariant == "True" or not dot
+    assert int(packed_rows) == (8 if extension().amx_supported() else 25)
+
+
 @pytest.mark.parametrize("dtype", ["bf16", "int8"])
 @pytest.mark.parametrize("adapter", [None, "unmerged", "mixed"])
 def test_bf16_compiled_step_against_the_python_step_and_fp32(adapter, dtype):
@@ -321,7 +356,7 @@ def tiny_llama_head_dim_32():
 @pytest.mark.parametrize("packed", [False, True])
 def test_bf16_step_with_the_attention_kernel_and_packed_weights_against_the_python_step(packed):
     """In bf16 (head_dim 32) the C++ step attends with decode_attention over each row's own span and, from
-    `packed_rows()` (8 with AMX, 24 without), multiplies by the weights' packed copies (precision.pack_for_batches),
+    `packed_rows()` (8 with AMX, 25 without), multiplies by the weights' packed copies (precision.pack_for_batches),
     here at that many rows: its logits stay within bf16 rounding of the Python step's (SDPA, F.linear) with adapters
     mixed by row over rows of different lengths, and packing moves no logit beyond that rounding."""
     from lorakit.engine.frozen_base import packed_linear
@@ -332,8 +367,8 @@ def test_bf16_step_with_the_attention_kernel_and_packed_weights_against_the_pyth
     model = with_lora(tiny_llama_head_dim_32())
     add_lora(model, LoRAConfig(r=4, alpha=8, targets="all-linear"), "b")
     randomize_lora(model, seed=2)
-    assert ext.packed_rows() == (8 if ext.amx_supported() else 24)
-    copies = ext.packed_rows() // len(PROMPTS)  # rows: the packed products' side of packed_rows()
+    assert ext.packed_rows() == (8 if ext.amx_supported() else 25)
+    copies = -(-ext.packed_rows() // len(PROMPTS))  # rows: the packed products' side of packed_rows()
     prompts, names = PROMPTS * copies, ["a", "b", None, "a"] * copies
     with adapters_by_row(model, names):
         fp32_logits, _ = steps(model, None, prompts, refill=False, forced=True)

@@ -46,7 +46,7 @@ class FrozenBase(nn.Module):
         return False
 
 
-PACKED_ROWS = 8  # rows from which oneDNN's GEMM on a packed bf16 weight is used (csrc: with AMX; 24 without it)
+PACKED_ROWS = 8  # rows from which oneDNN's GEMM on a packed bf16 weight is used (csrc: with AMX; 25 without it)
 
 
 def packing_supported() -> bool:

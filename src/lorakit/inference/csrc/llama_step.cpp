@@ -23,11 +23,10 @@ using c10::optional;
 
 // From this many rows a bf16 weight's packed copy (engine/frozen_base.py's DenseBase.pack, oneDNN's blocked layout)
 // runs the product: oneDNN's GEMM then skips laying the weight out again, and gives F.linear's bits. With AMX it
-// beats skinny_linear from 8 rows (PACKED_ROWS); on AVX-512 BF16 alone oneDNN's GEMM on the packed copy is slower up
-// to about 20 rows than skinny_linear (its kernel to 12 rows, at::linear on the plain weight past that;
-// docs/precision.md).
+// beats skinny_linear from 8 rows; on AVX-512 BF16 alone (AMD's Zen 4) oneDNN's GEMM on the packed copy is slower
+// than skinny_linear's dot products up to 24 rows (docs/precision.md).
 int64_t packed_rows() {
-  static const int64_t rows = amx_supported() || !skinny_supported() ? 8 : 24;
+  static const int64_t rows = amx_supported() || !skinny_supported() ? 8 : 25;
   return rows;
 }
 
@@ -236,6 +235,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("skinny_linear_int8", &skinny_linear_int8, py::arg("x"), py::arg("weight"), py::arg("scales"),
         py::arg("bias") = py::none(), py::call_guard<py::gil_scoped_release>());
   m.def("skinny_supported", &skinny_supported);
+  m.def("skinny_dot_rows", &skinny_dot_rows);
+  m.def("skinny_max_rows", &skinny_max_rows);
   m.def("decode_attention", &decode_attention, py::arg("q"), py::arg("keys"), py::arg("values"), py::arg("start"),
         py::arg("end"), py::arg("scaling"), py::call_guard<py::gil_scoped_release>());
   m.def("decode_attention_applies", &decode_attention_applies);

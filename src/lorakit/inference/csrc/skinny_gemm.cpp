@@ -4,12 +4,13 @@
 // for each such block it takes every row of x (in chunks that keep all the partial sums in zmm registers), so W
 // streams from memory once while x, a few KB, stays in L1/L2.
 //
-// With several rows of x the products are fp32 FMAs on weights widened to fp32 in registers (bf16 -> fp32 is a shift
-// or a mask; int8 -> fp32 a sign extension and a conversion) against x widened to fp32 once per call. That is the
-// arithmetic of AVX-512 BF16's _mm512_dpbf16_ps (exact products, fp32 sums) at a higher rate once the kernel is not
-// only waiting on memory: a core retires half a vdpbf16ps (32 products) a cycle against two FMAs (2×16). For a single
-// row of bf16 weights, which only waits on memory, the products are _mm512_dpbf16_ps (the fewest instructions per
-// byte of W); the two ways measure the same there.
+// The products of bf16 weights are AVX-512 BF16's _mm512_dpbf16_ps (exact products, fp32 sums, 32 a instruction) or
+// fp32 FMAs on the weights widened to fp32 in registers (a shift or a mask) against x widened once per call: the same
+// arithmetic, at the rate each CPU retires it once the kernel is compute-bound (several rows of x). Intel's cores
+// with AMX retire half a vdpbf16ps (32 products) a cycle against two FMAs (2x16): FMAs for several rows there. AMD's
+// Zen 4 retires vdpbf16ps at twice its FMAs' products: dot products for any rows, and the kernel is faster than
+// oneDNN's GEMM further (kMaxRowsDot). For a single row, which only waits on memory, dot products everywhere (the
+// fewest instructions per byte of W). int8 weights are FMAs (a sign extension and a conversion to fp32 first).
 //
 // The kernels carry a target attribute so that this file compiles without global -mavx512 flags; skinny_supported()
 // decides at run time whether they may be called.
@@ -23,6 +24,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -36,7 +39,8 @@ using lorakit_kernels::parallel_for;
 
 constexpr int kCols = 4;            // W rows per register block
 constexpr int kMaxRowBlock = 6;     // x rows per register block: 6×4 accumulators + 4 W vectors + x <= 32 zmm
-constexpr int64_t kMaxRows = 12;    // bf16: more rows than this, at::linear (oneDNN's GEMM, AMX where there is) is faster
+constexpr int64_t kMaxRows = 12;    // bf16 with FMAs: more rows than this, at::linear (oneDNN's GEMM, AMX) is faster
+constexpr int64_t kMaxRowsDot = 24;  // bf16 with dot products for several rows: the same, without AMX
 // A product this narrow (an adapter's rank-r one) costs oneDNN ~20 us a call, mostly setting up: the kernel takes it
 // up to kMaxRowsSmall rows, while the multiply-adds stay under kMaxSmallMacs (past that oneDNN is faster again)
 constexpr int64_t kSmallDim = 64;
@@ -51,7 +55,9 @@ constexpr int64_t kPrefetchBytes = 16384;  // how far ahead of the W rows in wor
 // Layouts of a block of 32 consecutive elements (of a W row, and of an x row to match) as two vectors of 16 fp32.
 // From 32 bf16 in a zmm: EvenOdd is the cheaper (one shift, one and: the even elements, then the odd ones), Halves
 // the order of the int8 weights' sign extension (elements 0-15, then 16-31).
+// kFloats: the floats a prepared x row holds for a block of 32 elements.
 struct EvenOdd {
+  static constexpr int kFloats = 32;
   SKINNY_INLINE static __m512 first(__m512i v) { return _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)); }
   SKINNY_INLINE static __m512 second(__m512i v) {
     return _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
@@ -59,6 +65,7 @@ struct EvenOdd {
 };
 
 struct Halves {
+  static constexpr int kFloats = 32;
   SKINNY_INLINE static __m512 first(__m512i v) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(v)), 16));
   }
@@ -67,8 +74,9 @@ struct Halves {
   }
 };
 
-// For _mm512_dpbf16_ps: the 32 bf16 as they are (in the first of the two vectors).
+// For _mm512_dpbf16_ps: the 32 bf16 as they are, in one vector (64 bytes a block: x stays in L1 for more rows).
 struct Raw {
+  static constexpr int kFloats = 16;
   SKINNY_INLINE static __m512 first(__m512i v) { return _mm512_castsi512_ps(v); }
   SKINNY_INLINE static __m512 second(__m512i) { return _mm512_setzero_ps(); }
 };
@@ -123,14 +131,14 @@ struct Int8GroupWeights : Int8Weights {
 
 __mmask32 tail_mask(int64_t n) { return n >= 32 ? ~__mmask32(0) : __mmask32((1u << n) - 1u); }
 
-// x prepared once per call: fp32 (or bf16 for the Raw layout), block-major so that a kernel walks all its rows with one pointer: block b (elements
-// 32b .. 32b+31) of row m at xs[(b * M + m) * 32], in the weight loader's Layout, zero past K. Rounded to bf16 first
-// where x is fp32.
+// x prepared once per call: fp32 (or bf16 for the Raw layout), block-major so that a kernel walks all its rows with
+// one pointer: block b (elements 32b .. 32b+31) of row m at xs[(b * M + m) * Layout::kFloats], in the weight loader's
+// Layout, zero past K. Rounded to bf16 first where x is fp32.
 template <class Layout>
 SKINNY_TARGET void prepare_x(const void* x, bool fp32, int64_t M, int64_t K, float* xs) {
   for (int64_t k = 0; k < K; k += 32) {
     const __mmask32 mask = tail_mask(K - k);
-    for (int64_t m = 0; m < M; ++m, xs += 32) {
+    for (int64_t m = 0; m < M; ++m, xs += Layout::kFloats) {
       __m512i v;
       if (fp32) {
         const float* p = static_cast<const float*>(x) + m * K + k;
@@ -140,7 +148,7 @@ SKINNY_TARGET void prepare_x(const void* x, bool fp32, int64_t M, int64_t K, flo
         v = _mm512_maskz_loadu_epi16(mask, static_cast<const uint16_t*>(x) + m * K + k);
       }
       _mm512_storeu_ps(xs, Layout::first(v));
-      _mm512_storeu_ps(xs + 16, Layout::second(v));
+      if constexpr (Layout::kFloats == 32) _mm512_storeu_ps(xs + 16, Layout::second(v));
     }
   }
 }
@@ -245,7 +253,7 @@ SKINNY_INLINE void dot_pairs(__m512 (&acc)[MR][NC], const float* x, const typena
   for (int j = 0; j < NC; ++j) wv[j] = kMasked ? WL::load(w + j * K, mask) : WL::load(w + j * K);
 #pragma GCC unroll 8
   for (int i = 0; i < MR; ++i) {
-    const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + i * 32);
+    const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + i * Raw::kFloats);
 #pragma GCC unroll 8
     for (int j = 0; j < NC; ++j) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], xv, wv[j]);
   }
@@ -340,8 +348,9 @@ BlockFn<WL> block_fn(int mr) {
 template <class WL>
 void skinny_gemm(const Tensor& x, const typename WL::T* w, const Output& out, int64_t M, int64_t N, int64_t K) {
   // the prepared x, in a per-thread buffer that is only ever grown: no allocation per call
+  constexpr int64_t F = WL::Layout::kFloats;
   thread_local std::vector<float> xs;
-  xs.resize(std::max<size_t>(xs.size(), static_cast<size_t>((K + 31) / 32 * 32 * M)));
+  xs.resize(std::max<size_t>(xs.size(), static_cast<size_t>((K + 31) / 32 * F * M)));
   prepare_x<typename WL::Layout>(x.data_ptr(), x.scalar_type() == at::kFloat, M, K, xs.data());
   const float* xp = xs.data();
 
@@ -361,10 +370,10 @@ void skinny_gemm(const Tensor& x, const typename WL::T* w, const Output& out, in
         const char* pf =
             m0 == 0 && b + pf_blocks < b1 ? reinterpret_cast<const char*>(w + (n0 + pf_blocks * kCols) * K) : nullptr;
         if (nc == kCols) {
-          block_fn<WL, kCols>(mr)(xp + m0 * 32, M * 32, w + n0 * K, K, out, m0, n0, pf);
+          block_fn<WL, kCols>(mr)(xp + m0 * F, M * F, w + n0 * K, K, out, m0, n0, pf);
         } else {  // the last N % kCols W rows, one at a time
           for (int j = 0; j < nc; ++j)
-            block_fn<WL, 1>(mr)(xp + m0 * 32, M * 32, w + (n0 + j) * K, K, out, m0, n0 + j, nullptr);
+            block_fn<WL, 1>(mr)(xp + m0 * F, M * F, w + (n0 + j) * K, K, out, m0, n0 + j, nullptr);
         }
       }
     }
@@ -424,9 +433,10 @@ Tensor widened_rows(const Tensor& weight, const c10::optional<Tensor>& scales, i
   return w;
 }
 
-// y = x·Wᵀ for bf16 weights through the kernel: dot products for one row, FMAs for several (the note at the top).
+// y = x·Wᵀ for bf16 weights through the kernel: dot products for one row, and for several where the CPU retires them
+// faster than FMAs (the note at the top).
 void bf16_gemm(const Tensor& x2, const uint16_t* w, const Output& out, int64_t M, int64_t N, int64_t K) {
-  if (M == 1)
+  if (M == 1 || skinny_dot_rows())
     skinny_gemm<Bf16DotWeights>(x2, w, out, M, N, K);
   else
     skinny_gemm<Bf16Weights>(x2, w, out, M, N, K);
@@ -443,10 +453,22 @@ bool skinny_supported() {
   return supported;
 }
 
+bool skinny_dot_rows() {
+  static const bool dot = [] {
+    const char* choice = std::getenv("LORAKIT_SKINNY_DOT");
+    if (choice && *choice) return std::string(choice) != "0";
+    __builtin_cpu_init();
+    return __builtin_cpu_is("amd") != 0;
+  }();
+  return dot;
+}
+
+int64_t skinny_max_rows() { return skinny_dot_rows() ? kMaxRowsDot : kMaxRows; }
+
 Tensor skinny_linear(const Tensor& x, const Tensor& weight, const c10::optional<Tensor>& bias) {
-  int64_t max_rows = kMaxRows;
+  int64_t max_rows = skinny_max_rows();
   if (weight.dim() == 2 && weight.numel() > 0 && std::min(weight.size(0), weight.size(1)) <= kSmallDim)
-    max_rows = std::max(kMaxRows, std::min(kMaxRowsSmall, kMaxSmallMacs / weight.numel()));
+    max_rows = std::max(max_rows, std::min(kMaxRowsSmall, kMaxSmallMacs / weight.numel()));
   if (!kernel_applies(x, weight, at::kBFloat16, bias, max_rows)) {
     // at::linear wants x and bias in the weight's dtype: an fp32 x is rounded to bf16 as the kernel would
     const auto wtype = weight.scalar_type();

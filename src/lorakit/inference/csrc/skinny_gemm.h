@@ -8,9 +8,9 @@
 //   bias   (N) bf16 or fp32, or none
 //   -> y   (..., N) bf16, each output accumulated in fp32 (exact bf16 products, fp32 sums), plus the bias in fp32,
 //          rounded to bf16 once (to nearest even; fp32 sums below 2^-126 in magnitude flush to zero).
-// For x with few rows, M = numel(x) / K <= 12 (up to 32 where N or K is at most 64 and M·N·K stays small: an adapter's
-// rank-r product, which oneDNN spends ~20 us a call setting up): reads W once for all rows, at close to memory
-// bandwidth. Anything else
+// For x with few rows, M = numel(x) / K <= skinny_max_rows() (12, or 24 where the products are dot products; up to 32
+// where N or K is at most 64 and M·N·K stays small: an adapter's rank-r product, which oneDNN spends ~20 us a call
+// setting up): reads W once for all rows, at close to memory bandwidth. Anything else
 // (more rows, where oneDNN's GEMM is faster; no AVX-512 BF16 on this CPU; other dtypes or devices; a non-contiguous
 // weight) goes to at::linear, with x and bias cast to the weight's dtype (so an fp32 weight gives an fp32 y there).
 //
@@ -52,3 +52,10 @@ at::Tensor skinny_logits(const at::Tensor& x, const at::Tensor& weight, const c1
 
 // Whether this CPU has the instructions the kernels use (AVX-512F/BW/VL, AVX-512 BF16, FMA), checked at run time.
 bool skinny_supported();
+
+// Whether skinny_linear's products for several rows are AVX-512 BF16 dot products (on AMD's CPUs, which retire them
+// at twice the products of FMAs) rather than fp32 FMAs (Intel's); LORAKIT_SKINNY_DOT=1 or 0 chooses instead.
+bool skinny_dot_rows();
+
+// The most rows skinny_linear's kernel takes for a bf16 weight (at::linear past them).
+int64_t skinny_max_rows();
