@@ -45,13 +45,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def make_adapters(folder: Path) -> list[Path]:
-    """Three random r=16 adapters for SmolLM2 (B random, so each changes the replies), saved as runs would be."""
+def add_random_adapters(model) -> None:
+    """Three random r=16 adapters (ADAPTERS) on SmolLM2, B random so that each changes the replies."""
     import torch
 
-    from lorakit import LoRAConfig, add_lora, load_model, save_adapter
-    model, _ = load_model("smollm2", "instruct")
-    paths = []
+    from lorakit import LoRAConfig, add_lora
     for i, name in enumerate(ADAPTERS):
         add_lora(model, LoRAConfig(r=16, alpha=32, targets=PROJECTIONS), name)
         g = torch.Generator().manual_seed(i)
@@ -59,9 +57,15 @@ def make_adapters(folder: Path) -> list[Path]:
             for n, p in model.named_parameters():
                 if f"lora_B.{name}" in n:
                     p.copy_(torch.randn(p.shape, generator=g) * 0.01)
-        paths.append(save_adapter(model, folder / name / "adapter", adapter=name,
-                                  metadata={"task": "chat", "model": "smollm2", "template": "chat"}))
-    return paths
+
+
+def make_adapters(folder: Path) -> list[Path]:
+    """add_random_adapters' three, saved as runs would be."""
+    from lorakit import load_model, save_adapter
+    model, _ = load_model("smollm2", "instruct")
+    add_random_adapters(model)
+    return [save_adapter(model, folder / name / "adapter", adapter=name,
+                         metadata={"task": "chat", "model": "smollm2", "template": "chat"}) for name in ADAPTERS]
 
 
 def prompts(n: int, seed: int = 0) -> list[str]:
