@@ -86,6 +86,7 @@ def main() -> None:
     if a.worker:
         print(json.dumps(worker(rows)))
         return
+    os.environ.pop("LORAKIT_SKINNY_DOT", None)  # this process's form: the CPU's default (workers set theirs)
     from lorakit.evaluation.runs import machine
     from lorakit.inference.compiled_step import extension
     runs: dict[str, list[dict]] = {form: [] for form in FORMS}

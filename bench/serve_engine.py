@@ -42,7 +42,7 @@ class Timed:
         def timed_prefill(slots, requests, known):
             start = time.perf_counter()
             out = prefill(slots, requests, known)
-            lengths = [len(r.prompt_ids) - known for r in requests]
+            lengths = [len(r.prompt_ids) - running.cached for r, (running, _) in zip(requests, out)]
             self.prefills.append((len(requests), sum(lengths), max(lengths) * len(lengths),
                                   time.perf_counter() - start))
             return out
@@ -75,7 +75,7 @@ def clients_run(engine, ids: list[list[int]], jobs: list[int], clients: int, max
 
             def emit(event, done=done, tokens=tokens):
                 if event.finish_reason:
-                    tokens.append(event.completion_tokens)
+                    tokens.append(event.completion_tokens or 0)
                     done.set()
             engine.submit(Request(ids[j], ([None, *ADAPTERS])[j % 4], Sampling(max_new_tokens=max_tokens), emit))
             done.wait()

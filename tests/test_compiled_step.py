@@ -203,33 +203,42 @@ BOTH_PRODUCT_FORMS = """
 import torch
 from lorakit.inference.compiled_step import extension
 ext = extension()
-rows = ext.skinny_max_rows()
-g = torch.Generator().manual_seed(rows)
-x, w = torch.randn(rows, 200, generator=g).bfloat16(), torch.randn(96, 200, generator=g).bfloat16()
-got = ext.skinny_linear(x, w)
-want = torch.nn.functional.linear(x.float(), w.float())
-spread = 2 ** -16 * (x.float().abs() @ w.float().abs().t())
-close = bool(((got.float() - want).abs() <= 2 ** -8 * want.abs() + spread + 1e-6).all())
-alone = torch.cat([ext.skinny_linear(x[i:i + 1], w) for i in range(rows)])
-print(ext.skinny_dot_rows(), rows, close, torch.equal(got, alone), ext.packed_rows())
+top = ext.skinny_max_rows()
+g = torch.Generator().manual_seed(top)
+w = torch.randn(98, 200, generator=g).bfloat16()  # 98 rows: the kernel's last two W rows one at a time
+close, invariant = True, True
+for rows in (1, 5, top - 1, top, top + 1):  # chunks of 6 and fewer; past the kernel's rows, at::linear
+    x = torch.randn(rows, 200, generator=g).bfloat16()
+    want = torch.nn.functional.linear(x.float(), w.float())
+    spread = 2 ** -16 * (x.float().abs() @ w.float().abs().t())
+    for got in (ext.skinny_linear(x, w), ext.skinny_linear(x.float(), w), ext.skinny_logits(x, w)):
+        rounding = 2 ** -8 * want.abs() if got.dtype == torch.bfloat16 else 0 * want
+        if rows > top and got.dtype == torch.bfloat16:  # oneDNN's sums round in bf16 too
+            spread = spread + 2 ** -8 * (x.float().abs() @ w.float().abs().t()) * 2 ** -8
+        close &= bool(((got.float() - want).abs() <= rounding + spread + 1e-6).all())
+    if rows <= top:
+        alone = torch.cat([ext.skinny_linear(x[i:i + 1], w) for i in range(rows)])
+        invariant &= torch.equal(ext.skinny_linear(x, w), alone)
+print(ext.skinny_dot_rows(), top, close, invariant, ext.packed_rows())
 """
 
 
 @pytest.mark.parametrize("dot", [False, True])
 def test_both_forms_of_the_bf16_products_for_several_rows(dot):
     """The kernel's two forms of a bf16 product for several rows, each as LORAKIT_SKINNY_DOT picks it in a fresh
-    process (by default dot products on AMD, FMAs on Intel): dot products up to 24 rows, FMAs up to 12, each output
-    within one bf16 rounding of fp32; with dot products a row's outputs are the same bits in a batch as alone (one
-    row always takes them)."""
+    process (by default dot products on AMD, FMAs on Intel): dot products up to 24 rows, FMAs up to 12, from one
+    row to one past the kernel's, bf16 and fp32 x, bf16 outputs and fp32 logits, each within one bf16 rounding of
+    fp32 (the logits: within fp32 sums); with dot products a row's outputs are the same bits in a batch as alone
+    (one row always takes them); the C++ step's packed copies take over past the kernel's rows without AMX."""
     if not extension().skinny_supported():
         pytest.skip("no AVX-512 BF16 on this CPU")
     env = dict(os.environ, LORAKIT_SKINNY_DOT="1" if dot else "0")
     done = subprocess.run([sys.executable, "-c", BOTH_PRODUCT_FORMS], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    said, rows, close, batch_invariant, packed_rows = done.stdout.split()
-    assert (said, int(rows), close) == (str(dot), 24 if dot else 12, "True")
+    said, top, close, batch_invariant, packed_rows = done.stdout.split()
+    assert (said, int(top), close) == (str(dot), 24 if dot else 12, "True")
     assert batch_invariant == "True" or not dot
-    assert int(packed_rows) == (8 if extension().amx_supported() else 25)
+    assert int(packed_rows) == (8 if extension().amx_supported() else int(top) + 1)
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "int8"])
@@ -356,7 +365,7 @@ def tiny_llama_head_dim_32():
 @pytest.mark.parametrize("packed", [False, True])
 def test_bf16_step_with_the_attention_kernel_and_packed_weights_against_the_python_step(packed):
     """In bf16 (head_dim 32) the C++ step attends with decode_attention over each row's own span and, from
-    `packed_rows()` (8 with AMX, 25 without), multiplies by the weights' packed copies (precision.pack_for_batches),
+    `packed_rows()` (8 with AMX, past the skinny kernel's rows without), multiplies by the weights' packed copies (precision.pack_for_batches),
     here at that many rows: its logits stay within bf16 rounding of the Python step's (SDPA, F.linear) with adapters
     mixed by row over rows of different lengths, and packing moves no logit beyond that rounding."""
     from lorakit.engine.frozen_base import packed_linear
@@ -367,7 +376,7 @@ def test_bf16_step_with_the_attention_kernel_and_packed_weights_against_the_pyth
     model = with_lora(tiny_llama_head_dim_32())
     add_lora(model, LoRAConfig(r=4, alpha=8, targets="all-linear"), "b")
     randomize_lora(model, seed=2)
-    assert ext.packed_rows() == (8 if ext.amx_supported() else 25)
+    assert ext.packed_rows() == (8 if ext.amx_supported() else ext.skinny_max_rows() + 1)
     copies = -(-ext.packed_rows() // len(PROMPTS))  # rows: the packed products' side of packed_rows()
     prompts, names = PROMPTS * copies, ["a", "b", None, "a"] * copies
     with adapters_by_row(model, names):

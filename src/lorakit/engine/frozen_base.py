@@ -46,7 +46,8 @@ class FrozenBase(nn.Module):
         return False
 
 
-PACKED_ROWS = 8  # rows from which oneDNN's GEMM on a packed bf16 weight is used (csrc: with AMX; 25 without it)
+# rows from which oneDNN's GEMM on a packed bf16 weight is used (the C++ step's own: packed_rows())
+PACKED_ROWS = 8
 
 
 def packing_supported() -> bool:

@@ -23,10 +23,10 @@ using c10::optional;
 
 // From this many rows a bf16 weight's packed copy (engine/frozen_base.py's DenseBase.pack, oneDNN's blocked layout)
 // runs the product: oneDNN's GEMM then skips laying the weight out again, and gives F.linear's bits. With AMX it
-// beats skinny_linear from 8 rows; on AVX-512 BF16 alone (AMD's Zen 4) oneDNN's GEMM on the packed copy is slower
-// than skinny_linear's dot products up to 24 rows (docs/precision.md).
+// beats skinny_linear from 8 rows; on AVX-512 BF16 alone (AMD's Zen 4) it is slower than skinny_linear's kernel
+// (docs/precision.md), so the packed copy takes the rows past the kernel's (past at::linear on the plain weight).
 int64_t packed_rows() {
-  static const int64_t rows = amx_supported() || !skinny_supported() ? 8 : 25;
+  static const int64_t rows = amx_supported() || !skinny_supported() ? 8 : skinny_max_rows() + 1;
   return rows;
 }
 

@@ -40,7 +40,7 @@ using lorakit_kernels::parallel_for;
 constexpr int kCols = 4;            // W rows per register block
 constexpr int kMaxRowBlock = 6;     // x rows per register block: 6×4 accumulators + 4 W vectors + x <= 32 zmm
 constexpr int64_t kMaxRows = 12;    // bf16 with FMAs: more rows than this, at::linear (oneDNN's GEMM, AMX) is faster
-constexpr int64_t kMaxRowsDot = 24;  // bf16 with dot products for several rows: the same, without AMX
+constexpr int64_t kMaxRowsDot = 24;  // bf16 with dot products: past this oneDNN's GEMM on packed weights is faster
 // A product this narrow (an adapter's rank-r one) costs oneDNN ~20 us a call, mostly setting up: the kernel takes it
 // up to kMaxRowsSmall rows, while the multiply-adds stay under kMaxSmallMacs (past that oneDNN is faster again)
 constexpr int64_t kSmallDim = 64;
@@ -348,9 +348,9 @@ BlockFn<WL> block_fn(int mr) {
 template <class WL>
 void skinny_gemm(const Tensor& x, const typename WL::T* w, const Output& out, int64_t M, int64_t N, int64_t K) {
   // the prepared x, in a per-thread buffer that is only ever grown: no allocation per call
-  constexpr int64_t F = WL::Layout::kFloats;
+  constexpr int64_t floats = WL::Layout::kFloats;  // a prepared row's floats for a block of 32 elements
   thread_local std::vector<float> xs;
-  xs.resize(std::max<size_t>(xs.size(), static_cast<size_t>((K + 31) / 32 * F * M)));
+  xs.resize(std::max<size_t>(xs.size(), static_cast<size_t>((K + 31) / 32 * floats * M)));
   prepare_x<typename WL::Layout>(x.data_ptr(), x.scalar_type() == at::kFloat, M, K, xs.data());
   const float* xp = xs.data();
 
@@ -370,10 +370,10 @@ void skinny_gemm(const Tensor& x, const typename WL::T* w, const Output& out, in
         const char* pf =
             m0 == 0 && b + pf_blocks < b1 ? reinterpret_cast<const char*>(w + (n0 + pf_blocks * kCols) * K) : nullptr;
         if (nc == kCols) {
-          block_fn<WL, kCols>(mr)(xp + m0 * F, M * F, w + n0 * K, K, out, m0, n0, pf);
+          block_fn<WL, kCols>(mr)(xp + m0 * floats, M * floats, w + n0 * K, K, out, m0, n0, pf);
         } else {  // the last N % kCols W rows, one at a time
           for (int j = 0; j < nc; ++j)
-            block_fn<WL, 1>(mr)(xp + m0 * F, M * F, w + (n0 + j) * K, K, out, m0, n0 + j, nullptr);
+            block_fn<WL, 1>(mr)(xp + m0 * floats, M * floats, w + (n0 + j) * K, K, out, m0, n0 + j, nullptr);
         }
       }
     }
@@ -455,8 +455,8 @@ bool skinny_supported() {
 
 bool skinny_dot_rows() {
   static const bool dot = [] {
-    const char* choice = std::getenv("LORAKIT_SKINNY_DOT");
-    if (choice && *choice) return std::string(choice) != "0";
+    const std::string choice = std::getenv("LORAKIT_SKINNY_DOT") ? std::getenv("LORAKIT_SKINNY_DOT") : "";
+    if (choice == "0" || choice == "1") return choice == "1";  // anything else: the CPU's maker decides
     __builtin_cpu_init();
     return __builtin_cpu_is("amd") != 0;
   }();

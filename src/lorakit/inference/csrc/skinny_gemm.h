@@ -54,7 +54,8 @@ at::Tensor skinny_logits(const at::Tensor& x, const at::Tensor& weight, const c1
 bool skinny_supported();
 
 // Whether skinny_linear's products for several rows are AVX-512 BF16 dot products (on AMD's CPUs, which retire them
-// at twice the products of FMAs) rather than fp32 FMAs (Intel's); LORAKIT_SKINNY_DOT=1 or 0 chooses instead.
+// at twice the products of FMAs) rather than fp32 FMAs (Intel's); LORAKIT_SKINNY_DOT=1 or 0 chooses instead (read
+// once, at the first product).
 bool skinny_dot_rows();
 
 // The most rows skinny_linear's kernel takes for a bf16 weight (at::linear past them).
