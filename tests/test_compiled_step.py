@@ -210,12 +210,12 @@ close, invariant = True, True
 for rows in (1, 5, top - 1, top, top + 1):  # chunks of 6 and fewer; past the kernel's rows, at::linear
     x = torch.randn(rows, 200, generator=g).bfloat16()
     want = torch.nn.functional.linear(x.float(), w.float())
-    spread = 2 ** -16 * (x.float().abs() @ w.float().abs().t())
+    sums = x.float().abs() @ w.float().abs().t()
     for got in (ext.skinny_linear(x, w), ext.skinny_linear(x.float(), w), ext.skinny_logits(x, w)):
-        rounding = 2 ** -8 * want.abs() if got.dtype == torch.bfloat16 else 0 * want
-        if rows > top and got.dtype == torch.bfloat16:  # oneDNN's sums round in bf16 too
-            spread = spread + 2 ** -8 * (x.float().abs() @ w.float().abs().t()) * 2 ** -8
-        close &= bool(((got.float() - want).abs() <= rounding + spread + 1e-6).all())
+        bf16 = got.dtype == torch.bfloat16  # rounded once to bf16 (the logits stay fp32)
+        gemm = bf16 and rows > top  # at::linear past the kernel's rows: oneDNN's sums round in bf16 too
+        bound = 2 ** -8 * want.abs() * bf16 + 2 ** -16 * sums * (1 + gemm) + 1e-6
+        close &= bool(((got.float() - want).abs() <= bound).all())
     if rows <= top:
         alone = torch.cat([ext.skinny_linear(x[i:i + 1], w) for i in range(rows)])
         invariant &= torch.equal(ext.skinny_linear(x, w), alone)
@@ -239,6 +239,20 @@ def test_both_forms_of_the_bf16_products_for_several_rows(dot):
     assert (said, int(top), close) == (str(dot), 24 if dot else 12, "True")
     assert batch_invariant == "True" or not dot
     assert int(packed_rows) == (8 if extension().amx_supported() else int(top) + 1)
+
+
+def test_a_product_form_neither_0_nor_1_says_so_and_keeps_the_default():
+    """LORAKIT_SKINNY_DOT other than 0 or 1 is not taken silently: one line names it, and the CPU's default stays."""
+    if not extension().skinny_supported():
+        pytest.skip("no AVX-512 BF16 on this CPU")
+    script = "from lorakit.inference.compiled_step import extension; print(extension().skinny_dot_rows())"
+    env = {k: v for k, v in os.environ.items() if k != "LORAKIT_SKINNY_DOT"}
+    default = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+    done = subprocess.run([sys.executable, "-c", script], env=env | {"LORAKIT_SKINNY_DOT": "yes"},
+                          capture_output=True, text=True, check=True)
+    assert done.stdout == default.stdout
+    assert "LORAKIT_SKINNY_DOT=yes is neither 0 nor 1; the CPU's default form is used" in done.stderr
+    assert "LORAKIT_SKINNY_DOT" not in default.stderr
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "int8"])
@@ -365,9 +379,10 @@ def tiny_llama_head_dim_32():
 @pytest.mark.parametrize("packed", [False, True])
 def test_bf16_step_with_the_attention_kernel_and_packed_weights_against_the_python_step(packed):
     """In bf16 (head_dim 32) the C++ step attends with decode_attention over each row's own span and, from
-    `packed_rows()` (8 with AMX, past the skinny kernel's rows without), multiplies by the weights' packed copies (precision.pack_for_batches),
-    here at that many rows: its logits stay within bf16 rounding of the Python step's (SDPA, F.linear) with adapters
-    mixed by row over rows of different lengths, and packing moves no logit beyond that rounding."""
+    `packed_rows()` (8 with AMX, past the skinny kernel's rows without), multiplies by the weights' packed copies
+    (precision.pack_for_batches), here at that many rows: its logits stay within bf16 rounding of the Python step's
+    (SDPA, F.linear) with adapters mixed by row over rows of different lengths, and packing moves no logit beyond
+    that rounding."""
     from lorakit.engine.frozen_base import packed_linear
     from lorakit.inference.precision import cast_for_inference, pack_for_batches
     ext = extension()

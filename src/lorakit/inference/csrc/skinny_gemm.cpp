@@ -24,6 +24,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <cstdlib>
 #include <string>
 #include <utility>
@@ -455,8 +456,11 @@ bool skinny_supported() {
 
 bool skinny_dot_rows() {
   static const bool dot = [] {
-    const std::string choice = std::getenv("LORAKIT_SKINNY_DOT") ? std::getenv("LORAKIT_SKINNY_DOT") : "";
-    if (choice == "0" || choice == "1") return choice == "1";  // anything else: the CPU's maker decides
+    const char* set = std::getenv("LORAKIT_SKINNY_DOT");
+    const std::string choice = set ? set : "";
+    if (choice == "0" || choice == "1") return choice == "1";
+    if (!choice.empty())
+      std::fprintf(stderr, "lorakit: LORAKIT_SKINNY_DOT=%s is neither 0 nor 1; the CPU's default form is used\n", set);
     __builtin_cpu_init();
     return __builtin_cpu_is("amd") != 0;
   }();

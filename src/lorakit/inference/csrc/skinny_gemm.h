@@ -55,7 +55,7 @@ bool skinny_supported();
 
 // Whether skinny_linear's products for several rows are AVX-512 BF16 dot products (on AMD's CPUs, which retire them
 // at twice the products of FMAs) rather than fp32 FMAs (Intel's); LORAKIT_SKINNY_DOT=1 or 0 chooses instead (read
-// once, at the first product).
+// once, at the first product; another value is named on stderr and the default kept).
 bool skinny_dot_rows();
 
 // The most rows skinny_linear's kernel takes for a bf16 weight (at::linear past them).
