@@ -8,7 +8,9 @@ PEFT as for lorakit; its compile happens in the warm-up steps, which are not tim
 use_dora, lorakit's dora): compare them at --dropout 0, where both compute the same function (with dropout PEFT
 also runs the base matmul on the dropped input); -bf16, the frozen base stored in bf16 (lorakit's `precision: bf16`;
 PEFT on a model loaded in bf16, its adapters fp32 as PEFT keeps them); -autocast, the forward under autocast to bf16
-over fp32 weights (transformers' Trainer with bf16=True). bf16 on a CPU with AVX-512 BF16 or AMX:
+over fp32 weights (transformers' Trainer with bf16=True). lorakit's cases on a CPU attend with lorakit's training
+attention (models/attention.py), as `lorakit train` does; PEFT's with transformers' SDPA, its default.
+bf16 on a CPU with AVX-512 BF16 or AMX:
     python bench/step.py --cases peft,peft-autocast,peft-bf16,lorakit-label,lorakit-label-bf16 --out \
         bench/results/step-bf16.json
 Then (--interleave, the default) all cases again in one process, a step each in turn, for speed ratios that the
@@ -46,6 +48,7 @@ def build(case: str, dropout: float, device: str = "cpu"):
     import torch
 
     from lorakit import LoRAConfig, add_lora
+    from lorakit.models.attention import use_attention_kernel
     from lorakit.models.kernels import compile_blocks, fuse_swiglu
     from lorakit.models.loading import load_model
     from lorakit.engine import store_frozen
@@ -63,6 +66,8 @@ def build(case: str, dropout: float, device: str = "cpu"):
         model = add_lora(model, LoRAConfig(r=8, alpha=16, dropout=dropout, targets=PROJECTIONS, dora=dora))
         fuse_swiglu(model)  # as `lorakit train` does by default
         store_frozen(model, torch.bfloat16 if "bf16" in tags else torch.float32)  # `precision: bf16`
+        if device == "cpu" and "compile" not in tags:  # as `lorakit train` does on a CPU
+            use_attention_kernel(model)
     else:
         raise SystemExit(f"unknown case {case!r}")
     if "compile" in case.split("-"):

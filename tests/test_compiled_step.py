@@ -145,6 +145,8 @@ def test_what_the_compiled_step_does_not_describe_keeps_the_python_step():
 
 def test_a_failed_build_says_why_and_decodes_with_the_python_step(monkeypatch, capsys):
     from torch.utils import cpp_extension
+
+    from lorakit.models import native
     model = tiny_llama_family("qwen3")
     expected = [t for _, t in decode(model, PROMPTS, Choice.greedy(5), set(), 0, slots=2)]
 
@@ -152,18 +154,18 @@ def test_a_failed_build_says_why_and_decodes_with_the_python_step(monkeypatch, c
         raise RuntimeError("Ninja is required to load C++ extensions")
 
     monkeypatch.setattr(cpp_extension, "load", no_ninja)
-    extension.cache_clear()
+    native.extension.cache_clear()
     try:
         assert extension() is None
         err = capsys.readouterr().err
         assert "the C++ decode step could not be built (Ninja is required to load C++ extensions)" in err
         assert [t for _, t in decode(model, PROMPTS, Choice.greedy(5), set(), 0, slots=2)] == expected
         monkeypatch.setenv("LORAKIT_COMPILED_STEP", "0")
-        extension.cache_clear()
+        native.extension.cache_clear()
         assert extension() is None and "could not be built" not in capsys.readouterr().err
     finally:
         monkeypatch.undo()
-        extension.cache_clear()
+        native.extension.cache_clear()
     assert extension() is not None
 
 

@@ -2,7 +2,7 @@
 
 The decode loop (decode.py: a static KV cache in kv_cache.py, one pass over the model's own modules per token,
 continuous batching), the token choice (sampling.py), the Llama-family step in C++ (compiled_step.py,
-csrc/llama_step.cpp), and generation for callers (generation.py: batched, streamed, merged or not; transformers'
+models/csrc/llama_step.cpp), and generation for callers (generation.py: batched, streamed, merged or not; transformers'
 `generate` for what the loop does not drive).
 
 Imports `lorakit.errors`, `lorakit.config`, the engine and models; never training, evaluation or anything above.

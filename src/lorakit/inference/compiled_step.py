@@ -1,21 +1,15 @@
-"""The decode loop's step for the Llama family in C++ (csrc/llama_step.cpp), and what of a model it can run.
+"""The decode loop's step for the Llama family in C++ (models/csrc/llama_step.cpp), and what of a model it can run.
 
 A one-token step is dozens of small operations a layer around its seven matrix products; from Python each costs
 microseconds of interpreter and dispatch, which at batch 1 adds up to a large share of the step. The C++ step makes
 the same ATen calls in the same order as decode.py's Python step, on the model's own weights, so its logits are the
-same bits in fp32 (tested; in bf16 its own kernels, within bf16 rounding), and the same cache. Built once with
-torch's C++ extension loader (a C++ compiler and ninja) and kept in lorakit's cache (~/.cache/lorakit/compiled);
-where it cannot be built, or a model holds a module it does not describe (an NF4 base, DoRA rows, hooks, a replaced
-forward), decode.py runs the Python step.
+same bits in fp32 (tested; in bf16 its own kernels, within bf16 rounding), and the same cache. Built once
+(models/native.py); where it cannot be built, or a model holds a module it does not describe (an NF4 base, DoRA
+rows, hooks, a replaced forward), decode.py runs the Python step.
 """
 from __future__ import annotations
 
-import contextlib
-import functools
 import os
-import shutil
-import sys
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -23,15 +17,14 @@ from torch import nn
 from ..engine import LoRALinear
 from ..engine.frozen_base import StoredLinear, packed_linear
 from ..engine.step_terms import inference_terms
+from ..models import native
 from ..models.kernels import SWIGLU_MLPS, swiglu_forward
-from ..models.loading import cache_dir
 
-SOURCE = Path(__file__).parent / "csrc" / "llama_step.cpp"
-KERNELS = [Path(__file__).parent / "csrc" / name for name in (
-    "skinny_gemm.cpp",  # bf16 / int8 products for a decode step's few rows
-    "decode_attention.cpp",  # one query per row over a bf16 cache
-    "fused_ops.cpp",  # a bf16 step's norms, rotary embedding and SwiGLU, a pass each
-    "amx_gemm.cpp")]  # fp32 logits from a bf16 head on AMX tiles
+SOURCES = ("llama_step.cpp",  # in models/csrc: the step itself, and the bindings
+           "skinny_gemm.cpp",  # bf16 / int8 products for a decode step's few rows
+           "decode_attention.cpp",  # one query per row over a bf16 cache
+           "fused_ops.cpp",  # a bf16 step's norms, rotary embedding and SwiGLU, a pass each
+           "amx_gemm.cpp")  # fp32 logits from a bf16 head on AMX tiles
 NAME = "lorakit_llama_step"
 # norm classes whose forward is exactly LlamaRMSNorm's (checked against their source)
 RMS_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")
@@ -41,31 +34,12 @@ class Unsupported(Exception):
     """A module the compiled step does not describe."""
 
 
-@functools.cache
 def extension():
     """The compiled module, built on first use; None where it cannot be (one line on stderr says why) or where
     LORAKIT_COMPILED_STEP=0 asks for the Python step."""
     if os.environ.get("LORAKIT_COMPILED_STEP", "1") == "0":
         return None
-    from torch.utils import cpp_extension
-    if shutil.which("ninja") is None:  # the ninja package's binary sits beside this Python, not always on PATH
-        with contextlib.suppress(ImportError):
-            import ninja
-            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
-    build = cache_dir() / "compiled" / f"torch-{torch.__version__}-py{sys.version_info.major}{sys.version_info.minor}"
-    if not (build / f"{NAME}.so").exists():
-        print(f"lorakit: compiling the C++ decode step into {build} (once; about a minute)", file=sys.stderr,
-              flush=True)
-    try:
-        build.mkdir(parents=True, exist_ok=True)
-        return cpp_extension.load(NAME, sources=[str(SOURCE), *map(str, KERNELS)], extra_cflags=["-O2"],
-                                  build_directory=str(build), verbose=False)
-    except Exception as error:  # no compiler, no ninja, a failed build: the Python step works everywhere
-        lines = str(error).strip().splitlines() or [type(error).__name__]
-        reason = next((line.strip() for line in lines if "error:" in line), lines[0])[:200]
-        print(f"lorakit: the C++ decode step could not be built ({reason}); decoding with the Python step",
-              file=sys.stderr, flush=True)
-        return None
+    return native.extension(NAME, SOURCES, "the C++ decode step", "decoding with the Python step")
 
 
 def compiled_model(model: nn.Module, dtype: torch.dtype):

@@ -5,7 +5,7 @@ A decode step reads every weight once per token, so its speed is the bytes it re
 (9 bits a weight with the scales, which the kernel broadcasts straight from memory in fp32). The codes are
 round(w / s) with s = max|w| / 127 over the block (symmetric); one scale per whole row instead (11% fewer bytes)
 measured a point and a half lower teacher-forced top-1 agreement on SmolLM2 (docs/precision.md). The products run in the C++ step's own kernel for the few rows of a decode step
-(csrc/skinny_gemm.cpp: each block of codes times its scale in registers, against the bf16 activations, summed
+(models/csrc/skinny_gemm.cpp: each block of codes times its scale in registers, against the bf16 activations, summed
 in fp32, rounded to bf16 once), and, for a prompt's many rows, as bf16 GEMMs on weights rebuilt a chunk at a time.
 Adapters stay unmerged in bf16 beside an int8 base, or are merged before it is quantised.
 """

@@ -4,8 +4,8 @@ A bf16 GEMM rounds its output to bf16: at the size of a model's logits (10-30) t
 enough to turn near ties between tokens into exact ties and to reorder them. On SmolLM2 that rounding was half of
 bf16's teacher-forced top-1 disagreement with fp32 (docs/precision.md); llama.cpp keeps its logits in fp32 for the
 same reason. The head's weight stays as it is (bf16, or int8 codes with block scales): the C++ kernel
-(csrc/skinny_gemm.h's skinny_logits) reads it once for the few rows of a decode step and writes fp32. For batches
-(PACKED_ROWS rows or more) `pack_for_batches` gives a bf16 head a copy laid out for AMX (csrc/amx_gemm.h): oneDNN's
+(models/csrc/skinny_gemm.h's skinny_logits) reads it once for the few rows of a decode step and writes fp32. For batches
+(PACKED_ROWS rows or more) `pack_for_batches` gives a bf16 head a copy laid out for AMX (models/csrc/amx_gemm.h): oneDNN's
 micro-kernel then computes on tiles and keeps its fp32 sums. From PACK_ONCE_ROWS rows without that copy (a
 teacher-forced pass over many positions) the head is laid out for AMX for that call; otherwise past the kernel's 32
 rows, without AMX, for int8 and off the CPU, fp32 GEMMs on the weight widened a chunk at a time.
@@ -75,7 +75,7 @@ def keep_fp32_logits(model: nn.Module) -> bool:
 
 
 class LogitsBase(DenseBase):
-    """A bf16 head's weight with, while packed, the copy csrc/amx_gemm.h reads (in place of oneDNN's layout)."""
+    """A bf16 head's weight with, while packed, the copy models/csrc/amx_gemm.h reads (in place of oneDNN's layout)."""
 
     def laid_out(self, w: torch.Tensor) -> torch.Tensor | None:
         ext = extension()

@@ -2,7 +2,9 @@
 
 Loading a base model and its tokenizer for a task from an embedded default, a local directory, a GGUF file or a hub
 id (loading.py), rebuilding a trained run as base + adapter or a full fine-tune's directory (trained.py), and the
-fused kernels for the architectures lorakit knows (kernels.py: the SwiGLU product, regional torch.compile).
+fused kernels for the architectures lorakit knows (kernels.py: the SwiGLU product, regional torch.compile;
+attention.py: attention for training on CPU), and lorakit's C++ kernels (csrc/: the training attention and the
+decode step's kernels, which the inference layer drives) with their build (native.py).
 
 Imports `lorakit.errors`, `lorakit.config` and the engine (to put a saved adapter on its base); never data, training
 or anything above.

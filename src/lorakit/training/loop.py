@@ -224,7 +224,8 @@ def finish(run: Run, optimizer, scheduler, state: TrainState, best_state: dict |
                                               "test_rows": len(run.splits.test), "notes": run.data.notes},
                   "distributed": {"processes": run.world, "strategy": run.strategy if run.world > 1 else "none",
                                   "global_batch": cfg.batch_size * run.world * cfg.grad_accum},
-                  "precision": precision_note(cfg), "timings": timings(state, time.perf_counter() - run.started),
+                  "precision": precision_note(cfg),
+                  "attention": getattr(run.model.config, "_attn_implementation", None), "timings": timings(state, time.perf_counter() - run.started),
                   "logs": {"metrics": "metrics.jsonl", "report_to": cfg.report_to}}
         method = "full fine-tune" if run.full else f"{'QLoRA' if cfg.quantize else 'LoRA'} r={cfg.r}"
         if cfg.task == "preference":

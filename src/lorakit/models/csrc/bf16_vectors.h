@@ -1,4 +1,4 @@
-// AVX-512 helpers shared by the bf16 kernels (decode_attention.cpp, fused_ops.cpp): 16 bf16 widened to fp32 and
+// AVX-512 helpers shared by the bf16 kernels (decode_attention.cpp, fused_ops.cpp, causal_attention.cpp): the CPU check, 16 bf16 widened to fp32 and
 // rounded back (to nearest even, as c10::BFloat16 rounds, but values below the normal range flushed to zero), a mask
 // for a row's last few elements, and e^x in fp32.
 // Each carries a target attribute, so the files compile without global -mavx512 flags; the callers check the CPU
@@ -13,6 +13,16 @@
 #define BF16_INLINE BF16_TARGET __attribute__((always_inline)) inline
 
 namespace lorakit_kernels {
+
+// whether this CPU runs the kernels built on these helpers (AVX-512 with BF16)
+inline bool bf16_kernels_supported() {
+  static const bool supported = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("fma");
+  }();
+  return supported;
+}
 
 BF16_INLINE __mmask16 tail_mask(int64_t left) {
   return left >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1);

@@ -15,6 +15,7 @@
 // The kernels carry a target attribute so that this file compiles without global -mavx512 flags; skinny_supported()
 // decides at run time whether they may be called.
 #include "skinny_gemm.h"
+#include "bf16_vectors.h"
 #include "parallel.h"
 
 #include <ATen/Parallel.h>
@@ -445,14 +446,7 @@ void bf16_gemm(const Tensor& x2, const uint16_t* w, const Output& out, int64_t M
 
 }  // namespace
 
-bool skinny_supported() {
-  static const bool supported = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("fma");
-  }();
-  return supported;
-}
+bool skinny_supported() { return lorakit_kernels::bf16_kernels_supported(); }
 
 bool skinny_dot_rows() {
   static const bool dot = [] {
