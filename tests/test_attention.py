@@ -177,11 +177,11 @@ def test_calls_the_kernel_does_not_take_go_to_sdpa():
     ids = torch.randint(0, 128, (2, 20), generator=g)
     for head_dim, dropout in ((8, 0.0), (16, 0.1)):
         sdpa, ours = llama(head_dim), llama(head_dim)
+        assert use_attention_kernel(ours)  # routed, then given attention dropout: each call goes to SDPA
         for m in (sdpa, ours):
             m.config.attention_dropout = dropout
             for layer in m.model.layers:
                 layer.self_attn.attention_dropout = dropout
-        use_attention_kernel(ours)
         calls = []
         original = CausalAttention.apply
         CausalAttention.apply = lambda *a: calls.append(1) or original(*a)
@@ -223,14 +223,17 @@ def test_float_masks_that_only_block_are_read_as_bools():
 
 
 def test_only_a_model_on_sdpa_is_routed_and_only_where_the_cpu_runs_the_kernel(monkeypatch):
-    """A model on eager attention (it asked for the weights) keeps it; on a CPU without AVX-512 BF16 nothing is
-    routed and the kernel is not even built."""
+    """A model on eager attention (it asked for the weights) keeps it; a model with attention dropout, or on a CPU
+    without AVX-512 BF16, is not routed and the kernel is not even built."""
     from lorakit.models import native
     model = llama()
     model.set_attn_implementation("eager")
     assert use_attention_kernel(model) is False and model.config._attn_implementation == "eager"
+    monkeypatch.setattr(native, "extension", lambda *a: pytest.fail("built where it cannot run"))
+    dropping = llama()  # every training call would go to SDPA: not routed (BERT's, GPT-2's defaults)
+    dropping.config.attention_dropout = 0.1
+    assert use_attention_kernel(dropping) is False and dropping.config._attn_implementation == "sdpa"
     monkeypatch.setattr(attention, "cpu_runs_kernel", lambda: False)
-    monkeypatch.setattr(native, "extension", lambda *a: pytest.fail("built on a CPU that cannot run it"))
     model = llama()
     assert use_attention_kernel(model) is False and model.config._attn_implementation == "sdpa"
 

@@ -101,11 +101,13 @@ def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
 
 
 def use_attention_kernel(model: nn.Module) -> bool:
-    """Route `model`'s attention (transformers' SDPA now) through the kernel, on a CPU with AVX-512 BF16 where it
-    builds; it falls back to SDPA call by call. True if routed (what run.json's `attention` then records). The
-    masks stay SDPA's (bool, or none for plain causal rows)."""
+    """Route `model`'s attention (transformers' SDPA now, no attention dropout) through the kernel, on a CPU with
+    AVX-512 BF16 where it builds; it falls back to SDPA call by call. True if routed (what run.json's `attention`
+    then records). The masks stay SDPA's (bool, or none for plain causal rows)."""
     config = getattr(model, "config", None)
-    if getattr(config, "_attn_implementation", None) != "sdpa" or not cpu_runs_kernel() or kernel() is None:
+    if getattr(config, "_attn_implementation", None) != "sdpa" or attention_dropout(config) > 0:
+        return False
+    if not cpu_runs_kernel() or kernel() is None:
         return False
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
@@ -113,6 +115,13 @@ def use_attention_kernel(model: nn.Module) -> bool:
     ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, sdpa_mask)
     model.set_attn_implementation(NAME)
     return config._attn_implementation == NAME
+
+
+def attention_dropout(config) -> float:
+    """The dropout a model applies to its attention weights while training (Llama's attention_dropout, BERT's
+    attention_probs_dropout_prob, GPT-2's attn_pdrop): where it is not 0 every training call would go to SDPA."""
+    names = ("attention_dropout", "attention_probs_dropout_prob", "attn_pdrop")
+    return max(float(getattr(config, name, 0) or 0) for name in names)
 
 
 def cpu_runs_kernel() -> bool:
