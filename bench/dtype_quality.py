@@ -6,7 +6,8 @@ at every response position and the mean response loss. The base model, and with 
 top logit minus its logit for the other choice) says whether the choice was a near tie. With --where, which rounding
 costs the agreement: the fp32 model with its weights rounded to bf16 and every matrix product's input rounded to
 bf16, all else fp32 (norms, residual stream, attention, logits), with and without each product's output rounded to
-bf16 as a bf16 GEMM returns it.
+bf16 as a bf16 GEMM returns it; and `--dtype bf16` as it is but for the residual stream and norms kept in fp32, with
+the attention in bf16 or fp32.
 
     python bench/dtype_quality.py [--run runs/alpaca] [--records 120] [--out bench/results/dtype-quality.json]
 
@@ -113,10 +114,36 @@ def rounded_products(model, round_outputs: bool):
     return out
 
 
+PROJECTIONS_IN = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "lm_head")  # take the stream's normed rows
+
+
+def fp32_stream(model, attention_fp32: bool):
+    """A copy of `model` (a Llama) as `--dtype bf16` casts it, but its residual stream and norms kept in fp32 (the
+    embeddings' rows widened, each projection's input rounded to bf16 where it reads the stream, each layer's sum in
+    fp32); the attention in bf16 (the rotary tables rounded to it) or in fp32 (v widened)."""
+    out = copy.deepcopy(model)
+    cast_for_inference(out, "bf16")
+    out.model.embed_tokens.register_forward_hook(lambda _, args, y: y.float())
+    for name, module in out.named_modules():
+        if name.rsplit(".", 1)[-1] in PROJECTIONS_IN:
+            module.register_forward_pre_hook(lambda _, args: (args[0].bfloat16(), *args[1:]))
+    if attention_fp32:
+        for layer in out.model.layers:
+            layer.self_attn.v_proj.register_forward_hook(lambda _, args, y: y.float())
+            layer.self_attn.o_proj.register_forward_pre_hook(lambda _, args: (args[0].bfloat16(),))
+    else:
+        out.model.rotary_emb.register_forward_hook(lambda _, args, y: tuple(t.bfloat16() for t in y))
+    return out
+
+
 def where_rows(model, data, reference: tuple) -> dict:
-    """The two `rounded_products` settings against the fp32 reference."""
-    return {f"bf16 products, outputs {'bf16' if r else 'fp32'}, all else fp32":
+    """The two `rounded_products` settings and the two `fp32_stream` ones against the fp32 reference."""
+    rows = {f"bf16 products, outputs {'bf16' if r else 'fp32'}, all else fp32":
             against(reference, predictions(rounded_products(model, r), data)) for r in (False, True)}
+    for fp32 in (False, True):
+        rows[f"--dtype bf16 with the residual stream and norms in fp32, attention {'fp32' if fp32 else 'bf16'}"] = \
+            against(reference, predictions(fp32_stream(model, fp32), data))
+    return rows
 
 
 def llama_cpp_rows(model, tok, data, reference: tuple) -> dict:

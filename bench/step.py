@@ -8,8 +8,10 @@ PEFT as for lorakit; its compile happens in the warm-up steps, which are not tim
 use_dora, lorakit's dora): compare them at --dropout 0, where both compute the same function (with dropout PEFT
 also runs the base matmul on the dropped input); -bf16, the frozen base stored in bf16 (lorakit's `precision: bf16`;
 PEFT on a model loaded in bf16, its adapters fp32 as PEFT keeps them); -autocast, the forward under autocast to bf16
-over fp32 weights (transformers' Trainer with bf16=True). lorakit's cases on a CPU attend with lorakit's training
-attention (models/attention.py), as `lorakit train` does; PEFT's with transformers' SDPA, its default.
+over fp32 weights (transformers' Trainer with bf16=True). lorakit's cases on a CPU run lorakit's training kernels
+(attention, RMSNorm, SwiGLU, the loss's softmax: models/native.py), as `lorakit train` does; PEFT's transformers'
+SDPA and modules, its default. PEFT's autocast step is the noisiest case on 2-core boxes: time its ratio over
+--steps 16 (docs/precision.md).
 bf16 on a CPU with AVX-512 BF16 or AMX:
     python bench/step.py --cases peft,peft-autocast,peft-bf16,lorakit-label,lorakit-label-bf16 --out \
         bench/results/step-bf16.json
@@ -51,6 +53,7 @@ def build(case: str, dropout: float, device: str = "cpu"):
     from lorakit.models.attention import use_attention_kernel
     from lorakit.models.kernels import compile_blocks, fuse_swiglu
     from lorakit.models.loading import load_model
+    from lorakit.models.rms_norm import use_norm_kernel
     from lorakit.engine import store_frozen
     model, _ = load_model("smollm2", "instruct")
     model.to(device)
@@ -68,6 +71,7 @@ def build(case: str, dropout: float, device: str = "cpu"):
         store_frozen(model, torch.bfloat16 if "bf16" in tags else torch.float32)  # `precision: bf16`
         if device == "cpu" and "compile" not in tags:  # as `lorakit train` does on a CPU
             use_attention_kernel(model)
+            use_norm_kernel(model)
     else:
         raise SystemExit(f"unknown case {case!r}")
     if "compile" in case.split("-"):

@@ -10,7 +10,7 @@ from lorakit import LoRAConfig, add_lora
 from lorakit.models import attention
 from lorakit.models.attention import CausalAttention, bool_mask, use_attention_kernel
 
-needs_kernel = pytest.mark.skipif(attention.kernel() is None or not attention.kernel().applies(
+needs_kernel = pytest.mark.skipif(attention.kernel() is None or not attention.kernel().attention_applies(
     torch.zeros(1, 1, 1, 16), torch.zeros(1, 1, 1, 16), torch.zeros(1, 1, 1, 16), None),
     reason="the kernel needs AVX-512 with BF16 and a C++ compiler")
 
@@ -122,7 +122,11 @@ def base_llama(head_dim: int = 16):
     config = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                                       head_dim=head_dim, num_attention_heads=4, num_key_value_heads=2,
                                       max_position_embeddings=64)
-    return transformers.LlamaForCausalLM(config)
+    model = transformers.LlamaForCausalLM(config)
+    for name, p in model.named_parameters():  # norms start as ones: drawn, so that a norm's weight shows
+        if "norm" in name:
+            p.data = 1 + 0.3 * torch.randn(p.shape)
+    return model
 
 
 def llama(head_dim: int = 16):
@@ -155,19 +159,28 @@ def test_a_model_trains_on_the_kernel_as_on_sdpa(dtype):
         store_frozen(sdpa, dtype)
         store_frozen(ours, dtype)
         assert use_attention_kernel(ours) and ours.config._attn_implementation == "lorakit"
-        calls = []
-        original = CausalAttention.apply
-        CausalAttention.apply = lambda *a: calls.append(1) or original(*a)
-        try:
-            loss, grads = loss_and_grads(ours, ids, mask)
-        finally:
-            CausalAttention.apply = original
-        assert len(calls) == 2
-        want, expected = loss_and_grads(sdpa, ids, mask)
-        tolerance = 1e-5 if dtype == torch.float32 else 2e-2
-        assert loss == pytest.approx(want, rel=tolerance / 10)
-        for a, b in zip(grads, expected):
-            assert relative(a.double(), b.double()) <= tolerance
+        loss, grads, calls = loss_grads_and_calls(ours, ids, mask, CausalAttention)
+        assert calls == 2
+        assert_trains_alike((loss, grads), loss_and_grads(sdpa, ids, mask), dtype)
+
+
+def loss_grads_and_calls(model, ids: torch.Tensor, mask: torch.Tensor, function) -> tuple[float, list, int]:
+    """loss_and_grads, and how many times the autograd Function `function` was applied on the way."""
+    calls = []
+    original = function.apply
+    function.apply = lambda *a: calls.append(1) or original(*a)
+    try:
+        return (*loss_and_grads(model, ids, mask), len(calls))
+    finally:
+        function.apply = original
+
+
+def assert_trains_alike(ours: tuple, theirs: tuple, dtype: torch.dtype) -> None:
+    """Two (loss, gradients) the same to float rounding (fp32) or within bf16's."""
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    assert ours[0] == pytest.approx(theirs[0], rel=tolerance / 10)
+    for a, b in zip(ours[1], theirs[1]):
+        assert relative(a.double(), b.double()) <= tolerance
 
 
 def test_calls_the_kernel_does_not_take_go_to_sdpa():
@@ -233,15 +246,16 @@ def test_only_a_model_on_sdpa_is_routed_and_only_where_the_cpu_runs_the_kernel(m
     dropping = llama()  # every training call would go to SDPA: not routed (BERT's, GPT-2's defaults)
     dropping.config.attention_dropout = 0.1
     assert use_attention_kernel(dropping) is False and dropping.config._attn_implementation == "sdpa"
-    monkeypatch.setattr(attention, "cpu_runs_kernel", lambda: False)
+    monkeypatch.setattr(native, "cpu_runs_kernels", lambda: False)
     model = llama()
     assert use_attention_kernel(model) is False and model.config._attn_implementation == "sdpa"
 
 
 @needs_kernel
 def test_lorakit_train_attends_with_the_kernel(tmp_path, monkeypatch):
-    """`lorakit train` on a CPU routes a Llama's attention to the kernel (run.json says so), packed rows included,
-    and reaches, to float rounding, the adapter of the same run left on transformers' SDPA."""
+    """`lorakit train` on a CPU routes a Llama's attention and norms to lorakit's kernels (run.json says so), packed
+    rows included, and reaches, to float rounding, the adapter of the same run left on transformers' SDPA and
+    RMSNorm."""
     import json
 
     from safetensors.torch import load_file
@@ -257,9 +271,11 @@ def test_lorakit_train_attends_with_the_kernel(tmp_path, monkeypatch):
                precision="fp32", split=[1.0, 0.0, 0.0], pack=True)
     assert main(["train", r, "--out", str(tmp_path / "ours")]) == 0
     monkeypatch.setattr(setup, "use_attention_kernel", lambda model: False)
+    monkeypatch.setattr(setup, "use_norm_kernel", lambda model: 0)
     assert main(["train", r, "--out", str(tmp_path / "sdpa")]) == 0
     runs = [json.loads((tmp_path / name / "run.json").read_text()) for name in ("ours", "sdpa")]
     assert [run["attention"] for run in runs] == ["lorakit", "sdpa"]
+    assert [run["rms_norm"] for run in runs] == ["lorakit", "transformers"]
     ours, theirs = (load_file(tmp_path / name / "adapter" / "adapter_model.safetensors") for name in ("ours", "sdpa"))
     assert ours.keys() == theirs.keys() and all(ours[k].abs().max() > 0 for k in ours if "lora_B" in k)  # trained
     for key in ours:

@@ -8,6 +8,7 @@ from conftest import TINY, randomize_lora
 from lorakit import LoRAConfig, add_lora
 from lorakit.data.collate import packed_batch
 from lorakit.data.examples import IGNORE, EncodedExample
+from lorakit.training import loss as loss_mod
 from lorakit.training.loss import LinearCrossEntropy, causal_lm_loss, label_only_supported
 
 
@@ -95,3 +96,70 @@ def test_linear_cross_entropy_against_autograd_with_bias():
 def test_unsupported_models_are_not_claimed():
     assert not label_only_supported(TINY["t5"]())
     assert not label_only_supported(torch.nn.Linear(2, 2))
+
+
+needs_softmax_kernel = pytest.mark.skipif(loss_mod.softmax_kernel(torch.zeros(1)) is None,
+                                          reason="the kernel needs AVX-512 with BF16 and a C++ compiler")
+
+
+def exact_cross_entropy(logits: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's loss and the softmax, in float64."""
+    z = logits.double()
+    return torch.logsumexp(z, 1) - z.gather(1, t[:, None])[:, 0], torch.softmax(z, 1)
+
+
+@needs_softmax_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("vocab", [49152, 1000, 17])
+def test_the_softmax_kernel_is_as_close_to_float64_as_torch(dtype, vocab):
+    """Each row's loss and the softmax written over the logits: within what torch's operations keep in fp32 from the
+    same logits (then rounded to their dtype), and near float64; rows of large and spread logits, tails of a vector."""
+    g = torch.Generator().manual_seed(vocab)
+    logits = (torch.randn(6, vocab, generator=g) * torch.tensor([1., 5., 30., 100., 0.1, 8.])[:, None]).to(dtype)
+    t = torch.randint(0, vocab, (6,), generator=g)
+    want_loss, want_p = exact_cross_entropy(logits, t)
+    ours = logits.clone()
+    loss = loss_mod.softmax_kernel(ours).cross_entropy(ours, t, True)
+    z = logits.float()
+    torch_loss = torch.logsumexp(z, 1) - z.gather(1, t[:, None])[:, 0]
+    torch_p = torch.softmax(z, 1).to(dtype)
+    assert loss.dtype == torch.float32 and ours.dtype == dtype
+    assert relative(loss.double(), want_loss) <= 1.5 * relative(torch_loss.double(), want_loss) + 1e-7
+    assert relative(ours.double(), want_p) <= 1.5 * relative(torch_p.double(), want_p) + 1e-7
+    assert relative(ours.double(), want_p) <= (1e-6 if dtype == torch.float32 else 4e-3)
+    kept = logits.clone()
+    assert torch.equal(loss_mod.softmax_kernel(kept).cross_entropy(kept, t, False), loss) and torch.equal(kept, logits)
+
+
+def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+@needs_softmax_kernel
+def test_a_row_with_nan_or_infinity_gives_a_nan_loss():
+    """As torch's operations: a diverged run's loss shows it (the kernel's exp clamps, so it checks)."""
+    logits = torch.randn(4, 40)
+    logits[1, 7] = float("nan")
+    logits[2, 3] = float("inf")
+    logits[3] = float("-inf")
+    loss = loss_mod.softmax_kernel(logits).cross_entropy(logits, torch.tensor([0, 1, 2, 3]), True)
+    assert torch.isfinite(loss[0]) and torch.isnan(loss[1:]).all()
+    assert torch.isnan(logits[1:]).all() and torch.isfinite(logits[0]).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_loss_with_the_kernel_is_the_loss_without(dtype, monkeypatch):
+    """LinearCrossEntropy's loss and gradients on the softmax kernel and on torch's operations (the path on other
+    CPUs): the same to float rounding."""
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(37, 16, generator=g).to(dtype).requires_grad_()
+    w = torch.randn(300, 16, generator=g).to(dtype).requires_grad_()
+    t = torch.randint(0, 300, (37,), generator=g)
+    results = []
+    for kernel in (loss_mod.softmax_kernel, lambda h: None):
+        monkeypatch.setattr(loss_mod, "softmax_kernel", kernel)
+        loss = LinearCrossEntropy.apply(h, w, None, t, 16)
+        results.append((loss, *torch.autograd.grad(loss, (h, w))))
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-2
+    for a, b in zip(*results):
+        assert relative(a.double(), b.double()) <= tolerance

@@ -24,9 +24,8 @@ NAME = "lorakit"
 
 
 def kernel() -> ModuleType | None:
-    """The compiled kernel, built on first use; None where it cannot be."""
-    return native.extension("lorakit_attention", ("causal_attention.cpp",), "lorakit's training attention",
-                            "training with torch's attention")
+    """The compiled training kernels, built on first use; None where they cannot be (native.training_kernels)."""
+    return native.training_kernels()
 
 
 class CausalAttention(torch.autograd.Function):
@@ -37,7 +36,7 @@ class CausalAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool,
                 scaling: float) -> torch.Tensor:
-        out, lse = kernel().forward(q, k, v, mask, causal, scaling)
+        out, lse = kernel().attention_forward(q, k, v, mask, causal, scaling)
         ctx.save_for_backward(q, k, v, out, lse, mask)
         ctx.causal, ctx.scaling = causal, scaling
         return out
@@ -46,7 +45,7 @@ class CausalAttention(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad: torch.Tensor):
         q, k, v, out, lse, mask = ctx.saved_tensors
-        dq, dk, dv = kernel().backward(grad.transpose(1, 2), q, k, v, out.transpose(1, 2), lse, mask, ctx.causal,
+        dq, dk, dv = kernel().attention_backward(grad.transpose(1, 2), q, k, v, out.transpose(1, 2), lse, mask, ctx.causal,
                                        ctx.scaling)
         return dq, dk, dv, None, None, None
 
@@ -82,7 +81,7 @@ def takes(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: tor
     if any(extra.get(k) is not None for k in ("position_bias", "softcap", "cache")):  # a window is in the mask
         return False
     ext = kernel()
-    return ext is not None and ext.applies(query, key, value, mask)
+    return ext is not None and ext.attention_applies(query, key, value, mask)
 
 
 def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -107,7 +106,7 @@ def use_attention_kernel(model: nn.Module) -> bool:
     config = getattr(model, "config", None)
     if getattr(config, "_attn_implementation", None) != "sdpa" or attention_dropout(config) > 0:
         return False
-    if not cpu_runs_kernel() or kernel() is None:
+    if kernel() is None:
         return False
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
@@ -123,8 +122,3 @@ def attention_dropout(config) -> float:
     names = ("attention_dropout", "attention_probs_dropout_prob", "attn_pdrop")
     return max(float(getattr(config, name, 0) or 0) for name in names)
 
-
-def cpu_runs_kernel() -> bool:
-    """Whether this CPU has the instructions the kernel is written in (AVX-512 with BF16); checked before building
-    it, which would take a minute for nothing elsewhere."""
-    return bool(torch.cpu._is_avx512_bf16_supported())

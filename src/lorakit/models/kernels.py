@@ -11,6 +11,8 @@ import types
 import torch
 from torch import nn
 
+from .native import training_kernels
+
 
 def compile_blocks(model: nn.Module) -> int:
     """torch.compile each repeated block of `model` (the classes its `_no_split_modules` names: one decoder layer
@@ -27,16 +29,23 @@ def compile_blocks(model: nn.Module) -> int:
 class SwiGLU(torch.autograd.Function):
     """silu(gate) * up keeping only gate and up for backward. Autograd on `act(gate) * up` also keeps silu(gate)
     for the product's backward: one more (tokens x intermediate) tensor per layer; here backward recomputes it from
-    gate (one sigmoid)."""
+    gate (one sigmoid). On a CPU with AVX-512 BF16 both passes are lorakit's kernel (csrc/swiglu.cpp: one pass where
+    torch makes seven), else torch's operations."""
 
     @staticmethod
     def forward(ctx, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(gate, up)
+        ext = training_kernels() if gate.device.type == "cpu" else None
+        ctx.kernel = ext if ext is not None and ext.swiglu_applies(gate, up) else None
+        if ctx.kernel is not None:
+            return ctx.kernel.swiglu_forward(gate, up)
         return torch.nn.functional.silu(gate).mul_(up)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         gate, up = ctx.saved_tensors
+        if ctx.kernel is not None:
+            return ctx.kernel.swiglu_backward(grad, gate, up)
         sig = torch.sigmoid(gate)
         g_up = (grad * gate).mul_(sig) if ctx.needs_input_grad[1] else None
         g_gate = None

@@ -16,6 +16,23 @@ import torch
 from .loading import cache_dir
 
 CSRC = Path(__file__).parent / "csrc"
+TRAINING_SOURCES = ("causal_attention.cpp", "rms_norm.cpp", "swiglu.cpp", "softmax_cross_entropy.cpp",
+                    "training_kernels.cpp")
+
+
+def cpu_runs_kernels() -> bool:
+    """Whether this CPU has the instructions lorakit's kernels are written in (AVX-512 with BF16); checked before
+    building them, which would take a minute for nothing elsewhere."""
+    return bool(torch.cpu._is_avx512_bf16_supported())
+
+
+def training_kernels() -> ModuleType | None:
+    """lorakit's training kernels (csrc/training_kernels.cpp: attention, RMSNorm, SwiGLU, the LM head's softmax
+    cross-entropy), built on first use; None on a CPU without AVX-512 BF16 or where they cannot be built."""
+    if not cpu_runs_kernels():
+        return None
+    return extension("lorakit_training", TRAINING_SOURCES, "lorakit's training kernels",
+                     "training with torch's operations")
 
 
 @functools.cache

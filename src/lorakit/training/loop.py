@@ -20,6 +20,7 @@ from ..config import RunConfig
 from ..engine import save_adapter
 from ..errors import UserError
 from ..files import atomic_dir
+from ..models.rms_norm import uses_norm_kernel
 from .checkpoint import CHECKPOINT, TrainState, load_checkpoint, load_weights_state, save_checkpoint, weights_state
 from .distributed import all_sum, rank_share
 from .metrics_log import MetricsLog, NoMetricsLog
@@ -225,7 +226,9 @@ def finish(run: Run, optimizer, scheduler, state: TrainState, best_state: dict |
                   "distributed": {"processes": run.world, "strategy": run.strategy if run.world > 1 else "none",
                                   "global_batch": cfg.batch_size * run.world * cfg.grad_accum},
                   "precision": precision_note(cfg),
-                  "attention": getattr(run.model.config, "_attn_implementation", None), "timings": timings(state, time.perf_counter() - run.started),
+                  "attention": getattr(run.model.config, "_attn_implementation", None),
+                  "rms_norm": "lorakit" if uses_norm_kernel(run.model) else "transformers",
+                  "timings": timings(state, time.perf_counter() - run.started),
                   "logs": {"metrics": "metrics.jsonl", "report_to": cfg.report_to}}
         method = "full fine-tune" if run.full else f"{'QLoRA' if cfg.quantize else 'LoRA'} r={cfg.r}"
         if cfg.task == "preference":

@@ -11,11 +11,14 @@ over every trained token, so its mean does not depend on how the examples are ba
 """
 from __future__ import annotations
 
+from types import ModuleType
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..data.examples import IGNORE
+from ..models import native
 
 # Decoder-only models whose logits are exactly lm_head(last hidden state) and whose loss is the plain shifted
 # cross-entropy (no logit scaling or soft-capping, unlike Gemma 2 or Cohere): the label-only loss is exact for them.
@@ -46,22 +49,23 @@ class LinearCrossEntropy(torch.autograd.Function):
         gw = torch.zeros_like(weight) if need_w else None
         gb = torch.zeros_like(bias) if need_b else None
         total = torch.zeros((), dtype=torch.float32, device=h.device)
-        buf = torch.empty(min(chunk, h.shape[0]), weight.shape[0], dtype=torch.float32, device=h.device)
+        kernel = softmax_kernel(h)
+        fp32_logits = h.dtype == torch.float32 or kernel is None  # else the kernel reads bf16 logits as they are
+        buf = torch.empty(min(chunk, h.shape[0]), weight.shape[0], dtype=torch.float32, device=h.device) \
+            if fp32_logits else None
+        wanted = need_h or need_w or need_b
         for i in range(0, h.shape[0], chunk):
             hc, tc = h[i:i + chunk], target[i:i + chunk]
-            logits = buf[:len(hc)]
-            if h.dtype == torch.float32 and bias is None:
-                torch.mm(hc, weight.t(), out=logits)
-            elif h.dtype == torch.float32:
-                torch.addmm(bias, hc, weight.t(), out=logits)
+            if h.dtype == torch.float32:
+                logits = buf[:len(hc)]
+                torch.mm(hc, weight.t(), out=logits) if bias is None else torch.addmm(bias, hc, weight.t(), out=logits)
             else:
-                logits.copy_(F.linear(hc, weight, bias))
-            top = logits.amax(1, keepdim=True)
-            picked = logits.gather(1, tc[:, None])
-            sums = logits.sub_(top).exp_().sum(1, keepdim=True)
-            total += (top + sums.log() - picked).sum()
-            if need_h or need_w or need_b:
-                p = logits.div_(sums).to(h.dtype)  # softmax; d(loss)/d(logits) is p minus the one-hot of tc
+                logits = F.linear(hc, weight, bias)
+                logits = buf[:len(hc)].copy_(logits) if fp32_logits else logits
+            loss, p = chunk_softmax(logits, tc, kernel, wanted)
+            total += loss
+            if wanted:  # p is the softmax; d(loss)/d(logits) is p minus the one-hot of tc
+                p = p.to(h.dtype)
                 if need_h:
                     torch.sub(p @ weight, weight[tc], out=gh[i:i + chunk])
                 if need_w:
@@ -76,6 +80,27 @@ class LinearCrossEntropy(torch.autograd.Function):
         gh, gw, gb = ctx.saved_tensors
         scale = lambda g: None if g is None else g * grad.to(g.dtype)  # noqa: E731
         return scale(gh), scale(gw), scale(gb), None, None
+
+
+def chunk_softmax(logits: torch.Tensor, target: torch.Tensor, kernel: ModuleType | None,
+                  wanted: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A chunk's summed cross-entropy and, where `wanted`, its softmax, written over `logits` (by the kernel, or
+    torch's operations in the fp32 logits)."""
+    if kernel is not None:
+        return kernel.cross_entropy(logits, target, wanted).sum(), logits if wanted else None
+    top = logits.amax(1, keepdim=True)
+    picked = logits.gather(1, target[:, None])
+    sums = logits.sub_(top).exp_().sum(1, keepdim=True)
+    return (top + sums.log() - picked).sum(), logits.div_(sums) if wanted else None
+
+
+def softmax_kernel(h: torch.Tensor) -> ModuleType | None:
+    """lorakit's softmax cross-entropy (models/csrc/softmax_cross_entropy.cpp: each row's softmax in one pass through
+    the cache, where torch takes six over the whole chunk) for an LM head's rows `h` on a CPU with AVX-512 BF16;
+    None elsewhere (torch's operations run)."""
+    if h.device.type != "cpu" or h.dtype not in (torch.float32, torch.bfloat16):
+        return None
+    return native.training_kernels()
 
 
 def causal_lm_loss(model: nn.Module, batch: dict, chunk: int = CHUNK_ROWS) -> torch.Tensor:

@@ -21,6 +21,7 @@ from ..engine.precision import resolve_dtype, store_frozen
 from ..errors import DataError, UserError
 from ..models import adapter_dir, compile_blocks, fuse_swiglu, head_name, is_seq2seq, load_model
 from ..models.attention import use_attention_kernel
+from ..models.rms_norm import use_norm_kernel
 from ..data import Encoded, Splits, encode, read, split
 from .checkpoint import CHECKPOINT
 from .distributed import wrap_model
@@ -148,8 +149,9 @@ def build_model(cfg: RunConfig, labels: list[str] | None):
     if cfg.fuse_swiglu:
         fuse_swiglu(model)
     store_frozen(model, base_dtype(cfg))
-    if device_type() == "cpu" and not cfg.compile:  # torch.compile traces SDPA, not a C++ extension
+    if device_type() == "cpu" and not cfg.compile:  # torch.compile traces ATen, not a C++ extension
         use_attention_kernel(model)
+        use_norm_kernel(model)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()  # the frozen base's activations must carry grad to reach LoRA

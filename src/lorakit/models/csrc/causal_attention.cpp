@@ -568,13 +568,3 @@ std::tuple<Tensor, Tensor, Tensor> causal_attention_backward(const Tensor& grad,
   Tensor dv = dv_heads.view(grouped).sum(2).narrow(2, 0, sh.S).to(dt);
   return {dq.transpose(1, 2), dk, dv};
 }
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  namespace py = pybind11;
-  m.def("applies", &causal_attention_applies, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("mask"));
-  m.def("forward", &causal_attention_forward, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("mask"),
-        py::arg("causal"), py::arg("scaling"), py::call_guard<py::gil_scoped_release>());
-  m.def("backward", &causal_attention_backward, py::arg("grad"), py::arg("q"), py::arg("k"), py::arg("v"),
-        py::arg("out"), py::arg("lse"), py::arg("mask"), py::arg("causal"), py::arg("scaling"),
-        py::call_guard<py::gil_scoped_release>());
-}
