@@ -136,6 +136,21 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @needs_softmax_kernel
+@pytest.mark.parametrize("vocab", [17, 1000, 49152])
+def test_rows_of_only_very_negative_logits(vocab):
+    """Every logit of a row far below zero (an untrained head can give them): the loss and softmax float64's, however
+    the row's length ends within a vector (the lanes past it must not count as logits)."""
+    g = torch.Generator().manual_seed(vocab)
+    logits = -200 + torch.randn(3, vocab, generator=g) * torch.tensor([0.1, 1.0, 10.0])[:, None]
+    t = torch.randint(0, vocab, (3,), generator=g)
+    want_loss, want_p = exact_cross_entropy(logits, t)
+    ours = logits.clone()
+    loss = loss_mod.softmax_kernel(ours).cross_entropy(ours, t, True)
+    assert torch.isfinite(loss).all() and torch.isfinite(ours).all()
+    assert relative(loss.double(), want_loss) <= 1e-6 and relative(ours.double(), want_p) <= 1e-5
+
+
+@needs_softmax_kernel
 def test_a_row_with_nan_or_infinity_gives_a_nan_loss():
     """As torch's operations: a diverged run's loss shows it (the kernel's exp clamps, so it checks)."""
     logits = torch.randn(4, 40)

@@ -124,6 +124,8 @@ def test_only_llama_formula_norms_are_routed_and_only_where_the_cpu_runs_the_ker
     assert not llama_formula(GemmaRMSNorm) and not llama_formula(T5LayerNorm)
     gemma = torch.nn.Sequential(GemmaRMSNorm(16), T5LayerNorm(16))
     assert use_norm_kernel(gemma) == 0 and not uses_norm_kernel(gemma)
+    full = llama().requires_grad_(True)  # a full fine-tune trains the norms: none is routed, run.json says so
+    assert use_norm_kernel(full) == 0 and not uses_norm_kernel(full)
     from lorakit.models import native
     monkeypatch.setattr(native, "cpu_runs_kernels", lambda: False)
     monkeypatch.setattr(native, "extension", lambda *a: pytest.fail("built where it cannot run"))

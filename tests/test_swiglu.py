@@ -116,3 +116,22 @@ def test_calls_the_kernel_does_not_take_run_torchs_operations():
         sig = torch.sigmoid(gate)
         assert torch.equal(ours, F.silu(gate) * up)
         assert torch.equal(ours_g[1], (grad * gate) * sig)
+
+
+def test_a_differentiated_backward_and_torch_compile_run_torchs_operations():
+    """create_graph=True (a gradient of the gradient) and a compiled function: torch's operations, whose backward is
+    itself differentiable and which torch.compile traces (the kernel would break its graph)."""
+    g = torch.Generator().manual_seed(5)
+    gate, up = (torch.randn(4, 32, generator=g).requires_grad_() for _ in range(2))
+    g_gate, _ = torch.autograd.grad(SwiGLU.apply(gate, up).sum(), (gate, up), create_graph=True)
+    want_gate, _ = torch.autograd.grad((F.silu(gate) * up).sum(), (gate, up), create_graph=True)
+    second, = torch.autograd.grad(g_gate.sum(), gate)
+    want, = torch.autograd.grad(want_gate.sum(), gate)
+    torch.testing.assert_close(second, want, atol=1e-5, rtol=1e-5)
+    calls = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(kernels, "training_kernels", lambda: calls.append(1) or native.training_kernels())
+        torch._dynamo.reset()
+        compiled = torch.compile(SwiGLU.apply, fullgraph=True, backend="eager")
+        torch.testing.assert_close(compiled(gate, up), F.silu(gate) * up)
+    assert calls == []

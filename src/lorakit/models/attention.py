@@ -45,8 +45,8 @@ class CausalAttention(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad: torch.Tensor):
         q, k, v, out, lse, mask = ctx.saved_tensors
-        dq, dk, dv = kernel().attention_backward(grad.transpose(1, 2), q, k, v, out.transpose(1, 2), lse, mask, ctx.causal,
-                                       ctx.scaling)
+        dq, dk, dv = kernel().attention_backward(grad.transpose(1, 2), q, k, v, out.transpose(1, 2), lse, mask,
+                                                 ctx.causal, ctx.scaling)
         return dq, dk, dv, None, None, None
 
 

@@ -30,12 +30,13 @@ class SwiGLU(torch.autograd.Function):
     """silu(gate) * up keeping only gate and up for backward. Autograd on `act(gate) * up` also keeps silu(gate)
     for the product's backward: one more (tokens x intermediate) tensor per layer; here backward recomputes it from
     gate (one sigmoid). On a CPU with AVX-512 BF16 both passes are lorakit's kernel (csrc/swiglu.cpp: one pass where
-    torch makes seven), else torch's operations."""
+    torch makes seven), else torch's operations (under torch.compile too, which traces them, and for a backward that
+    is itself differentiated)."""
 
     @staticmethod
     def forward(ctx, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(gate, up)
-        ext = training_kernels() if gate.device.type == "cpu" else None
+        ext = training_kernels() if gate.device.type == "cpu" and not torch.compiler.is_compiling() else None
         ctx.kernel = ext if ext is not None and ext.swiglu_applies(gate, up) else None
         if ctx.kernel is not None:
             return ctx.kernel.swiglu_forward(gate, up)
@@ -44,7 +45,7 @@ class SwiGLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         gate, up = ctx.saved_tensors
-        if ctx.kernel is not None:
+        if ctx.kernel is not None and not torch.is_grad_enabled():  # a graph of the backward: torch's operations
             return ctx.kernel.swiglu_backward(grad, gate, up)
         sig = torch.sigmoid(gate)
         g_up = (grad * gate).mul_(sig) if ctx.needs_input_grad[1] else None

@@ -65,10 +65,11 @@ def llama_formula(cls: type) -> bool:
 
 
 def use_norm_kernel(model: nn.Module) -> int:
-    """Give each Llama-formula RMSNorm of `model` the kernel's forward, on a CPU with AVX-512 BF16 where it builds;
-    it falls back to the module's forward call by call. Returns how many norms (0: none routed)."""
+    """Give each Llama-formula RMSNorm of `model` with a frozen weight (a full fine-tune's train: none) the kernel's
+    forward, on a CPU with AVX-512 BF16 where it builds; it falls back to the module's forward call by call. Returns
+    how many norms (0: none routed)."""
     norms = [m for m in model.modules() if isinstance(getattr(m, "weight", None), torch.Tensor)
-             and hasattr(m, "variance_epsilon") and llama_formula(type(m))]
+             and not m.weight.requires_grad and hasattr(m, "variance_epsilon") and llama_formula(type(m))]
     if not norms or kernel() is None:
         return 0
     for norm in norms:

@@ -35,8 +35,9 @@ class LinearCrossEntropy(torch.autograd.Function):
     """sum over rows of cross_entropy(h @ W.T + b, target), chunk by chunk; the gradients of each chunk are
     computed with its logits and kept (rows x hidden), never the logits themselves (rows x vocab).
 
-    One fp32 logits buffer serves every chunk and the softmax runs in it in place (max, exp, sum, divide): no
-    second vocab-wide copy, no fresh allocation (and page faults) per chunk. With p = softmax - onehot(target),
+    On a CPU with AVX-512 BF16 lorakit's kernel takes each chunk's softmax in one pass, over fp32 logits or over the
+    bf16 ones as the GEMM returns them; elsewhere one fp32 logits buffer serves every chunk and the softmax runs in it
+    in place (max, exp, sum, divide): no second vocab-wide copy, no fresh allocation (and page faults) per chunk. With p = softmax - onehot(target),
     d(loss)/dh = p @ W = softmax @ W - W[target], so the one-hot never touches a vocab-wide tensor.
     """
 

@@ -3,8 +3,8 @@
 // A row's max, then exp(logit − max) into a per-thread fp32 buffer with its sum (the row read again, from cache),
 // then, where the softmax is wanted, the buffer times 1 / sum written over the logits, rounded once to their dtype.
 // The arithmetic is ATen's for the same operations in fp32 (bf16 logits widened exactly) but for the order of the
-// sum and the last bits of exp (exp_ps in bf16_vectors.h). A row holding a NaN or an infinity gives a NaN loss (and
-// softmax), as ATen's would: a diverged run's loss must show it.
+// sum and the last bits of exp (exp_ps in bf16_vectors.h). A row holding a NaN or +inf, or only -inf, gives a NaN
+// loss (and softmax), as ATen's would: a diverged run's loss must show it.
 #include "softmax_cross_entropy.h"
 
 #include <immintrin.h>
@@ -31,10 +31,11 @@ BF16_TARGET float row_loss(T* row, int64_t n, int64_t target, bool softmax, floa
   const float lowest = -std::numeric_limits<float>::infinity();
   __m512 top = _mm512_set1_ps(lowest);
   __mmask16 nan = 0;
-  for (int64_t j = 0; j < n; j += 16) {
-    const __m512 v = load(row + j, tail_mask(n - j));
-    nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-    top = _mm512_max_ps(top, v);
+  for (int64_t j = 0; j < n; j += 16) {  // the lanes past the row's end (loaded as 0) left out of the max
+    const __mmask16 m = tail_mask(n - j);
+    const __m512 v = load(row + j, m);
+    nan |= _mm512_mask_cmp_ps_mask(m, v, v, _CMP_UNORD_Q);
+    top = _mm512_mask_max_ps(top, m, top, v);
   }
   const float max = _mm512_reduce_max_ps(top);
   if (nan || !std::isfinite(max)) {  // exp_ps clamps its input: NaN and inf would come out finite

@@ -10,5 +10,6 @@
 bool softmax_cross_entropy_applies(const at::Tensor& logits, const at::Tensor& targets);
 
 // each row's loss, log(sum(exp(logits))) − logits[target], in fp32; with `softmax`, the logits are overwritten in
-// place with softmax(logits) in their dtype (what the gradient needs: softmax minus the target's one-hot)
+// place with softmax(logits) in their dtype (what the gradient needs: softmax minus the target's one-hot), without
+// a version bump: pass logits no autograd graph holds
 at::Tensor softmax_cross_entropy(at::Tensor logits, const at::Tensor& targets, bool softmax);
