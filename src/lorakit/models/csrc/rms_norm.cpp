@@ -93,10 +93,9 @@ std::tuple<Tensor, Tensor> rms_norm_forward(const Tensor& x, const Tensor& weigh
   TORCH_CHECK(rms_norm_applies(x, weight), "rms_norm_forward: inputs it does not take (see rms_norm.h)");
   Tensor y = at::empty_like(x);
   Tensor rstd = at::empty({x.numel() / x.size(-1)}, x.options().dtype(at::kFloat));
-  if (x.scalar_type() == at::kBFloat16)
-    forward_rows<at::BFloat16>(x, weight, static_cast<float>(eps), y, rstd);
-  else
-    forward_rows<float>(x, weight, static_cast<float>(eps), y, rstd);
+  lorakit_kernels::by_dtype(x, [&](auto tag) {
+    forward_rows<decltype(tag)>(x, weight, static_cast<float>(eps), y, rstd);
+  });
   return {y, rstd};
 }
 
@@ -106,9 +105,6 @@ Tensor rms_norm_backward(const Tensor& grad, const Tensor& x, const Tensor& weig
               "rms_norm_backward: inputs it does not take (see rms_norm.h)");
   const Tensor dy = grad.contiguous();
   Tensor dx = at::empty_like(x);
-  if (x.scalar_type() == at::kBFloat16)
-    backward_rows<at::BFloat16>(dy, x, weight, rstd, dx);
-  else
-    backward_rows<float>(dy, x, weight, rstd, dx);
+  lorakit_kernels::by_dtype(x, [&](auto tag) { backward_rows<decltype(tag)>(dy, x, weight, rstd, dx); });
   return dx;
 }

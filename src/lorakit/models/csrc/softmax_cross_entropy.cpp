@@ -92,9 +92,7 @@ Tensor softmax_cross_entropy(Tensor logits, const Tensor& targets, bool softmax)
   for (int64_t r = 0; r < logits.size(0); ++r)
     TORCH_CHECK(t[r] >= 0 && t[r] < logits.size(1), "softmax_cross_entropy: a target outside the vocabulary");
   Tensor loss = at::empty({logits.size(0)}, logits.options().dtype(at::kFloat));
-  if (logits.scalar_type() == at::kBFloat16)
-    rows_loss<at::BFloat16>(logits, t, softmax, loss.data_ptr<float>());
-  else
-    rows_loss<float>(logits, t, softmax, loss.data_ptr<float>());
+  lorakit_kernels::by_dtype(
+      logits, [&](auto tag) { rows_loss<decltype(tag)>(logits, t, softmax, loss.data_ptr<float>()); });
   return loss;
 }
