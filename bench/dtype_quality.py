@@ -6,8 +6,8 @@ at every response position and the mean response loss. The base model, and with 
 top logit minus its logit for the other choice) says whether the choice was a near tie. With --where, which rounding
 costs the agreement: the fp32 model with its weights rounded to bf16 and every matrix product's input rounded to
 bf16, all else fp32 (norms, residual stream, attention, logits), with and without each product's output rounded to
-bf16 as a bf16 GEMM returns it; and `--dtype bf16` as it is but for the residual stream and norms kept in fp32, with
-the attention in bf16 or fp32.
+bf16 as a bf16 GEMM returns it; and `--dtype bf16` with its residual stream and norms in bf16 as well (as it ran
+before inference/residual_stream.py), and with its attention in fp32.
 
     python bench/dtype_quality.py [--run runs/alpaca] [--records 120] [--out bench/results/dtype-quality.json]
 
@@ -19,8 +19,9 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import tempfile
 import sys
+import tempfile
+import types
 from pathlib import Path
 
 import torch
@@ -29,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 from lorakit.data import format_prompt  # noqa: E402
 from lorakit.inference.precision import cast_for_inference  # noqa: E402
+from lorakit.inference.residual_stream import rounded_norm, rounded_tables, widened_rows  # noqa: E402
 from lorakit.evaluation.runs import machine  # noqa: E402
 from lorakit.models import load_model, load_trained  # noqa: E402
 
@@ -114,35 +116,37 @@ def rounded_products(model, round_outputs: bool):
     return out
 
 
-PROJECTIONS_IN = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "lm_head")  # take the stream's normed rows
 
 
-def fp32_stream(model, attention_fp32: bool):
-    """A copy of `model` (a Llama) as `--dtype bf16` casts it, but its residual stream and norms kept in fp32 (the
-    embeddings' rows widened, each projection's input rounded to bf16 where it reads the stream, each layer's sum in
-    fp32); the attention in bf16 (the rotary tables rounded to it) or in fp32 (v widened)."""
+def bf16_stream(model):
+    """A copy of `model` as `--dtype bf16` casts it, but its residual stream and norms in bf16 too (residual_stream.py
+    undone)."""
     out = copy.deepcopy(model)
     cast_for_inference(out, "bf16")
-    out.model.embed_tokens.register_forward_hook(lambda _, args, y: y.float())
-    for name, module in out.named_modules():
-        if name.rsplit(".", 1)[-1] in PROJECTIONS_IN:
-            module.register_forward_pre_hook(lambda _, args: (args[0].bfloat16(), *args[1:]))
-    if attention_fp32:
-        for layer in out.model.layers:
-            layer.self_attn.v_proj.register_forward_hook(lambda _, args, y: y.float())
-            layer.self_attn.o_proj.register_forward_pre_hook(lambda _, args: (args[0].bfloat16(),))
-    else:
-        out.model.rotary_emb.register_forward_hook(lambda _, args, y: tuple(t.bfloat16() for t in y))
+    for module in out.modules():
+        if getattr(vars(module).get("forward"), "__func__", None) in (widened_rows, rounded_norm, rounded_tables):
+            del module.forward
+    return out
+
+
+def fp32_attention(model):
+    """A copy of `model` as `--dtype bf16` casts it, but its attention in fp32 (v widened, the tables left fp32)."""
+    out = copy.deepcopy(model)
+    cast_for_inference(out, "bf16")
+    out.model.rotary_emb.forward = types.MethodType(type(out.model.rotary_emb).forward, out.model.rotary_emb)
+    for layer in out.model.layers:
+        layer.self_attn.v_proj.register_forward_hook(lambda _, args, y: y.float())
+        layer.self_attn.o_proj.register_forward_pre_hook(lambda _, args: (args[0].bfloat16(),))
     return out
 
 
 def where_rows(model, data, reference: tuple) -> dict:
-    """The two `rounded_products` settings and the two `fp32_stream` ones against the fp32 reference."""
+    """The two `rounded_products` settings, `bf16_stream` and `fp32_attention` against the fp32 reference."""
     rows = {f"bf16 products, outputs {'bf16' if r else 'fp32'}, all else fp32":
             against(reference, predictions(rounded_products(model, r), data)) for r in (False, True)}
-    for fp32 in (False, True):
-        rows[f"--dtype bf16 with the residual stream and norms in fp32, attention {'fp32' if fp32 else 'bf16'}"] = \
-            against(reference, predictions(fp32_stream(model, fp32), data))
+    rows["--dtype bf16 with the residual stream and norms in bf16 too"] = \
+        against(reference, predictions(bf16_stream(model), data))
+    rows["--dtype bf16 with the attention in fp32"] = against(reference, predictions(fp32_attention(model), data))
     return rows
 
 

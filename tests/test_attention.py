@@ -86,6 +86,34 @@ def test_kernel_against_float64_attention(dtype, heads, kv_heads, T, D, mask_kin
     assert (ours[0].where(~rows, 0.0) == 0).all() and (ours[1].where(~rows, 0.0) == 0).all()
 
 
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads,kv_heads,T,S,D", [(9, 3, 37, 60, 64), (4, 2, 5, 40, 16), (6, 2, 33, 34, 32)])
+def test_the_forward_over_more_keys_than_queries(dtype, heads, kv_heads, T, S, D):
+    """A prompt's prefill after cached positions (S keys, T queries, a mask: each row sees the cached ones but for
+    a row's padding, and the new ones causally; one row nothing): the output within what SDPA in the same dtype keeps
+    of float64 (x1.5); such a call without a mask is not taken (its causality would be ambiguous), nor its
+    backward."""
+    g = torch.Generator().manual_seed(T + S)
+    q = torch.randn(2, heads, T, D, generator=g).to(dtype)
+    k, v = (torch.randn(2, kv_heads, S, D, generator=g).to(dtype) for _ in range(2))
+    mask = torch.ones(2, 1, T, S, dtype=torch.bool).tril(S - T)
+    mask[1, :, :, :3] = False  # row 1's first keys: padding
+    mask[1, :, 0] = False  # a query that sees nothing
+    seen = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)  # noqa: E731
+    rows = mask.any(-1, keepdim=True)
+    ours = CausalAttention.apply(q, k, v, mask, False, D ** -0.5).transpose(1, 2).double()
+    exact = seen(q.double(), k.double(), v.double()).where(rows, 0.0)
+    theirs = seen(q, k, v).double().nan_to_num().where(rows, 0.0)
+    assert relative(ours, exact) <= max(1.5 * relative(theirs, exact), 1e-6)
+    assert (ours.where(~rows, 0.0) == 0).all()
+    ext = attention.kernel()
+    assert ext.attention_applies(q, k, v, mask) and not ext.attention_applies(q, k, v, None)
+    out, lse = ext.attention_forward(q, k, v, mask, False, D ** -0.5)
+    with pytest.raises(RuntimeError, match="the same positions"):
+        ext.attention_backward(out.transpose(1, 2), q, k, v, out.transpose(1, 2), lse, mask, False, D ** -0.5)
+
+
 def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float) -> torch.Tensor:
     """Causal attention written out (torch's flash kernel itself gives NaN for such scores)."""
     group = q.shape[1] // k.shape[1]
@@ -211,6 +239,37 @@ def test_calls_the_kernel_does_not_take_go_to_sdpa():
     use_attention_kernel(ours)
     args = dict(input_ids=ids[:, :8], max_new_tokens=6, do_sample=False)
     assert torch.equal(ours.eval().generate(**args), sdpa.eval().generate(**args))
+
+
+@needs_kernel
+@torch.no_grad()
+def test_a_bf16_model_for_generation_prefills_on_the_kernel():
+    """`--dtype bf16` routes a model's attention to the kernel: a prompt's prefill after a cached prefix (more keys
+    than queries, left padding) takes it, and its logits are SDPA's within bf16 rounding."""
+    from lorakit.inference.precision import cast_for_inference
+    from transformers import DynamicCache
+    ours, sdpa = llama(), llama()
+    for m in (ours, sdpa):
+        cast_for_inference(m.eval(), "bf16")
+    sdpa.set_attn_implementation("sdpa")
+    assert ours.config._attn_implementation == "lorakit"
+    g = torch.Generator().manual_seed(4)
+    prefix, ids = torch.randint(0, 128, (2, 9), generator=g), torch.randint(0, 128, (2, 12), generator=g)
+    mask = torch.ones(2, 21, dtype=torch.long)
+    mask[1, 9:13] = 0  # row 1's prompt is shorter: left padding after the prefix
+    logits, calls = [], []
+    original = CausalAttention.apply
+    CausalAttention.apply = lambda q, k, *a: calls.append(k.shape[2] > q.shape[2]) or original(q, k, *a)
+    try:
+        for m in (ours, sdpa):
+            past = DynamicCache(config=m.config)
+            m(input_ids=prefix, past_key_values=past, use_cache=True)
+            logits.append(m(input_ids=ids, attention_mask=mask, past_key_values=past).logits.float())
+    finally:
+        CausalAttention.apply = original
+    assert calls == [False, False, True, True]  # each layer's call of both passes; the second's over more keys
+    kept = mask[:, 9:].bool()
+    assert relative(logits[0][kept], logits[1][kept]) <= 2e-2
 
 
 def test_float_masks_that_only_block_are_read_as_bools():

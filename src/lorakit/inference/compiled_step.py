@@ -26,6 +26,9 @@ SOURCES = ("llama_step.cpp",  # in models/csrc: the step itself, and the binding
            "fused_ops.cpp",  # a bf16 step's norms, rotary embedding and SwiGLU, a pass each
            "amx_gemm.cpp")  # fp32 logits from a bf16 head on AMX tiles
 NAME = "lorakit_llama_step"
+LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3")  # the model types whose decoder the step describes
+# replaced forwards the step reproduces (lorakit's SwiGLU MLP; residual_stream.py adds the fp32 stream's)
+KNOWN_FORWARDS = {swiglu_forward}
 # norm classes whose forward is exactly LlamaRMSNorm's (checked against their source)
 RMS_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")
 
@@ -59,12 +62,13 @@ def compiled_model(model: nn.Module, dtype: torch.dtype):
 
 
 def _check_plain(module: nn.Module) -> None:
-    """No hooks and no replaced forward (accelerate's offloading sets both), except lorakit's own SwiGLU MLP and an
-    LM head giving fp32 logits (inference/logits.py)."""
+    """No hooks and no replaced forward (accelerate's offloading sets both), except KNOWN_FORWARDS and an LM head
+    giving fp32 logits (inference/logits.py)."""
     if module._forward_hooks or module._forward_pre_hooks:
         raise Unsupported
-    allowed = (swiglu_forward, vars(module).get("gives_fp32_logits", swiglu_forward))
-    if "forward" in vars(module) and getattr(vars(module)["forward"], "__func__", None) not in allowed:
+    replaced = getattr(vars(module).get("forward"), "__func__", None)
+    if "forward" in vars(module) and replaced not in KNOWN_FORWARDS and replaced is not vars(module).get(
+            "gives_fp32_logits"):
         raise Unsupported
 
 

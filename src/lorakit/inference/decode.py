@@ -22,12 +22,11 @@ import torch
 import torch.nn.functional as F
 
 from ..engine.frozen_base import PACKED_ROWS
-from .compiled_step import compiled_model, extension
+from .compiled_step import LLAMA_FAMILY, compiled_model, extension
 from .kv_cache import KVCache, Slots
 from .precision import pack_for_batches
 from .sampling import Choice
 
-LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3")
 PREFILL_BATCH = 4  # prompts worth a prefill of their own while the batch is busy (a server's, decode's refills)
 DEFER_STEPS = 8  # decode steps a waiting prompt waits at most for others to prefill beside it
 

@@ -1,13 +1,14 @@
-"""Attention for training on CPU: lorakit's kernel (csrc/causal_attention.cpp) in place of torch's flash attention,
-through transformers' attention interface under the name "lorakit".
+"""Attention for training on CPU, and for a bf16 model's prompts: lorakit's kernel (csrc/causal_attention.cpp) in
+place of torch's flash attention, through transformers' attention interface under the name "lorakit".
 
 Written here because torch's CPU flash attention spends most of a training sequence's attention outside its
 products (for SmolLM2's 256-token rows, in bf16, its backward takes longer than the forward and backward of the
 same products done in registers; docs/precision.md has the figures). The kernel computes in fp32 from bf16 or fp32
 inputs, rounds each output once and recomputes the softmax in its backward from the forward's log-sum-exp, as flash
 attention does, so nothing of size T x T is kept between the passes. Where a call is one it does not take (dropout,
-a mask that biases rather than blocks, a KV cache longer than the queries, a GPU, a CPU without AVX-512 BF16)
-transformers' SDPA runs it.
+a mask that biases rather than blocks, a KV cache longer than the queries without a mask saying what each sees, a
+GPU, a CPU without AVX-512 BF16) transformers' SDPA runs it. A bf16 or int8 model for generation
+(inference/precision.py) runs its prompts' attention here too: the forward alone, over a cached prefix's keys too.
 """
 from __future__ import annotations
 
@@ -75,7 +76,8 @@ def bool_mask(mask: torch.Tensor | None) -> torch.Tensor | bool | None:
 def takes(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | bool | None,
           dropout: float, extra: dict) -> bool:
     """Whether the kernel computes this call as SDPA would: no dropout, a mask that allows or blocks (bool_mask) or
-    none, queries and keys the same positions, none of the interface's extras (a bias, a soft cap, a paged cache)."""
+    none, queries and keys the same positions (or more keys, with a mask), none of the interface's extras (a bias, a
+    soft cap, a paged cache)."""
     if dropout > 0 or mask is False or extra.get("output_attentions"):
         return False
     if any(extra.get(k) is not None for k in ("position_bias", "softcap", "cache")):  # a window is in the mask

@@ -406,7 +406,8 @@ bool causal_attention_applies(const Tensor& q, const Tensor& k, const Tensor& v,
   const auto dt = q.scalar_type();
   if ((dt != at::kBFloat16 && dt != at::kFloat) || k.scalar_type() != dt || v.scalar_type() != dt) return false;
   if (q.dim() != 4 || k.dim() != 4 || v.sizes() != k.sizes() || q.size(0) != k.size(0)) return false;
-  if (q.size(3) != k.size(3) || q.size(3) % 16 != 0 || q.size(2) != k.size(2) || k.size(1) == 0) return false;
+  if (q.size(3) != k.size(3) || q.size(3) % 16 != 0 || k.size(1) == 0) return false;
+  if (q.size(2) != k.size(2) && !(mask && q.size(2) < k.size(2))) return false;  // a longer cache: its mask says
   if (q.size(1) % k.size(1) != 0 || q.stride(3) != 1 || k.stride(3) != 1 || v.stride(3) != 1) return false;
   if (mask) {
     const auto& m = *mask;
@@ -550,6 +551,7 @@ std::tuple<Tensor, Tensor, Tensor> causal_attention_backward(const Tensor& grad,
                                                              double scaling) {
   const Call c(q, k, v, mask, causal, scaling);
   const Shape& sh = c.sh;
+  TORCH_CHECK(sh.T == sh.S, "causal_attention_backward: queries and keys the same positions");
   const Tensor g_out = grad.stride(3) == 1 ? grad : grad.contiguous();
   Tensor dq = at::empty({sh.B, sh.T, sh.H, sh.D}, q.options());
   // each head's share of dk and dv in fp32 (Sp positions: the column passes write 4 at a time), summed over the kv

@@ -1,7 +1,9 @@
 // Attention over a whole sequence on CPU for training (queries and keys the same positions), forward and backward:
 // q [B, H, T, D], k and v [B, KV, T, D] (H a multiple of KV: grouped queries), bf16 or fp32 with unit stride along
-// D (D a multiple of 16), causal and/or a bool mask [B or 1, 1, T, T] (true: may attend). Products exact and summed
-// in fp32, softmax in fp32, each output rounded once; a row that may see nothing gives zeros and no gradient.
+// D (D a multiple of 16), causal and/or a bool mask [B or 1, 1, T, T] (true: may attend). The forward also takes
+// keys of S > T positions (a prompt's prefill after cached ones) with a bool mask [B or 1, 1, T, S] saying which.
+// Products exact and summed in fp32, softmax in fp32, each output rounded once; a row that may see nothing gives
+// zeros and no gradient.
 // torch's CPU flash attention spends most of a short sequence's time outside its products; this keeps them in
 // registers (causal_attention.cpp).
 #pragma once

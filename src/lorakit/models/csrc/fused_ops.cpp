@@ -6,42 +6,33 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #include "bf16_vectors.h"
+#include "elementwise.h"
+#include "norm_row.h"
 #include "skinny_gemm.h"
 
 namespace {
 
 using at::Tensor;
 using lorakit_kernels::exp_ps;
+using lorakit_kernels::load;
+using lorakit_kernels::norm_row;
 using lorakit_kernels::round_bf16;
+using lorakit_kernels::store;
 using lorakit_kernels::store_bf16;
 using lorakit_kernels::tail_mask;
 using lorakit_kernels::widen;
 
 uint16_t* bits(const Tensor& t) { return reinterpret_cast<uint16_t*>(t.data_ptr<at::BFloat16>()); }
 
-// One row of LlamaRMSNorm: h = x in fp32, h · 1/sqrt(mean(h²) + eps) rounded to bf16, times the weight, rounded
-BF16_TARGET void norm_row(const uint16_t* x, const uint16_t* weight, int64_t d, float eps, uint16_t* out) {
-  __m512 squares = _mm512_setzero_ps();
-  for (int64_t j = 0; j < d; j += 16) {
-    const __m512 h = widen(x + j, tail_mask(d - j));
-    squares = _mm512_add_ps(squares, _mm512_mul_ps(h, h));
-  }
-  const float variance = _mm512_reduce_add_ps(squares) / static_cast<float>(d);
-  const __m512 scale = _mm512_set1_ps(1.f / std::sqrt(variance + eps));
+// out = a + b (a and out of one type: fp32, or bf16 bits rounded to nearest even; b bf16)
+template <class T>
+BF16_TARGET void add_row(const T* a, const uint16_t* b, int64_t d, T* out) {
   for (int64_t j = 0; j < d; j += 16) {
     const __mmask16 m = tail_mask(d - j);
-    const __m512 normed = round_bf16(_mm512_mul_ps(widen(x + j, m), scale));
-    store_bf16(out + j, _mm512_mul_ps(widen(weight + j, m), normed), m);
-  }
-}
-
-// out = a + b, rounded to bf16
-BF16_TARGET void add_row(const uint16_t* a, const uint16_t* b, int64_t d, uint16_t* out) {
-  for (int64_t j = 0; j < d; j += 16) {
-    const __mmask16 m = tail_mask(d - j);
-    store_bf16(out + j, _mm512_add_ps(widen(a + j, m), widen(b + j, m)), m);
+    store(out + j, _mm512_add_ps(load(a + j, m), widen(b + j, m)), m);
   }
 }
 
@@ -81,20 +72,36 @@ bool fused_ops_apply(const Tensor& x) {
   return skinny_supported() && x.device().is_cpu() && x.scalar_type() == at::kBFloat16 && x.is_contiguous();
 }
 
+bool fused_norm_applies(const Tensor& x) {
+  return skinny_supported() && x.device().is_cpu() && x.is_contiguous() &&
+         (x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat);
+}
+
 Tensor rms_norm(const Tensor& x, const Tensor& weight, double eps) {
-  TORCH_CHECK(fused_ops_apply(x) && fused_ops_apply(weight) && weight.numel() == x.size(-1), "rms_norm: bf16 inputs");
-  Tensor out = at::empty_like(x);
+  TORCH_CHECK(fused_norm_applies(x) && fused_ops_apply(weight) && weight.numel() == x.size(-1),
+              "rms_norm: bf16 or fp32 rows, a bf16 weight");
+  Tensor out = at::empty(x.sizes(), x.options().dtype(at::kBFloat16));
   const int64_t d = x.size(-1);
-  for (int64_t r = 0; r < rows_of(x); ++r)
-    norm_row(bits(x) + r * d, bits(weight), d, static_cast<float>(eps), bits(out) + r * d);
+  const float e = static_cast<float>(eps);
+  lorakit_kernels::by_dtype(x, [&](auto tag) {
+    using T = std::conditional_t<sizeof(tag) == 2, uint16_t, float>;
+    const T* rows = reinterpret_cast<const T*>(x.data_ptr());
+    for (int64_t r = 0; r < rows_of(x); ++r) norm_row(rows + r * d, bits(weight), d, e, bits(out) + r * d);
+  });
   return out;
 }
 
 std::pair<Tensor, Tensor> add_rms_norm(const Tensor& a, const Tensor& b, const Tensor& weight, double eps) {
-  TORCH_CHECK(fused_ops_apply(a) && fused_ops_apply(b) && a.sizes() == b.sizes(), "add_rms_norm: bf16 inputs");
+  TORCH_CHECK(fused_norm_applies(a) && fused_ops_apply(b) && a.sizes() == b.sizes(),
+              "add_rms_norm: bf16 or fp32 a, bf16 b");
   Tensor sum = at::empty_like(a);
   const int64_t d = a.size(-1);
-  for (int64_t r = 0; r < rows_of(a); ++r) add_row(bits(a) + r * d, bits(b) + r * d, d, bits(sum) + r * d);
+  lorakit_kernels::by_dtype(a, [&](auto tag) {
+    using T = std::conditional_t<sizeof(tag) == 2, uint16_t, float>;
+    const T* from = reinterpret_cast<const T*>(a.data_ptr());
+    T* to = reinterpret_cast<T*>(sum.data_ptr());
+    for (int64_t r = 0; r < rows_of(a); ++r) add_row(from + r * d, bits(b) + r * d, d, to + r * d);
+  });
   return {sum, rms_norm(sum, weight, eps)};
 }
 

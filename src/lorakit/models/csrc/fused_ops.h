@@ -6,8 +6,12 @@
 // which the AVX-512 BF16 conversion flushes to zero.
 //
 // fused_ops_apply(x): whether x (bf16, on a CPU with AVX-512 BF16, last dimension contiguous) takes them.
-// rms_norm(x, weight, eps): transformers' LlamaRMSNorm of (rows, 1, d) x, bf16 weight (d).
-// add_rms_norm(a, b, weight, eps): (a + b, RMSNorm(a + b)): a layer's residual sum and the norm after it.
+// fused_norm_applies(x): whether the two norms below take x: bf16 or fp32 (the fp32 residual stream of
+//   inference/residual_stream.py), on such a CPU, contiguous.
+// rms_norm(x, weight, eps): transformers' LlamaRMSNorm of (rows, 1, d) x, bf16 weight (d), in bf16; for fp32 x, the
+//   fp32 module's output rounded once to bf16 (norm_row.h).
+// add_rms_norm(a, b, weight, eps): (a + b, RMSNorm(a + b)): a layer's residual sum (in a's dtype; b bf16) and the
+//   norm after it.
 // rotary_store_applies(q, k, v, cos, sin, keys, values): whether rotary_store takes these (all bf16 as above,
 //   head_dim a multiple of 32, one row of q, k, v, cos and sin per row of the cache layer).
 // rotary_store(q, k, v, cos, sin, keys, values, column): q and k (rows, 1, heads · head_dim) rotated as
@@ -22,6 +26,8 @@
 #include <utility>
 
 bool fused_ops_apply(const at::Tensor& x);
+
+bool fused_norm_applies(const at::Tensor& x);
 
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);
 

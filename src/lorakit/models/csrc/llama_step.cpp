@@ -95,19 +95,21 @@ struct Linear {
   }
 };
 
-// transformers' LlamaRMSNorm: x / sqrt(mean(x²) + eps) in fp32, times the weight (in bf16: fused_ops' one pass)
+// transformers' LlamaRMSNorm: x / sqrt(mean(x²) + eps) in fp32, times the weight, given in the weight's dtype (in
+// bf16: fused_ops' one pass). A bf16 model's hidden states are fp32 (its residual stream,
+// inference/residual_stream.py): the norm then computes in fp32 and rounds once, to the bf16 its products read.
 struct RMSNorm {
   Tensor weight;
   double eps;
 
-  bool fuses(const Tensor& x) const { return fused_ops_apply(x) && fused_ops_apply(weight); }
+  bool fuses(const Tensor& x) const { return fused_norm_applies(x) && fused_ops_apply(weight); }
 
   Tensor operator()(const Tensor& x) const {
     if (fuses(x)) return rms_norm(x, weight, eps);
     Tensor h = x.to(at::kFloat);
     Tensor variance = h.pow(2).mean(-1, true);
     h = h * at::rsqrt(variance + eps);
-    return weight * h.to(x.scalar_type());
+    return (weight * h.to(x.scalar_type())).to(weight.scalar_type());
   }
 };
 
@@ -182,7 +184,7 @@ Tensor layer_step(const Layer& layer, const Tensor& hidden, const Tensor& cos, c
   Tensor x = layer.input_norm(hidden);
   Tensor out = rotate_and_attend(layer, layer.q(x), layer.k(x), layer.v(x), cos, sin, keys_i, values_i, slots);
   Tensor attended = layer.o(out), h, y;
-  if (layer.post_attention_norm.fuses(hidden) && fused_ops_apply(attended)) {  // bf16: the sum and the norm at once
+  if (layer.post_attention_norm.fuses(hidden) && fused_ops_apply(attended)) {  // the sum and the norm at once
     std::tie(h, y) = add_rms_norm(hidden, attended, layer.post_attention_norm.weight, layer.post_attention_norm.eps);
   } else {
     h = hidden + attended;
@@ -241,6 +243,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("end"), py::arg("scaling"), py::call_guard<py::gil_scoped_release>());
   m.def("decode_attention_applies", &decode_attention_applies);
   m.def("fused_ops_apply", &fused_ops_apply);
+  m.def("fused_norm_applies", &fused_norm_applies);
   m.def("rms_norm", &rms_norm, py::arg("x"), py::arg("weight"), py::arg("eps"));
   m.def("add_rms_norm", &add_rms_norm, py::arg("a"), py::arg("b"), py::arg("weight"), py::arg("eps"));
   m.def("rotary_store", &rotary_store, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("cos"), py::arg("sin"),

@@ -7,39 +7,22 @@
 
 #include <immintrin.h>
 
-#include <cmath>
 #include <cstdint>
 
 #include "bf16_vectors.h"
 #include "elementwise.h"
+#include "norm_row.h"
 #include "parallel.h"
 
 namespace {
 
 using at::Tensor;
 using lorakit_kernels::load;
-using lorakit_kernels::rounded;
+using lorakit_kernels::norm_row;
 using lorakit_kernels::store;
 using lorakit_kernels::tail_mask;
 
 constexpr int64_t kGrain = 16;  // rows a thread's chunk takes at least
-
-template <class T>
-BF16_TARGET float norm_row(const T* x, const T* w, int64_t d, float eps, T* y) {
-  __m512 squares = _mm512_setzero_ps();
-  for (int64_t j = 0; j < d; j += 16) {
-    const __m512 v = load(x + j, tail_mask(d - j));
-    squares = _mm512_fmadd_ps(v, v, squares);
-  }
-  const float r = 1.f / std::sqrt(_mm512_reduce_add_ps(squares) / static_cast<float>(d) + eps);
-  const __m512 rv = _mm512_set1_ps(r);
-  for (int64_t j = 0; j < d; j += 16) {
-    const __mmask16 m = tail_mask(d - j);
-    const __m512 normed = rounded<T>(_mm512_mul_ps(load(x + j, m), rv));
-    store(y + j, _mm512_mul_ps(load(w + j, m), normed), m);
-  }
-  return r;
-}
 
 template <class T>
 BF16_TARGET void grad_row(const T* dy, const T* x, const T* w, int64_t d, float r, T* dx) {
