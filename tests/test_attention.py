@@ -254,8 +254,8 @@ def test_a_bf16_model_for_generation_prefills_on_the_kernel():
     sdpa.set_attn_implementation("sdpa")
     assert ours.config._attn_implementation == "lorakit"
     g = torch.Generator().manual_seed(4)
-    prefix, ids = torch.randint(0, 128, (2, 9), generator=g), torch.randint(0, 128, (2, 12), generator=g)
-    mask = torch.ones(2, 21, dtype=torch.long)
+    prefix, ids = torch.randint(0, 128, (2, 9), generator=g), torch.randint(0, 128, (2, 20), generator=g)
+    mask = torch.ones(2, 29, dtype=torch.long)
     mask[1, 9:13] = 0  # row 1's prompt is shorter: left padding after the prefix
     logits, calls = [], []
     original = CausalAttention.apply
@@ -268,6 +268,12 @@ def test_a_bf16_model_for_generation_prefills_on_the_kernel():
     finally:
         CausalAttention.apply = original
     assert calls == [False, False, True, True]  # each layer's call of both passes; the second's over more keys
+    q, k = torch.zeros(1, 4, 20, 16, dtype=torch.bfloat16), torch.zeros(1, 2, 29, 16, dtype=torch.bfloat16)
+    more = torch.ones(1, 1, 20, 29, dtype=torch.bool)
+    assert attention.takes(q, k, k, more, 0.0, {})
+    assert not attention.takes(q[:, :, :15], k, k, more[:, :, :15], 0.0, {})  # a few queries: SDPA's
+    with torch.enable_grad():  # a gradient through a longer cache: SDPA's (the kernel's backward takes T = S only)
+        assert not attention.takes(q.requires_grad_(), k, k, more, 0.0, {})
     kept = mask[:, 9:].bool()
     assert relative(logits[0][kept], logits[1][kept]) <= 2e-2
 

@@ -3,6 +3,7 @@ Llama family (Llama, Mistral, Qwen2, Qwen3) with and without LoRA, at one row an
 (the masked path a refill makes); what it does not describe keeps the Python step; a failed build says why."""
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -127,6 +128,11 @@ def test_what_the_compiled_step_does_not_describe_keeps_the_python_step():
     handle = model.model.layers[1].mlp.register_forward_hook(lambda *args: None)
     assert compiled_model(model, torch.float32) is None
     handle.remove()
+    mlp = model.model.layers[1].mlp  # a forward replaced by a partial, as accelerate's offloading replaces it
+    mlp.forward = functools.partial(type(mlp).forward, mlp)
+    assert compiled_model(model, torch.float32) is None
+    del mlp.forward
+    assert compiled_model(model, torch.float32) is not None
     model.train()  # LoRA dropout is random in training: not the compiled step's
     add_lora(model, LoRAConfig(r=2, alpha=4, dropout=0.1, targets="attention"), "dropped")
     set_adapter(model, "dropped")

@@ -66,9 +66,10 @@ def _check_plain(module: nn.Module) -> None:
     giving fp32 logits (inference/logits.py)."""
     if module._forward_hooks or module._forward_pre_hooks:
         raise Unsupported
-    replaced = getattr(vars(module).get("forward"), "__func__", None)
-    if "forward" in vars(module) and replaced not in KNOWN_FORWARDS and replaced is not vars(module).get(
-            "gives_fp32_logits"):
+    if "forward" not in vars(module):
+        return
+    replaced = getattr(vars(module)["forward"], "__func__", None)  # None: not a bound method (a partial, a function)
+    if replaced is None or (replaced not in KNOWN_FORWARDS and replaced is not vars(module).get("gives_fp32_logits")):
         raise Unsupported
 
 

@@ -22,8 +22,8 @@ from .residual_stream import keep_fp32_stream
 def cast_for_inference(model: nn.Module, name: str, device_type: str = "cpu") -> str:
     """Put a model for generation or evaluation in `name` (auto, fp32, bf16 or int8): every floating-point parameter,
     adapters included, cast once (buffers kept), and for int8 every dense linear's weight quantised after; the LM
-    head then gives fp32 logits (logits.py), a Llama-family model carries its residual stream in fp32
-    (residual_stream.py), and prompts' attention runs on lorakit's kernel where the CPU has it (models/attention.py).
+    head then gives fp32 logits (logits.py), and a Llama-family model carries its residual stream in fp32
+    (residual_stream.py) and runs its prompts' attention on lorakit's kernel where the CPU has it (models/attention.py).
     fp32 leaves the model as it is. Run again after an adapter is added, it brings the adapter to the same dtype.
     Returns the name of what is used, for the record."""
     dtype = resolve_dtype("bf16" if name == "int8" else name, device_type,
@@ -34,8 +34,8 @@ def cast_for_inference(model: nn.Module, name: str, device_type: str = "cpu") ->
         quantize_int8(model)
     if dtype != torch.float32:
         keep_fp32_logits(model)
-        keep_fp32_stream(model)
-        use_attention_kernel(model)
+        if keep_fp32_stream(model):  # the Llama family: its prompts' attention on lorakit's kernel too
+            use_attention_kernel(model)
     return "int8" if name == "int8" else dtype_name(dtype)
 
 

@@ -7,7 +7,7 @@ same products done in registers; docs/precision.md has the figures). The kernel 
 inputs, rounds each output once and recomputes the softmax in its backward from the forward's log-sum-exp, as flash
 attention does, so nothing of size T x T is kept between the passes. Where a call is one it does not take (dropout,
 a mask that biases rather than blocks, a KV cache longer than the queries without a mask saying what each sees, a
-GPU, a CPU without AVX-512 BF16) transformers' SDPA runs it. A bf16 or int8 model for generation
+GPU, a CPU without AVX-512 BF16) transformers' SDPA runs it. A bf16 or int8 Llama-family model for generation
 (inference/precision.py) runs its prompts' attention here too: the forward alone, over a cached prefix's keys too.
 """
 from __future__ import annotations
@@ -22,6 +22,7 @@ from torch.autograd.function import once_differentiable
 from . import native
 
 NAME = "lorakit"
+PROMPT_ROWS = 16  # queries from which a call over more keys (a cached prefix) is worth the kernel's set-up; SDPA below
 
 
 def kernel() -> ModuleType | None:
@@ -76,12 +77,15 @@ def bool_mask(mask: torch.Tensor | None) -> torch.Tensor | bool | None:
 def takes(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | bool | None,
           dropout: float, extra: dict) -> bool:
     """Whether the kernel computes this call as SDPA would: no dropout, a mask that allows or blocks (bool_mask) or
-    none, queries and keys the same positions (or more keys, with a mask), none of the interface's extras (a bias, a
-    soft cap, a paged cache)."""
+    none, queries and keys the same positions (or more keys, with a mask, for PROMPT_ROWS queries or more and no
+    gradient), none of the interface's extras (a bias, a soft cap, a paged cache)."""
     if dropout > 0 or mask is False or extra.get("output_attentions"):
         return False
     if any(extra.get(k) is not None for k in ("position_bias", "softcap", "cache")):  # a window is in the mask
         return False
+    if key.shape[2] != query.shape[2] and (query.shape[2] < PROMPT_ROWS or torch.is_grad_enabled() and any(
+            t.requires_grad for t in (query, key, value))):
+        return False  # more keys than queries: a prompt after cached ones, forward only
     ext = kernel()
     return ext is not None and ext.attention_applies(query, key, value, mask)
 
