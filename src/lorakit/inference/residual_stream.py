@@ -1,9 +1,9 @@
 """A bf16 or int8 Llama-family model's residual stream kept in fp32, as llama.cpp keeps it.
 
 Cast whole to bf16, a model rounds its hidden state at each of its 2 x layers residual sums: the stream's entries
-grow to hundreds while a layer adds updates of a few units, and bf16's 8 bits of precision drop most of what each
-update carries. With fp32 logits (logits.py) that rounding was most of bf16's teacher-forced top-1 disagreement with
-fp32 left on SmolLM2 (docs/precision.md). Here the products, the attention and the cache stay bf16, and only the
+grow far larger than what a layer adds to them, and bf16's 8 bits of precision drop part of every update. With fp32
+logits (logits.py) that rounding was about half of bf16's teacher-forced top-1 disagreement with fp32 left on SmolLM2
+(docs/precision.md). Here the products, the attention and the cache stay bf16, and only the
 stream changes: the embeddings' rows are widened to fp32, each layer's sums are fp32 (torch promotes bf16 + fp32),
 each RMSNorm computes in fp32 and rounds its output once to bf16 (the fp32 module followed by the rounding the next
 product makes), and the rotary tables are given in bf16, the dtype of q and k. The C++ decode step takes the same

@@ -266,6 +266,8 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> Path
     finally:
         metrics.close(status)
     finish(run, optimizer, scheduler, state, best_state)
+    # under torchrun: gloo's threads stopped before exit (left to the interpreter's exit, they can abort the process)
+    accelerator.state.destroy_process_group()
     if state.stopped_by:
         raise stopped(run, state)
     return run.out
