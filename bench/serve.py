@@ -18,6 +18,7 @@ bench/results/serve.json.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import random
@@ -99,16 +100,16 @@ def start_server(command: list[str], port: int, log: Path) -> subprocess.Popen:
     raise SystemExit(f"the server did not come up: {log.read_text()[-2000:]}")
 
 
-def one(url: str, model: str, prompt: str, max_tokens: int) -> dict:
+async def one(client: httpx.AsyncClient, url: str, model: str, prompt: str, max_tokens: int) -> dict:
     """One streamed chat request: time to first token, latency, tokens, finish reason."""
     body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
             "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
     t0 = time.perf_counter()
     first, tokens, pieces, finish, text, used = None, 0, 0, None, "", {}
-    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=600) as response:
+    async with client.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=600) as response:
         if response.status_code != 200:
             return {"status": response.status_code}
-        for line in response.iter_lines():
+        async for line in response.aiter_lines():
             if not line.startswith("data: {"):
                 continue
             chunk = json.loads(line[6:])
@@ -129,10 +130,21 @@ def one(url: str, model: str, prompt: str, max_tokens: int) -> dict:
 
 
 def level(url: str, clients: int, jobs: list[tuple[str, str]], max_tokens: int) -> dict:
-    """`clients` threads taking the jobs (model, prompt) in turn; throughput and latency percentiles."""
+    """`clients` clients taking the jobs (model, prompt) in turn, each sending its next request when its last one
+    ends; throughput and latency percentiles. The clients share one asyncio loop (as vLLM's benchmark_serving runs
+    its clients), so that the load generator takes as little of the box's cores from the server as it can."""
+    async def run() -> list[dict]:
+        results: list[dict] = [{}] * len(jobs)
+        taken = iter(range(len(jobs)))
+        async with httpx.AsyncClient(limits=httpx.Limits(max_connections=clients)) as client:
+            async def client_loop() -> None:
+                for i in taken:
+                    results[i] = await one(client, url, jobs[i][0], jobs[i][1], max_tokens)
+            await asyncio.gather(*(client_loop() for _ in range(clients)))
+        return results
+
     t0 = time.perf_counter()
-    with ThreadPoolExecutor(clients) as pool:
-        results = list(pool.map(lambda job: one(url, job[0], job[1], max_tokens), jobs))
+    results = asyncio.run(run())
     wall = time.perf_counter() - t0
     ok = [r for r in results if r["status"] == 200]
 

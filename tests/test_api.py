@@ -133,10 +133,11 @@ def test_concurrent_requests_over_adapters_equal_each_adapter_alone(server):
     assert len({a[0] for a in answers}) > 1
 
 
-def test_waiting_requests_are_prefilled_together_by_length_and_each_equals_its_adapter_alone(tmp_path):
-    """Requests queued together are prefilled in one batch (left-padded, rows mixed by adapter, each row's keys
-    stored without its padding); each reply is what its adapter gives alone (float64). A request whose prompt cannot
-    run fails alone: its batch is prefilled again one request at a time."""
+def test_waiting_requests_are_prefilled_together_and_each_equals_its_adapter_alone(tmp_path):
+    """Requests queued together are prefilled in one batch: a packed row, each adapter's prompts side by side (or,
+    where the model does not pack, left-padded by length, rows mixed by adapter, each row's keys stored without its
+    padding); each reply is what its adapter gives alone (float64). A request whose prompt cannot run fails alone:
+    its batch is prefilled again one request at a time."""
     import queue
 
     from lorakit.inference import Sampling
@@ -145,8 +146,10 @@ def test_waiting_requests_are_prefilled_together_by_length_and_each_equals_its_a
     served.engine.close()
     model, tok = served.engine.model, served.engine.tokenizer
 
-    def serve(prompts: list[list[int]], adapters: list[str | None]):
+    def serve(prompts: list[list[int]], adapters: list[str | None], packed: bool = True):
         engine, batches = Engine(model, tok, slots=8, max_len=64), []
+        assert engine.adapters.packs()
+        engine.adapters.packed = packed
         prefill = engine._prefill
         engine._prefill = lambda slots, requests, known: batches.append([len(r.prompt_ids) for r in requests]) or (
             prefill(slots, requests, known))
@@ -164,10 +167,12 @@ def test_waiting_requests_are_prefilled_together_by_length_and_each_equals_its_a
         return replies, batches
 
     jobs = [(prompt, [None, "a", "b", "c"][i % 4]) for i, prompt in enumerate(PROMPTS[:7])]
-    replies, batches = serve([tok(p)["input_ids"] for p, _ in jobs], [a for _, a in jobs])
-    for (prompt, adapter), (text, _) in zip(jobs, replies):
-        assert text.strip() == generated(served, prompt, adapter, 6, chat=False), (prompt, adapter)
-    assert batches == [[1, 2, 2, 3, 4, 4, 6]]  # one batch, padded to its longest prompt
+    for packed, batch in ((True, [4, 2, 2, 4, 6, 1, 3]),  # the base's, a's, b's, c's prompts
+                          (False, [1, 2, 2, 3, 4, 4, 6])):  # by length, padded to the longest
+        replies, batches = serve([tok(p)["input_ids"] for p, _ in jobs], [a for _, a in jobs], packed)
+        for (prompt, adapter), (text, _) in zip(jobs, replies):
+            assert text.strip() == generated(served, prompt, adapter, 6, chat=False), (prompt, adapter, packed)
+        assert batches == [batch]
     good = tok("w5 w6 w7")["input_ids"]
     replies, batches = serve([good, [5, 999, 7], good], ["a", "b", None])  # 999: past the vocabulary
     assert [r[1].finish_reason == "error" for r in replies] == [False, True, False]
@@ -223,7 +228,7 @@ def test_prompts_that_share_a_prefix_reuse_its_keys_and_each_equals_its_adapter_
     assert batches == [(32, [36, 38]), (0, [36, 37])]
     batches.clear()
     assert serve([("w80", "b"), ("w81 w82", None), ("w83", "a")]) == [32, 32, 32]
-    assert batches == [(32, [36, 36, 37])]  # rows mixed by adapter, each after its own adapter's prefix
+    assert batches == [(32, [37, 36, 36])]  # packed: the base's, a's, b's prompt, each after its adapter's prefix
     engine._run_call(lambda: None, Future())  # as /v1/load_lora_adapter and unload do
     assert len(engine.prefixes) == 0 and serve([("w84", "a")]) == [0]
     # room for three blocks: the first group's blocks push out one that the next group was counted on

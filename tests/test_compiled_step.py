@@ -304,7 +304,7 @@ def attention_in_float64(q, keys, values, start, end, scaling):
     return out.reshape(rows, 1, heads * head_dim)
 
 
-@pytest.mark.parametrize("rows,width", [(16, 576), (1, 100), (5, 1536)])
+@pytest.mark.parametrize("rows,width", [(16, 576), (1, 100), (5, 1536), (300, 576)])  # 300: rows split over threads
 def test_fused_bf16_ops_against_transformers_and_aten(rows, width):
     """The bf16 step's fused passes (fused_ops.cpp) against what they replace on the same bf16 values: transformers'
     LlamaRMSNorm and apply_rotary_pos_emb, ATen's add and silu · up. The rotation and the sum are the same bits; the
@@ -345,6 +345,64 @@ def test_fused_bf16_ops_against_transformers_and_aten(rows, width):
     assert int((keys != 0).sum()) == int((want_k != 0).sum()) and int((values != 0).sum()) == int((v != 0).sum())
     with pytest.raises(RuntimeError, match="a column outside the cache"):
         ext.rotary_store(q, k, v, cos, sin, keys[:rows], values[:rows], column + length)
+
+
+def test_a_mixed_view_takes_other_rows_of_the_same_adapters():
+    """The engine's view for rows mixed by adapter is kept while the rows use the same adapters: given the new rows'
+    masks (Model.set_row_masks) its logits are those of a view built for them; other adapters get a view of their
+    own, and masks that do not fit the view are refused."""
+    from lorakit.inference.batch_adapters import BatchAdapters
+    from lorakit.inference.precision import cast_for_inference
+    model = with_lora(tiny_llama_family("llama"))
+    add_lora(model, LoRAConfig(r=4, alpha=8, targets="all-linear"), "b")
+    randomize_lora(model, seed=2)
+    cast_for_inference(model, "bf16")
+    adapters = BatchAdapters(model, torch.bfloat16)
+    adapters.mix(["a", "b", None, "a"])
+    first = adapters.mixed_view()
+    adapters.mix(["b", None, "a", "b"])
+    assert adapters.mixed_view() is first
+    got, _ = steps(model, first, PROMPTS, refill=False, forced=True)
+    want, _ = steps(model, compiled_model(model, torch.bfloat16), PROMPTS, refill=False, forced=True)
+    assert torch.equal(got, want)
+    adapters.mix(["a", "a", None, "a"])
+    assert adapters.mixed_view() is not first
+    with pytest.raises(RuntimeError, match="a view of their own"):
+        first.set_row_masks([None] * (len(model.model.layers) * 7 + 1))
+    adapters.mix(None)
+
+
+@pytest.mark.parametrize("rows,k,n", [(16, 576, 1536), (5, 40, 100), (1, 1536, 576), (7, 64, 192)])
+def test_mixed_lora_term_against_float64_on_the_same_values(rows, k, n):
+    """mixed_lora_add (rows mixed by adapter, the bf16 C++ step's LoRA term) against what mixed_forward computes, in
+    float64 on the same bf16 values: each row's x·Aᵀ over its own adapter's columns (ranks 3, 8 and 5, so runs start
+    at odd columns) rounded to bf16, then out + h·Bᵀ rounded once; rows on the base untouched; a mask that is not
+    one run a row is refused."""
+    ext = extension()
+    if not ext.skinny_supported():
+        pytest.skip("no AVX-512 BF16 on this CPU: the step keeps ATen's operations")
+    g = torch.Generator().manual_seed(rows * k)
+    ranks = [3, 8, 5]
+    R = sum(ranks)
+    x = torch.randn(rows, 1, k, generator=g).bfloat16()
+    A, B = torch.randn(R, k, generator=g).bfloat16(), (torch.randn(n, R, generator=g) / 4).bfloat16()
+    out = torch.randn(rows, 1, n, generator=g).bfloat16()
+    owner = [i % 4 for i in range(rows)]  # adapter 0, 1, 2 or 3: the base
+    mask = torch.zeros(rows, 1, R, dtype=torch.bfloat16)
+    for row, a in enumerate(owner):
+        if a < 3:
+            mask[row, 0, sum(ranks[:a]):sum(ranks[:a + 1])] = 1
+    h = (x.double() @ A.double().T).bfloat16().double() * mask.double()
+    want = (out.double() + h @ B.double().T).bfloat16()
+    got = out.clone()
+    assert ext.mixed_lora_applies(got, x, A, mask)
+    ext.mixed_lora_add(got, x, A, ext.mixed_lora_pairs(B), mask)
+    assert bool(((got.float() - want.float()).abs() <= 2 ** -7 * want.float().abs() + 1e-3).all())
+    assert (got == want).float().mean() > 0.9
+    base_rows = [row for row, a in enumerate(owner) if a == 3]
+    assert torch.equal(got[base_rows], out[base_rows])
+    mask[0, 0, R - 1] = 1  # row 0 now owns two runs
+    assert not ext.mixed_lora_applies(got, x, A, mask)
 
 
 @pytest.mark.parametrize("rows,heads,kv_heads,head_dim,length", [(16, 9, 3, 64, 300), (1, 4, 2, 32, 17),

@@ -15,8 +15,8 @@ of recipes, data, model loading or training, so it works on any model a user bui
 from .combine import combine_adapters
 from .config import LoRAConfig, LoRAError
 from .embedding import LoRAEmbedding
-from .inject import (adapter_in_use, add_lora, adapters_by_row, delete_adapter, disable_adapters, merge,
-                     merge_and_unload, set_adapter, unmerge)
+from .inject import (adapter_in_use, add_lora, adapters_by_row, adapters_by_span, delete_adapter, disable_adapters,
+                     merge, merge_and_unload, set_adapter, spans_apply, unmerge)
 from .layer import LoRALinear
 from .precision import native_bf16, resolve_dtype, store_frozen
 from .peft_format import load_adapter, read_adapter_config, read_metadata, save_adapter
@@ -26,7 +26,8 @@ from .report import ParameterReport, parameter_report
 from .trained_copies import TrainedCopies
 
 __all__ = ["combine_adapters", "LoRAConfig", "LoRAError", "LoRAEmbedding", "adapter_in_use", "add_lora", "adapters_by_row",
-           "delete_adapter", "disable_adapters", "merge", "merge_and_unload", "set_adapter", "unmerge", "LoRALinear",
+           "adapters_by_span", "spans_apply", "delete_adapter", "disable_adapters", "merge", "merge_and_unload",
+           "set_adapter", "unmerge", "LoRALinear",
            "load_adapter", "read_adapter_config", "read_metadata", "save_adapter", "NF4Weight", "dequantize_nf4",
            "quantize_nf4", "active_adapter", "adapters", "lora_layers", "ParameterReport", "parameter_report",
            "TrainedCopies", "native_bf16", "resolve_dtype", "store_frozen"]

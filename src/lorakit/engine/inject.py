@@ -15,6 +15,7 @@ from .config import LoRAConfig, LoRAError
 from .embedding import LoRAEmbedding
 from .frozen_base import FrozenBase
 from .layer import LoRALinear, is_lora_target_type
+from .mixed_rows import Span
 from .registry import (REGISTRY, AdapterInfo, active_adapter, adapter_info, adapter_params, adapters, lora_layers,
                        packed_params)
 from .targets import inside_lora, is_head, output_layer, resolve_modules, resolve_targets, vocab_size
@@ -120,6 +121,26 @@ def adapters_by_row(model: nn.Module, names: list[str | None]) -> contextlib.Abs
         if name is not None:
             adapter_info(model, name)
     return _unmerged_with(model, "row_adapters", lambda layer: list(names))
+
+
+def adapters_by_span(model: nn.Module, spans: list[Span]) -> contextlib.AbstractContextManager[nn.Module]:
+    """Within the block, the tokens start:stop of every batch (its rows laid end to end) use adapter name, for each
+    (name, start, stop) of `spans` (None: the base alone): prompts packed into one row, each on its own adapter
+    (mixed_rows.spans_forward). For inference on LoRA linear layers (`spans_apply`); merged adapters taken out first."""
+    if not spans_apply(model):
+        raise LoRAError("adapters by span take LoRA linear layers without DoRA; this model has LoRA embeddings, "
+                        "modules trained in full or a DoRA adapter: mix adapters by row (adapters_by_row)")
+    for name in dict.fromkeys(name for name, _, _ in spans):
+        if name is not None:
+            adapter_info(model, name)
+    return _unmerged_with(model, "token_spans", lambda layer: tuple(spans))
+
+
+def spans_apply(model: nn.Module) -> bool:
+    """Whether adapters by span compute `model` as its adapters would alone: every adapter layer a LoRA linear
+    without DoRA (an embedding's or a trained copy's rows are not split by span)."""
+    return not any(trained_copies(model)) and all(
+        isinstance(layer, LoRALinear) and not layer.lora_magnitude for _, layer in lora_layers(model))
 
 
 def adapter_in_use(model: nn.Module, name: str) -> contextlib.AbstractContextManager[nn.Module]:

@@ -20,7 +20,7 @@ from .dora import add_magnitude, base_changed, dora_scale, scale_output
 from .frozen_base import DenseBase, FrozenBase, StoredLinear, quantized_base
 from .function import LoRAFunction, lora_linear
 from .init import FROM_BASE, init_A, init_from_base, initial_pair
-from .mixed_rows import mixed_forward
+from .mixed_rows import Span, mixed_forward
 
 try:  # GPT-2 style linear with a transposed (in, out) weight; optional so a plain-torch model needs no transformers
     from transformers.pytorch_utils import Conv1D
@@ -74,15 +74,15 @@ class LoRALinear(nn.Module):
         self.in_features, self.out_features = linear_features(base)
         self.frozen: FrozenBase = kept_storage(base) or DenseBase(base.weight, transposed=self.fan_in_fan_out)
         self.bias = base.bias
-        self.lora_A = nn.ParameterDict()
-        self.lora_B = nn.ParameterDict()
+        self.lora_A, self.lora_B = nn.ParameterDict(), nn.ParameterDict()
         self.lora_magnitude = nn.ParameterDict()  # DoRA adapters only: m, one per output feature
         self.scaling: dict[str, float] = {}
         self.dropout: dict[str, float] = {}
         self.active: str | None = None
-        self.merged: str | None = None
+        self.merged: str | None = None  # the adapter folded into the base weight, if any
         self.disabled = False
         self.row_adapters = None  # a batch mixing adapters: see mixed_rows.py
+        self.token_spans: tuple[Span, ...] | None = None  # a packed row's prompts by adapter: mixed_rows.py
         # The original module, kept out of the module tree, so merge_and_unload can hand back the original class.
         # It lets go of its weight meanwhile: a second reference would keep a full copy alive under FSDP sharding.
         base.bias = None
@@ -233,8 +233,8 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         name = self.active
-        if self.row_adapters is not None and not self.disabled:
-            return mixed_forward(self, x, self.row_adapters)
+        if (self.row_adapters is not None or self.token_spans is not None) and not self.disabled:
+            return mixed_forward(self, x)
         if self.disabled or name is None or name == self.merged:
             return self.base_forward(x)
         y = self.lora_forward(x, name)

@@ -12,6 +12,9 @@ from torch import nn
 
 from .config import LoRAError
 from .dora import dora_scale, dora_scale_
+from .function import lora_linear
+
+Span = tuple[str | None, int, int]  # tokens start:stop of a packed row through adapter name (None: the base alone)
 
 
 @torch.no_grad()
@@ -21,12 +24,12 @@ def side_by_side(layer: nn.Module, rows: list[str | None]) -> tuple[torch.Tensor
     ones for other rows) or None. Empty when no row's adapter is here (those rows get the base alone). A server's
     rows change with every request it admits, so what does not depend on them is kept: A and B side by side per
     layer (until an adapter's weights change), the mask per pattern of rows (shared by the layers)."""
-    names = tuple(n for n in dict.fromkeys(rows) if n is not None and n in layer.lora_A)
+    names = adapters_here(layer, rows)
     if not names:
         return ()
     As, Bs = [layer.lora_A[n] for n in names], [layer.lora_B[n] for n in names]
     A, B = stacked(layer, names, As, Bs)
-    mask = row_mask(tuple(rows), tuple((n, a.shape[0]) for n, a in zip(names, As)), A.dtype, A.device)
+    mask = rows_mask(layer, rows)
     if not any(n in layer.lora_magnitude for n in names):
         return A, B, mask, None
     scale = A.new_ones(len(rows), 1, layer.out_features)
@@ -50,6 +53,22 @@ def stacked(layer: nn.Module, names: tuple[str, ...], As: list[torch.Tensor], Bs
     return kept[1], kept[2]
 
 
+def adapters_here(layer: nn.Module, rows: list[str | None]) -> tuple[str, ...]:
+    """The adapters of `rows` that `layer` has, in the layer's order: the same stack for any rows of them."""
+    present = set(rows)
+    return tuple(n for n in layer.lora_A if n in present)
+
+
+def rows_mask(layer: nn.Module, rows: list[str | None]) -> torch.Tensor | None:
+    """The mask side_by_side gives `layer` for `rows` (None where no row's adapter is here): a C++ step's view built
+    for rows of the same adapters takes it for these rows (compiled_step.row_masks)."""
+    names = adapters_here(layer, rows)
+    if not names:
+        return None
+    A = layer.lora_A[names[0]]
+    return row_mask(tuple(rows), tuple((n, layer.lora_A[n].shape[0]) for n in names), A.dtype, A.device)
+
+
 @functools.lru_cache(maxsize=64)
 def row_mask(rows: tuple[str | None, ...], ranks: tuple[tuple[str, int], ...], dtype: torch.dtype,
              device: torch.device) -> torch.Tensor:
@@ -58,9 +77,13 @@ def row_mask(rows: tuple[str | None, ...], ranks: tuple[tuple[str, int], ...], d
     return torch.tensor([[[float(row == n) for n in owner]] for row in rows], dtype=dtype, device=device)
 
 
-def mixed_forward(layer: nn.Module, x: torch.Tensor, rows: list[str | None]) -> torch.Tensor:
-    """Row i of `x` through adapter rows[i] (None: the base alone). What side_by_side builds is built at the first
-    call and reused while the layer's `row_adapters` stays set: for inference."""
+def mixed_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """x through the adapters the layer's `token_spans` (spans_forward) or else its `row_adapters` give: row i of x
+    through adapter row_adapters[i] (None: the base alone). What side_by_side builds is built at the first call and
+    reused while `row_adapters` stays set: for inference."""
+    if layer.token_spans is not None:
+        return spans_forward(layer, x, layer.token_spans)
+    rows = layer.row_adapters
     if len(rows) != x.shape[0]:
         raise LoRAError(f"the batch has {x.shape[0]} rows but {len(rows)} adapter names were given")
     out = layer.base_forward(x)
@@ -75,3 +98,16 @@ def mixed_forward(layer: nn.Module, x: torch.Tensor, rows: list[str | None]) -> 
     if scale is None:
         return out
     return dora_scale_(out.view(x.shape[0], -1, out.shape[-1]), scale.to(out.dtype), layer.bias).view(out.shape)
+
+
+def spans_forward(layer: nn.Module, x: torch.Tensor, spans: tuple[Span, ...]) -> torch.Tensor:
+    """x's tokens (its rows laid end to end) start:stop through adapter name, for each (name, start, stop) of
+    `spans`: the base product over every token, then each adapter's term over its own tokens, added in place as
+    `lora_forward` adds one adapter's. For inference; DoRA adapters are refused (adapters_by_span)."""
+    out = layer.base_forward(x)
+    tokens, sums = x.reshape(-1, x.shape[-1]), out.view(-1, out.shape[-1])
+    for name, start, stop in spans:
+        if name in layer.lora_A and stop > start:
+            A, B = layer.lora_A[name], layer.lora_B[name]
+            lora_linear(tokens[start:stop].to(sums.dtype), None, None, A, B, layer.scaling[name], out=sums[start:stop])
+    return out

@@ -16,14 +16,16 @@ from torch import nn
 
 from ..engine import LoRALinear
 from ..engine.frozen_base import StoredLinear, packed_linear
+from ..engine.mixed_rows import rows_mask
 from ..engine.step_terms import inference_terms
 from ..models import native
-from ..models.kernels import SWIGLU_MLPS, swiglu_forward
+from ..models.kernels import is_swiglu, swiglu_forward
 
 SOURCES = ("llama_step.cpp",  # in models/csrc: the step itself, and the bindings
            "skinny_gemm.cpp",  # bf16 / int8 products for a decode step's few rows
            "decode_attention.cpp",  # one query per row over a bf16 cache
            "fused_ops.cpp",  # a bf16 step's norms, rotary embedding and SwiGLU, a pass each
+           "mixed_lora.cpp",  # the LoRA term of rows mixed by adapter, a pass over the rows
            "amx_gemm.cpp")  # fp32 logits from a bf16 head on AMX tiles
 NAME = "lorakit_llama_step"
 LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3")  # the model types whose decoder the step describes
@@ -61,6 +63,23 @@ def compiled_model(model: nn.Module, dtype: torch.dtype):
         return None
 
 
+def fused_layer_ops(layer: nn.Module, hidden: torch.Tensor):
+    """The extension, where its fused passes (RMSNorm, the residual sum with the norm after it, SwiGLU's middle; the
+    bf16 step's, one pass each) compute this Llama-family layer on `hidden` as its modules do: bf16 norm weights,
+    hidden bf16 or the fp32 stream, plain norms and a SwiGLU MLP without hooks; else None (the modules run)."""
+    ext = extension()
+    norms = (layer.input_layernorm, layer.post_attention_layernorm)
+    if ext is None or not ext.fused_norm_applies(hidden) or not is_swiglu(layer.mlp):
+        return None
+    try:
+        for module in (*norms, layer.mlp):
+            _check_plain(module)
+    except Unsupported:
+        return None
+    plain = all(type(n).__name__ in RMS_NORMS and ext.fused_ops_apply(n.weight) for n in norms)
+    return ext if plain else None
+
+
 def _check_plain(module: nn.Module) -> None:
     """No hooks and no replaced forward (accelerate's offloading sets both), except KNOWN_FORWARDS and an LM head
     giving fp32 logits (inference/logits.py)."""
@@ -96,11 +115,23 @@ def _norm(ext, module: nn.Module):
 
 def _layer(ext, layer: nn.Module, dtype: torch.dtype):
     attn, mlp = layer.self_attn, layer.mlp
-    silu = isinstance(mlp.act_fn, nn.SiLU) or type(mlp.act_fn).__name__ == "SiLUActivation"
-    if type(mlp).__name__ not in SWIGLU_MLPS or not silu:
+    if not is_swiglu(mlp):
         raise Unsupported
     qk_norms = (_norm(ext, attn.q_norm), _norm(ext, attn.k_norm)) if hasattr(attn, "q_norm") else (None, None)
-    projections = [_linear(ext, m, dtype) for m in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj,
-                                                    mlp.gate_proj, mlp.up_proj, mlp.down_proj)]
+    projections = [_linear(ext, m, dtype) for m in _projections(layer)]
     return ext.Layer(_norm(ext, layer.input_layernorm), _norm(ext, layer.post_attention_layernorm), *qk_norms,
                      *projections, attn.head_dim, attn.scaling)
+
+
+def _projections(layer: nn.Module) -> tuple[nn.Module, ...]:
+    """A decoder layer's seven products in the order the C++ Layer holds them."""
+    attn, mlp = layer.self_attn, layer.mlp
+    return attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj
+
+
+def row_masks(model: nn.Module, rows: list[str | None]) -> list[torch.Tensor | None]:
+    """Every product's row mask for rows mixed by adapter `rows`, in the order Model.set_row_masks takes them (each
+    layer's seven, then the LM head): a view built for rows of the same adapters then computes these rows, its
+    adapters' weights side by side as they were."""
+    modules = [*(m for layer in model.model.layers for m in _projections(layer)), model.lm_head]
+    return [rows_mask(m, rows) if isinstance(m, LoRALinear) else None for m in modules]

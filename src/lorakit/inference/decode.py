@@ -16,13 +16,14 @@ exact to that rounding, not token for token against any fixed batch.
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 
 from ..engine.frozen_base import PACKED_ROWS
-from .compiled_step import LLAMA_FAMILY, compiled_model, extension
+from .compiled_step import LLAMA_FAMILY, compiled_model, extension, fused_layer_ops
 from .kv_cache import KVCache, Slots
 from .precision import pack_for_batches
 from .sampling import Choice
@@ -106,23 +107,46 @@ def step(model, cache: KVCache, tokens: torch.Tensor, compiled=None) -> torch.Te
     if compiled is not None:
         return compiled.step(hidden, *rotation, cache.keys, cache.values, extension().Slots(*slots))
     for i, layer in enumerate(core.layers):
-        hidden = _llama_layer(layer, hidden, rotation, cache, i, slots)
+        hidden = llama_layer(layer, hidden, rotation, functools.partial(_attend, cache, i, slots))
     return model.lm_head(core.norm(hidden))[:, -1].float()
 
 
-def _llama_layer(layer, hidden, rotation, cache: KVCache, i: int, slots: Slots) -> torch.Tensor:
-    """x + Attn(RMSNorm(x)), then + MLP(RMSNorm(x)), as transformers' Llama layer; q and k rotated (RoPE)."""
+Attend = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def llama_layer(layer, hidden: torch.Tensor, rotation, attend: Attend) -> torch.Tensor:
+    """x + Attn(RMSNorm(x)), then + MLP(RMSNorm(x)), as transformers' Llama layer, for hidden [rows, tokens, d];
+    q and k rotated (RoPE), then attend(attention module, q, k, v) ([rows, heads, tokens, head_dim] each) gives
+    [rows, tokens, heads * head_dim]: the step's one token a row over the cache, or a packed prefill's prompts."""
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-    attn = layer.self_attn
-    x = layer.input_layernorm(hidden)
-    head = (x.shape[0], 1, -1, attn.head_dim)
+    attn, fused = layer.self_attn, fused_layer_ops(layer, hidden)
+    x = _normed(layer.input_layernorm, hidden, fused)
+    head = (*x.shape[:2], -1, attn.head_dim)
     q, k, v = attn.q_proj(x).view(head), attn.k_proj(x).view(head), attn.v_proj(x).view(head)
     if hasattr(attn, "q_norm"):  # Qwen3 normalises q and k per head before the rotation
         q, k = attn.q_norm(q), attn.k_norm(k)
     q, k = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), *rotation)
-    out = _attend(cache, i, q, k, v.transpose(1, 2), slots, attn.scaling)
-    hidden = hidden + attn.o_proj(out)
-    return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+    attended, norm = attn.o_proj(attend(attn, q, k, v.transpose(1, 2))), layer.post_attention_layernorm
+    if fused is not None and fused.fused_ops_apply(attended):  # the sum and the norm after it in one pass
+        hidden, y = fused.add_rms_norm(hidden, attended, norm.weight, norm.variance_epsilon)
+    else:
+        hidden = hidden + attended
+        y = norm(hidden)
+    return hidden + _mlp(layer.mlp, y, fused)
+
+
+def _normed(norm: torch.nn.Module, x: torch.Tensor, fused) -> torch.Tensor:
+    """RMSNorm `norm` of x: the fused pass where `fused` (compiled_step.fused_layer_ops) is given, else the module."""
+    return norm(x) if fused is None else fused.rms_norm(x, norm.weight, norm.variance_epsilon)
+
+
+def _mlp(mlp: torch.nn.Module, y: torch.Tensor, fused) -> torch.Tensor:
+    """The layer's MLP on y: silu(gate)·up in one pass where `fused` is given (a SwiGLU MLP), else the module."""
+    if fused is None:
+        return mlp(y)
+    gate, up = mlp.gate_proj(y), mlp.up_proj(y)
+    both = fused.fused_ops_apply(gate) and fused.fused_ops_apply(up)
+    return mlp.down_proj(fused.silu_mul(gate, up) if both else mlp.act_fn(gate) * up)
 
 
 def _gpt2_layer(layer, hidden, cache: KVCache, i: int, slots: Slots) -> torch.Tensor:
@@ -130,14 +154,15 @@ def _gpt2_layer(layer, hidden, cache: KVCache, i: int, slots: Slots) -> torch.Te
     attn = layer.attn
     head = (hidden.shape[0], 1, -1, attn.head_dim)
     q, k, v = (t.view(head).transpose(1, 2) for t in attn.c_attn(layer.ln_1(hidden)).split(attn.split_size, dim=2))
-    hidden = attn.c_proj(_attend(cache, i, q, k, v, slots, attn.scaling)) + hidden
+    hidden = attn.c_proj(_attend(cache, i, slots, attn, q, k, v)) + hidden
     return hidden + layer.mlp(layer.ln_2(hidden))
 
 
-def _attend(cache: KVCache, i: int, q, k, v, slots: Slots, scaling: float) -> torch.Tensor:
+def _attend(cache: KVCache, i: int, slots: Slots, attn: torch.nn.Module, q, k, v) -> torch.Tensor:
     """Store the new k, v ([rows, kv_heads, 1, head_dim]) of layer i at each slot's column and attend the one
     query per row over the slot's positions: SDPA as transformers calls it for one query token."""
     rows, heads, _, head_dim = q.shape
+    scaling = attn.scaling
     cache.keys[i][slots.rows, :, slots.column] = k[:, :, 0]
     cache.values[i][slots.rows, :, slots.column] = v[:, :, 0]
     keys, values = cache.keys[i, :, :, :slots.width], cache.values[i, :, :, :slots.width]

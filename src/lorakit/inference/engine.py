@@ -32,6 +32,7 @@ import torch
 from ..engine.frozen_base import PACKED_ROWS
 from .batch_adapters import BatchAdapters
 from .decode import DEFER_STEPS, PREFILL_BATCH, _float_like, _left_padded, prefill_unpadded, step
+from .packed_prefill import prefill_packed
 from .kv_cache import KVCache
 from .native_memory import release_free_memory
 from .prefix_cache import PREFIX_CACHE_MB, PrefixCache
@@ -235,7 +236,7 @@ class Engine:
                 request = self.waiting.popleft()
                 if not request.cancelled.is_set():
                     requests.append(request)
-        groups = prefill_groups(requests, self.prefixes)
+        groups = prefill_groups(requests, self.prefixes, packed=self.adapters.packs())
         for i, (known, group) in enumerate(groups):
             slots, free = free[:len(group)], free[len(group):]
             try:
@@ -268,11 +269,9 @@ class Engine:
         out since) from the prefix cache, their whole blocks kept there after: each a Running and first token."""
         known = min([known, *(self.prefixes.known(r.adapter, r.prompt_ids) for r in requests)])
         started = [Running.seeded(request, self.like.device, known) for request in requests]
-        ids, mask = _left_padded([r.prompt_ids[known:] for r in requests], self.pad, self.like.device)
         rows = [(r.adapter, r.prompt_ids) for r in requests]
-        with self.adapters.by_row([adapter for adapter, _ in rows]):
-            logits = prefill_unpadded(self.model, self.cache, slots, ids, mask,
-                                      self.prefixes.gather(rows, known) if known else None)
+        logits = prefill_prompts(self.model, self.cache, self.adapters, slots, rows, known, self.pad,
+                                 self.prefixes.gather(rows, known) if known else None)
         for slot, (adapter, prompt) in zip(slots, rows):
             self.prefixes.keep(adapter, prompt, self.cache, slot)
         return [(running, int(running.choose(logits[b:b + 1], None)[0])) for b, running in enumerate(started)]
@@ -314,6 +313,19 @@ class Engine:
             request.emit(Event(finish_reason="error", error=message))
 
 
+def prefill_prompts(model, cache: KVCache, adapters: BatchAdapters, slots: list[int],
+                    rows: list[tuple[str | None, list[int]]], known: int, pad: int,
+                    past: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    """Prefill rows (adapter, prompt ids) into `slots`, their first `known` tokens' keys and values `past` (or
+    none): as one packed row where the model packs, else left-padded with rows mixed by adapter; the last logits."""
+    names, prompts = [adapter for adapter, _ in rows], [ids[known:] for _, ids in rows]
+    if adapters.packs():
+        with adapters.by_span(names, [len(p) for p in prompts]):
+            return prefill_packed(model, cache, slots, prompts, past)
+    with adapters.by_row(names):
+        return prefill_unpadded(model, cache, slots, *_left_padded(prompts, pad, cache.keys.device), past)
+
+
 def prefill_now(running: int, slots: int, waiting: int, free: int, deferred: int) -> bool:
     """Whether to prefill the waiting requests now. A prefill of one prompt costs most of what a prefill of a few
     costs on CPU (the same weights read, the same calls), so while at least half the slots are decoding, waiting
@@ -322,17 +334,34 @@ def prefill_now(running: int, slots: int, waiting: int, free: int, deferred: int
     return running * 2 < slots or min(waiting, free) >= PREFILL_BATCH or deferred >= DEFER_STEPS
 
 
-PREFILL_TOKENS = 4096  # a batched prefill's padded tokens at most (its activations' memory)
+PREFILL_TOKENS = 4096  # a batched prefill's tokens at most, padding counted (its activations' memory)
 PREFILL_PAD_TOKENS = 128  # padding worth one prefill call less: about what a call costs beyond its tokens on CPU
 
 
-def prefill_groups(requests: list[Request], prefixes: PrefixCache) -> list[tuple[int, list[Request]]]:
+def prefill_groups(requests: list[Request], prefixes: PrefixCache, packed: bool = False
+                   ) -> list[tuple[int, list[Request]]]:
     """`requests` in groups to prefill together, each with how many of its prompts' first tokens the prefix cache
-    holds: those with as many cached, by the length of the rest (`length_groups`)."""
+    holds: those with as many cached, by the length of the rest (`length_groups`), or with `packed` (prompts laid end
+    to end, no padding) by adapter (`packed_groups`)."""
     by_known: dict[int, list[Request]] = {}
     for request in requests:
         by_known.setdefault(prefixes.known(request.adapter, request.prompt_ids), []).append(request)
-    return [(known, group) for known, same in by_known.items() for group in length_groups(same, known)]
+    return [(known, group) for known, same in by_known.items()
+            for group in (packed_groups(same) if packed else length_groups(same, known))]
+
+
+def packed_groups(requests: list[Request], tokens: int = PREFILL_TOKENS) -> list[list[Request]]:
+    """`requests` in packed rows of at most `tokens` tokens (known ones counted), each adapter's prompts side
+    by side (its LoRA term then one product over them); a longer prompt goes alone."""
+    groups: list[list[Request]] = [[]]
+    total = 0
+    for request in sorted(requests, key=lambda r: (r.adapter is not None, r.adapter or "")):
+        total += len(request.prompt_ids)
+        if groups[-1] and total > tokens:
+            groups.append([])
+            total = len(request.prompt_ids)
+        groups[-1].append(request)
+    return groups if groups[0] else []
 
 
 def length_groups(requests: list[Request], known: int = 0, tokens: int = PREFILL_TOKENS,

@@ -64,13 +64,18 @@ def swiglu_forward(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
 SWIGLU_MLPS = ("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP")
 
 
+def is_swiglu(m: nn.Module) -> bool:
+    """Whether `m` is one of SWIGLU_MLPS with a SiLU act_fn: its forward is down(silu(gate(x)) * up(x))."""
+    act = getattr(m, "act_fn", None)
+    return type(m).__name__ in SWIGLU_MLPS and (isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation")
+
+
 def fuse_swiglu(model: nn.Module) -> int:
     """Give each SwiGLU MLP of `model` (SWIGLU_MLPS, with a SiLU act_fn) the SwiGLU product, in place: the same
     outputs and gradients, one activation fewer kept per layer. Returns how many MLPs."""
     n = 0
     for m in model.modules():
-        act = getattr(m, "act_fn", None)
-        if type(m).__name__ in SWIGLU_MLPS and (isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation"):
+        if is_swiglu(m):
             m.forward = types.MethodType(swiglu_forward, m)
             n += 1
     return n

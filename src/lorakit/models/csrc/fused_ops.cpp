@@ -11,6 +11,7 @@
 #include "bf16_vectors.h"
 #include "elementwise.h"
 #include "norm_row.h"
+#include "parallel.h"
 #include "skinny_gemm.h"
 
 namespace {
@@ -66,6 +67,20 @@ BF16_TARGET void silu_mul_row(const uint16_t* gate, const uint16_t* up, int64_t 
 
 int64_t rows_of(const Tensor& x) { return x.numel() / x.size(-1); }
 
+constexpr int64_t kRowsATask = 64;  // a decode step's rows run on one thread; a prompt's thousands, on all
+
+// f(r) for every row r of x, rows split between threads from kRowsATask rows on
+template <class F>
+void each_row(const Tensor& x, const F& f) {
+  lorakit_kernels::parallel_for(0, rows_of(x), kRowsATask, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) f(r);
+  });
+}
+
+// x's data as the element type of the kernels' loops: fp32, or bf16 bits
+template <class Tag>
+using Element = std::conditional_t<sizeof(Tag) == 2, uint16_t, float>;
+
 }  // namespace
 
 bool fused_ops_apply(const Tensor& x) {
@@ -84,9 +99,8 @@ Tensor rms_norm(const Tensor& x, const Tensor& weight, double eps) {
   const int64_t d = x.size(-1);
   const float e = static_cast<float>(eps);
   lorakit_kernels::by_dtype(x, [&](auto tag) {
-    using T = std::conditional_t<sizeof(tag) == 2, uint16_t, float>;
-    const T* rows = reinterpret_cast<const T*>(x.data_ptr());
-    for (int64_t r = 0; r < rows_of(x); ++r) norm_row(rows + r * d, bits(weight), d, e, bits(out) + r * d);
+    const auto* rows = reinterpret_cast<const Element<decltype(tag)>*>(x.data_ptr());
+    each_row(x, [&](int64_t r) { norm_row(rows + r * d, bits(weight), d, e, bits(out) + r * d); });
   });
   return out;
 }
@@ -97,10 +111,9 @@ std::pair<Tensor, Tensor> add_rms_norm(const Tensor& a, const Tensor& b, const T
   Tensor sum = at::empty_like(a);
   const int64_t d = a.size(-1);
   lorakit_kernels::by_dtype(a, [&](auto tag) {
-    using T = std::conditional_t<sizeof(tag) == 2, uint16_t, float>;
-    const T* from = reinterpret_cast<const T*>(a.data_ptr());
-    T* to = reinterpret_cast<T*>(sum.data_ptr());
-    for (int64_t r = 0; r < rows_of(a); ++r) add_row(from + r * d, bits(b) + r * d, d, to + r * d);
+    const auto* from = reinterpret_cast<const Element<decltype(tag)>*>(a.data_ptr());
+    auto* to = reinterpret_cast<Element<decltype(tag)>*>(sum.data_ptr());
+    each_row(a, [&](int64_t r) { add_row(from + r * d, bits(b) + r * d, d, to + r * d); });
   });
   return {sum, rms_norm(sum, weight, eps)};
 }
@@ -151,6 +164,6 @@ Tensor silu_mul(const Tensor& gate, const Tensor& up) {
   TORCH_CHECK(fused_ops_apply(gate) && fused_ops_apply(up) && gate.sizes() == up.sizes(), "silu_mul: bf16 inputs");
   Tensor out = at::empty_like(gate);
   const int64_t d = gate.size(-1);
-  for (int64_t r = 0; r < rows_of(gate); ++r) silu_mul_row(bits(gate) + r * d, bits(up) + r * d, d, bits(out) + r * d);
+  each_row(gate, [&](int64_t r) { silu_mul_row(bits(gate) + r * d, bits(up) + r * d, d, bits(out) + r * d); });
   return out;
 }

@@ -14,6 +14,7 @@
 #include "amx_gemm.h"
 #include "decode_attention.h"
 #include "fused_ops.h"
+#include "mixed_lora.h"
 #include "skinny_gemm.h"
 
 namespace {
@@ -53,6 +54,16 @@ struct Linear {
   double scaling;
   optional<Tensor> row_mask, scales, packed;
   bool fp32_logits = false;  // an LM head giving fp32 logits (inference/logits.py): skinny_logits, unrounded
+  optional<Tensor> lora_B_pairs;  // rows mixed by adapter in bf16: B as mixed_lora_add takes it
+
+  Linear(Tensor weight, optional<Tensor> bias, optional<Tensor> lora_A, optional<Tensor> lora_B, double scaling,
+         optional<Tensor> row_mask, optional<Tensor> scales, optional<Tensor> packed, bool fp32_logits)
+      : weight(std::move(weight)), bias(std::move(bias)), lora_A(std::move(lora_A)), lora_B(std::move(lora_B)),
+        scaling(scaling), row_mask(std::move(row_mask)), scales(std::move(scales)), packed(std::move(packed)),
+        fp32_logits(fp32_logits) {
+    if (this->row_mask && this->lora_B && this->lora_B->scalar_type() == at::kBFloat16)
+      lora_B_pairs = mixed_lora_pairs(*this->lora_B);
+  }
 
   bool computes_bf16() const { return scales || weight.scalar_type() == at::kBFloat16; }
 
@@ -60,6 +71,11 @@ struct Linear {
     if (scales) return skinny_linear_int8(x, weight, *scales, bias);
     if (packed && x.numel() >= packed_rows() * x.size(-1)) return packed_linear(x, *packed, bias);
     return weight.scalar_type() == at::kBFloat16 ? skinny_linear(x, weight, bias) : at::linear(x, weight, bias);
+  }
+
+  void set_row_mask(const optional<Tensor>& mask) {
+    TORCH_CHECK(row_mask.has_value() == mask.has_value(), "set_row_mask: other adapters need a view of their own");
+    row_mask = mask;
   }
 
   Tensor operator()(const Tensor& x) const {
@@ -84,8 +100,13 @@ struct Linear {
 
   // bf16 or int8 weights and bf16 adapters: the rank-r products through the skinny kernel too (oneDNN's bf16 GEMM
   // is slow at a few rows, and a step has two per adapted layer); the LoRA term is rounded to bf16 before it is added.
+  // Rows mixed by adapter: mixed_lora_add, each row's own adapter's term in one pass.
   Tensor bf16_lora(const Tensor& x) const {
     Tensor out = base(x);
+    if (lora_B_pairs && mixed_lora_applies(out, x, *lora_A, *row_mask)) {
+      mixed_lora_add(out, x, *lora_A, *lora_B_pairs, *row_mask);
+      return out;
+    }
     Tensor h = skinny_linear(x, *lora_A, {});
     if (row_mask) {
       h = h.reshape({x.size(0), -1, h.size(-1)}).mul_(*row_mask);
@@ -200,6 +221,17 @@ struct Model {
   RMSNorm norm;
   Linear lm_head;
 
+  // Rows mixed by adapter: each product's row mask (each layer's seven, q k v o gate up down, then the LM head) for
+  // other rows of the same adapters; a product without one keeps none.
+  void set_row_masks(const std::vector<optional<Tensor>>& masks) {
+    TORCH_CHECK(masks.size() == layers.size() * 7 + 1, "set_row_masks: a mask or None for each product");
+    size_t i = 0;
+    for (Layer& layer : layers)
+      for (Linear* linear : {&layer.q, &layer.k, &layer.v, &layer.o, &layer.gate, &layer.up, &layer.down})
+        linear->set_row_mask(masks[i++]);
+    lm_head.set_row_mask(masks[i]);
+  }
+
   Tensor step(Tensor hidden, const Tensor& cos, const Tensor& sin, const Tensor& keys, const Tensor& values,
               const Slots& slots) const {
     for (size_t i = 0; i < layers.size(); ++i) {
@@ -249,6 +281,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rotary_store", &rotary_store, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("cos"), py::arg("sin"),
         py::arg("keys"), py::arg("values"), py::arg("column"));
   m.def("silu_mul", &silu_mul, py::arg("gate"), py::arg("up"));
+  m.def("mixed_lora_applies", &mixed_lora_applies, py::arg("out"), py::arg("x"), py::arg("A"), py::arg("mask"));
+  m.def("mixed_lora_add", &mixed_lora_add, py::arg("out"), py::arg("x"), py::arg("A"), py::arg("B_pairs"),
+        py::arg("mask"));
+  m.def("mixed_lora_pairs", &mixed_lora_pairs, py::arg("B"));
   py::class_<RMSNorm>(m, "RMSNorm").def(py::init<Tensor, double>(), py::arg("weight"), py::arg("eps"));
   py::class_<Layer>(m, "Layer")
       .def(py::init<RMSNorm, RMSNorm, optional<RMSNorm>, optional<RMSNorm>, Linear, Linear, Linear, Linear, Linear,
@@ -261,5 +297,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            py::arg("column"), py::arg("width"), py::arg("mask"), py::arg("start") = py::none());
   py::class_<Model>(m, "Model")
       .def(py::init<std::vector<Layer>, RMSNorm, Linear>(), py::arg("layers"), py::arg("norm"), py::arg("lm_head"))
-      .def("step", &Model::step, py::call_guard<py::gil_scoped_release>());
+      .def("step", &Model::step, py::call_guard<py::gil_scoped_release>())
+      .def("set_row_masks", &Model::set_row_masks, py::arg("masks"));
 }
