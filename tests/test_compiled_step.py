@@ -372,17 +372,18 @@ def test_a_mixed_view_takes_other_rows_of_the_same_adapters():
     adapters.mix(None)
 
 
-@pytest.mark.parametrize("rows,k,n", [(16, 576, 1536), (5, 40, 100), (1, 1536, 576), (7, 64, 192)])
-def test_mixed_lora_term_against_float64_on_the_same_values(rows, k, n):
+@pytest.mark.parametrize("rows,k,n,ranks", [(16, 576, 1536, (3, 8, 5)), (5, 40, 100, (3, 8, 5)),
+                                             (1, 1536, 576, (3, 8, 5)), (7, 64, 192, (3, 8, 5)),
+                                             (40, 576, 576, (3, 8, 4))])  # an odd total rank; 10 rows an adapter
+def test_mixed_lora_term_against_float64_on_the_same_values(rows, k, n, ranks):
     """mixed_lora_add (rows mixed by adapter, the bf16 C++ step's LoRA term) against what mixed_forward computes, in
-    float64 on the same bf16 values: each row's x·Aᵀ over its own adapter's columns (ranks 3, 8 and 5, so runs start
-    at odd columns) rounded to bf16, then out + h·Bᵀ rounded once; rows on the base untouched; a mask that is not
-    one run a row is refused."""
+    float64 on the same bf16 values: each row's x·Aᵀ over its own adapter's columns (ranks 3, 8 and 5 or 4, so runs
+    start at odd columns, and an odd total) rounded to bf16, then out + h·Bᵀ rounded once; rows on the base untouched;
+    a mask that is not one run a row is refused."""
     ext = extension()
     if not ext.skinny_supported():
         pytest.skip("no AVX-512 BF16 on this CPU: the step keeps ATen's operations")
     g = torch.Generator().manual_seed(rows * k)
-    ranks = [3, 8, 5]
     R = sum(ranks)
     x = torch.randn(rows, 1, k, generator=g).bfloat16()
     A, B = torch.randn(R, k, generator=g).bfloat16(), (torch.randn(n, R, generator=g) / 4).bfloat16()

@@ -24,7 +24,7 @@ def adapted(kind: str) -> torch.nn.Module:
     randomize_lora(model, seed=1)
     with torch.no_grad():
         for layer in model.model.layers:
-            layer.self_attn.q_proj.frozen.weight.mul_(8)  # noqa: the frozen base, as LoRALinear stores it
+            layer.self_attn.q_proj.frozen.weight.mul_(8)  # the frozen base, as LoRALinear stores it
             layer.self_attn.k_proj.frozen.weight.mul_(8)
     return model.eval()
 
@@ -46,6 +46,7 @@ def alone(model, ids: list[int], adapter: str | None):
 
 
 def spans_of(adapters: list[str | None], lengths: list[int]) -> list[tuple[str | None, int, int]]:
+    """(adapter, start, stop) of each prompt laid end to end."""
     starts = torch.tensor([0, *lengths]).cumsum(0).tolist()
     return [(name, starts[b], starts[b + 1]) for b, name in enumerate(adapters)]
 
@@ -122,7 +123,8 @@ def test_what_spans_cannot_split_is_refused():
     from conftest import TINY
     for config in (LoRAConfig(r=2, alpha=4, targets="all-linear", dora=True),
                    LoRAConfig(r=2, alpha=4, targets=["q_proj", "embed_tokens"]),
-                   LoRAConfig(r=2, alpha=4, targets=["q_proj"], trainable=["lm_head"])):
+                   LoRAConfig(r=2, alpha=4, targets=["q_proj"], trainable=["lm_head"]),
+                   LoRAConfig(r=2, alpha=4, targets=["q_proj", "lm_head"])):  # the head reads a row a prompt
         model = tiny_llama_family("llama")
         add_lora(model, config, "x")
         assert not spans_apply(model) and not packs(model)
@@ -132,6 +134,15 @@ def test_what_spans_cannot_split_is_refused():
     eager = tiny_llama_family("llama")
     eager.config._attn_implementation = "eager"
     assert not packs(eager)
+    dynamic = tiny_llama_family("llama")  # rotary scaled by the longest position: a short prompt would change
+    dynamic.config.rope_parameters = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}
+    assert not packs(dynamic)
+
+
+def test_spans_that_do_not_cover_the_batch_are_an_error():
+    model = adapted("llama")
+    with adapters_by_span(model, [("a", 0, 4)]), pytest.raises(LoRAError, match="cover 4 tokens but the batch has 5"):
+        model.model.layers[0].self_attn.q_proj(torch.randn(1, 5, 32, dtype=torch.float64))
 
 
 def test_a_bf16_model_packed_on_the_fused_passes_is_its_own_forward_to_bf16_rounding():
@@ -156,3 +167,33 @@ def test_a_bf16_model_packed_on_the_fused_passes_is_its_own_forward_to_bf16_roun
     alone_logits = torch.stack([alone(model, ids, adapter)[0] for ids, adapter in zip(prompts, adapters)])
     assert (logits - alone_logits).abs().max() <= 0.02 * alone_logits.abs().max()
     assert (logits.argmax(-1) == alone_logits.argmax(-1)).all()
+
+
+def test_a_bf16_model_packed_after_a_cached_prefix_on_lorakit_attention():
+    """A bf16 model whose prompts' attention runs on lorakit's kernel (head_dim 32): prompts of 16 tokens or more
+    after their adapter's cached prefix go through the kernel with a mask (a shorter one through SDPA); each last
+    logit within bf16 rounding of transformers' forward over the whole prompt alone, the same cast."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lorakit.inference.precision import cast_for_inference
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=1, head_dim=32,
+                                         max_position_embeddings=64)).eval()
+    add_lora(model, LoRAConfig(r=4, alpha=8, targets="all-linear"), "a")
+    randomize_lora(model, seed=4)
+    cast_for_inference(model, "bf16")
+    if model.config._attn_implementation != "lorakit":
+        pytest.skip("lorakit's attention kernel is not built here: the prompts' attention stays SDPA's")
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(8, 128, (n,), generator=g).tolist() for n in (40, 21, 33)]
+    adapters = ["a", None, "a"]
+    whole = [alone(model, ids, adapter) for ids, adapter in zip(prompts, adapters)]
+    known = (torch.stack([w[1][:, :, :12] for w in whole], 1), torch.stack([w[2][:, :, :12] for w in whole], 1))
+    rest = [p[12:] for p in prompts]  # 28, 9 and 21 tokens after the prefix
+    cache = KVCache.for_model(model.config, 3, 64, next(model.parameters()))
+    with adapters_by_span(model, spans_of(adapters, [len(p) for p in rest])):
+        logits = prefill_packed(model, cache, [0, 1, 2], rest, known)
+    want = torch.stack([w[0] for w in whole])
+    assert (logits - want).abs().max() <= 0.03 * want.abs().max()
+    assert (logits.argmax(-1) == want.argmax(-1)).all()

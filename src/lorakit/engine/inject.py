@@ -128,8 +128,9 @@ def adapters_by_span(model: nn.Module, spans: list[Span]) -> contextlib.Abstract
     (name, start, stop) of `spans` (None: the base alone): prompts packed into one row, each on its own adapter
     (mixed_rows.spans_forward). For inference on LoRA linear layers (`spans_apply`); merged adapters taken out first."""
     if not spans_apply(model):
-        raise LoRAError("adapters by span take LoRA linear layers without DoRA; this model has LoRA embeddings, "
-                        "modules trained in full or a DoRA adapter: mix adapters by row (adapters_by_row)")
+        raise LoRAError("adapters by span take LoRA linear layers without DoRA, not on the head; this model has "
+                        "LoRA embeddings, modules trained in full, a DoRA adapter or an adapted head: mix adapters by "
+                        "row (adapters_by_row)")
     for name in dict.fromkeys(name for name, _, _ in spans):
         if name is not None:
             adapter_info(model, name)
@@ -138,9 +139,12 @@ def adapters_by_span(model: nn.Module, spans: list[Span]) -> contextlib.Abstract
 
 def spans_apply(model: nn.Module) -> bool:
     """Whether adapters by span compute `model` as its adapters would alone: every adapter layer a LoRA linear
-    without DoRA (an embedding's or a trained copy's rows are not split by span)."""
+    without DoRA (an embedding's or a trained copy's rows are not split by span), none on the output head (which
+    reads one row a prompt, not the packed tokens)."""
+    head = output_layer(model)
     return not any(trained_copies(model)) and all(
-        isinstance(layer, LoRALinear) and not layer.lora_magnitude for _, layer in lora_layers(model))
+        isinstance(layer, LoRALinear) and not layer.lora_magnitude and layer is not head
+        for _, layer in lora_layers(model))
 
 
 def adapter_in_use(model: nn.Module, name: str) -> contextlib.AbstractContextManager[nn.Module]:

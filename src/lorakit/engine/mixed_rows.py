@@ -104,8 +104,11 @@ def spans_forward(layer: nn.Module, x: torch.Tensor, spans: tuple[Span, ...]) ->
     """x's tokens (its rows laid end to end) start:stop through adapter name, for each (name, start, stop) of
     `spans`: the base product over every token, then each adapter's term over its own tokens, added in place as
     `lora_forward` adds one adapter's. For inference; DoRA adapters are refused (adapters_by_span)."""
+    tokens = x.reshape(-1, x.shape[-1])
+    if spans and spans[-1][2] != tokens.shape[0]:
+        raise LoRAError(f"the adapters' spans cover {spans[-1][2]} tokens but the batch has {tokens.shape[0]}")
     out = layer.base_forward(x)
-    tokens, sums = x.reshape(-1, x.shape[-1]), out.view(-1, out.shape[-1])
+    sums = out.view(-1, out.shape[-1])
     for name, start, stop in spans:
         if name in layer.lora_A and stop > start:
             A, B = layer.lora_A[name], layer.lora_B[name]

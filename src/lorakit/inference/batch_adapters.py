@@ -68,10 +68,12 @@ class BatchAdapters:
         for layer in self.layers:
             layer.row_adapters = rows
         self.rows, self.rows_view = rows, None
-        if rows is not None and self.mixed[0] == frozenset(rows):  # its adapters side by side: only the masks change
-            self.rows_view = self.mixed[1]
-            if self.rows_view:
-                self.rows_view.set_row_masks(row_masks(self.model, rows))
+        if rows is not None and self.mixed[0] == frozenset(rows) and self.mixed[1]:  # the same adapters side by side
+            try:
+                self.mixed[1].set_row_masks(row_masks(self.model, rows))
+                self.rows_view = self.mixed[1]
+            except RuntimeError:  # masks that do not fit it (some products may hold new ones): a view built anew
+                self.mixed = (frozenset(), None)
 
     def view(self, name: str | None):
         """The C++ step's view with adapter `name` alone (None: the base)."""

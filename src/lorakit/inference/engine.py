@@ -247,7 +247,7 @@ class Engine:
                 raise
 
     def _prefill_group(self, slots: list[int], requests: list[Request], known: int = 0) -> None:
-        """Prefill `requests` together into `slots`, rows mixed by adapter, and take their first tokens. Where that
+        """Prefill `requests` together into `slots`, each on its adapter, and take their first tokens. Where that
         fails, each is prefilled alone, so that only a request that fails alone hears why. `known`: the prompts'
         first tokens whose keys and values the prefix cache holds."""
         try:

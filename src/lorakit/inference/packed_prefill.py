@@ -23,12 +23,16 @@ from .kv_cache import KVCache
 ATTENTIONS = ("sdpa", "lorakit")  # attention functions taking a bool mask, or none for a causal row (not eager's)
 
 
+LENGTH_ROPE = ("dynamic", "longrope")  # rotary scalings that depend on the longest position in the forward
+
+
 def packs(model) -> bool:
-    """Whether prefill_packed runs `model`: the Llama family on SDPA or lorakit's kernel, its adapters all LoRA
-    linear layers (spans_apply)."""
+    """Whether prefill_packed runs `model`: the Llama family on SDPA or lorakit's kernel, its adapters LoRA linear
+    layers below the head (spans_apply), its rotary embedding the same for a prompt alone as beside longer ones."""
     config = model.config
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
     return (getattr(config, "model_type", None) in LLAMA_FAMILY and getattr(config, "_attn_implementation", None)
-            in ATTENTIONS and spans_apply(model))
+            in ATTENTIONS and rope.get("rope_type", rope.get("type")) not in LENGTH_ROPE and spans_apply(model))
 
 
 @torch.no_grad()
@@ -38,6 +42,8 @@ def prefill_packed(model, cache: KVCache, slots: list[int], prompts: list[list[i
     each prompt's last-token logits (fp32). `known`: the keys and values ([layers, prompts, kv_heads, length,
     head_dim] each, prefix_cache.py) of a prefix each prompt follows, computed before; positions count on from it.
     The adapters are the caller's: adapters_by_span over the same tokens."""
+    if not prompts or not all(prompts):
+        raise ValueError("prefill_packed: every prompt needs a token")
     device = cache.keys.device
     past = 0 if known is None else known[0].shape[-2]
     lengths = torch.tensor([len(p) for p in prompts])

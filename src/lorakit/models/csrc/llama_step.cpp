@@ -74,7 +74,9 @@ struct Linear {
   }
 
   void set_row_mask(const optional<Tensor>& mask) {
-    TORCH_CHECK(row_mask.has_value() == mask.has_value(), "set_row_mask: other adapters need a view of their own");
+    TORCH_CHECK(row_mask.has_value() == mask.has_value() &&
+                    (!mask || (mask->size(-1) == lora_A->size(0) && mask->scalar_type() == row_mask->scalar_type())),
+                "set_row_mask: other adapters need a view of their own");
     row_mask = mask;
   }
 
@@ -276,11 +278,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_attention_applies", &decode_attention_applies);
   m.def("fused_ops_apply", &fused_ops_apply);
   m.def("fused_norm_applies", &fused_norm_applies);
-  m.def("rms_norm", &rms_norm, py::arg("x"), py::arg("weight"), py::arg("eps"));
-  m.def("add_rms_norm", &add_rms_norm, py::arg("a"), py::arg("b"), py::arg("weight"), py::arg("eps"));
+  m.def("rms_norm", &rms_norm, py::arg("x"), py::arg("weight"), py::arg("eps"),
+        py::call_guard<py::gil_scoped_release>());
+  m.def("add_rms_norm", &add_rms_norm, py::arg("a"), py::arg("b"), py::arg("weight"), py::arg("eps"),
+        py::call_guard<py::gil_scoped_release>());
   m.def("rotary_store", &rotary_store, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("cos"), py::arg("sin"),
         py::arg("keys"), py::arg("values"), py::arg("column"));
-  m.def("silu_mul", &silu_mul, py::arg("gate"), py::arg("up"));
+  m.def("silu_mul", &silu_mul, py::arg("gate"), py::arg("up"),
+        py::call_guard<py::gil_scoped_release>());
   m.def("mixed_lora_applies", &mixed_lora_applies, py::arg("out"), py::arg("x"), py::arg("A"), py::arg("mask"));
   m.def("mixed_lora_add", &mixed_lora_add, py::arg("out"), py::arg("x"), py::arg("A"), py::arg("B_pairs"),
         py::arg("mask"));

@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <utility>
 #include <vector>
 
@@ -14,7 +15,6 @@
 namespace {
 
 using at::Tensor;
-using lorakit_kernels::round_bf16;
 using lorakit_kernels::store_bf16;
 using lorakit_kernels::tail_mask;
 using lorakit_kernels::widen;
@@ -88,7 +88,6 @@ BF16_TARGET void dots(const Group& g, const uint16_t* x, const uint16_t* A, int6
 BF16_TARGET void add_terms(const Group& g, const uint16_t* h, int64_t width, const uint16_t* B_pairs, int64_t N,
                            uint16_t* out) {
   const int64_t from = g.run.first / 2, to = (g.run.end + 1) / 2;
-  const uint32_t* pairs = reinterpret_cast<const uint32_t*>(h);
   for (int64_t n0 = 0; n0 < N; n0 += 16 * kBlocks) {
     __mmask32 m[kBlocks];
     for (int64_t b = 0; b < kBlocks; ++b) {
@@ -103,7 +102,9 @@ BF16_TARGET void add_terms(const Group& g, const uint16_t* h, int64_t width, con
       for (int64_t b = 0; b < kBlocks; ++b)
         w[b] = (__m512bh)_mm512_maskz_loadu_epi16(m[b], B_pairs + (p * N + n0 + 16 * b) * 2);
       for (int64_t r = 0; r < kRows; ++r) {
-        const __m512bh hp = (__m512bh)_mm512_set1_epi32(static_cast<int>(pairs[r * width / 2 + p - from]));
+        uint32_t pair;  // h's two bf16 of rank columns 2p, 2p + 1 (as the dot product pairs them)
+        std::memcpy(&pair, h + r * width + 2 * (p - from), sizeof(pair));
+        const __m512bh hp = (__m512bh)_mm512_set1_epi32(static_cast<int>(pair));
         for (int64_t b = 0; b < kBlocks; ++b) term[r][b] = _mm512_dpbf16_ps(term[r][b], hp, w[b]);
       }
     }
@@ -155,7 +156,7 @@ void mixed_lora_add(Tensor& out, const Tensor& x, const Tensor& A, const Tensor&
               "mixed_lora_add: inputs it does not take (see mixed_lora.h)");
   const std::vector<Group> groups = groups_of(bits(mask), rows_of(x), R);
   uint16_t* y = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
-  const int64_t width = (R + 1) / 2 * 2 + 2;  // h's columns a row: the run's pairs at most, even (whole pairs)
+  const int64_t width = (R + 1) / 2 * 2 + 2;  // h's columns a row: room for a run's pairs from an odd first column
   lorakit_kernels::parallel_for(0, static_cast<int64_t>(groups.size()), 1, [&](int64_t begin, int64_t end) {
     std::vector<uint16_t> h(kRows * width);
     for (int64_t i = begin; i < end; ++i) {
