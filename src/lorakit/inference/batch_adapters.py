@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ..engine import adapter_in_use, adapters_by_span, disable_adapters, lora_layers
+from ..engine.mixed_rows import Span
 from ..engine.trained_copies import trained_copies
 from .compiled_step import row_masks
 from .decode import compiled_view
@@ -43,7 +44,7 @@ class BatchAdapters:
     def by_span(self, adapters: list[str | None], lengths: list[int]) -> contextlib.AbstractContextManager:
         """Prompt i of a packed row (lengths[i] tokens, in order) through adapter adapters[i] while the context
         lasts, neighbours on one adapter one span (its term one product over them). The rows set by `mix` stay set."""
-        spans: list[tuple[str | None, int, int]] = []
+        spans: list[Span] = []
         end = 0
         for name, n in zip(adapters, lengths):
             start = spans.pop()[1] if spans and spans[-1][0] == name else end

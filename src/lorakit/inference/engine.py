@@ -32,9 +32,9 @@ import torch
 from ..engine.frozen_base import PACKED_ROWS
 from .batch_adapters import BatchAdapters
 from .decode import DEFER_STEPS, PREFILL_BATCH, _float_like, _left_padded, prefill_unpadded, step
-from .packed_prefill import prefill_packed
 from .kv_cache import KVCache
 from .native_memory import release_free_memory
+from .packed_prefill import prefill_packed
 from .prefix_cache import PREFIX_CACHE_MB, PrefixCache
 from .precision import pack_for_batches
 from .sampling import Choice, Sampling

@@ -21,8 +21,6 @@ from .kv_cache import KVCache
 
 
 ATTENTIONS = ("sdpa", "lorakit")  # attention functions taking a bool mask, or none for a causal row (not eager's)
-
-
 LENGTH_ROPE = ("dynamic", "longrope")  # rotary scalings that depend on the longest position in the forward
 
 
@@ -54,7 +52,8 @@ def prefill_packed(model, cache: KVCache, slots: list[int], prompts: list[list[i
     hidden = core.embed_tokens(ids)
     rotation = core.rotary_emb(hidden, position_ids=positions)
     attention = ALL_ATTENTION_FUNCTIONS[model.config._attn_implementation]
-    spans = list(zip(slots, (ends - lengths).tolist(), ends.tolist()))
+    masks = [None if not past else _after_prefix(n, past, device) for n in lengths.tolist()]  # the same each layer
+    spans = list(zip(slots, (ends - lengths).tolist(), ends.tolist(), masks))
     for i, layer in enumerate(core.layers):
         layer_known = None if known is None else (known[0][i], known[1][i])
         hidden = llama_layer(layer, hidden, rotation, lambda attn, q, k, v, i=i, layer_known=layer_known: (
@@ -64,22 +63,21 @@ def prefill_packed(model, cache: KVCache, slots: list[int], prompts: list[list[i
     return model.lm_head(core.norm(last[:, None]))[:, -1].float()
 
 
-def _attend_by_prompt(attention, cache: KVCache, i: int, spans: list[tuple[int, int, int]],
+def _attend_by_prompt(attention, cache: KVCache, i: int, spans: list[tuple[int, int, int, torch.Tensor | None]],
                       known: tuple[torch.Tensor, torch.Tensor] | None, attn: torch.nn.Module, q: torch.Tensor,
                       k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Layer i's attention for a packed row ([1, heads, tokens, head_dim] each): each (slot, start, stop) of `spans`
-    gets its prompt's keys and values (after `known`'s, [prompts, kv_heads, length, head_dim]) in its slot, and its
-    queries attend over them, causally, through `attention` (transformers' interface, as the model calls it);
-    [1, tokens, heads * head_dim]."""
+    """Layer i's attention for a packed row ([1, heads, tokens, head_dim] each): each (slot, start, stop, mask) of
+    `spans` gets its prompt's keys and values (after `known`'s, [prompts, kv_heads, length, head_dim]) in its slot,
+    and its queries attend over them, causally (after a prefix: as `mask` says), through `attention` (transformers'
+    interface, as the model calls it); [1, tokens, heads * head_dim]."""
     past = 0 if known is None else known[0].shape[-2]
     outs = []
-    for b, (slot, start, stop) in enumerate(spans):
+    for b, (slot, start, stop, mask) in enumerate(spans):
         end = past + stop - start
         keys, values = cache.keys[i, slot:slot + 1, :, :end], cache.values[i, slot:slot + 1, :, :end]
         if known is not None:
             keys[0, :, :past], values[0, :, :past] = known[0][b], known[1][b]
         keys[0, :, past:], values[0, :, past:] = k[0, :, start:stop], v[0, :, start:stop]
-        mask = None if not past else _after_prefix(stop - start, past, q.device)
         out, _ = attention(attn, q[:, :, start:stop], keys, values, mask, dropout=0.0, scaling=attn.scaling)
         outs.append(out)
     return torch.cat(outs, dim=1).reshape(1, q.shape[2], -1)

@@ -17,12 +17,14 @@
 #include <vector>
 
 #include "bf16_vectors.h"
+#include "elementwise.h"
 #include "parallel.h"
 #include "skinny_gemm.h"
 
 namespace {
 
 using at::Tensor;
+using lorakit_kernels::bits;
 using lorakit_kernels::exp_ps;
 using lorakit_kernels::parallel_for;
 using lorakit_kernels::tail_mask;
@@ -175,8 +177,6 @@ void attend_any(const Task& t, int64_t chunks, std::vector<float>& scores) {
     default: return attend<8>(t, scores);
   }
 }
-
-const uint16_t* bits(const Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr<at::BFloat16>()); }
 
 }  // namespace
 

@@ -1,6 +1,7 @@
 // Loads and stores for the training kernels that take bf16 or fp32 tensors alike (rms_norm.cpp, swiglu.cpp,
 // softmax_cross_entropy.cpp): 16 elements of T read as fp32, written back rounded to T, and the dispatch on a
-// tensor's dtype.
+// tensor's dtype; a bf16 tensor's data as bits and a tensor's rows (fused_ops.cpp, decode_attention.cpp,
+// mixed_lora.cpp).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -11,6 +12,12 @@
 #include "bf16_vectors.h"
 
 namespace lorakit_kernels {
+
+// a bf16 tensor's data as the bits the kernels read and write
+inline uint16_t* bits(const at::Tensor& t) { return reinterpret_cast<uint16_t*>(t.data_ptr<at::BFloat16>()); }
+
+// a tensor's rows: its elements over its last dimension
+inline int64_t rows_of(const at::Tensor& t) { return t.numel() / t.size(-1); }
 
 // 16 elements at p (the first `m`; the rest 0) as fp32
 template <class T>

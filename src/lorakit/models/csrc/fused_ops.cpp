@@ -17,16 +17,17 @@
 namespace {
 
 using at::Tensor;
+using lorakit_kernels::bits;
 using lorakit_kernels::exp_ps;
 using lorakit_kernels::load;
 using lorakit_kernels::norm_row;
 using lorakit_kernels::round_bf16;
+using lorakit_kernels::rows_of;
 using lorakit_kernels::store;
 using lorakit_kernels::store_bf16;
 using lorakit_kernels::tail_mask;
 using lorakit_kernels::widen;
 
-uint16_t* bits(const Tensor& t) { return reinterpret_cast<uint16_t*>(t.data_ptr<at::BFloat16>()); }
 
 // out = a + b (a and out of one type: fp32, or bf16 bits rounded to nearest even; b bf16)
 template <class T>
@@ -64,8 +65,6 @@ BF16_TARGET void silu_mul_row(const uint16_t* gate, const uint16_t* up, int64_t 
     store_bf16(out + j, _mm512_mul_ps(silu, widen(up + j, m)), m);
   }
 }
-
-int64_t rows_of(const Tensor& x) { return x.numel() / x.size(-1); }
 
 constexpr int64_t kRowsATask = 64;  // a decode step's rows run on one thread; a prompt's thousands, on all
 

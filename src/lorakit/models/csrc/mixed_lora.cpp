@@ -10,11 +10,14 @@
 #include <vector>
 
 #include "bf16_vectors.h"
+#include "elementwise.h"
 #include "parallel.h"
 
 namespace {
 
 using at::Tensor;
+using lorakit_kernels::bits;
+using lorakit_kernels::rows_of;
 using lorakit_kernels::store_bf16;
 using lorakit_kernels::tail_mask;
 using lorakit_kernels::widen;
@@ -23,10 +26,6 @@ constexpr uint16_t kOne = 0x3F80;  // 1.0 in bf16
 constexpr int64_t kRows = 4;  // rows of one adapter computed together: its A and B read once for them
 constexpr int64_t kDots = 4;  // rank columns computed together (independent sums, so the dot products overlap)
 constexpr int64_t kBlocks = 4;  // blocks of 16 outputs computed together, likewise
-
-const uint16_t* bits(const Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr<at::BFloat16>()); }
-
-int64_t rows_of(const Tensor& t) { return t.numel() / t.size(-1); }
 
 struct Run {
   int64_t first, end;  // row's adapter owns rank columns [first, end); first == end: no term; first < 0: not a run
@@ -155,7 +154,7 @@ void mixed_lora_add(Tensor& out, const Tensor& x, const Tensor& A, const Tensor&
                   B_pairs.size(1) == N && B_pairs.size(2) == 2,
               "mixed_lora_add: inputs it does not take (see mixed_lora.h)");
   const std::vector<Group> groups = groups_of(bits(mask), rows_of(x), R);
-  uint16_t* y = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+  uint16_t* y = bits(out);
   const int64_t width = (R + 1) / 2 * 2 + 2;  // h's columns a row: room for a run's pairs from an odd first column
   lorakit_kernels::parallel_for(0, static_cast<int64_t>(groups.size()), 1, [&](int64_t begin, int64_t end) {
     std::vector<uint16_t> h(kRows * width);
